@@ -1,0 +1,65 @@
+# txmesh — see README.md. `make test` is the one test command.
+SHELL := /bin/bash
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+FILTERS := txmesh-metrics
+# Integration tests start Envoys in parallel; two threads suit a 2-core machine.
+IT_THREADS ?= 2
+
+.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench clean
+
+help:
+	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
+	@echo "make build   - release wasm filters into target/$(WASM_TARGET)/release/"
+	@echo "make demo    - the shop demo (arrives with the shop issue)"
+	@echo "make setup   - install the Rust wasm target, Envoy 1.40 (.venv/) and etcd"
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	@echo "[build] release wasm: $(FILTERS)"
+	@$(CARGO) build --quiet --release --target $(WASM_TARGET) $(addprefix -p ,$(FILTERS))
+	@scripts/wasm-sizes.sh
+
+sizes:
+	@scripts/wasm-sizes.sh
+
+fmt:
+	@$(CARGO) fmt --all
+
+fmt-check:
+	@echo "[fmt] cargo fmt --check"
+	@$(CARGO) fmt --all -- --check
+
+lint:
+	@echo "[lint] clippy (native, all targets)"
+	@$(CARGO) clippy --quiet --workspace --all-targets -- -D warnings
+	@echo "[lint] clippy (wasm32 filters)"
+	@$(CARGO) clippy --quiet --target $(WASM_TARGET) $(addprefix -p ,$(FILTERS)) -- -D warnings
+
+unit:
+	@echo "[unit] native unit tests"
+	@$(CARGO) test --quiet --workspace --exclude txmesh-tests
+
+validate: build
+	@scripts/validate-configs.sh
+
+it: build
+	@echo "[it] integration tests on real Envoy and etcd"
+	@$(CARGO) test --quiet -p txmesh-tests -- --test-threads=$(IT_THREADS)
+
+test: setup fmt-check lint unit build validate it
+	@echo "[test] all green"
+
+demo up down:
+	@echo "make $@: the shop demo is not built yet (see the open shop-demo issue); 'make test' runs what exists."
+	@exit 1
+
+bench:
+	@echo "make bench: benchmarks are not built yet (see the open benchmarks issue)."
+	@exit 1
+
+clean:
+	@$(CARGO) clean
+	@rm -rf .txmesh

@@ -1,0 +1,204 @@
+//! The host as txmesh sees it: headers, properties, shared data, metrics.
+//!
+//! Each trait is small so that a state machine can be driven by a fake in unit
+//! tests and by the proxy-wasm SDK in Envoy.
+
+/// Kind of an Envoy stat defined from wasm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A host call failed (the host returned an error status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostError(pub String);
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Envoy stats defined by the plugin.
+pub trait Metrics {
+    /// Defines (or looks up) a stat by its full name. Costly in Envoy (takes the
+    /// symbol-table lock): call once per name and cache the id.
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError>;
+    fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError>;
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError>;
+}
+
+/// Result of a compare-and-swap write to shared data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedSetError {
+    /// Someone else wrote the key since we read it.
+    CasMismatch,
+    Other(String),
+}
+
+/// Process-wide key/value store shared by all workers of one `vm_id`.
+/// Entries are never freed and cannot be deleted: callers must bound their keys.
+pub trait SharedData {
+    /// Value and CAS token of a key; `(None, None)` when absent.
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes a key. With `cas = Some(token)` the write fails with
+    /// [`SharedSetError::CasMismatch`] if the key changed since that token was read.
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedSetError>;
+}
+
+/// The request side of one HTTP stream.
+pub trait RequestHeaders {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    fn set_request_header(&self, name: &str, value: Option<&str>);
+}
+
+/// Stream and connection attributes (`get_property`).
+pub trait Properties {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+}
+
+pub mod fake {
+    //! In-memory host for unit tests, built builder-style.
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, HashMap};
+
+    #[derive(Default, Debug)]
+    pub struct FakeHost {
+        pub request_headers: RefCell<Vec<(String, Vec<u8>)>>,
+        pub properties: RefCell<HashMap<String, Vec<u8>>>,
+        pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        /// name -> (kind, id)
+        pub metric_ids: RefCell<BTreeMap<String, (MetricKind, u32)>>,
+        /// id -> counter value, or histogram samples
+        pub counters: RefCell<BTreeMap<u32, i64>>,
+        pub samples: RefCell<BTreeMap<u32, Vec<u64>>>,
+        pub define_calls: RefCell<u32>,
+        /// When set, every CAS write fails this many times first.
+        pub cas_failures: RefCell<u32>,
+    }
+
+    impl FakeHost {
+        pub fn new() -> Self {
+            Self::default()
+        }
+        pub fn header(self, name: &str, value: &[u8]) -> Self {
+            self.request_headers
+                .borrow_mut()
+                .push((name.to_ascii_lowercase(), value.to_vec()));
+            self
+        }
+        pub fn prop(self, path: &[&str], value: &[u8]) -> Self {
+            self.properties
+                .borrow_mut()
+                .insert(path.join("."), value.to_vec());
+            self
+        }
+        pub fn prop_u64(self, path: &[&str], value: u64) -> Self {
+            self.prop(path, &value.to_le_bytes())
+        }
+        pub fn clear_stream(&self) {
+            self.request_headers.borrow_mut().clear();
+            self.properties.borrow_mut().clear();
+        }
+        /// Counter value by full stat name.
+        pub fn counter(&self, name: &str) -> Option<i64> {
+            let ids = self.metric_ids.borrow();
+            let (_, id) = ids.get(name)?;
+            self.counters.borrow().get(id).copied()
+        }
+        /// Histogram samples by full stat name.
+        pub fn histogram(&self, name: &str) -> Option<Vec<u64>> {
+            let ids = self.metric_ids.borrow();
+            let (_, id) = ids.get(name)?;
+            self.samples.borrow().get(id).cloned()
+        }
+        pub fn metric_names(&self) -> Vec<String> {
+            self.metric_ids.borrow().keys().cloned().collect()
+        }
+        pub fn header_value(&self, name: &str) -> Option<Vec<u8>> {
+            self.request_header(name)
+        }
+    }
+
+    impl Metrics for FakeHost {
+        fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+            *self.define_calls.borrow_mut() += 1;
+            let mut ids = self.metric_ids.borrow_mut();
+            let next = ids.len() as u32 + 1;
+            let (k, id) = *ids.entry(name.to_string()).or_insert((kind, next));
+            if k != kind {
+                return Err(HostError(format!("{name} redefined as another kind")));
+            }
+            Ok(id)
+        }
+        fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
+            *self.counters.borrow_mut().entry(id).or_insert(0) += delta;
+            Ok(())
+        }
+        fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
+            self.samples.borrow_mut().entry(id).or_default().push(value);
+            Ok(())
+        }
+    }
+
+    impl SharedData for FakeHost {
+        fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            match self.shared.borrow().get(key) {
+                Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+                None => (None, None),
+            }
+        }
+        fn shared_set(
+            &self,
+            key: &str,
+            value: &[u8],
+            cas: Option<u32>,
+        ) -> Result<(), SharedSetError> {
+            {
+                let mut fails = self.cas_failures.borrow_mut();
+                if cas.is_some() && *fails > 0 {
+                    *fails -= 1;
+                    return Err(SharedSetError::CasMismatch);
+                }
+            }
+            let mut map = self.shared.borrow_mut();
+            let current = map.get(key).map(|(_, c)| *c);
+            if let (Some(want), Some(have)) = (cas, current) {
+                if want != have {
+                    return Err(SharedSetError::CasMismatch);
+                }
+            }
+            let next = current.unwrap_or(0) + 1;
+            map.insert(key.to_string(), (value.to_vec(), next));
+            Ok(())
+        }
+    }
+
+    impl RequestHeaders for FakeHost {
+        fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+            let name = name.to_ascii_lowercase();
+            self.request_headers
+                .borrow()
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        }
+        fn set_request_header(&self, name: &str, value: Option<&str>) {
+            let name = name.to_ascii_lowercase();
+            let mut headers = self.request_headers.borrow_mut();
+            headers.retain(|(n, _)| *n != name);
+            if let Some(v) = value {
+                headers.push((name, v.as_bytes().to_vec()));
+            }
+        }
+    }
+
+    impl Properties for FakeHost {
+        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+            self.properties.borrow().get(&path.join(".")).cloned()
+        }
+    }
+}

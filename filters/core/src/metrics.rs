@@ -1,0 +1,448 @@
+//! RED metrics in the spirit of Istio's standard metrics.
+//!
+//! One [`MetricsEngine`] per plugin root (one per Envoy worker): it owns the
+//! cache of stat ids per label tuple. One [`MetricsStream`] per HTTP stream: it
+//! reads what it needs from the request headers, and at the log phase hands a
+//! complete observation to the engine.
+//!
+//! Cardinality is bounded process-wide: the set of admitted label tuples lives
+//! in shared data (shared by all workers of the VM). Once `max_label_tuples`
+//! tuples exist, new tuples are recorded under the overflow tuple (every label
+//! but `reporter` set to `other`) and counted in
+//! `txmesh_metrics_label_overflow_total`.
+
+use crate::config::{parse_json, ConfigError};
+use crate::flags;
+use crate::host::{
+    HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+};
+use crate::labels::{encode, is_clean_value, sanitize_value};
+use crate::props;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+
+pub const REQUESTS_TOTAL: &str = "txmesh_requests_total";
+pub const REQUEST_DURATION: &str = "txmesh_request_duration_milliseconds";
+pub const REQUEST_BYTES: &str = "txmesh_request_bytes";
+pub const RESPONSE_BYTES: &str = "txmesh_response_bytes";
+pub const OVERFLOW_TOTAL: &str = "txmesh_metrics_label_overflow_total";
+
+/// Label names, in the order they are encoded into stat names.
+pub const LABELS: [&str; 6] = [
+    "reporter",
+    "source_workload",
+    "destination_service",
+    "response_code",
+    "response_flags",
+    "request_protocol",
+];
+
+/// Header by which an outbound sidecar tells the inbound sidecar who is
+/// calling (Istio's metadata exchange, reduced to the workload name). Always
+/// overwritten on outbound, removed on inbound before the app sees it.
+pub const PEER_HEADER: &str = "x-txmesh-source-workload";
+
+/// Shared-data key holding the number of admitted label tuples (u32 LE).
+const TUPLE_COUNT_KEY: &str = "txmesh.metrics.tuple_count";
+/// Prefix of the shared-data key marking one admitted tuple.
+const TUPLE_KEY_PREFIX: &str = "txmesh.metrics.tuple.";
+/// CAS attempts before a new tuple is sent to overflow.
+const CAS_ATTEMPTS: u32 = 16;
+
+pub const DEFAULT_MAX_LABEL_TUPLES: u32 = 1000;
+pub const MAX_MAX_LABEL_TUPLES: u32 = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reporter {
+    Inbound,
+    Outbound,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Inbound => "inbound",
+            Reporter::Outbound => "outbound",
+        }
+    }
+    /// From the `xds.listener_direction` attribute (envoy.config.core.v3.TrafficDirection:
+    /// 1 = INBOUND, 2 = OUTBOUND).
+    pub fn from_listener_direction(bytes: &[u8]) -> Option<Self> {
+        match props::as_u64(bytes)? {
+            1 => Some(Reporter::Inbound),
+            2 => Some(Reporter::Outbound),
+            _ => None,
+        }
+    }
+}
+
+/// Plugin configuration of `txmesh_metrics.wasm` (JSON). See docs/metrics.md.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `inbound` or `outbound`. When absent, taken from the listener's
+    /// `traffic_direction` (attribute `xds.listener_direction`).
+    #[serde(default)]
+    pub reporter: Option<Reporter>,
+    /// This sidecar's workload name. When absent: node metadata `WORKLOAD_NAME`,
+    /// else `unknown`.
+    #[serde(default)]
+    pub workload: Option<String>,
+    /// Envoy cluster name -> `destination_service` label value. Unmapped
+    /// clusters: the cluster name (outbound) or this workload (inbound).
+    #[serde(default)]
+    pub destination_services: BTreeMap<String, String>,
+    /// Bound on distinct label tuples in this Envoy (all workers, all
+    /// listeners sharing the VM).
+    #[serde(default = "default_max_label_tuples")]
+    pub max_label_tuples: u32,
+    /// Send/accept the source workload header between sidecars.
+    #[serde(default = "default_true")]
+    pub peer_header: bool,
+}
+
+fn default_max_label_tuples() -> u32 {
+    DEFAULT_MAX_LABEL_TUPLES
+}
+fn default_true() -> bool {
+    true
+}
+
+impl MetricsConfig {
+    /// Parses and validates; every error names the offending field.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let cfg: Self = parse_json(bytes)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(w) = &self.workload {
+            check_label_value("workload", w)?;
+        }
+        for (cluster, service) in &self.destination_services {
+            if cluster.is_empty() {
+                return Err(ConfigError::at(
+                    "destination_services",
+                    "cluster name must not be empty",
+                ));
+            }
+            check_label_value(&format!("destination_services.{cluster}"), service)?;
+        }
+        if self.max_label_tuples == 0 || self.max_label_tuples > MAX_MAX_LABEL_TUPLES {
+            return Err(ConfigError::at(
+                "max_label_tuples",
+                format!(
+                    "must be between 1 and {MAX_MAX_LABEL_TUPLES}, got {}",
+                    self.max_label_tuples
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_label_value(path: &str, v: &str) -> Result<(), ConfigError> {
+    if is_clean_value(v) {
+        Ok(())
+    } else {
+        Err(ConfigError::at(
+            path,
+            format!(
+                "{v:?} is not a valid label value: 1 to 64 characters of A-Z a-z 0-9 _ . : / | -"
+            ),
+        ))
+    }
+}
+
+/// Everything recorded for one finished request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub destination_service: String,
+    pub response_code: u32,
+    pub response_flags: String,
+    pub request_protocol: &'static str,
+    pub duration_ms: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl Observation {
+    fn tuple_key(&self) -> String {
+        let code = self.response_code.to_string();
+        encode(
+            &[
+                ("reporter", self.reporter.as_str()),
+                ("source_workload", &self.source_workload),
+                ("destination_service", &self.destination_service),
+                ("response_code", &code),
+                ("response_flags", &self.response_flags),
+                ("request_protocol", self.request_protocol),
+            ],
+            "",
+        )
+    }
+}
+
+fn overflow_key(reporter: Reporter) -> String {
+    encode(
+        &[
+            ("reporter", reporter.as_str()),
+            ("source_workload", "other"),
+            ("destination_service", "other"),
+            ("response_code", "other"),
+            ("response_flags", "other"),
+            ("request_protocol", "other"),
+        ],
+        "",
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TupleIds {
+    requests: u32,
+    duration: u32,
+    request_bytes: u32,
+    response_bytes: u32,
+}
+
+impl TupleIds {
+    fn define(host: &impl Metrics, prefix: &str) -> Result<Self, HostError> {
+        let name = |m: &str| format!("{prefix}{m}");
+        Ok(Self {
+            requests: host.define_metric(MetricKind::Counter, &name(REQUESTS_TOTAL))?,
+            duration: host.define_metric(MetricKind::Histogram, &name(REQUEST_DURATION))?,
+            request_bytes: host.define_metric(MetricKind::Histogram, &name(REQUEST_BYTES))?,
+            response_bytes: host.define_metric(MetricKind::Histogram, &name(RESPONSE_BYTES))?,
+        })
+    }
+}
+
+/// Per-root (per-worker) state: config and the stat-id cache.
+pub struct MetricsEngine {
+    config: MetricsConfig,
+    workload: String,
+    /// tuple key -> ids (admitted) or None (known to overflow).
+    tuples: HashMap<String, Option<TupleIds>>,
+    /// Ids of the overflow tuple, per reporter (inbound, outbound).
+    overflow: (Option<TupleIds>, Option<TupleIds>),
+    overflow_counter: u32,
+}
+
+impl MetricsEngine {
+    /// Builds the engine at configure time: resolves the workload name and
+    /// defines the overflow counter (the only stat defined up front).
+    pub fn new(
+        config: MetricsConfig,
+        host: &(impl Metrics + Properties),
+    ) -> Result<Self, HostError> {
+        let workload = match &config.workload {
+            Some(w) => w.clone(),
+            None => host
+                .property(&["xds", "node", "metadata", "WORKLOAD_NAME"])
+                .map(|b| sanitize_value(&b))
+                .unwrap_or_else(|| "unknown".to_string()),
+        };
+        let overflow_counter = host.define_metric(MetricKind::Counter, OVERFLOW_TOTAL)?;
+        Ok(Self {
+            config,
+            workload,
+            tuples: HashMap::new(),
+            overflow: (None, None),
+            overflow_counter,
+        })
+    }
+
+    pub fn config(&self) -> &MetricsConfig {
+        &self.config
+    }
+
+    pub fn workload(&self) -> &str {
+        &self.workload
+    }
+
+    /// Records one finished request. Returns whether it went to the overflow tuple.
+    pub fn record(
+        &mut self,
+        host: &(impl Metrics + SharedData),
+        obs: &Observation,
+    ) -> Result<bool, HostError> {
+        let key = obs.tuple_key();
+        let (ids, overflowed) = match self.lookup(host, &key)? {
+            Some(ids) => (ids, false),
+            None => (self.overflow_ids(host, obs.reporter)?, true),
+        };
+        if overflowed {
+            host.increment_metric(self.overflow_counter, 1)?;
+        }
+        host.increment_metric(ids.requests, 1)?;
+        host.record_metric(ids.duration, obs.duration_ms)?;
+        host.record_metric(ids.request_bytes, obs.request_bytes)?;
+        host.record_metric(ids.response_bytes, obs.response_bytes)?;
+        Ok(overflowed)
+    }
+
+    fn overflow_ids(
+        &mut self,
+        host: &impl Metrics,
+        reporter: Reporter,
+    ) -> Result<TupleIds, HostError> {
+        let slot = match reporter {
+            Reporter::Inbound => &mut self.overflow.0,
+            Reporter::Outbound => &mut self.overflow.1,
+        };
+        if let Some(ids) = slot {
+            return Ok(*ids);
+        }
+        let ids = TupleIds::define(host, &overflow_key(reporter))?;
+        *slot = Some(ids);
+        Ok(ids)
+    }
+
+    /// Cached ids of an admitted tuple, admitting it if there is room.
+    fn lookup(
+        &mut self,
+        host: &(impl Metrics + SharedData),
+        key: &str,
+    ) -> Result<Option<TupleIds>, HostError> {
+        if let Some(hit) = self.tuples.get(key) {
+            return Ok(*hit);
+        }
+        let max = self.config.max_label_tuples;
+        let admitted = admit(host, key, max);
+        let ids = if admitted {
+            Some(TupleIds::define(host, key)?)
+        } else {
+            None
+        };
+        // The local cache holds at most `max` admitted tuples plus as many
+        // known-overflow ones; beyond that, misses ask shared data again.
+        if self.tuples.len() < 2 * max as usize {
+            self.tuples.insert(key.to_string(), ids);
+        }
+        Ok(ids)
+    }
+}
+
+/// Admits a tuple process-wide if fewer than `max` are admitted. A tuple
+/// already admitted by another worker is found by its marker key.
+fn admit(host: &impl SharedData, key: &str, max: u32) -> bool {
+    let marker = format!("{TUPLE_KEY_PREFIX}{key}");
+    if host.shared_get(&marker).0.is_some() {
+        return true;
+    }
+    for _ in 0..CAS_ATTEMPTS {
+        let (value, cas) = host.shared_get(TUPLE_COUNT_KEY);
+        let count = value
+            .as_deref()
+            .and_then(|v| <[u8; 4]>::try_from(v).ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(0);
+        if count >= max {
+            return false;
+        }
+        match host.shared_set(TUPLE_COUNT_KEY, &(count + 1).to_le_bytes(), cas) {
+            // Two workers racing on the same new tuple may both take a slot:
+            // the bound still holds, one slot is spent twice.
+            Ok(()) => return host.shared_set(&marker, b"1", None).is_ok(),
+            Err(SharedSetError::CasMismatch) => continue,
+            Err(SharedSetError::Other(_)) => return false,
+        }
+    }
+    false
+}
+
+/// Per-stream state of the metrics filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsStream {
+    reporter: Reporter,
+    source_workload: String,
+    grpc: bool,
+}
+
+impl MetricsStream {
+    /// At request headers: decides the reporter, exchanges the peer header,
+    /// and notes the protocol. `None` when the reporter cannot be known (no
+    /// config and no listener direction): the stream is then not recorded.
+    pub fn on_request_headers(
+        engine: &MetricsEngine,
+        host: &(impl RequestHeaders + Properties),
+    ) -> Option<Self> {
+        let cfg = engine.config();
+        let reporter = match cfg.reporter {
+            Some(r) => r,
+            None => {
+                Reporter::from_listener_direction(&host.property(&["xds", "listener_direction"])?)?
+            }
+        };
+        let source_workload = match reporter {
+            Reporter::Outbound => {
+                if cfg.peer_header {
+                    host.set_request_header(PEER_HEADER, Some(engine.workload()));
+                }
+                engine.workload().to_string()
+            }
+            Reporter::Inbound => {
+                if cfg.peer_header {
+                    let peer = host.request_header(PEER_HEADER);
+                    if peer.is_some() {
+                        host.set_request_header(PEER_HEADER, None);
+                    }
+                    peer.map(|p| sanitize_value(&p))
+                        .unwrap_or_else(|| "unknown".to_string())
+                } else {
+                    "unknown".to_string()
+                }
+            }
+        };
+        let grpc = host
+            .request_header("content-type")
+            .is_some_and(|ct| ct.starts_with(b"application/grpc"));
+        Some(Self {
+            reporter,
+            source_workload,
+            grpc,
+        })
+    }
+
+    /// At the log phase: builds the observation from stream attributes.
+    pub fn observe(&self, engine: &MetricsEngine, host: &impl Properties) -> Observation {
+        let prop_u64 = |path: &[&str]| {
+            host.property(path)
+                .as_deref()
+                .and_then(props::as_u64)
+                .unwrap_or(0)
+        };
+        let cluster = host.property(&["xds", "cluster_name"]);
+        let mapped = cluster.as_deref().and_then(|c| {
+            props::as_str(c).and_then(|c| engine.config().destination_services.get(c))
+        });
+        let destination_service = match (mapped, self.reporter, cluster.as_deref()) {
+            (Some(s), _, _) => s.clone(),
+            (None, Reporter::Inbound, _) => engine.workload().to_string(),
+            (None, Reporter::Outbound, Some(c)) if !c.is_empty() => sanitize_value(c),
+            (None, Reporter::Outbound, _) => "unknown".to_string(),
+        };
+        Observation {
+            reporter: self.reporter,
+            source_workload: self.source_workload.clone(),
+            destination_service,
+            response_code: u32::try_from(prop_u64(&["response", "code"])).unwrap_or(0),
+            response_flags: flags::render(prop_u64(&["response", "flags"])),
+            request_protocol: if self.grpc { "grpc" } else { "http" },
+            duration_ms: host
+                .property(&["request", "duration"])
+                .as_deref()
+                .and_then(props::duration_ms)
+                .unwrap_or(0),
+            request_bytes: prop_u64(&["request", "size"]),
+            response_bytes: prop_u64(&["response", "size"]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

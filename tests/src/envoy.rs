@@ -1,0 +1,395 @@
+//! Sidecar Envoys built from a config template: an inbound listener in front
+//! of the local app, an outbound listener routing by `Host` to named clusters,
+//! the same shape as `envoy/sidecar.yaml`, with free ports.
+
+use crate::http::Client;
+use crate::ports::free_port;
+use crate::process::ChildGuard;
+use crate::prom::Scrape;
+use crate::upstream::Upstream;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Label names the txmesh filters encode into stat names; each gets a
+/// `stats_tags` regex in every bootstrap.
+pub const STAT_TAGS: &[&str] = &[
+    "reporter",
+    "source_workload",
+    "destination_service",
+    "response_code",
+    "response_flags",
+    "request_protocol",
+];
+
+/// One HTTP filter of a listener.
+#[derive(Clone, Debug)]
+pub struct Filter(pub Value);
+
+impl Filter {
+    /// A txmesh wasm filter: `name` is the artifact (`txmesh_metrics`), also
+    /// used as plugin name, root id and vm id. Fails closed unless changed.
+    pub fn wasm(name: &str, config: Value) -> Self {
+        let config_str = match &config {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Filter(json!({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": name,
+                    "root_id": name,
+                    "failure_policy": "FAIL_CLOSED",
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": config_str,
+                    },
+                    "vm_config": {
+                        "vm_id": name,
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": crate::wasm(name).display().to_string()}},
+                    }
+                }
+            }
+        }))
+    }
+
+    pub fn metrics(config: Value) -> Self {
+        Self::wasm("txmesh_metrics", config)
+    }
+
+    /// Sets `failure_policy` (FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD) of a wasm filter.
+    pub fn failure_policy(mut self, policy: &str) -> Self {
+        if let Some(cfg) = self.0.pointer_mut("/typed_config/config") {
+            cfg["failure_policy"] = json!(policy);
+        }
+        self
+    }
+}
+
+/// Builder of a sidecar Envoy.
+#[derive(Clone)]
+pub struct Sidecar {
+    workload: String,
+    app: Option<SocketAddr>,
+    routes: Vec<(String, Vec<SocketAddr>)>,
+    inbound_filters: Vec<Filter>,
+    outbound_filters: Vec<Filter>,
+    extra_clusters: Vec<Value>,
+    concurrency: u32,
+}
+
+/// Ports of a running sidecar.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub admin: u16,
+    pub inbound: u16,
+    pub outbound: u16,
+}
+
+impl Sidecar {
+    pub fn new(workload: &str) -> Self {
+        Self {
+            workload: workload.to_string(),
+            app: None,
+            routes: Vec::new(),
+            inbound_filters: Vec::new(),
+            outbound_filters: Vec::new(),
+            extra_clusters: Vec::new(),
+            concurrency: 2,
+        }
+    }
+
+    /// The local app behind the inbound listener (cluster `local_app`).
+    pub fn app(mut self, app: &Upstream) -> Self {
+        self.app = Some(app.addr());
+        self
+    }
+
+    pub fn app_addr(mut self, addr: SocketAddr) -> Self {
+        self.app = Some(addr);
+        self
+    }
+
+    /// An outbound destination: requests with `Host: <name>` go to cluster
+    /// `<name>` with these endpoints (none: the cluster has no healthy host).
+    pub fn route(mut self, name: &str, endpoints: &[SocketAddr]) -> Self {
+        self.routes.push((name.to_string(), endpoints.to_vec()));
+        self
+    }
+
+    /// A filter on both listeners.
+    pub fn filter(self, f: Filter) -> Self {
+        self.inbound_filter(f.clone()).outbound_filter(f)
+    }
+
+    pub fn inbound_filter(mut self, f: Filter) -> Self {
+        self.inbound_filters.push(f);
+        self
+    }
+
+    pub fn outbound_filter(mut self, f: Filter) -> Self {
+        self.outbound_filters.push(f);
+        self
+    }
+
+    /// An extra cluster (raw Envoy JSON), e.g. etcd for the txn filter.
+    pub fn cluster(mut self, c: Value) -> Self {
+        self.extra_clusters.push(c);
+        self
+    }
+
+    /// Envoy worker threads (default 2, so cross-worker behaviour is exercised).
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// The bootstrap for these ports.
+    pub fn bootstrap(&self, ports: Ports) -> Value {
+        let stats_tags: Vec<Value> = STAT_TAGS
+            .iter()
+            .map(|t| json!({"tag_name": t, "regex": format!("({t}=\\.=(.*?);\\.;)")}))
+            .collect();
+        let mut clusters: Vec<Value> = Vec::new();
+        if let Some(app) = self.app {
+            clusters.push(static_cluster("local_app", &[app]));
+        }
+        let mut vhosts = Vec::new();
+        for (name, eps) in &self.routes {
+            clusters.push(static_cluster(name, eps));
+            vhosts.push(json!({
+                "name": name,
+                "domains": [name, format!("{name}:*")],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}],
+            }));
+        }
+        clusters.extend(self.extra_clusters.iter().cloned());
+        let inbound_routes = json!({"virtual_hosts": [{
+            "name": "local_app",
+            "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "local_app"}}],
+        }]});
+        let mut listeners = Vec::new();
+        // No app, no inbound listener (an edge or client-only Envoy).
+        if self.app.is_some() {
+            listeners.push(listener(
+                "inbound",
+                "INBOUND",
+                ports.inbound,
+                inbound_routes,
+                &self.inbound_filters,
+            ));
+        }
+        listeners.push(listener(
+            "outbound",
+            "OUTBOUND",
+            ports.outbound,
+            json!({"virtual_hosts": vhosts}),
+            &self.outbound_filters,
+        ));
+        json!({
+            "node": {"id": format!("{}-sidecar", self.workload), "cluster": self.workload,
+                     "metadata": {"WORKLOAD_NAME": self.workload}},
+            "admin": {"address": sock(ports.admin)},
+            "stats_flush_on_admin": true,
+            "stats_config": {"stats_tags": stats_tags},
+            "static_resources": {"listeners": listeners, "clusters": clusters},
+        })
+    }
+
+    /// Starts Envoy and waits until it is ready; panics with its log otherwise.
+    pub fn start(self) -> Envoy {
+        match self.try_start() {
+            Ok(e) => e,
+            Err(log) => panic!("envoy for {} did not become ready:\n{log}", self.workload),
+        }
+    }
+
+    /// Starts Envoy; `Err(log)` when it exits before it is ready. Retries with
+    /// new ports when a port was taken in the meantime.
+    pub fn try_start(&self) -> Result<Envoy, String> {
+        let dir = crate::scratch_dir(&format!("envoy-{}", self.workload));
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            let ports = Ports {
+                admin: free_port(),
+                inbound: free_port(),
+                outbound: free_port(),
+            };
+            let cfg_path = dir.join("envoy.json");
+            let text =
+                serde_json::to_string_pretty(&self.bootstrap(ports)).map_err(|e| e.to_string())?;
+            std::fs::write(&cfg_path, text).map_err(|e| e.to_string())?;
+            match Envoy::launch(&self.workload, &cfg_path, &dir, ports, self.concurrency) {
+                Ok(e) => return Ok(e),
+                Err(log) if log.contains("ddress already in use") => last = log,
+                Err(log) => return Err(log),
+            }
+        }
+        Err(last)
+    }
+}
+
+fn sock(port: u16) -> Value {
+    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+}
+
+fn static_cluster(name: &str, eps: &[SocketAddr]) -> Value {
+    let lb: Vec<Value> = eps
+        .iter()
+        .map(|a| {
+            json!({"endpoint": {"address": {"socket_address": {
+            "address": a.ip().to_string(), "port_value": a.port()}}}})
+        })
+        .collect();
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": lb}]},
+    })
+}
+
+fn listener(name: &str, dir: &str, port: u16, routes: Value, filters: &[Filter]) -> Value {
+    let mut http_filters: Vec<Value> = filters.iter().map(|f| f.0.clone()).collect();
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    }));
+    json!({
+        "name": name,
+        "traffic_direction": dir,
+        "address": sock(port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": routes,
+                "http_filters": http_filters,
+            }
+        }]}],
+    })
+}
+
+/// A running Envoy, killed on drop.
+pub struct Envoy {
+    pub guard: ChildGuard,
+    pub ports: Ports,
+    pub dir: PathBuf,
+    client: Client,
+}
+
+impl Envoy {
+    fn launch(
+        name: &str,
+        cfg: &Path,
+        dir: &Path,
+        ports: Ports,
+        concurrency: u32,
+    ) -> Result<Self, String> {
+        let mut cmd = Command::new(crate::envoy_bin());
+        cmd.arg("-c")
+            .arg(cfg)
+            .args(["--base-id", &ports.admin.to_string()])
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["-l", "info"]);
+        let mut guard = ChildGuard::spawn(&format!("envoy-{name}"), cmd, dir, vec![]);
+        let client = Client::new();
+        let ready = format!("http://127.0.0.1:{}/ready", ports.admin);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = guard.exited() {
+                let log = guard.log_text();
+                std::mem::forget(guard); // already exited: nothing to kill or print
+                return Err(format!("envoy exited with {status}\n{log}"));
+            }
+            if let Ok(r) = client.get(&ready) {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("not ready after 60s\n{}", guard.log_text()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(Self {
+            guard,
+            ports,
+            dir: dir.to_path_buf(),
+            client,
+        })
+    }
+
+    pub fn inbound_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports.inbound)
+    }
+
+    pub fn outbound_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports.outbound)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports.admin)
+    }
+
+    pub fn inbound_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.inbound))
+    }
+
+    /// `/stats/prometheus`, parsed.
+    pub fn scrape(&self) -> Scrape {
+        let r = self
+            .client
+            .get(&self.admin_url("/stats/prometheus"))
+            .unwrap_or_else(|e| panic!("scrape failed: {e}"));
+        Scrape::parse(&String::from_utf8_lossy(&r.body))
+    }
+
+    /// Scrapes until `ok` holds (histograms reach the admin only after a
+    /// stats flush, which the scrape itself triggers); panics after 10 s with
+    /// the last scrape.
+    pub fn scrape_until(&self, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let s = self.scrape();
+            if ok(&s) {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; last scrape:\n{}",
+                    s.text_of("txmesh")
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.guard.log_text()
+    }
+}
+
+/// Runs `envoy --mode validate -c <path>`; returns (ok, output).
+pub fn validate(path: &Path) -> (bool, String) {
+    let root = crate::workspace_root();
+    let out = Command::new(crate::envoy_bin())
+        .current_dir(&root)
+        .args(["--mode", "validate", "-c"])
+        .arg(path)
+        .args(["-l", "error", "--base-id", &free_port().to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run envoy: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

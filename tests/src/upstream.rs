@@ -1,0 +1,239 @@
+//! Real HTTP/1.1 servers (hyper) whose behaviour a test scripts, recording
+//! every request they receive.
+//!
+//! By default a server answers as the request asks, with these headers:
+//! `x-test-status` (default 200), `x-test-delay-ms` (default 0) and
+//! `x-test-body-size` (bytes of `x`, default 2). A test can instead install
+//! its own handler (`Upstream::with`).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("upstream")
+            .build()
+            .unwrap_or_else(|e| panic!("tokio runtime: {e}"))
+    })
+}
+
+/// A request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// What the upstream answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn ok() -> Self {
+        Self::status(200)
+    }
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+    pub fn json(self, v: serde_json::Value) -> Self {
+        self.header("content-type", "application/json")
+            .body(v.to_string())
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.delay = d;
+        self
+    }
+
+    /// The default behaviour: as the request's `x-test-*` headers ask.
+    pub fn as_requested(r: &Recorded) -> Self {
+        let num = |h: &str, d: u64| {
+            r.header(h)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(d)
+        };
+        Reply::status(num("x-test-status", 200) as u16)
+            .body(vec![b'x'; num("x-test-body-size", 2) as usize])
+            .delay(Duration::from_millis(num("x-test-delay-ms", 0)))
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
+/// A running HTTP server on a free loopback port; stops when dropped.
+pub struct Upstream {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    handler: Arc<RwLock<Handler>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Upstream {
+    /// A server scripted by the request headers (see the module docs).
+    pub fn start() -> Self {
+        Self::with(Reply::as_requested)
+    }
+
+    /// A server answering with `handler`.
+    pub fn with(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Self {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("upstream bind: {e}"));
+        let addr = std_listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("upstream addr: {e}"));
+        std_listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("nonblocking: {e}"));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let handler: Arc<RwLock<Handler>> = Arc::new(RwLock::new(Arc::new(handler)));
+        let (stop, stop_rx) = watch::channel(false);
+        let rt = runtime();
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(std_listener)
+            .unwrap_or_else(|e| panic!("tokio listener: {e}"));
+        let (reqs, h) = (requests.clone(), handler.clone());
+        rt.spawn(async move {
+            let mut stop_rx = stop_rx;
+            loop {
+                tokio::select! {
+                    _ = stop_rx.changed() => break,
+                    acc = listener.accept() => {
+                        let Ok((stream, _)) = acc else { continue };
+                        let (reqs, h, mut stop_conn) = (reqs.clone(), h.clone(), stop_rx.clone());
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| serve(req, reqs.clone(), h.clone()));
+                            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {},
+                                _ = stop_conn.changed() => {},
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            requests,
+            handler,
+            stop,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Replaces the behaviour from now on.
+    pub fn set_handler(&self, handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) {
+        *self.handler.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(handler);
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Requests received on `path` (exact match, without query).
+    pub fn requests_to(&self, path: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path.split('?').next() == Some(path))
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn serve(
+    req: hyper::Request<hyper::body::Incoming>,
+    reqs: Arc<Mutex<Vec<Recorded>>>,
+    handler: Arc<RwLock<Handler>>,
+) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+    let body = req.into_body().collect().await?.to_bytes().to_vec();
+    let rec = Recorded {
+        method,
+        path,
+        headers,
+        body,
+        at: Instant::now(),
+    };
+    let h = handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let reply = h(&rec);
+    reqs.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let mut b = hyper::Response::builder().status(reply.status);
+    for (k, v) in &reply.headers {
+        b = b.header(k, v);
+    }
+    Ok(b.body(Full::new(Bytes::from(reply.body)))
+        .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()))))
+}
