@@ -4,9 +4,11 @@
 //! [`host`] on top of the proxy-wasm SDK and call into this crate; the unit tests
 //! here implement the same traits with [`host::fake::FakeHost`].
 
+pub mod b64;
 pub mod config;
 pub mod flags;
 pub mod host;
 pub mod labels;
 pub mod metrics;
 pub mod props;
+pub mod txn;

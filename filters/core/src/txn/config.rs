@@ -1,0 +1,265 @@
+//! Plugin configuration of `txmesh_txn.wasm` (JSON). See docs/protocol.md.
+
+use crate::config::{parse_json, ConfigError};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    /// From `xds.listener_direction` (1 = INBOUND, 2 = OUTBOUND).
+    pub fn from_listener_direction(bytes: &[u8]) -> Option<Self> {
+        match crate::props::as_u64(bytes)? {
+            1 => Some(Direction::Inbound),
+            2 => Some(Direction::Outbound),
+            _ => None,
+        }
+    }
+}
+
+/// A request that begins a transaction on the initiator's inbound sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeginRule {
+    /// HTTP method, exact (e.g. `POST`); absent: any.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Path prefix (e.g. `/checkout`).
+    pub path_prefix: String,
+}
+
+impl BeginRule {
+    pub fn matches(&self, method: &[u8], path: &[u8]) -> bool {
+        self.method
+            .as_deref()
+            .is_none_or(|m| m.as_bytes() == method)
+            && path.starts_with(self.path_prefix.as_bytes())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnConfig {
+    /// `inbound` or `outbound`; absent: the listener's traffic direction.
+    #[serde(default)]
+    pub direction: Option<Direction>,
+    /// Requests that begin a transaction (inbound only).
+    #[serde(default)]
+    pub begin: Vec<BeginRule>,
+    /// Whether a client may begin one with `x-txmesh-txn: new` on any path.
+    #[serde(default)]
+    pub allow_client_begin: bool,
+    #[serde(default = "d_default_timeout")]
+    pub default_timeout_ms: u64,
+    #[serde(default = "d_max_timeout")]
+    pub max_timeout_ms: u64,
+    /// Capacity of this sidecar's transaction table (all roles, all workers).
+    #[serde(default = "d_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Most participants one sidecar enlists for one transaction.
+    #[serde(default = "d_max_participants")]
+    pub max_participants: u32,
+    /// Envoy cluster of the local app (prepare/commit/abort to this sidecar's own app).
+    #[serde(default = "d_app_cluster")]
+    pub app_cluster: String,
+    /// Envoy cluster of etcd's JSON gateway.
+    #[serde(default = "d_etcd_cluster")]
+    pub etcd_cluster: String,
+    /// Timeout of one etcd call.
+    #[serde(default = "d_etcd_timeout")]
+    pub etcd_timeout_ms: u64,
+    /// Timeout of one phase-2 (commit/abort) call.
+    #[serde(default = "d_control_timeout")]
+    pub control_timeout_ms: u64,
+    /// Phase-2 calls are retried with backoff until acknowledged, for at most this long.
+    #[serde(default = "d_phase2_give_up")]
+    pub phase2_give_up_ms: u64,
+    /// This sidecar's name in decision records and logs; absent: node metadata
+    /// `WORKLOAD_NAME`, else `unknown`.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+fn d_default_timeout() -> u64 {
+    5_000
+}
+fn d_max_timeout() -> u64 {
+    30_000
+}
+fn d_max_in_flight() -> u32 {
+    1024
+}
+fn d_max_participants() -> u32 {
+    16
+}
+fn d_app_cluster() -> String {
+    "local_app".to_string()
+}
+fn d_etcd_cluster() -> String {
+    "etcd".to_string()
+}
+fn d_etcd_timeout() -> u64 {
+    2_000
+}
+fn d_control_timeout() -> u64 {
+    2_000
+}
+fn d_phase2_give_up() -> u64 {
+    60_000
+}
+
+/// Hard limits on config values.
+pub const MAX_TIMEOUT_LIMIT_MS: u64 = 600_000;
+pub const MAX_IN_FLIGHT_LIMIT: u32 = 65_536;
+pub const MAX_PARTICIPANTS_LIMIT: u32 = 64;
+
+impl TxnConfig {
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let cfg: Self = parse_json(bytes)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let range = |path: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(ConfigError::at(
+                    path,
+                    format!("must be between {lo} and {hi}, got {v}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "max_timeout_ms",
+            self.max_timeout_ms,
+            1,
+            MAX_TIMEOUT_LIMIT_MS,
+        )?;
+        range(
+            "default_timeout_ms",
+            self.default_timeout_ms,
+            1,
+            self.max_timeout_ms,
+        )?;
+        range(
+            "max_in_flight",
+            self.max_in_flight.into(),
+            1,
+            MAX_IN_FLIGHT_LIMIT.into(),
+        )?;
+        range(
+            "max_participants",
+            self.max_participants.into(),
+            1,
+            MAX_PARTICIPANTS_LIMIT.into(),
+        )?;
+        range("etcd_timeout_ms", self.etcd_timeout_ms, 1, 60_000)?;
+        range("control_timeout_ms", self.control_timeout_ms, 1, 60_000)?;
+        range("phase2_give_up_ms", self.phase2_give_up_ms, 1, 86_400_000)?;
+        for (name, v) in [
+            ("app_cluster", &self.app_cluster),
+            ("etcd_cluster", &self.etcd_cluster),
+        ] {
+            if !is_cluster_name(v) {
+                return Err(ConfigError::at(
+                    name,
+                    format!("{v:?} is not a usable cluster name (non-empty, no whitespace)"),
+                ));
+            }
+        }
+        for (i, r) in self.begin.iter().enumerate() {
+            if !r.path_prefix.starts_with('/') {
+                return Err(ConfigError::at(
+                    format!("begin[{i}].path_prefix"),
+                    format!("must start with '/', got {:?}", r.path_prefix),
+                ));
+            }
+            if r.path_prefix.starts_with("/txmesh/") {
+                return Err(ConfigError::at(
+                    format!("begin[{i}].path_prefix"),
+                    "/txmesh/ paths are the control endpoints and cannot begin a transaction",
+                ));
+            }
+            if let Some(m) = &r.method {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(ConfigError::at(
+                        format!("begin[{i}].method"),
+                        format!("must be an upper-case HTTP method, got {m:?}"),
+                    ));
+                }
+            }
+        }
+        if let Some(n) = &self.node {
+            if !crate::labels::is_clean_value(n) {
+                return Err(ConfigError::at(
+                    "node",
+                    format!("{n:?}: 1 to 64 characters of A-Z a-z 0-9 _ . : / | -"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a request begins a transaction by rule.
+    pub fn begins(&self, method: &[u8], path: &[u8]) -> bool {
+        self.begin.iter().any(|r| r.matches(method, path))
+    }
+}
+
+/// A cluster name usable in the table encoding: non-empty, printable, no whitespace.
+pub fn is_cluster_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = TxnConfig::parse(b"").unwrap();
+        assert_eq!(c.default_timeout_ms, 5000);
+        assert_eq!(c.max_in_flight, 1024);
+        assert_eq!(c.app_cluster, "local_app");
+        assert!(!c.allow_client_begin);
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"default_timeout_ms": 40000}"#, "at `default_timeout_ms`: must be between 1 and 30000, got 40000"),
+            (r#"{"max_in_flight": 0}"#, "at `max_in_flight`: must be between 1 and 65536, got 0"),
+            (r#"{"begin": [{"path_prefix": "checkout"}]}"#, "at `begin[0].path_prefix`: must start with '/', got \"checkout\""),
+            (r#"{"begin": [{"method": "post", "path_prefix": "/c"}]}"#, "at `begin[0].method`: must be an upper-case HTTP method, got \"post\""),
+            (r#"{"begin": [{"path_prefix": "/txmesh/x"}]}"#, "at `begin[0].path_prefix`: /txmesh/ paths are the control endpoints and cannot begin a transaction"),
+            (r#"{"app_cluster": "a b"}"#, "at `app_cluster`: \"a b\" is not a usable cluster name (non-empty, no whitespace)"),
+        ];
+        for (json, want) in cases {
+            assert_eq!(
+                TxnConfig::parse(json.as_bytes()).unwrap_err().to_string(),
+                *want
+            );
+        }
+        let e = TxnConfig::parse(br#"{"begin": [{"path": "/x"}]}"#).unwrap_err();
+        assert_eq!(e.path, "begin[0].path");
+    }
+
+    #[test]
+    fn begin_rules_match() {
+        let c = TxnConfig::parse(
+            br#"{"begin": [{"method": "POST", "path_prefix": "/checkout"}, {"path_prefix": "/any"}]}"#,
+        )
+        .unwrap();
+        assert!(c.begins(b"POST", b"/checkout"));
+        assert!(c.begins(b"POST", b"/checkout/x?y=1"));
+        assert!(!c.begins(b"GET", b"/checkout"));
+        assert!(c.begins(b"GET", b"/any/thing"));
+        assert!(!c.begins(b"POST", b"/other"));
+    }
+}

@@ -1,0 +1,2027 @@
+//! The transaction engine: one per plugin root (one per Envoy worker and
+//! listener), driven by events — request headers, response headers, callout
+//! answers, ticks, stream end. See docs/protocol.md for the protocol.
+//!
+//! Work is split by who can carry it:
+//! - an **op** belongs to one paused HTTP stream (the root's client request,
+//!   or an inbound control request at a sub-coordinator); its callouts are
+//!   dispatched from that stream's context and answered there;
+//! - a **job** is phase-2 work that outlives the client's stream (commit or
+//!   abort retries, a decision record still to write): it belongs to the
+//!   engine and is dispatched from the root context's tick.
+
+use super::config::{Direction, TxnConfig};
+use super::etcd::{self, CasResult, Decision, Outcome};
+use super::id::{self, TxnHeader, TxnId};
+use super::table::{Entry, Mark, Phase, Role, Table, TableError};
+use crate::host::{HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData};
+use crate::labels::encode;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+
+pub const PREPARE_PATH: &str = "/txmesh/prepare";
+pub const COMMIT_PATH: &str = "/txmesh/commit";
+pub const ABORT_PATH: &str = "/txmesh/abort";
+pub const STATUS_PREFIX: &str = "/txmesh/txns/";
+
+/// How often the root context ticks (deadlines, phase-2 retries).
+pub const TICK_MS: u64 = 20;
+/// Slack added to a callout's own timeout before the tick gives up on it
+/// (a callout to a cluster with no healthy host may never time out).
+const TICK_SLACK_MS: u64 = 250;
+/// Recently finished transactions remembered per process, for status queries.
+const RECENT_SLOTS: u64 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// An HTTP callout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    pub cluster: String,
+    pub method: &'static str,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// The answer to a callout: `status` is `None` when there was no HTTP
+/// response (timeout, reset, cancelled).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CalloutResponse {
+    pub status: Option<u16>,
+    pub body: Vec<u8>,
+}
+
+/// What the engine needs from Envoy beyond headers, properties, shared data
+/// and metrics.
+pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties {
+    fn now_ms(&self) -> u64;
+    fn random_id(&self) -> [u8; 16];
+    /// Dispatches from the current context; answers come back to it.
+    fn dispatch(&self, c: &Callout) -> Result<u32, HostError>;
+    /// A local reply on stream `ctx` (paused in its request or response).
+    fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]);
+    /// Resumes the paused response of stream `ctx` with extra headers.
+    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]);
+    /// A header of the current stream's response.
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    fn log(&self, level: LogLevel, msg: &str);
+}
+
+/// What the glue does with the stream after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    /// Stop iteration: the engine resumes or answers the stream later, or
+    /// already sent a local reply.
+    Pause,
+}
+
+/// Per-stream state, kept by the glue's HTTP context.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Stream {
+    #[default]
+    Pass,
+    /// This stream began `txn`: answer it when the transaction decides.
+    Root {
+        txn: TxnId,
+        deadline_ms: u64,
+        started_ms: u64,
+        trace: Option<String>,
+    },
+    /// A commit/abort passing through to a leaf participant's app: free the
+    /// table entry once the app acknowledges.
+    LeafFinish { txn: TxnId },
+    /// The engine owns this stream (an op is running for it).
+    Owned,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Vote {
+    Commit,
+    ReadOnly,
+    Abort { reason: String, participant: String },
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    /// Name in votes, errors and logs: the cluster, or this node for its own app.
+    name: String,
+    cluster: String,
+    vote: Option<Vote>,
+    token: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    RootPrepare,
+    SubPrepare,
+    SubFinish(Outcome),
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    Voting,
+    /// Single participant voted commit; its commit is in flight.
+    OnePhase,
+    /// The commit record is being written.
+    WriteCommit,
+    /// The commit record write failed; writing an abort record to learn the
+    /// truth. `maybe_applied`: the failed write may have reached etcd.
+    WriteAbort {
+        maybe_applied: bool,
+        error: String,
+    },
+    Finishing,
+    StatusRead,
+}
+
+#[derive(Debug)]
+struct Op {
+    kind: OpKind,
+    ctx: u32,
+    txn: TxnId,
+    deadline_ms: u64,
+    started_ms: u64,
+    trace: Option<String>,
+    targets: Vec<Target>,
+    stage: Stage,
+    /// When the current stage's callout (etcd, commit) must have answered.
+    stage_deadline_ms: u64,
+    voted_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    Done,
+    /// Write an abort record (someone may be prepared).
+    WriteAbort,
+    /// Write the commit record (1PC fallback after the client left).
+    WriteCommit,
+    /// The outcome is unknown: CAS-abort and obey what etcd holds.
+    Resolve,
+}
+
+#[derive(Debug, Clone)]
+struct JobTarget {
+    name: String,
+    cluster: String,
+    vote: Option<Vote>,
+    acked: bool,
+    inflight: bool,
+    attempts: u32,
+    next_ms: u64,
+}
+
+#[derive(Debug)]
+struct Job {
+    outcome: Option<Outcome>,
+    record: Record,
+    record_inflight: bool,
+    record_attempts: u32,
+    record_next_ms: u64,
+    targets: Vec<JobTarget>,
+    deadline_ms: u64,
+    give_up_ms: u64,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Op { ctx: u32, target: Option<usize> },
+    JobTarget { txn: TxnId, idx: usize },
+    JobRecord { txn: TxnId },
+}
+
+#[derive(Default)]
+struct TxnMetrics {
+    total: HashMap<(&'static str, &'static str), u32>,
+    duration: HashMap<&'static str, u32>,
+    participants: Option<u32>,
+    in_flight: Option<u32>,
+    in_doubt: Option<u32>,
+    abandoned: Option<u32>,
+}
+
+/// Low-cardinality reasons for `txmesh_txn_total{reason}`.
+pub mod reason {
+    pub const OK: &str = "ok";
+    pub const VOTE_ABORT: &str = "vote_abort";
+    pub const TIMEOUT: &str = "timeout";
+    pub const APP_ERROR: &str = "app_error";
+    pub const ETCD_UNAVAILABLE: &str = "etcd_unavailable";
+    pub const DECIDED_ELSEWHERE: &str = "decided_elsewhere";
+    pub const CLIENT_GONE: &str = "client_gone";
+    pub const UNKNOWN: &str = "unknown";
+}
+
+pub struct TxnEngine {
+    cfg: TxnConfig,
+    node: String,
+    table: Table,
+    ops: HashMap<u32, Op>,
+    jobs: HashMap<TxnId, Job>,
+    calls: HashMap<u32, Call>,
+    metrics: TxnMetrics,
+}
+
+fn json_error(msg: &str) -> Vec<u8> {
+    json!({ "error": msg }).to_string().into_bytes()
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+fn is_2xx(s: Option<u16>) -> bool {
+    matches!(s, Some(200..=299))
+}
+
+fn backoff_ms(attempts: u32) -> u64 {
+    (100u64 << attempts.min(5)).min(2_000)
+}
+
+fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
+    #[derive(Deserialize)]
+    struct V {
+        vote: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        participant: Option<String>,
+    }
+    let abort = |reason: String| Vote::Abort {
+        reason,
+        participant: name.to_string(),
+    };
+    match resp.status {
+        None => abort("no answer before the deadline".to_string()),
+        Some(200) => match serde_json::from_slice::<V>(&resp.body) {
+            Ok(v) if v.vote == "commit" => Vote::Commit,
+            Ok(v) if v.vote == "readonly" => Vote::ReadOnly,
+            Ok(v) => Vote::Abort {
+                reason: v.reason.unwrap_or_else(|| format!("voted {}", v.vote)),
+                participant: v.participant.unwrap_or_else(|| name.to_string()),
+            },
+            Err(_) => abort("prepare answered 200 without a vote".to_string()),
+        },
+        Some(s) => abort(format!("prepare answered {s}")),
+    }
+}
+
+/// Whether a failed etcd call certainly never reached etcd (Envoy could not
+/// connect), so nothing it carried can have been applied.
+fn certainly_not_sent(resp: &CalloutResponse) -> bool {
+    if resp.status != Some(503) {
+        return false;
+    }
+    let body = String::from_utf8_lossy(&resp.body);
+    body.contains("no healthy upstream")
+        || body.contains("connection failure")
+        || body.contains("Connection refused")
+}
+
+impl TxnEngine {
+    pub fn new(cfg: TxnConfig, host: &impl TxnHost) -> Self {
+        let node = match &cfg.node {
+            Some(n) => n.clone(),
+            None => host
+                .property(&["xds", "node", "metadata", "WORKLOAD_NAME"])
+                .map(|b| crate::labels::sanitize_value(&b))
+                .unwrap_or_else(|| "unknown".to_string()),
+        };
+        let table = Table::new(
+            cfg.max_in_flight,
+            cfg.phase2_give_up_ms.saturating_add(10_000),
+        );
+        Self {
+            cfg,
+            node,
+            table,
+            ops: HashMap::new(),
+            jobs: HashMap::new(),
+            calls: HashMap::new(),
+            metrics: TxnMetrics::default(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn config(&self) -> &TxnConfig {
+        &self.cfg
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// Whether anything is waiting on ticks (the glue may tick slower when idle).
+    pub fn busy(&self) -> bool {
+        !self.ops.is_empty() || !self.jobs.is_empty()
+    }
+
+    // ----- request headers -------------------------------------------------
+
+    pub fn on_request_headers(&mut self, h: &impl TxnHost, ctx: u32) -> (Stream, Verdict) {
+        let direction = match self.cfg.direction {
+            Some(d) => Some(d),
+            None => h
+                .property(&["xds", "listener_direction"])
+                .as_deref()
+                .and_then(Direction::from_listener_direction),
+        };
+        let path = h.request_header(":path").unwrap_or_default();
+        let txn = id::read_txn(
+            h.request_header(id::TXN_HEADER).as_deref(),
+            h.request_header(id::BAGGAGE_HEADER).as_deref(),
+        );
+        match direction {
+            Some(Direction::Inbound) => self.inbound(h, ctx, &path, txn),
+            Some(Direction::Outbound) => self.outbound(h, ctx, &path, txn),
+            None => {
+                // Without a direction the filter cannot know its role: refuse
+                // transactional requests rather than guess.
+                match txn {
+                    Ok(TxnHeader::Absent) => (Stream::Pass, Verdict::Continue),
+                    _ => self.reject(
+                        h,
+                        ctx,
+                        500,
+                        "txmesh_txn cannot tell inbound from outbound: set \"direction\" in its config or traffic_direction on the listener",
+                    ),
+                }
+            }
+        }
+    }
+
+    fn reject(&self, h: &impl TxnHost, ctx: u32, status: u16, msg: &str) -> (Stream, Verdict) {
+        h.send_reply(ctx, status, &[JSON], &json_error(msg));
+        (Stream::Pass, Verdict::Pause)
+    }
+
+    fn deadline_from(&self, h: &impl TxnHost, now: u64) -> Result<u64, String> {
+        let default = now.saturating_add(self.cfg.default_timeout_ms);
+        match h.request_header(id::DEADLINE_HEADER) {
+            None => Ok(default),
+            Some(v) => {
+                let d = id::parse_deadline(&v)?;
+                if d <= now {
+                    return Err(format!(
+                        "{} {d} is in the past (now {now})",
+                        id::DEADLINE_HEADER
+                    ));
+                }
+                Ok(d.min(default))
+            }
+        }
+    }
+
+    fn inbound(
+        &mut self,
+        h: &impl TxnHost,
+        ctx: u32,
+        path: &[u8],
+        txn: Result<TxnHeader, String>,
+    ) -> (Stream, Verdict) {
+        let txn = match txn {
+            Ok(t) => t,
+            Err(e) => return self.reject(h, ctx, 400, &e),
+        };
+        if path.starts_with(b"/txmesh/") {
+            return self.control(h, ctx, path, txn);
+        }
+        let method = h.request_header(":method").unwrap_or_default();
+        match txn {
+            TxnHeader::Absent if self.cfg.begins(&method, path) => self.begin(h, ctx),
+            TxnHeader::Absent => (Stream::Pass, Verdict::Continue),
+            TxnHeader::New if self.cfg.allow_client_begin || self.cfg.begins(&method, path) => {
+                self.begin(h, ctx)
+            }
+            TxnHeader::New => self.reject(
+                h,
+                ctx,
+                400,
+                "x-txmesh-txn: new is not allowed here: no begin rule matches this request and allow_client_begin is off",
+            ),
+            TxnHeader::Id(txn) => {
+                let now = h.now_ms();
+                let deadline = match self.deadline_from(h, now) {
+                    Ok(d) => d,
+                    Err(e) => return self.reject(h, ctx, 400, &e),
+                };
+                // Remember the txn and its deadline for this app's outbound
+                // calls. A full table only costs the deadline hint.
+                if self.table.get(h, &txn).is_none() {
+                    let _ = self
+                        .table
+                        .insert(h, Entry::new(txn, deadline, Role::Participant), now);
+                }
+                h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
+                h.set_request_header(id::DEADLINE_HEADER, Some(&deadline.to_string()));
+                (Stream::Pass, Verdict::Continue)
+            }
+        }
+    }
+
+    fn begin(&mut self, h: &impl TxnHost, ctx: u32) -> (Stream, Verdict) {
+        let now = h.now_ms();
+        let deadline = match self.deadline_from(h, now) {
+            Ok(d) => d,
+            Err(e) => return self.reject(h, ctx, 400, &e),
+        };
+        let Some(txn) = (0..4).find_map(|_| TxnId::from_bytes(h.random_id())) else {
+            return self.reject(h, ctx, 500, "cannot mint a transaction id");
+        };
+        match self
+            .table
+            .insert(h, Entry::new(txn, deadline, Role::Root), now)
+        {
+            Ok(()) => {}
+            Err(TableError::Full | TableError::BucketFull) => {
+                let msg = format!(
+                    "transaction table full: {} transactions in flight in this sidecar (max_in_flight); retry later",
+                    self.table.capacity()
+                );
+                return self.reject(h, ctx, 503, &msg);
+            }
+            Err(e) => return self.reject(h, ctx, 503, &format!("cannot begin a transaction: {e}")),
+        }
+        self.gauge_in_flight(h, 1);
+        h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
+        h.set_request_header(id::DEADLINE_HEADER, Some(&deadline.to_string()));
+        let trace = h
+            .request_header("traceparent")
+            .as_deref()
+            .and_then(id::trace_id);
+        (
+            Stream::Root {
+                txn,
+                deadline_ms: deadline,
+                started_ms: now,
+                trace,
+            },
+            Verdict::Continue,
+        )
+    }
+
+    fn outbound(
+        &mut self,
+        h: &impl TxnHost,
+        ctx: u32,
+        path: &[u8],
+        txn: Result<TxnHeader, String>,
+    ) -> (Stream, Verdict) {
+        let txn = match txn {
+            Ok(TxnHeader::Absent) => return (Stream::Pass, Verdict::Continue),
+            Ok(TxnHeader::New) => {
+                return self.reject(
+                    h,
+                    ctx,
+                    400,
+                    "x-txmesh-txn: new is only accepted by the initiator's inbound sidecar",
+                )
+            }
+            Ok(TxnHeader::Id(t)) => t,
+            Err(e) => return self.reject(h, ctx, 400, &e),
+        };
+        if path.starts_with(b"/txmesh/") {
+            // An app talking to control endpoints (e.g. asking for a status)
+            // enlists nobody.
+            return (Stream::Pass, Verdict::Continue);
+        }
+        let Some(cluster) = h
+            .property(&["xds", "cluster_name"])
+            .and_then(|c| String::from_utf8(c).ok())
+            .filter(|c| super::config::is_cluster_name(c))
+        else {
+            // No route: Envoy answers 404 itself; nothing to enlist.
+            return (Stream::Pass, Verdict::Continue);
+        };
+        let now = h.now_ms();
+        let deadline = match self.deadline_from(h, now) {
+            Ok(d) => d,
+            Err(e) => return self.reject(h, ctx, 400, &e),
+        };
+        let fresh = Entry::new(txn, deadline, Role::Sub);
+        match self
+            .table
+            .enlist(h, fresh, &cluster, self.cfg.max_participants as usize, now)
+        {
+            Ok(entry) => {
+                h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
+                h.set_request_header(id::DEADLINE_HEADER, Some(&entry.deadline_ms.to_string()));
+                (Stream::Pass, Verdict::Continue)
+            }
+            Err(TableError::Rejected(msg)) => self.reject(h, ctx, 409, &msg),
+            Err(TableError::Full | TableError::BucketFull) => {
+                let msg = format!(
+                    "transaction table full: {} transactions in flight in this sidecar (max_in_flight); retry later",
+                    self.table.capacity()
+                );
+                self.reject(h, ctx, 503, &msg)
+            }
+            Err(e) => self.reject(h, ctx, 503, &format!("cannot enlist {cluster}: {e}")),
+        }
+    }
+
+    fn control(
+        &mut self,
+        h: &impl TxnHost,
+        ctx: u32,
+        path: &[u8],
+        txn: TxnHeader,
+    ) -> (Stream, Verdict) {
+        let method = h.request_header(":method").unwrap_or_default();
+        let path_only = path.split(|&b| b == b'?').next().unwrap_or(path);
+        if let Some(id_part) = path_only.strip_prefix(STATUS_PREFIX.as_bytes()) {
+            if method != b"GET" {
+                return self.reject(h, ctx, 405, "use GET for /txmesh/txns/<id>");
+            }
+            return match TxnId::parse(id_part) {
+                Ok(t) => self.status(h, ctx, t),
+                Err(e) => self.reject(h, ctx, 400, &e),
+            };
+        }
+        let kind = match path_only {
+            b"/txmesh/prepare" => None,
+            b"/txmesh/commit" => Some(Outcome::Committed),
+            b"/txmesh/abort" => Some(Outcome::Aborted),
+            _ => return self.reject(h, ctx, 404, "unknown txmesh endpoint"),
+        };
+        if method != b"POST" {
+            return self.reject(h, ctx, 405, "txmesh control endpoints take POST");
+        }
+        let txn = match txn {
+            TxnHeader::Id(t) => t,
+            _ => {
+                return self.reject(
+                    h,
+                    ctx,
+                    400,
+                    "a control request needs x-txmesh-txn with a transaction id",
+                )
+            }
+        };
+        let entry = self.table.get(h, &txn);
+        let sub = entry
+            .as_ref()
+            .filter(|e| e.role == Role::Sub && !e.participants.is_empty());
+        match (kind, sub) {
+            (None, Some(e)) => {
+                let e = e.clone();
+                self.sub_prepare(h, ctx, e)
+            }
+            (Some(outcome), Some(e)) => {
+                let e = e.clone();
+                self.sub_finish(h, ctx, e, outcome)
+            }
+            (Some(_), None) => {
+                h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
+                (Stream::LeafFinish { txn }, Verdict::Continue)
+            }
+            (None, None) => {
+                h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
+                (Stream::Pass, Verdict::Continue)
+            }
+        }
+    }
+
+    // ----- status ----------------------------------------------------------
+
+    fn status(&mut self, h: &impl TxnHost, ctx: u32, txn: TxnId) -> (Stream, Verdict) {
+        let local = self
+            .table
+            .get(h, &txn)
+            .map(|e| match e.phase {
+                Phase::Active | Phase::Preparing => "active",
+                Phase::Committed => "committed",
+                Phase::Aborted => "aborted",
+            })
+            .or_else(|| self.recent(h, &txn).map(Outcome::as_str));
+        if let Some(outcome) = local {
+            Self::status_reply(h, ctx, &txn, outcome);
+            return (Stream::Pass, Verdict::Pause);
+        }
+        let now = h.now_ms();
+        let call = Callout {
+            cluster: self.cfg.etcd_cluster.clone(),
+            method: "POST",
+            path: "/v3/kv/range".to_string(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: etcd::range_body(&etcd::decision_key(&txn)).into_bytes(),
+            timeout_ms: self.cfg.etcd_timeout_ms,
+        };
+        match h.dispatch(&call) {
+            Ok(token) => {
+                self.calls.insert(token, Call::Op { ctx, target: None });
+                self.ops.insert(
+                    ctx,
+                    Op {
+                        kind: OpKind::Status,
+                        ctx,
+                        txn,
+                        deadline_ms: now + self.cfg.etcd_timeout_ms,
+                        started_ms: now,
+                        trace: None,
+                        targets: Vec::new(),
+                        stage: Stage::StatusRead,
+                        stage_deadline_ms: now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+                        voted_ms: None,
+                    },
+                );
+                (Stream::Owned, Verdict::Pause)
+            }
+            Err(e) => self.reject(h, ctx, 503, &format!("etcd unreachable: {e}")),
+        }
+    }
+
+    fn status_reply(h: &impl TxnHost, ctx: u32, txn: &TxnId, outcome: &str) {
+        let body = json!({"txn": txn.to_string(), "outcome": outcome}).to_string();
+        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
+    }
+
+    fn recent_key(txn: &TxnId) -> String {
+        format!("txmesh.txn.r.{}", txn.hashes().0 % RECENT_SLOTS)
+    }
+
+    fn remember(h: &impl TxnHost, txn: &TxnId, outcome: Outcome) {
+        let v = format!("{txn} {}", outcome.as_str());
+        let _ = h.shared_set(&Self::recent_key(txn), v.as_bytes(), None);
+    }
+
+    fn recent(&self, h: &impl TxnHost, txn: &TxnId) -> Option<Outcome> {
+        let v = h.shared_get(&Self::recent_key(txn)).0?;
+        let s = std::str::from_utf8(&v).ok()?;
+        let (id, outcome) = s.split_once(' ')?;
+        (id == txn.to_string()).then(|| Outcome::parse(outcome))?
+    }
+
+    // ----- response headers ------------------------------------------------
+
+    pub fn on_response_headers(&mut self, h: &impl TxnHost, ctx: u32, stream: &Stream) -> Verdict {
+        match stream {
+            Stream::Root {
+                txn,
+                deadline_ms,
+                started_ms,
+                trace,
+            } => self.root_respond(h, ctx, *txn, *deadline_ms, *started_ms, trace.clone()),
+            Stream::LeafFinish { txn } => {
+                let status = h
+                    .response_header(":status")
+                    .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+                if is_2xx(status) {
+                    if let Some(e) = self.table.get(h, txn) {
+                        if e.role == Role::Participant {
+                            self.table.remove(h, txn);
+                        }
+                    }
+                }
+                Verdict::Continue
+            }
+            Stream::Pass | Stream::Owned => Verdict::Continue,
+        }
+    }
+
+    fn root_respond(
+        &mut self,
+        h: &impl TxnHost,
+        ctx: u32,
+        txn: TxnId,
+        deadline_ms: u64,
+        started_ms: u64,
+        trace: Option<String>,
+    ) -> Verdict {
+        let now = h.now_ms();
+        let status: Option<u16> = h
+            .response_header(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+        // Freeze the participant set: later enlistments are refused.
+        let entry = self.table.update(h, &txn, |e| {
+            e.phase = Phase::Preparing;
+            Ok(())
+        });
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                h.log(
+                    LogLevel::Error,
+                    &format!("txn {txn}: table entry lost before prepare ({e}); aborting"),
+                );
+                Entry::new(txn, deadline_ms, Role::Root)
+            }
+        };
+        let mut targets: Vec<Target> = entry
+            .participants
+            .iter()
+            .map(|(c, _)| Target {
+                name: c.clone(),
+                cluster: c.clone(),
+                vote: None,
+                token: None,
+            })
+            .collect();
+        targets.push(Target {
+            name: self.node.clone(),
+            cluster: self.cfg.app_cluster.clone(),
+            vote: None,
+            token: None,
+        });
+        let mut op = Op {
+            kind: OpKind::RootPrepare,
+            ctx,
+            txn,
+            deadline_ms,
+            started_ms,
+            trace,
+            targets,
+            stage: Stage::Voting,
+            stage_deadline_ms: deadline_ms,
+            voted_ms: None,
+        };
+        if !is_2xx(status) {
+            let why = match status {
+                Some(s) => format!("the app answered {s}"),
+                None => "the app gave no status".to_string(),
+            };
+            // Nobody was asked to prepare: abort everyone, write nothing
+            // (presumed abort).
+            let participant = self.node.clone();
+            self.root_abort(
+                h,
+                &mut op,
+                reason::APP_ERROR,
+                &why,
+                &participant,
+                Record::Done,
+            );
+            return Verdict::Pause;
+        }
+        if now >= deadline_ms {
+            let participant = self.node.clone();
+            self.root_abort(
+                h,
+                &mut op,
+                reason::TIMEOUT,
+                "the deadline passed before the app answered",
+                &participant,
+                Record::Done,
+            );
+            return Verdict::Pause;
+        }
+        self.dispatch_votes(h, &mut op, now);
+        self.ops.insert(ctx, op);
+        self.evaluate(h, ctx);
+        Verdict::Pause
+    }
+
+    fn control_call(
+        cluster: &str,
+        path: &str,
+        txn: &TxnId,
+        deadline_ms: u64,
+        timeout_ms: u64,
+    ) -> Callout {
+        Callout {
+            cluster: cluster.to_string(),
+            method: "POST",
+            path: path.to_string(),
+            headers: vec![
+                (id::TXN_HEADER.to_string(), txn.to_string()),
+                (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
+                ("content-type".to_string(), "application/json".to_string()),
+            ],
+            body: Vec::new(),
+            timeout_ms: timeout_ms.max(1),
+        }
+    }
+
+    fn dispatch_votes(&mut self, h: &impl TxnHost, op: &mut Op, now: u64) {
+        let timeout = op.deadline_ms.saturating_sub(now);
+        for (i, t) in op.targets.iter_mut().enumerate() {
+            let call =
+                Self::control_call(&t.cluster, PREPARE_PATH, &op.txn, op.deadline_ms, timeout);
+            match h.dispatch(&call) {
+                Ok(token) => {
+                    t.token = Some(token);
+                    self.calls.insert(
+                        token,
+                        Call::Op {
+                            ctx: op.ctx,
+                            target: Some(i),
+                        },
+                    );
+                }
+                Err(e) => {
+                    t.vote = Some(Vote::Abort {
+                        reason: format!("prepare could not be sent: {e}"),
+                        participant: t.name.clone(),
+                    })
+                }
+            }
+        }
+    }
+
+    // ----- sub-coordinator -------------------------------------------------
+
+    fn sub_prepare(&mut self, h: &impl TxnHost, ctx: u32, entry: Entry) -> (Stream, Verdict) {
+        let now = h.now_ms();
+        let app = self.cfg.app_cluster.clone();
+        let updated = self.table.update(h, &entry.txn, |e| {
+            e.phase = Phase::Preparing;
+            if !e.participants.iter().any(|(c, _)| *c == app) {
+                e.participants.push((app.clone(), Mark::Unknown));
+            }
+            Ok(())
+        });
+        let entry = updated.unwrap_or(entry);
+        let targets = entry
+            .participants
+            .iter()
+            .map(|(c, _)| Target {
+                name: if *c == app {
+                    self.node.clone()
+                } else {
+                    c.clone()
+                },
+                cluster: c.clone(),
+                vote: None,
+                token: None,
+            })
+            .collect();
+        let mut op = Op {
+            kind: OpKind::SubPrepare,
+            ctx,
+            txn: entry.txn,
+            deadline_ms: entry.deadline_ms,
+            started_ms: now,
+            trace: None,
+            targets,
+            stage: Stage::Voting,
+            stage_deadline_ms: entry.deadline_ms,
+            voted_ms: None,
+        };
+        self.dispatch_votes(h, &mut op, now);
+        self.ops.insert(ctx, op);
+        self.evaluate(h, ctx);
+        (Stream::Owned, Verdict::Pause)
+    }
+
+    fn sub_finish(
+        &mut self,
+        h: &impl TxnHost,
+        ctx: u32,
+        entry: Entry,
+        outcome: Outcome,
+    ) -> (Stream, Verdict) {
+        let now = h.now_ms();
+        let app = self.cfg.app_cluster.clone();
+        let _ = self.table.update(h, &entry.txn, |e| {
+            e.phase = match outcome {
+                Outcome::Committed => Phase::Committed,
+                Outcome::Aborted => Phase::Aborted,
+            };
+            Ok(())
+        });
+        let mut marks = entry.participants.clone();
+        if !marks.iter().any(|(c, _)| *c == app) {
+            marks.push((app.clone(), Mark::Unknown));
+        }
+        let path = match outcome {
+            Outcome::Committed => COMMIT_PATH,
+            Outcome::Aborted => ABORT_PATH,
+        };
+        let mut op = Op {
+            kind: OpKind::SubFinish(outcome),
+            ctx,
+            txn: entry.txn,
+            deadline_ms: now + self.cfg.control_timeout_ms,
+            started_ms: now,
+            trace: None,
+            targets: Vec::new(),
+            stage: Stage::Finishing,
+            stage_deadline_ms: now + self.cfg.control_timeout_ms + TICK_SLACK_MS,
+            voted_ms: None,
+        };
+        for (cluster, mark) in marks {
+            let wanted = match outcome {
+                Outcome::Committed => mark != Mark::ReadOnly && mark != Mark::Abort,
+                Outcome::Aborted => mark != Mark::ReadOnly,
+            };
+            if !wanted {
+                continue;
+            }
+            let name = if cluster == app {
+                self.node.clone()
+            } else {
+                cluster.clone()
+            };
+            let call = Self::control_call(
+                &cluster,
+                path,
+                &entry.txn,
+                entry.deadline_ms,
+                self.cfg.control_timeout_ms,
+            );
+            let idx = op.targets.len();
+            let mut t = Target {
+                name,
+                cluster,
+                vote: None,
+                token: None,
+            };
+            match h.dispatch(&call) {
+                Ok(token) => {
+                    t.token = Some(token);
+                    self.calls.insert(
+                        token,
+                        Call::Op {
+                            ctx,
+                            target: Some(idx),
+                        },
+                    );
+                }
+                Err(e) => {
+                    t.vote = Some(Vote::Abort {
+                        reason: format!("not sent: {e}"),
+                        participant: t.name.clone(),
+                    })
+                }
+            }
+            op.targets.push(t);
+        }
+        self.ops.insert(ctx, op);
+        self.evaluate(h, ctx);
+        (Stream::Owned, Verdict::Pause)
+    }
+
+    // ----- callouts --------------------------------------------------------
+
+    pub fn on_callout(&mut self, h: &impl TxnHost, token: u32, resp: CalloutResponse) {
+        let Some(call) = self.calls.remove(&token) else {
+            return; // answered after its op ended: ignore
+        };
+        match call {
+            Call::Op { ctx, target } => self.op_answer(h, ctx, target, resp),
+            Call::JobTarget { txn, idx } => self.job_target_answer(h, txn, idx, resp),
+            Call::JobRecord { txn } => self.job_record_answer(h, txn, resp),
+        }
+    }
+
+    fn op_answer(
+        &mut self,
+        h: &impl TxnHost,
+        ctx: u32,
+        target: Option<usize>,
+        resp: CalloutResponse,
+    ) {
+        let Some(op) = self.ops.get_mut(&ctx) else {
+            return;
+        };
+        let stage = op.stage.clone();
+        match (&stage, target) {
+            (Stage::Voting, Some(i)) => {
+                if let Some(t) = op.targets.get_mut(i) {
+                    t.token = None;
+                    let vote = parse_vote(&resp, &t.name);
+                    t.vote = Some(vote.clone());
+                    if op.kind == OpKind::SubPrepare {
+                        let mark = match vote {
+                            Vote::Commit => Mark::Commit,
+                            Vote::ReadOnly => Mark::ReadOnly,
+                            Vote::Abort { .. } => Mark::Abort,
+                        };
+                        let cluster = t.cluster.clone();
+                        let txn = op.txn;
+                        let _ = self.table.update(h, &txn, |e| {
+                            if let Some(p) = e.participants.iter_mut().find(|(c, _)| *c == cluster)
+                            {
+                                p.1 = mark;
+                            }
+                            Ok(())
+                        });
+                    }
+                }
+                self.evaluate(h, ctx);
+            }
+            (Stage::Finishing, Some(i)) => {
+                if let Some(t) = op.targets.get_mut(i) {
+                    t.token = None;
+                    t.vote = Some(if is_2xx(resp.status) {
+                        Vote::Commit
+                    } else {
+                        Vote::Abort {
+                            reason: match resp.status {
+                                Some(s) => format!("answered {s}"),
+                                None => "no answer".to_string(),
+                            },
+                            participant: t.name.clone(),
+                        }
+                    });
+                }
+                self.evaluate(h, ctx);
+            }
+            (Stage::OnePhase, Some(_)) => {
+                if is_2xx(resp.status) {
+                    self.root_committed(h, ctx, false);
+                } else {
+                    // The commit may or may not have landed: make the decision
+                    // durable and let phase 2 retry it.
+                    self.write_record(h, ctx, Outcome::Committed);
+                }
+            }
+            (Stage::WriteCommit, None) => self.commit_record_answer(h, ctx, resp),
+            (Stage::WriteAbort { .. }, None) => self.abort_record_answer(h, ctx, resp),
+            (Stage::StatusRead, None) => {
+                let outcome = match (resp.status, etcd::parse_range_response(&resp.body)) {
+                    (Some(200), Ok(Some(v))) => {
+                        Ok(etcd::outcome_of(&v).map_or("unknown", Outcome::as_str))
+                    }
+                    (Some(200), Ok(None)) => Ok("unknown"),
+                    (Some(200), Err(e)) => Err(e),
+                    (s, _) => Err(format!("etcd answered {s:?}")),
+                };
+                let op_txn = op.txn;
+                self.ops.remove(&ctx);
+                match outcome {
+                    Ok(o) => Self::status_reply(h, ctx, &op_txn, o),
+                    Err(e) => h.send_reply(
+                        ctx,
+                        503,
+                        &[JSON],
+                        &json_error(&format!("etcd unreachable: {e}")),
+                    ),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Decides what an op can decide now.
+    fn evaluate(&mut self, h: &impl TxnHost, ctx: u32) {
+        let Some(op) = self.ops.get(&ctx) else {
+            return;
+        };
+        match (op.kind, &op.stage) {
+            (OpKind::RootPrepare, Stage::Voting) => {
+                if let Some(Vote::Abort {
+                    reason: why,
+                    participant,
+                }) = op.targets.iter().find_map(|t| match &t.vote {
+                    Some(v @ Vote::Abort { .. }) => Some(v.clone()),
+                    _ => None,
+                }) {
+                    let r = if why.contains("deadline") {
+                        reason::TIMEOUT
+                    } else {
+                        reason::VOTE_ABORT
+                    };
+                    let Some(mut op) = self.ops.remove(&ctx) else {
+                        return;
+                    };
+                    self.forget_calls(ctx);
+                    self.root_abort(h, &mut op, r, &why, &participant, Record::WriteAbort);
+                    return;
+                }
+                if op.targets.iter().any(|t| t.vote.is_none()) {
+                    return;
+                }
+                let commits = op
+                    .targets
+                    .iter()
+                    .filter(|t| t.vote == Some(Vote::Commit))
+                    .count();
+                let n_targets = op.targets.len();
+                let now = h.now_ms();
+                if let Some(op) = self.ops.get_mut(&ctx) {
+                    op.voted_ms = Some(now);
+                }
+                if commits == 0 {
+                    // Everyone read-only: committed, nothing to do in phase 2.
+                    self.root_committed(h, ctx, false);
+                } else if n_targets == 1 {
+                    self.one_phase(h, ctx);
+                } else {
+                    self.write_record(h, ctx, Outcome::Committed);
+                }
+            }
+            (OpKind::SubPrepare, Stage::Voting) => {
+                let abort = op.targets.iter().find_map(|t| match &t.vote {
+                    Some(Vote::Abort {
+                        reason,
+                        participant,
+                    }) => Some((reason.clone(), participant.clone())),
+                    _ => None,
+                });
+                let body = if let Some((why, participant)) = abort {
+                    json!({"vote": "abort", "reason": why, "participant": participant})
+                } else if op.targets.iter().any(|t| t.vote.is_none()) {
+                    return;
+                } else if op.targets.iter().any(|t| t.vote == Some(Vote::Commit)) {
+                    json!({"vote": "commit"})
+                } else {
+                    json!({"vote": "readonly"})
+                };
+                self.ops.remove(&ctx);
+                self.forget_calls(ctx);
+                h.send_reply(ctx, 200, &[JSON], body.to_string().as_bytes());
+            }
+            (OpKind::SubFinish(_), Stage::Finishing) => {
+                if op.targets.iter().any(|t| t.vote.is_none()) {
+                    return;
+                }
+                let failed: Vec<String> = op
+                    .targets
+                    .iter()
+                    .filter_map(|t| match &t.vote {
+                        Some(Vote::Abort {
+                            reason,
+                            participant,
+                        }) => Some(format!("{participant} ({reason})")),
+                        _ => None,
+                    })
+                    .collect();
+                let txn = op.txn;
+                self.ops.remove(&ctx);
+                if failed.is_empty() {
+                    self.table.remove(h, &txn);
+                    h.send_reply(ctx, 200, &[JSON], br#"{"acknowledged":true}"#);
+                } else {
+                    let msg = format!("not acknowledged by {}", failed.join(", "));
+                    h.send_reply(ctx, 503, &[JSON], &json_error(&msg));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forget_calls(&mut self, ctx: u32) {
+        self.calls
+            .retain(|_, c| !matches!(c, Call::Op { ctx: c_ctx, .. } if *c_ctx == ctx));
+    }
+
+    fn one_phase(&mut self, h: &impl TxnHost, ctx: u32) {
+        let Some(op) = self.ops.get_mut(&ctx) else {
+            return;
+        };
+        let Some(t) = op.targets.first() else { return };
+        let now = h.now_ms();
+        let call = Self::control_call(
+            &t.cluster,
+            COMMIT_PATH,
+            &op.txn,
+            op.deadline_ms,
+            self.cfg.control_timeout_ms,
+        );
+        match h.dispatch(&call) {
+            Ok(token) => {
+                op.stage = Stage::OnePhase;
+                op.stage_deadline_ms = now + self.cfg.control_timeout_ms + TICK_SLACK_MS;
+                self.calls.insert(
+                    token,
+                    Call::Op {
+                        ctx,
+                        target: Some(0),
+                    },
+                );
+            }
+            Err(_) => self.write_record(h, ctx, Outcome::Committed),
+        }
+    }
+
+    fn decision(&self, op: &Op, outcome: Outcome, why: &str) -> Decision {
+        Decision {
+            txn: op.txn,
+            outcome,
+            participants: op.targets.iter().map(|t| t.name.clone()).collect(),
+            coordinator: self.node.clone(),
+            time_ms: 0,
+            reason: why.to_string(),
+        }
+    }
+
+    fn record_call(cfg: &TxnConfig, d: &Decision) -> Callout {
+        Callout {
+            cluster: cfg.etcd_cluster.clone(),
+            method: "POST",
+            path: "/v3/kv/txn".to_string(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: etcd::cas_create_body(&etcd::decision_key(&d.txn), &d.to_json()).into_bytes(),
+            timeout_ms: cfg.etcd_timeout_ms,
+        }
+    }
+
+    /// Writes the commit record (first write wins) before any commit is sent.
+    fn write_record(&mut self, h: &impl TxnHost, ctx: u32, outcome: Outcome) {
+        let Some(op) = self.ops.get(&ctx) else { return };
+        let now = h.now_ms();
+        let mut d = self.decision(op, outcome, reason::OK);
+        d.time_ms = now;
+        let call = Self::record_call(&self.cfg, &d);
+        match h.dispatch(&call) {
+            Ok(token) => {
+                self.calls.insert(token, Call::Op { ctx, target: None });
+                if let Some(op) = self.ops.get_mut(&ctx) {
+                    op.stage = Stage::WriteCommit;
+                    op.stage_deadline_ms = now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS;
+                }
+            }
+            Err(e) => {
+                let resp = CalloutResponse {
+                    status: Some(503),
+                    body: format!("no healthy upstream: {e}").into_bytes(),
+                };
+                self.commit_record_answer(h, ctx, resp);
+            }
+        }
+    }
+
+    fn commit_record_answer(&mut self, h: &impl TxnHost, ctx: u32, resp: CalloutResponse) {
+        let result = if resp.status == Some(200) {
+            etcd::parse_cas_response(&resp.body)
+        } else {
+            Err(format!(
+                "etcd answered {}: {}",
+                resp.status.map_or("nothing".to_string(), |s| s.to_string()),
+                String::from_utf8_lossy(resp.body.get(..120).unwrap_or(&resp.body))
+            ))
+        };
+        match result {
+            Ok(CasResult::Created) => self.root_committed(h, ctx, true),
+            Ok(CasResult::Exists(v)) => self.obey(h, ctx, &v),
+            Err(error) => {
+                // Learn the truth with an abort record: it wins if ours never landed.
+                let maybe_applied = !certainly_not_sent(&resp);
+                let Some(op) = self.ops.get(&ctx) else { return };
+                let now = h.now_ms();
+                let mut d = self.decision(op, Outcome::Aborted, reason::ETCD_UNAVAILABLE);
+                d.time_ms = now;
+                let call = Self::record_call(&self.cfg, &d);
+                match h.dispatch(&call) {
+                    Ok(token) => {
+                        self.calls.insert(token, Call::Op { ctx, target: None });
+                        if let Some(op) = self.ops.get_mut(&ctx) {
+                            op.stage = Stage::WriteAbort {
+                                maybe_applied,
+                                error,
+                            };
+                            op.stage_deadline_ms = now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS;
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(op) = self.ops.get_mut(&ctx) {
+                            op.stage = Stage::WriteAbort {
+                                maybe_applied,
+                                error: format!("{error}; {e}"),
+                            };
+                        }
+                        self.abort_record_answer(h, ctx, CalloutResponse::default());
+                    }
+                }
+            }
+        }
+    }
+
+    fn abort_record_answer(&mut self, h: &impl TxnHost, ctx: u32, resp: CalloutResponse) {
+        let Some(op) = self.ops.get(&ctx) else { return };
+        let Stage::WriteAbort {
+            maybe_applied,
+            error,
+        } = op.stage.clone()
+        else {
+            return;
+        };
+        let result = if resp.status == Some(200) {
+            etcd::parse_cas_response(&resp.body)
+        } else {
+            Err(format!("etcd answered {:?}", resp.status))
+        };
+        let Some(mut op) = self.ops.remove(&ctx) else {
+            return;
+        };
+        self.forget_calls(ctx);
+        let me = self.node.clone();
+        match result {
+            Ok(CasResult::Created) => {
+                let why = format!("the commit record could not be written ({error})");
+                self.root_abort(
+                    h,
+                    &mut op,
+                    reason::ETCD_UNAVAILABLE,
+                    &why,
+                    &me,
+                    Record::Done,
+                );
+            }
+            Ok(CasResult::Exists(v)) => {
+                self.ops.insert(ctx, op);
+                self.obey(h, ctx, &v);
+            }
+            Err(_) if !maybe_applied => {
+                // Nothing reached etcd: presumed abort is safe. The abort
+                // record is written later, from the tick, once etcd is back.
+                let why = format!("etcd unavailable, no decision could be recorded ({error})");
+                self.root_abort(
+                    h,
+                    &mut op,
+                    reason::ETCD_UNAVAILABLE,
+                    &why,
+                    &me,
+                    Record::WriteAbort,
+                );
+            }
+            Err(e) => {
+                // The commit record may have landed: the outcome is unknown
+                // until etcd answers. Tell the client so, and resolve from the tick.
+                let msg = format!(
+                    "transaction outcome unknown: etcd did not confirm the decision ({error}; {e}); it will be resolved when etcd is reachable"
+                );
+                h.log(LogLevel::Error, &format!("txn {} in doubt: {msg}", op.txn));
+                let body = json!({"txn": op.txn.to_string(), "outcome": "unknown", "error": msg});
+                h.send_reply(op.ctx, 503, &[JSON], body.to_string().as_bytes());
+                self.gauge(h, "txmesh_txn_in_doubt", 1);
+                self.gauge_in_flight(h, -1);
+                self.count_txn(h, "unknown", reason::UNKNOWN);
+                self.start_job(h, &op, None, Record::Resolve, reason::UNKNOWN);
+            }
+        }
+    }
+
+    /// Obeys a decision found in etcd.
+    fn obey(&mut self, h: &impl TxnHost, ctx: u32, value: &[u8]) {
+        match etcd::outcome_of(value) {
+            Some(Outcome::Committed) => self.root_committed(h, ctx, true),
+            _ => {
+                let Some(mut op) = self.ops.remove(&ctx) else {
+                    return;
+                };
+                self.forget_calls(ctx);
+                let me = self.node.clone();
+                self.root_abort(
+                    h,
+                    &mut op,
+                    reason::DECIDED_ELSEWHERE,
+                    "an abort decision was already recorded in etcd (in-doubt resolution)",
+                    &me,
+                    Record::Done,
+                );
+            }
+        }
+    }
+
+    fn root_committed(&mut self, h: &impl TxnHost, ctx: u32, phase2: bool) {
+        let Some(op) = self.ops.remove(&ctx) else {
+            return;
+        };
+        self.forget_calls(ctx);
+        let now = h.now_ms();
+        let _ = self.table.update(h, &op.txn, |e| {
+            e.phase = Phase::Committed;
+            Ok(())
+        });
+        h.resume_response(op.ctx, &[(id::OUTCOME_HEADER, "committed")]);
+        self.finish_metrics(h, &op, Outcome::Committed, reason::OK, now);
+        self.log_decision(h, &op, Outcome::Committed, reason::OK, "", "", now);
+        Self::remember(h, &op.txn, Outcome::Committed);
+        if phase2 {
+            self.start_job(h, &op, Some(Outcome::Committed), Record::Done, reason::OK);
+        } else {
+            self.table.remove(h, &op.txn);
+        }
+    }
+
+    fn root_abort(
+        &mut self,
+        h: &impl TxnHost,
+        op: &mut Op,
+        r: &'static str,
+        why: &str,
+        participant: &str,
+        record: Record,
+    ) {
+        let now = h.now_ms();
+        let _ = self.table.update(h, &op.txn, |e| {
+            e.phase = Phase::Aborted;
+            Ok(())
+        });
+        let body = json!({
+            "txn": op.txn.to_string(),
+            "outcome": "aborted",
+            "reason": why,
+            "participant": participant,
+        });
+        h.send_reply(
+            op.ctx,
+            409,
+            &[JSON, (id::OUTCOME_HEADER, "aborted")],
+            body.to_string().as_bytes(),
+        );
+        self.finish_metrics(h, op, Outcome::Aborted, r, now);
+        self.log_decision(h, op, Outcome::Aborted, r, why, participant, now);
+        Self::remember(h, &op.txn, Outcome::Aborted);
+        // An abort record matters only if someone may hold a prepared state.
+        let someone_prepared = op
+            .targets
+            .iter()
+            .any(|t| t.vote == Some(Vote::Commit) || (t.vote.is_none() && t.token.is_some()));
+        let record = if record == Record::WriteAbort && !someone_prepared {
+            Record::Done
+        } else {
+            record
+        };
+        self.start_job(h, op, Some(Outcome::Aborted), record, r);
+    }
+
+    fn finish_metrics(
+        &mut self,
+        h: &impl TxnHost,
+        op: &Op,
+        outcome: Outcome,
+        r: &'static str,
+        now: u64,
+    ) {
+        if op.kind != OpKind::RootPrepare {
+            return;
+        }
+        self.count_txn(h, outcome.as_str(), r);
+        self.gauge_in_flight(h, -1);
+        let o = outcome.as_str();
+        let id = match self.metrics.duration.get(o) {
+            Some(id) => Some(*id),
+            None => {
+                let name = encode(&[("outcome", o)], "txmesh_txn_duration_milliseconds");
+                let id = h.define_metric(MetricKind::Histogram, &name).ok();
+                if let Some(id) = id {
+                    self.metrics.duration.insert(o, id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            let _ = h.record_metric(id, now.saturating_sub(op.started_ms));
+        }
+        if self.metrics.participants.is_none() {
+            self.metrics.participants = h
+                .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
+                .ok();
+        }
+        if let Some(id) = self.metrics.participants {
+            let _ = h.record_metric(id, op.targets.len() as u64);
+        }
+    }
+
+    fn count_txn(&mut self, h: &impl TxnHost, outcome: &str, r: &'static str) {
+        let o: &'static str = match outcome {
+            "committed" => "committed",
+            "aborted" => "aborted",
+            _ => "unknown",
+        };
+        let id = match self.metrics.total.get(&(o, r)) {
+            Some(id) => Some(*id),
+            None => {
+                let name = encode(&[("outcome", o), ("reason", r)], "txmesh_txn_total");
+                let id = h.define_metric(MetricKind::Counter, &name).ok();
+                if let Some(id) = id {
+                    self.metrics.total.insert((o, r), id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            let _ = h.increment_metric(id, 1);
+        }
+    }
+
+    fn gauge_in_flight(&mut self, h: &impl TxnHost, delta: i64) {
+        if self.metrics.in_flight.is_none() {
+            self.metrics.in_flight = h
+                .define_metric(MetricKind::Gauge, "txmesh_txn_in_flight")
+                .ok();
+        }
+        if let Some(id) = self.metrics.in_flight {
+            let _ = h.increment_metric(id, delta);
+        }
+    }
+
+    fn gauge(&mut self, h: &impl TxnHost, name: &'static str, delta: i64) {
+        let slot = match name {
+            "txmesh_txn_in_doubt" => &mut self.metrics.in_doubt,
+            _ => &mut self.metrics.abandoned,
+        };
+        if slot.is_none() {
+            let kind = if name.ends_with("_total") {
+                MetricKind::Counter
+            } else {
+                MetricKind::Gauge
+            };
+            *slot = h.define_metric(kind, name).ok();
+        }
+        if let Some(id) = *slot {
+            let _ = h.increment_metric(id, delta);
+        }
+    }
+
+    /// Defines the transaction metrics up front so they show (at zero) from the start.
+    pub fn define_metrics(&mut self, h: &impl TxnHost) {
+        self.gauge_in_flight(h, 0);
+        self.gauge(h, "txmesh_txn_in_doubt", 0);
+        self.gauge(h, "txmesh_txn_phase2_abandoned_total", 0);
+        if self.metrics.participants.is_none() {
+            self.metrics.participants = h
+                .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
+                .ok();
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log_decision(
+        &self,
+        h: &impl TxnHost,
+        op: &Op,
+        outcome: Outcome,
+        r: &str,
+        why: &str,
+        participant: &str,
+        now: u64,
+    ) {
+        if op.kind != OpKind::RootPrepare {
+            return;
+        }
+        let votes: Vec<String> = op
+            .targets
+            .iter()
+            .map(|t| {
+                let v = match &t.vote {
+                    Some(Vote::Commit) => "commit",
+                    Some(Vote::ReadOnly) => "readonly",
+                    Some(Vote::Abort { .. }) => "abort",
+                    None if t.token.is_some() => "pending",
+                    None => "none",
+                };
+                format!("{}:{v}", t.name)
+            })
+            .collect();
+        let prepare_ms = op.voted_ms.map_or("-".to_string(), |v| {
+            v.saturating_sub(op.started_ms).to_string()
+        });
+        let decide_ms = op
+            .voted_ms
+            .map_or("-".to_string(), |v| now.saturating_sub(v).to_string());
+        let mut line = format!(
+            "txn {} {} reason={r} trace={} participants={} prepare_ms={prepare_ms} decide_ms={decide_ms} total_ms={}",
+            op.txn,
+            outcome.as_str(),
+            op.trace.as_deref().unwrap_or("-"),
+            votes.join(","),
+            now.saturating_sub(op.started_ms),
+        );
+        if !why.is_empty() {
+            line.push_str(&format!(" why=\"{why}\" by={participant}"));
+        }
+        h.log(LogLevel::Info, &line);
+    }
+
+    // ----- phase-2 jobs ----------------------------------------------------
+
+    fn start_job(
+        &mut self,
+        h: &impl TxnHost,
+        op: &Op,
+        outcome: Option<Outcome>,
+        record: Record,
+        r: &str,
+    ) {
+        let now = h.now_ms();
+        let targets: Vec<JobTarget> = op
+            .targets
+            .iter()
+            .map(|t| JobTarget {
+                name: t.name.clone(),
+                cluster: t.cluster.clone(),
+                vote: t.vote.clone(),
+                acked: false,
+                inflight: false,
+                attempts: 0,
+                next_ms: now,
+            })
+            .collect();
+        let job = Job {
+            outcome,
+            record,
+            record_inflight: false,
+            record_attempts: 0,
+            record_next_ms: now,
+            targets,
+            deadline_ms: op.deadline_ms,
+            give_up_ms: now.saturating_add(self.cfg.phase2_give_up_ms),
+            reason: r.to_string(),
+        };
+        self.jobs.insert(op.txn, job);
+    }
+
+    fn wants(outcome: Outcome, vote: &Option<Vote>) -> bool {
+        match outcome {
+            Outcome::Committed => *vote == Some(Vote::Commit),
+            Outcome::Aborted => *vote != Some(Vote::ReadOnly),
+        }
+    }
+
+    fn job_target_answer(
+        &mut self,
+        h: &impl TxnHost,
+        txn: TxnId,
+        idx: usize,
+        resp: CalloutResponse,
+    ) {
+        let now = h.now_ms();
+        let Some(job) = self.jobs.get_mut(&txn) else {
+            return;
+        };
+        let Some(t) = job.targets.get_mut(idx) else {
+            return;
+        };
+        t.inflight = false;
+        if is_2xx(resp.status) {
+            t.acked = true;
+        } else {
+            t.attempts += 1;
+            t.next_ms = now + backoff_ms(t.attempts);
+            let outcome = job.outcome.map_or("?", Outcome::as_str);
+            h.log(
+                LogLevel::Warn,
+                &format!(
+                    "txn {txn}: {outcome} not acknowledged by {} ({}), retry {} in {} ms",
+                    t.name,
+                    resp.status
+                        .map_or("no answer".to_string(), |s| format!("answered {s}")),
+                    t.attempts,
+                    backoff_ms(t.attempts)
+                ),
+            );
+        }
+    }
+
+    fn job_record_answer(&mut self, h: &impl TxnHost, txn: TxnId, resp: CalloutResponse) {
+        let now = h.now_ms();
+        let Some(job) = self.jobs.get_mut(&txn) else {
+            return;
+        };
+        job.record_inflight = false;
+        let result = if resp.status == Some(200) {
+            etcd::parse_cas_response(&resp.body)
+        } else {
+            Err(format!("etcd answered {:?}", resp.status))
+        };
+        match result {
+            Ok(CasResult::Created) => {
+                if job.record == Record::Resolve {
+                    job.outcome = Some(Outcome::Aborted);
+                }
+                job.record = Record::Done;
+            }
+            Ok(CasResult::Exists(v)) => {
+                let found = etcd::outcome_of(&v);
+                match (job.record, found) {
+                    (Record::Resolve, Some(o)) => job.outcome = Some(o),
+                    (_, Some(o)) if Some(o) != job.outcome => {
+                        h.log(
+                            LogLevel::Error,
+                            &format!(
+                                "txn {txn}: etcd holds {} but this coordinator decided {}; obeying etcd",
+                                o.as_str(),
+                                job.outcome.map_or("?", Outcome::as_str)
+                            ),
+                        );
+                        job.outcome = Some(o);
+                    }
+                    _ => {}
+                }
+                job.record = Record::Done;
+            }
+            Err(_) => {
+                job.record_attempts += 1;
+                job.record_next_ms = now + backoff_ms(job.record_attempts);
+            }
+        }
+        if job.record == Record::Done && job.reason == reason::UNKNOWN {
+            let resolved = job.outcome.map_or("?", Outcome::as_str);
+            h.log(
+                LogLevel::Warn,
+                &format!("txn {txn}: in-doubt outcome resolved from etcd: {resolved}"),
+            );
+            job.reason = format!("resolved_{resolved}");
+            self.gauge(h, "txmesh_txn_in_doubt", -1);
+        }
+    }
+
+    // ----- ticks and stream end ---------------------------------------------
+
+    /// Called from the root context every [`TICK_MS`]: enforces deadlines the
+    /// callout timeouts may miss, and drives phase-2 jobs.
+    pub fn on_tick(&mut self, h: &impl TxnHost) {
+        let now = h.now_ms();
+        let expired: Vec<u32> = self
+            .ops
+            .values()
+            .filter(|op| match op.stage {
+                Stage::Voting => now >= op.deadline_ms,
+                _ => now >= op.stage_deadline_ms,
+            })
+            .map(|op| op.ctx)
+            .collect();
+        for ctx in expired {
+            self.expire(h, ctx);
+        }
+        self.drive_jobs(h, now);
+    }
+
+    fn expire(&mut self, h: &impl TxnHost, ctx: u32) {
+        let Some(op) = self.ops.get_mut(&ctx) else {
+            return;
+        };
+        let no_answer = CalloutResponse::default();
+        match op.stage.clone() {
+            Stage::Voting | Stage::Finishing => {
+                for t in op.targets.iter_mut().filter(|t| t.vote.is_none()) {
+                    t.vote = Some(Vote::Abort {
+                        reason: "no answer before the deadline".to_string(),
+                        participant: t.name.clone(),
+                    });
+                    t.token = None;
+                }
+                self.forget_calls(ctx);
+                self.evaluate(h, ctx);
+            }
+            Stage::OnePhase => {
+                self.forget_calls(ctx);
+                self.write_record(h, ctx, Outcome::Committed);
+            }
+            Stage::WriteCommit => {
+                self.forget_calls(ctx);
+                self.commit_record_answer(h, ctx, no_answer);
+            }
+            Stage::WriteAbort { .. } => {
+                self.forget_calls(ctx);
+                self.abort_record_answer(h, ctx, no_answer);
+            }
+            Stage::StatusRead => {
+                self.forget_calls(ctx);
+                self.ops.remove(&ctx);
+                h.send_reply(
+                    ctx,
+                    503,
+                    &[JSON],
+                    &json_error("etcd unreachable: no answer"),
+                );
+            }
+        }
+    }
+
+    fn drive_jobs(&mut self, h: &impl TxnHost, now: u64) {
+        let txns: Vec<TxnId> = self.jobs.keys().copied().collect();
+        for txn in txns {
+            let Some(job) = self.jobs.get_mut(&txn) else {
+                continue;
+            };
+            // 1. The record, if one is owed.
+            if job.record != Record::Done && !job.record_inflight && now >= job.record_next_ms {
+                let outcome = match job.record {
+                    Record::WriteCommit => Outcome::Committed,
+                    _ => Outcome::Aborted,
+                };
+                let d = Decision {
+                    txn,
+                    outcome,
+                    participants: job.targets.iter().map(|t| t.name.clone()).collect(),
+                    coordinator: self.node.clone(),
+                    time_ms: now,
+                    reason: job.reason.clone(),
+                };
+                let call = Self::record_call(&self.cfg, &d);
+                if let Ok(token) = h.dispatch(&call) {
+                    job.record_inflight = true;
+                    self.calls.insert(token, Call::JobRecord { txn });
+                } else {
+                    job.record_attempts += 1;
+                    job.record_next_ms = now + backoff_ms(job.record_attempts);
+                }
+            }
+            let Some(job) = self.jobs.get_mut(&txn) else {
+                continue;
+            };
+            // A commit is sent only once its record is durable; an unknown
+            // outcome waits for etcd.
+            let ready = match (job.outcome, job.record) {
+                (None, _) => false,
+                (Some(Outcome::Committed), r) => r == Record::Done,
+                (Some(Outcome::Aborted), Record::Resolve) => false,
+                (Some(Outcome::Aborted), _) => true,
+            };
+            if ready {
+                if let Some(outcome) = job.outcome {
+                    let path = match outcome {
+                        Outcome::Committed => COMMIT_PATH,
+                        Outcome::Aborted => ABORT_PATH,
+                    };
+                    for idx in 0..job.targets.len() {
+                        let Some(t) = job.targets.get(idx) else {
+                            continue;
+                        };
+                        if t.acked
+                            || t.inflight
+                            || now < t.next_ms
+                            || !Self::wants(outcome, &t.vote)
+                        {
+                            continue;
+                        }
+                        let call = Callout {
+                            cluster: t.cluster.clone(),
+                            method: "POST",
+                            path: path.to_string(),
+                            headers: vec![
+                                (id::TXN_HEADER.to_string(), txn.to_string()),
+                                (id::DEADLINE_HEADER.to_string(), job.deadline_ms.to_string()),
+                            ],
+                            body: Vec::new(),
+                            timeout_ms: self.cfg.control_timeout_ms,
+                        };
+                        let dispatched = h.dispatch(&call);
+                        if let Some(t) = job.targets.get_mut(idx) {
+                            match dispatched {
+                                Ok(token) => {
+                                    t.inflight = true;
+                                    self.calls.insert(token, Call::JobTarget { txn, idx });
+                                }
+                                Err(_) => {
+                                    t.attempts += 1;
+                                    t.next_ms = now + backoff_ms(t.attempts);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // 2. Done, or given up?
+            let Some(job) = self.jobs.get(&txn) else {
+                continue;
+            };
+            let all_acked = job.outcome.is_some_and(|o| {
+                job.targets
+                    .iter()
+                    .all(|t| t.acked || !Self::wants(o, &t.vote))
+            }) && job.record == Record::Done;
+            if all_acked {
+                self.jobs.remove(&txn);
+                self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
+                self.table.remove(h, &txn);
+            } else if now >= job.give_up_ms {
+                let missing: Vec<&str> = job
+                    .targets
+                    .iter()
+                    .filter(|t| !t.acked)
+                    .map(|t| t.name.as_str())
+                    .collect();
+                h.log(
+                    LogLevel::Error,
+                    &format!(
+                        "txn {txn}: phase 2 ({}) abandoned after {} ms; unacknowledged: {}; record pending: {}",
+                        job.outcome.map_or("unknown", Outcome::as_str),
+                        self.cfg.phase2_give_up_ms,
+                        missing.join(","),
+                        job.record != Record::Done
+                    ),
+                );
+                self.jobs.remove(&txn);
+                self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
+                self.table.remove(h, &txn);
+                self.gauge(h, "txmesh_txn_phase2_abandoned_total", 1);
+            }
+        }
+    }
+
+    /// The stream went away (client reset, or completed). Envoy cancels its
+    /// callouts, so anything still running for it moves to a job.
+    pub fn on_stream_done(&mut self, h: &impl TxnHost, ctx: u32, stream: &Stream) {
+        if let Stream::Root { txn, .. } = stream {
+            if !self.ops.contains_key(&ctx) && !self.jobs.contains_key(txn) {
+                // The response never came (client left before the app
+                // answered): abort, nobody was asked to prepare.
+                if let Ok(entry) = self.table.update(h, txn, |e| {
+                    if e.phase == Phase::Active {
+                        e.phase = Phase::Aborted;
+                    }
+                    Ok(())
+                }) {
+                    if entry.phase == Phase::Aborted && !self.jobs.contains_key(txn) {
+                        let mut targets: Vec<Target> = entry
+                            .participants
+                            .iter()
+                            .map(|(c, _)| Target {
+                                name: c.clone(),
+                                cluster: c.clone(),
+                                vote: None,
+                                token: None,
+                            })
+                            .collect();
+                        targets.push(Target {
+                            name: self.node.clone(),
+                            cluster: self.cfg.app_cluster.clone(),
+                            vote: None,
+                            token: None,
+                        });
+                        let op = Op {
+                            kind: OpKind::RootPrepare,
+                            ctx,
+                            txn: *txn,
+                            deadline_ms: entry.deadline_ms,
+                            started_ms: h.now_ms(),
+                            trace: None,
+                            targets,
+                            stage: Stage::Voting,
+                            stage_deadline_ms: entry.deadline_ms,
+                            voted_ms: None,
+                        };
+                        h.log(
+                            LogLevel::Warn,
+                            &format!(
+                                "txn {txn}: client went away before the app answered; aborting"
+                            ),
+                        );
+                        self.count_txn(h, "aborted", reason::CLIENT_GONE);
+                        self.gauge_in_flight(h, -1);
+                        Self::remember(h, txn, Outcome::Aborted);
+                        self.start_job(
+                            h,
+                            &op,
+                            Some(Outcome::Aborted),
+                            Record::Done,
+                            reason::CLIENT_GONE,
+                        );
+                    }
+                }
+            }
+        }
+        let Some(op) = self.ops.remove(&ctx) else {
+            return;
+        };
+        self.forget_calls(ctx);
+        match (op.kind, &op.stage) {
+            (OpKind::RootPrepare, Stage::Voting) => {
+                let txn = op.txn;
+                h.log(
+                    LogLevel::Warn,
+                    &format!("txn {txn}: client went away during prepare; aborting"),
+                );
+                let _ = self.table.update(h, &txn, |e| {
+                    e.phase = Phase::Aborted;
+                    Ok(())
+                });
+                self.count_txn(h, "aborted", reason::CLIENT_GONE);
+                self.gauge_in_flight(h, -1);
+                Self::remember(h, &txn, Outcome::Aborted);
+                self.start_job(
+                    h,
+                    &op,
+                    Some(Outcome::Aborted),
+                    Record::WriteAbort,
+                    reason::CLIENT_GONE,
+                );
+            }
+            (OpKind::RootPrepare, Stage::OnePhase) => {
+                // The lone participant voted commit and its commit is out:
+                // record commit and keep sending it.
+                self.start_job(
+                    h,
+                    &op,
+                    Some(Outcome::Committed),
+                    Record::WriteCommit,
+                    reason::OK,
+                );
+            }
+            (OpKind::RootPrepare, Stage::WriteCommit | Stage::WriteAbort { .. }) => {
+                h.log(
+                    LogLevel::Warn,
+                    &format!("txn {}: client went away while the decision was being written; resolving from etcd", op.txn),
+                );
+                self.gauge_in_flight(h, -1);
+                self.start_job(h, &op, None, Record::Resolve, reason::UNKNOWN);
+                self.gauge(h, "txmesh_txn_in_doubt", 1);
+            }
+            // A sub-coordinator's caller went away: its coordinator retries or
+            // aborts; nothing to keep.
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

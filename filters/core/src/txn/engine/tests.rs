@@ -1,0 +1,945 @@
+//! The engine driven by a fake host: every protocol path, exact callouts,
+//! exact replies.
+#![allow(clippy::type_complexity)]
+
+use super::*;
+use crate::host::fake::FakeHost;
+use crate::host::{
+    HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+};
+use std::cell::{Cell, RefCell};
+
+#[derive(Default)]
+struct Host {
+    base: FakeHost,
+    now: Cell<u64>,
+    next_token: Cell<u32>,
+    rand: Cell<u8>,
+    calls: RefCell<Vec<(u32, Callout)>>,
+    replies: RefCell<Vec<(u32, u16, Vec<(String, String)>, String)>>,
+    resumed: RefCell<Vec<(u32, Vec<(String, String)>)>>,
+    response: RefCell<Vec<(String, Vec<u8>)>>,
+    logs: RefCell<Vec<String>>,
+    dispatch_fails_for: RefCell<Option<String>>,
+}
+
+impl SharedData for Host {
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.base.shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedSetError> {
+        self.base.shared_set(key, value, cas)
+    }
+}
+impl Metrics for Host {
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        self.base.define_metric(kind, name)
+    }
+    fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
+        self.base.increment_metric(id, delta)
+    }
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
+        self.base.record_metric(id, value)
+    }
+}
+impl RequestHeaders for Host {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.base.request_header(name)
+    }
+    fn set_request_header(&self, name: &str, value: Option<&str>) {
+        self.base.set_request_header(name, value)
+    }
+}
+impl Properties for Host {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.base.property(path)
+    }
+}
+impl TxnHost for Host {
+    fn now_ms(&self) -> u64 {
+        self.now.get()
+    }
+    fn random_id(&self) -> [u8; 16] {
+        self.rand.set(self.rand.get() + 1);
+        let mut b = [7u8; 16];
+        b[0] = self.rand.get();
+        b[9] = self.rand.get().wrapping_mul(13);
+        b
+    }
+    fn dispatch(&self, c: &Callout) -> Result<u32, HostError> {
+        if self.dispatch_fails_for.borrow().as_deref() == Some(c.cluster.as_str()) {
+            return Err(HostError("BadArgument".into()));
+        }
+        let t = self.next_token.get() + 1;
+        self.next_token.set(t);
+        self.calls.borrow_mut().push((t, c.clone()));
+        Ok(t)
+    }
+    fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        self.replies.borrow_mut().push((
+            ctx,
+            status,
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            String::from_utf8_lossy(body).into_owned(),
+        ));
+    }
+    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]) {
+        self.resumed.borrow_mut().push((
+            ctx,
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+    }
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.response
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+    fn log(&self, _level: LogLevel, msg: &str) {
+        self.logs.borrow_mut().push(msg.to_string());
+    }
+}
+
+impl Host {
+    fn new() -> Self {
+        let h = Self::default();
+        h.now.set(1_000_000);
+        h
+    }
+    /// Sets up a request on a listener of the given direction (1 in, 2 out).
+    fn request(&self, dir: u64, method: &str, path: &str, headers: &[(&str, &str)]) {
+        self.base.request_headers.borrow_mut().clear();
+        self.base.properties.borrow_mut().clear();
+        self.base
+            .properties
+            .borrow_mut()
+            .insert("xds.listener_direction".into(), dir.to_le_bytes().to_vec());
+        self.base.set_request_header(":method", Some(method));
+        self.base.set_request_header(":path", Some(path));
+        for (k, v) in headers {
+            self.base.set_request_header(k, Some(v));
+        }
+    }
+    fn cluster(&self, c: &str) {
+        self.base
+            .properties
+            .borrow_mut()
+            .insert("xds.cluster_name".into(), c.as_bytes().to_vec());
+    }
+    fn status(&self, s: &str) {
+        *self.response.borrow_mut() = vec![(":status".to_string(), s.as_bytes().to_vec())];
+    }
+    fn take_calls(&self) -> Vec<(u32, Callout)> {
+        std::mem::take(&mut *self.calls.borrow_mut())
+    }
+    fn header(&self, n: &str) -> Option<String> {
+        self.base
+            .request_header(n)
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+    fn advance(&self, ms: u64) {
+        self.now.set(self.now.get() + ms);
+    }
+}
+
+fn ok(body: &str) -> CalloutResponse {
+    CalloutResponse {
+        status: Some(200),
+        body: body.as_bytes().to_vec(),
+    }
+}
+fn vote(v: &str) -> CalloutResponse {
+    ok(&format!(r#"{{"vote":"{v}"}}"#))
+}
+fn status(s: u16) -> CalloutResponse {
+    CalloutResponse {
+        status: Some(s),
+        body: Vec::new(),
+    }
+}
+const CREATED: &str = r#"{"header":{"revision":"2"},"succeeded":true}"#;
+
+fn engine(h: &Host, cfg: &str) -> TxnEngine {
+    TxnEngine::new(TxnConfig::parse(cfg.as_bytes()).unwrap(), h)
+}
+
+const CFG: &str = r#"{"begin":[{"method":"POST","path_prefix":"/checkout"}],"node":"order","default_timeout_ms":5000}"#;
+
+/// Begins a transaction on ctx 1 and enlists the given clusters from an
+/// outbound engine sharing the table. Returns the txn id.
+fn begin_with(
+    h: &Host,
+    inb: &mut TxnEngine,
+    out: &mut TxnEngine,
+    clusters: &[&str],
+) -> (TxnId, Stream) {
+    h.request(1, "POST", "/checkout", &[]);
+    let (stream, v) = inb.on_request_headers(h, 1);
+    assert_eq!(v, Verdict::Continue);
+    let id = h.header("x-txmesh-txn").unwrap();
+    assert_eq!(h.header("x-txmesh-deadline").unwrap(), "1005000");
+    let txn = TxnId::parse(id.as_bytes()).unwrap();
+    for (i, c) in clusters.iter().enumerate() {
+        h.request(2, "POST", "/pay", &[("x-txmesh-txn", &id)]);
+        h.cluster(c);
+        let (_, v) = out.on_request_headers(h, 100 + i as u32);
+        assert_eq!(v, Verdict::Continue);
+        assert_eq!(h.header("x-txmesh-deadline").unwrap(), "1005000");
+    }
+    (txn, stream)
+}
+
+fn answer(
+    h: &Host,
+    e: &mut TxnEngine,
+    calls: &[(u32, Callout)],
+    cluster: &str,
+    r: CalloutResponse,
+) {
+    let (t, _) = calls
+        .iter()
+        .find(|(_, c)| c.cluster == cluster)
+        .unwrap_or_else(|| panic!("no call to {cluster} in {calls:?}"));
+    e.on_callout(h, *t, r);
+}
+
+fn paths(calls: &[(u32, Callout)]) -> Vec<String> {
+    let mut v: Vec<String> = calls
+        .iter()
+        .map(|(_, c)| format!("{} {}", c.cluster, c.path))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn commit_with_three_participants() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment", "inventory"]);
+    h.status("200");
+    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Pause);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        [
+            "inventory /txmesh/prepare",
+            "local_app /txmesh/prepare",
+            "payment /txmesh/prepare"
+        ]
+    );
+    for (_, c) in &calls {
+        assert_eq!(c.timeout_ms, 5000);
+        assert!(c
+            .headers
+            .contains(&("x-txmesh-txn".to_string(), txn.to_string())));
+    }
+    // Late enlistment is refused once preparing.
+    h.request(2, "POST", "/late", &[("x-txmesh-txn", &txn.to_string())]);
+    h.cluster("shipping");
+    let (_, v) = out.on_request_headers(&h, 150);
+    assert_eq!(v, Verdict::Pause);
+    let (ctx, st, _, body) = h.replies.borrow_mut().pop().unwrap();
+    assert_eq!((ctx, st), (150, 409));
+    assert!(
+        body.contains("is preparing: it takes no new participants"),
+        "{body}"
+    );
+
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "inventory", vote("commit"));
+    assert!(h.calls.borrow().is_empty(), "no decision before every vote");
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+    let body = String::from_utf8(calls[0].1.body.clone()).unwrap();
+    assert!(body.contains(&crate::b64::encode(
+        format!("txmesh/decisions/{txn}").as_bytes()
+    )));
+    assert!(
+        h.resumed.borrow().is_empty(),
+        "no answer before the decision is durable"
+    );
+    answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    assert_eq!(
+        h.resumed.borrow().as_slice(),
+        &[(
+            1,
+            vec![("x-txmesh-outcome".to_string(), "committed".to_string())]
+        )]
+    );
+    // Phase 2 from the tick.
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        [
+            "inventory /txmesh/commit",
+            "local_app /txmesh/commit",
+            "payment /txmesh/commit"
+        ]
+    );
+    answer(&h, &mut inb, &calls, "payment", ok(""));
+    answer(&h, &mut inb, &calls, "inventory", status(503));
+    answer(&h, &mut inb, &calls, "local_app", ok(""));
+    inb.on_tick(&h);
+    assert!(h.take_calls().is_empty(), "retry waits for its backoff");
+    h.advance(200);
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["inventory /txmesh/commit"]);
+    answer(&h, &mut inb, &calls, "inventory", ok(""));
+    inb.on_tick(&h);
+    assert!(!inb.busy());
+    assert!(inb.table().get(&h, &txn).is_none());
+    assert_eq!(inb.table().count(&h), 0);
+    let logs = h.logs.borrow();
+    assert!(
+        logs.iter().any(|l| l.starts_with(&format!("txn {txn} committed reason=ok trace=- participants=payment:commit,inventory:commit,order:commit"))),
+        "{logs:?}"
+    );
+    assert_eq!(
+        h.base
+            .counter("outcome=.=committed;.;reason=.=ok;.;txmesh_txn_total"),
+        Some(1)
+    );
+}
+
+#[test]
+fn a_no_vote_aborts_everyone_and_names_the_participant() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment", "inventory"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(
+        &h,
+        &mut inb,
+        &calls,
+        "inventory",
+        ok(r#"{"vote":"abort","reason":"out_of_stock"}"#),
+    );
+    let (ctx, st, headers, body) = h.replies.borrow()[0].clone();
+    assert_eq!((ctx, st), (1, 409));
+    assert!(headers.contains(&("x-txmesh-outcome".to_string(), "aborted".to_string())));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["txn"], txn.to_string());
+    assert_eq!(v["outcome"], "aborted");
+    assert_eq!(v["reason"], "out_of_stock");
+    assert_eq!(v["participant"], "inventory");
+    // The app's late vote is ignored.
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    // payment may be prepared: an abort record goes to etcd; everyone gets abort.
+    assert_eq!(
+        paths(&calls),
+        [
+            "etcd /v3/kv/txn",
+            "inventory /txmesh/abort",
+            "local_app /txmesh/abort",
+            "payment /txmesh/abort"
+        ]
+    );
+    assert!(!calls.iter().any(|(_, c)| c.path == "/txmesh/commit"));
+}
+
+#[test]
+fn readonly_voters_get_no_phase_two() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment", "catalog"]);
+    h.status("201");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "catalog", vote("readonly"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    inb.on_tick(&h);
+    assert_eq!(
+        paths(&h.take_calls()),
+        ["local_app /txmesh/commit", "payment /txmesh/commit"]
+    );
+}
+
+#[test]
+fn all_readonly_commits_without_etcd() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["catalog"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "catalog", vote("readonly"));
+    answer(&h, &mut inb, &calls, "local_app", vote("readonly"));
+    assert!(h.take_calls().is_empty());
+    assert_eq!(h.resumed.borrow().len(), 1);
+    inb.on_tick(&h);
+    assert!(h.take_calls().is_empty());
+    assert!(inb.table().get(&h, &txn).is_none());
+}
+
+#[test]
+fn one_participant_commits_in_one_phase() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &[]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["local_app /txmesh/prepare"]);
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["local_app /txmesh/commit"],
+        "no etcd write in 1PC"
+    );
+    assert!(
+        h.resumed.borrow().is_empty(),
+        "1PC answers after the commit is acknowledged"
+    );
+    answer(&h, &mut inb, &calls, "local_app", ok(""));
+    assert_eq!(h.resumed.borrow().len(), 1);
+    assert!(inb.table().get(&h, &txn).is_none());
+    // The status endpoint still knows.
+    h.request(1, "GET", &format!("/txmesh/txns/{txn}"), &[]);
+    inb.on_request_headers(&h, 9);
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 200);
+    assert_eq!(body, format!(r#"{{"outcome":"committed","txn":"{txn}"}}"#));
+}
+
+#[test]
+fn one_phase_commit_unacknowledged_falls_back_to_a_durable_decision() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &[]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "local_app", status(503));
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+    answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    assert_eq!(h.resumed.borrow().len(), 1);
+    inb.on_tick(&h);
+    assert_eq!(paths(&h.take_calls()), ["local_app /txmesh/commit"]);
+}
+
+#[test]
+fn app_error_aborts_without_prepare() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("503");
+    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Pause);
+    assert!(h.take_calls().is_empty(), "no prepare");
+    let (_, st, _, body) = h.replies.borrow()[0].clone();
+    assert_eq!(st, 409);
+    assert!(
+        body.contains(r#""reason":"the app answered 503""#),
+        "{body}"
+    );
+    assert!(body.contains(r#""participant":"order""#), "{body}");
+    inb.on_tick(&h);
+    assert_eq!(
+        paths(&h.take_calls()),
+        ["local_app /txmesh/abort", "payment /txmesh/abort"],
+        "abort, and no record: nobody prepared"
+    );
+}
+
+#[test]
+fn a_stalled_participant_aborts_at_the_deadline_from_the_tick() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    h.advance(4_999);
+    inb.on_tick(&h);
+    assert!(h.replies.borrow().is_empty());
+    h.advance(1);
+    inb.on_tick(&h);
+    let (_, st, _, body) = h.replies.borrow()[0].clone();
+    assert_eq!(st, 409);
+    assert!(
+        body.contains(r#""reason":"no answer before the deadline""#),
+        "{body}"
+    );
+    assert!(body.contains(r#""participant":"payment""#), "{body}");
+    // The stalled answer arriving later changes nothing.
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    assert_eq!(h.replies.borrow().len(), 1);
+    assert_eq!(
+        h.base
+            .counter("outcome=.=aborted;.;reason=.=timeout;.;txmesh_txn_total"),
+        Some(1)
+    );
+}
+
+#[test]
+fn etcd_down_aborts_and_never_commits() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let refused = CalloutResponse {
+        status: Some(503),
+        body: b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused".to_vec(),
+    };
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", refused.clone());
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"], "tries an abort record");
+    answer(&h, &mut inb, &calls, "etcd", refused);
+    let (_, st, headers, body) = h.replies.borrow()[0].clone();
+    assert_eq!(st, 409);
+    assert!(headers.contains(&("x-txmesh-outcome".to_string(), "aborted".to_string())));
+    assert!(body.contains("etcd unavailable"), "{body}");
+    for _ in 0..5 {
+        h.advance(300);
+        inb.on_tick(&h);
+        let calls = h.take_calls();
+        assert!(
+            !calls.iter().any(|(_, c)| c.path == "/txmesh/commit"),
+            "{calls:?}"
+        );
+        for (t, c) in calls {
+            if c.path == "/txmesh/abort" {
+                inb.on_callout(&h, t, ok(""));
+            }
+        }
+    }
+}
+
+#[test]
+fn an_ambiguous_etcd_failure_is_resolved_not_guessed() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    // The commit record write times out: it may have landed.
+    answer(&h, &mut inb, &calls, "etcd", status(504));
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", status(504));
+    let (_, st, _, body) = h.replies.borrow()[0].clone();
+    assert_eq!(st, 503);
+    assert!(body.contains(r#""outcome":"unknown""#), "{body}");
+    // From the tick: an abort CAS that finds the commit record -> commit.
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["etcd /v3/kv/txn"],
+        "no phase 2 before the truth is known"
+    );
+    let existing = format!(
+        r#"{{"header":{{}},"responses":[{{"response_range":{{"kvs":[{{"value":"{}"}}]}}}}]}}"#,
+        crate::b64::encode(format!(r#"{{"txn":"{txn}","outcome":"committed"}}"#).as_bytes())
+    );
+    answer(&h, &mut inb, &calls, "etcd", ok(&existing));
+    inb.on_tick(&h);
+    assert_eq!(
+        paths(&h.take_calls()),
+        ["local_app /txmesh/commit", "payment /txmesh/commit"]
+    );
+}
+
+#[test]
+fn an_existing_abort_decision_wins_over_our_commit() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    let existing = format!(
+        r#"{{"header":{{}},"responses":[{{"response_range":{{"kvs":[{{"value":"{}"}}]}}}}]}}"#,
+        crate::b64::encode(br#"{"outcome":"aborted"}"#)
+    );
+    answer(&h, &mut inb, &calls, "etcd", ok(&existing));
+    let (_, st, _, body) = h.replies.borrow()[0].clone();
+    assert_eq!(st, 409);
+    assert!(body.contains("already recorded in etcd"), "{body}");
+    inb.on_tick(&h);
+    assert_eq!(
+        paths(&h.take_calls()),
+        ["local_app /txmesh/abort", "payment /txmesh/abort"]
+    );
+}
+
+#[test]
+fn bad_input_is_rejected_before_forwarding() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let cases: &[(u64, &str, &[(&str, &str)], u16, &str)] = &[
+        (
+            1,
+            "/x",
+            &[("x-txmesh-txn", "ZZ")],
+            400,
+            "invalid x-txmesh-txn",
+        ),
+        (
+            1,
+            "/x",
+            &[("x-txmesh-txn", "00000000000000000000000000000000")],
+            400,
+            "must not be all zero",
+        ),
+        (
+            1,
+            "/x",
+            &[("x-txmesh-txn", "new")],
+            400,
+            "x-txmesh-txn: new is not allowed here",
+        ),
+        (
+            1,
+            "/checkout",
+            &[("x-txmesh-deadline", "999")],
+            400,
+            "is in the past",
+        ),
+        (
+            1,
+            "/checkout",
+            &[("x-txmesh-deadline", "soon")],
+            400,
+            "invalid x-txmesh-deadline",
+        ),
+        (
+            2,
+            "/pay",
+            &[("x-txmesh-txn", "new")],
+            400,
+            "only accepted by the initiator's inbound sidecar",
+        ),
+        (
+            2,
+            "/pay",
+            &[("baggage", "txmesh.txn=xyz")],
+            400,
+            "invalid baggage member",
+        ),
+        (1, "/txmesh/prepare", &[], 400, "needs x-txmesh-txn"),
+        (1, "/txmesh/nope", &[], 404, "unknown txmesh endpoint"),
+        (1, "/txmesh/txns/xyz", &[], 400, "32 lowercase hex"),
+    ];
+    for (i, (dir, path, headers, want, msg)) in cases.iter().enumerate() {
+        h.request(
+            *dir,
+            if path.starts_with("/txmesh/txns") {
+                "GET"
+            } else {
+                "POST"
+            },
+            path,
+            headers,
+        );
+        let (_, v) = inb.on_request_headers(&h, 10 + i as u32);
+        assert_eq!(v, Verdict::Pause, "{path} {headers:?}");
+        let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+        assert_eq!(
+            (ctx, st),
+            (10 + i as u32, *want),
+            "{path} {headers:?}: {body}"
+        );
+        assert!(body.contains(msg), "{path}: {body}");
+        assert!(body.starts_with(r#"{"error":"#), "{body}");
+    }
+    assert_eq!(inb.table().count(&h), 0);
+}
+
+#[test]
+fn client_deadline_shortens_but_never_lengthens() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    h.request(1, "POST", "/checkout", &[("x-txmesh-deadline", "1002000")]);
+    inb.on_request_headers(&h, 1);
+    assert_eq!(h.header("x-txmesh-deadline").unwrap(), "1002000");
+    h.request(1, "POST", "/checkout", &[("x-txmesh-deadline", "9999999")]);
+    inb.on_request_headers(&h, 2);
+    assert_eq!(h.header("x-txmesh-deadline").unwrap(), "1005000");
+}
+
+#[test]
+fn baggage_carries_the_id_and_is_normalized_to_the_header() {
+    let h = Host::new();
+    let mut out = engine(&h, CFG);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    h.request(
+        2,
+        "POST",
+        "/pay",
+        &[("baggage", &format!("a=b,txmesh.txn={id}"))],
+    );
+    h.cluster("payment");
+    let (_, v) = out.on_request_headers(&h, 1);
+    assert_eq!(v, Verdict::Continue);
+    assert_eq!(h.header("x-txmesh-txn").unwrap(), id);
+    let e = out
+        .table()
+        .get(&h, &TxnId::parse(id.as_bytes()).unwrap())
+        .unwrap();
+    assert_eq!(e.participants, vec![("payment".to_string(), Mark::Unknown)]);
+}
+
+#[test]
+fn a_full_table_sheds_new_transactions_with_503() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"begin":[{"path_prefix":"/c"}],"max_in_flight":2}"#);
+    for ctx in 1..=2 {
+        h.request(1, "POST", "/c", &[]);
+        assert_eq!(inb.on_request_headers(&h, ctx).1, Verdict::Continue);
+    }
+    h.request(1, "POST", "/c", &[]);
+    assert_eq!(inb.on_request_headers(&h, 3).1, Verdict::Pause);
+    let (_, st, _, body) = h.replies.borrow()[0].clone();
+    assert_eq!(st, 503);
+    assert!(
+        body.contains("transaction table full: 2 transactions in flight"),
+        "{body}"
+    );
+}
+
+#[test]
+fn sub_coordinator_prepares_children_and_its_app_then_cascades() {
+    let h = Host::new();
+    let cfg = r#"{"node":"payment"}"#;
+    let mut inb = engine(&h, cfg);
+    let mut out = engine(&h, cfg);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    let txn = TxnId::parse(id.as_bytes()).unwrap();
+    // The root calls payment; payment's app calls ledger.
+    h.request(
+        1,
+        "POST",
+        "/pay",
+        &[("x-txmesh-txn", id), ("x-txmesh-deadline", "1003000")],
+    );
+    assert_eq!(inb.on_request_headers(&h, 1).1, Verdict::Continue);
+    h.request(2, "POST", "/debit", &[("x-txmesh-txn", id)]);
+    h.cluster("ledger");
+    out.on_request_headers(&h, 2);
+    assert_eq!(
+        h.header("x-txmesh-deadline").unwrap(),
+        "1003000",
+        "deadline carried down"
+    );
+    // Prepare from the root.
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", id)]);
+    let (stream, v) = inb.on_request_headers(&h, 3);
+    assert_eq!((stream, v), (Stream::Owned, Verdict::Pause));
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["ledger /txmesh/prepare", "local_app /txmesh/prepare"]
+    );
+    assert!(calls.iter().all(|(_, c)| c.timeout_ms == 3000));
+    answer(&h, &mut inb, &calls, "ledger", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("readonly"));
+    let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st, body.as_str()), (3, 200, r#"{"vote":"commit"}"#));
+    // Commit cascades to the ledger, not to the read-only app.
+    h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 4);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["ledger /txmesh/commit"]);
+    answer(&h, &mut inb, &calls, "ledger", ok(""));
+    let (ctx, st, _, _) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st), (4, 200));
+    assert!(inb.table().get(&h, &txn).is_none());
+}
+
+#[test]
+fn sub_coordinator_reports_a_child_no_and_who_said_it() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"node":"payment"}"#);
+    let mut out = engine(&h, r#"{"node":"payment"}"#);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    h.request(2, "POST", "/debit", &[("x-txmesh-txn", id)]);
+    h.cluster("ledger");
+    out.on_request_headers(&h, 2);
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 3);
+    let calls = h.take_calls();
+    answer(
+        &h,
+        &mut inb,
+        &calls,
+        "ledger",
+        ok(r#"{"vote":"abort","reason":"insufficient_funds"}"#),
+    );
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["vote"], "abort");
+    assert_eq!(v["reason"], "insufficient_funds");
+    assert_eq!(v["participant"], "ledger");
+    // An abort cascade that a child does not acknowledge is a 503: the root retries.
+    h.request(1, "POST", "/txmesh/abort", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 4);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["ledger /txmesh/abort", "local_app /txmesh/abort"]
+    );
+    answer(&h, &mut inb, &calls, "ledger", status(500));
+    answer(&h, &mut inb, &calls, "local_app", ok(""));
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 503);
+    assert!(
+        body.contains("not acknowledged by ledger (answered 500)"),
+        "{body}"
+    );
+}
+
+#[test]
+fn leaf_control_requests_pass_through_and_free_the_entry() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"node":"inventory"}"#);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    let txn = TxnId::parse(id.as_bytes()).unwrap();
+    h.request(1, "POST", "/reserve", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 1);
+    assert_eq!(inb.table().get(&h, &txn).unwrap().role, Role::Participant);
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", id)]);
+    assert_eq!(
+        inb.on_request_headers(&h, 2),
+        (Stream::Pass, Verdict::Continue)
+    );
+    h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", id)]);
+    let (stream, v) = inb.on_request_headers(&h, 3);
+    assert_eq!(
+        (stream.clone(), v),
+        (Stream::LeafFinish { txn }, Verdict::Continue)
+    );
+    h.status("200");
+    inb.on_response_headers(&h, 3, &stream);
+    assert!(inb.table().get(&h, &txn).is_none());
+}
+
+#[test]
+fn status_reads_etcd_when_not_local() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    h.request(1, "GET", &format!("/txmesh/txns/{id}"), &[]);
+    let (_, v) = inb.on_request_headers(&h, 5);
+    assert_eq!(v, Verdict::Pause);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/range"]);
+    let found = format!(
+        r#"{{"header":{{}},"kvs":[{{"value":"{}"}}]}}"#,
+        crate::b64::encode(br#"{"outcome":"aborted"}"#)
+    );
+    answer(&h, &mut inb, &calls, "etcd", ok(&found));
+    let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st), (5, 200));
+    assert_eq!(body, format!(r#"{{"outcome":"aborted","txn":"{id}"}}"#));
+    // Unknown everywhere.
+    h.request(1, "GET", &format!("/txmesh/txns/{id}"), &[]);
+    inb.on_request_headers(&h, 6);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", ok(r#"{"header":{}}"#));
+    let (_, _, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert!(body.contains(r#""outcome":"unknown""#));
+    // etcd down.
+    h.request(1, "GET", &format!("/txmesh/txns/{id}"), &[]);
+    inb.on_request_headers(&h, 7);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", status(503));
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 503);
+    assert!(body.contains("etcd unreachable"), "{body}");
+}
+
+#[test]
+fn client_gone_during_prepare_aborts_from_the_tick() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    inb.on_stream_done(&h, 1, &stream);
+    inb.on_tick(&h);
+    assert_eq!(
+        paths(&h.take_calls()),
+        [
+            "etcd /v3/kv/txn",
+            "local_app /txmesh/abort",
+            "payment /txmesh/abort"
+        ]
+    );
+    assert_eq!(inb.table().get(&h, &txn).unwrap().phase, Phase::Aborted);
+}
+
+#[test]
+fn memory_stays_flat_over_many_transactions() {
+    let h = Host::new();
+    let mut inb = engine(
+        &h,
+        r#"{"begin":[{"path_prefix":"/c"}],"max_in_flight":4,"node":"o"}"#,
+    );
+    for ctx in 0..2_000u32 {
+        h.rand.set((ctx % 250) as u8);
+        h.request(1, "POST", "/c", &[]);
+        let (stream, _) = inb.on_request_headers(&h, ctx);
+        h.status("200");
+        inb.on_response_headers(&h, ctx, &stream);
+        let calls = h.take_calls();
+        answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+        let calls = h.take_calls();
+        answer(&h, &mut inb, &calls, "local_app", ok(""));
+        inb.on_stream_done(&h, ctx, &stream);
+        h.advance(1);
+    }
+    assert_eq!(inb.table().count(&h), 0);
+    assert!(!inb.busy());
+    let keys = h.base.shared.borrow().len();
+    assert!(keys <= 4 + 1 + 256, "{keys} shared-data keys");
+}

@@ -1,0 +1,189 @@
+//! Decision records in etcd, through etcd's JSON gateway (`/v3/kv/...`).
+//!
+//! Key `txmesh/decisions/<txn>`; value JSON
+//! `{"txn", "outcome": "committed"|"aborted", "participants": [...],
+//!   "coordinator", "time_ms", "reason"}`.
+//! Written with a transaction whose compare is "key absent"
+//! (`create_revision == 0`): the first write wins, later writers read it.
+
+use super::id::TxnId;
+use crate::b64;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub const DECISION_PREFIX: &str = "txmesh/decisions/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Aborted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::Aborted => "aborted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "committed" => Some(Outcome::Committed),
+            "aborted" => Some(Outcome::Aborted),
+            _ => None,
+        }
+    }
+}
+
+pub fn decision_key(txn: &TxnId) -> String {
+    format!("{DECISION_PREFIX}{txn}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub txn: TxnId,
+    pub outcome: Outcome,
+    pub participants: Vec<String>,
+    pub coordinator: String,
+    pub time_ms: u64,
+    pub reason: String,
+}
+
+impl Decision {
+    pub fn to_json(&self) -> String {
+        json!({
+            "txn": self.txn.to_string(),
+            "outcome": self.outcome.as_str(),
+            "participants": self.participants,
+            "coordinator": self.coordinator,
+            "time_ms": self.time_ms,
+            "reason": self.reason,
+        })
+        .to_string()
+    }
+}
+
+/// The outcome in a stored decision value (tolerant of extra fields).
+pub fn outcome_of(value: &[u8]) -> Option<Outcome> {
+    #[derive(Deserialize)]
+    struct V {
+        outcome: String,
+    }
+    serde_json::from_slice::<V>(value)
+        .ok()
+        .and_then(|v| Outcome::parse(&v.outcome))
+}
+
+/// Body of `POST /v3/kv/txn`: put `value` at `key` if the key is absent,
+/// else read it.
+pub fn cas_create_body(key: &str, value: &str) -> String {
+    let k = b64::encode(key.as_bytes());
+    json!({
+        "compare": [{"key": k, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}],
+        "success": [{"request_put": {"key": k, "value": b64::encode(value.as_bytes())}}],
+        "failure": [{"request_range": {"key": k}}],
+    })
+    .to_string()
+}
+
+/// What a CAS-create came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasResult {
+    /// Our value was written.
+    Created,
+    /// The key existed; its value.
+    Exists(Vec<u8>),
+}
+
+/// Parses the answer to [`cas_create_body`]. etcd omits `succeeded` when false.
+pub fn parse_cas_response(body: &[u8]) -> Result<CasResult, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("etcd answered non-JSON: {e}"))?;
+    if v.get("header").is_none() {
+        return Err(format!(
+            "etcd answered without a header: {}",
+            truncate(body)
+        ));
+    }
+    if v.get("succeeded").and_then(Value::as_bool) == Some(true) {
+        return Ok(CasResult::Created);
+    }
+    let value = v
+        .pointer("/responses/0/response_range/kvs/0/value")
+        .and_then(Value::as_str)
+        .and_then(b64::decode)
+        .ok_or_else(|| format!("etcd CAS failed but returned no value: {}", truncate(body)))?;
+    Ok(CasResult::Exists(value))
+}
+
+/// Body of `POST /v3/kv/range` for one key.
+pub fn range_body(key: &str) -> String {
+    json!({"key": b64::encode(key.as_bytes())}).to_string()
+}
+
+/// The value in an answer to [`range_body`]; `Ok(None)` when absent.
+pub fn parse_range_response(body: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("etcd answered non-JSON: {e}"))?;
+    if v.get("header").is_none() {
+        return Err(format!(
+            "etcd answered without a header: {}",
+            truncate(body)
+        ));
+    }
+    Ok(v.pointer("/kvs/0/value")
+        .and_then(Value::as_str)
+        .and_then(b64::decode))
+}
+
+fn truncate(body: &[u8]) -> String {
+    String::from_utf8_lossy(body.get(..200).unwrap_or(body)).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cas_body_and_responses() {
+        let body: Value = serde_json::from_str(&cas_create_body("k", "v")).unwrap();
+        assert_eq!(body["compare"][0]["key"], "aw==");
+        assert_eq!(body["compare"][0]["create_revision"], "0");
+        assert_eq!(body["success"][0]["request_put"]["value"], "dg==");
+        // As etcd 3.4 answers: succeeded true, then (on the second write) omitted.
+        assert_eq!(
+            parse_cas_response(br#"{"header":{"revision":"5"},"succeeded":true,"responses":[{"response_put":{"header":{}}}]}"#),
+            Ok(CasResult::Created)
+        );
+        let existing = br#"{"header":{"revision":"6"},"responses":[{"response_range":{"header":{},"kvs":[{"key":"aw==","value":"eyJvdXRjb21lIjoiYWJvcnRlZCJ9","create_revision":"5"}],"count":"1"}}]}"#;
+        let r = parse_cas_response(existing).unwrap();
+        assert_eq!(r, CasResult::Exists(br#"{"outcome":"aborted"}"#.to_vec()));
+        if let CasResult::Exists(v) = r {
+            assert_eq!(outcome_of(&v), Some(Outcome::Aborted));
+        }
+        assert!(parse_cas_response(b"upstream connect error").is_err());
+        assert!(parse_cas_response(br#"{"error":"x","code":3}"#).is_err());
+    }
+
+    #[test]
+    fn range_and_decision() {
+        assert_eq!(parse_range_response(br#"{"header":{}}"#), Ok(None));
+        assert_eq!(
+            parse_range_response(br#"{"header":{},"kvs":[{"value":"eA=="}]}"#),
+            Ok(Some(b"x".to_vec()))
+        );
+        let d = Decision {
+            txn: TxnId::parse(b"0af7651916cd43dd8448eb211c80319c").unwrap(),
+            outcome: Outcome::Committed,
+            participants: vec!["payment".into()],
+            coordinator: "order".into(),
+            time_ms: 5,
+            reason: "ok".into(),
+        };
+        assert_eq!(outcome_of(d.to_json().as_bytes()), Some(Outcome::Committed));
+        assert_eq!(
+            decision_key(&d.txn),
+            "txmesh/decisions/0af7651916cd43dd8448eb211c80319c"
+        );
+    }
+}
