@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
-FILTERS := txmesh-metrics
+FILTERS := txmesh-metrics txmesh-txn
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
@@ -19,7 +19,7 @@ setup:
 
 build: setup
 	@echo "[build] release wasm: $(FILTERS)"
-	@$(CARGO) build --quiet --release --target $(WASM_TARGET) $(addprefix -p ,$(FILTERS))
+	@scripts/build-wasm.sh $(FILTERS)
 	@scripts/wasm-sizes.sh
 
 sizes:

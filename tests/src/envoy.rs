@@ -12,6 +12,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Labels of txmesh_metrics.wasm's stats.
+pub const METRICS_TAGS: &[&str] = &[
+    "reporter",
+    "source_workload",
+    "destination_service",
+    "response_code",
+    "response_flags",
+    "request_protocol",
+];
+
+/// Labels of txmesh_txn.wasm's stats.
+pub const TXN_TAGS: &[&str] = &["outcome", "reason"];
+
 /// Label names the txmesh filters encode into stat names; each gets a
 /// `stats_tags` regex in every bootstrap.
 pub const STAT_TAGS: &[&str] = &[
@@ -21,6 +34,8 @@ pub const STAT_TAGS: &[&str] = &[
     "response_code",
     "response_flags",
     "request_protocol",
+    "outcome",
+    "reason",
 ];
 
 /// One HTTP filter of a listener.
@@ -59,6 +74,11 @@ impl Filter {
 
     pub fn metrics(config: Value) -> Self {
         Self::wasm("txmesh_metrics", config)
+    }
+
+    /// The transaction filter (fails closed).
+    pub fn txn(config: Value) -> Self {
+        Self::wasm("txmesh_txn", config)
     }
 
     /// Sets `failure_policy` (FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD) of a wasm filter.
@@ -140,6 +160,16 @@ impl Sidecar {
     pub fn cluster(mut self, c: Value) -> Self {
         self.extra_clusters.push(c);
         self
+    }
+
+    /// A cluster `etcd` pointing at this etcd's client port (JSON gateway).
+    pub fn etcd(self, etcd: &crate::Etcd) -> Self {
+        self.cluster(static_cluster("etcd", &[etcd.addr()]))
+    }
+
+    /// A cluster `etcd` at an address where nothing listens.
+    pub fn etcd_addr(self, addr: SocketAddr) -> Self {
+        self.cluster(static_cluster("etcd", &[addr]))
     }
 
     /// Envoy worker threads (default 2, so cross-worker behaviour is exercised).

@@ -19,12 +19,14 @@ pub mod http;
 pub mod ports;
 pub mod process;
 pub mod prom;
+pub mod txnapp;
 pub mod upstream;
 
 pub use envoy::{Filter, Sidecar};
 pub use etcd::Etcd;
 pub use http::{Client, Resp};
 pub use prom::Scrape;
+pub use txnapp::{Downstream, TxnApp, TxnRecord, Vote};
 pub use upstream::{Recorded, Reply, Upstream};
 
 use std::path::PathBuf;

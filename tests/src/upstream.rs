@@ -225,7 +225,10 @@ async fn serve(
         at: Instant::now(),
     };
     let h = handler.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let reply = h(&rec);
+    // Handlers may block (an app calling other services): off the runtime.
+    let (reply, rec) = tokio::task::spawn_blocking(move || (h(&rec), rec))
+        .await
+        .unwrap_or_else(|e| panic!("upstream handler panicked: {e}"));
     reqs.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;

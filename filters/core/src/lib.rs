@@ -8,6 +8,7 @@ pub mod b64;
 pub mod config;
 pub mod flags;
 pub mod host;
+pub mod json;
 pub mod labels;
 pub mod metrics;
 pub mod props;

@@ -1,66 +1,174 @@
-//! The one place where txmesh-core's host traits meet the proxy-wasm SDK.
+//! The one place where txmesh-core's host traits meet proxy-wasm.
 //!
-//! `WasmHost` is a zero-sized handle: in proxy-wasm, every host call acts on
-//! the context that is current when the call is made, so the same value
-//! serves root and HTTP contexts alike.
+//! `WasmHost` acts on the context named `current` (the context whose callback
+//! is running): proxy-wasm host calls act on the host's "effective" context,
+//! and when the engine must act on another stream (answer a paused request
+//! from the root context's tick), `WasmHost` switches the effective context
+//! to it and back.
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MetricType, Status};
+pub mod raw;
+
+use std::time::Duration;
 use txmesh_core::host::{
     HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
 };
+use txmesh_core::txn::engine::{Callout, CalloutResponse, LogLevel, TxnHost};
 
 #[derive(Debug, Default, Clone, Copy)]
-pub struct WasmHost;
+pub struct WasmHost {
+    /// The context whose callback is running (0: unknown / not needed).
+    pub current: u32,
+}
 
-fn err(what: &str, s: Status) -> HostError {
-    HostError(format!("{what}: {s:?}"))
+impl WasmHost {
+    pub fn on(current: u32) -> Self {
+        Self { current }
+    }
+
+    /// Runs `f` with `ctx` as the effective context, then switches back.
+    fn with_context(&self, ctx: u32, f: impl FnOnce()) {
+        if ctx == self.current {
+            f();
+            return;
+        }
+        if raw::set_effective_context(ctx) {
+            f();
+            if self.current != 0 {
+                raw::set_effective_context(self.current);
+            }
+        }
+    }
+}
+
+/// Reads the answer of a callout inside `on_http_call_response`. No headers
+/// means no HTTP answer (timeout, reset, no upstream).
+pub fn callout_response(num_headers: usize, body_size: usize) -> CalloutResponse {
+    if num_headers == 0 {
+        return CalloutResponse::default();
+    }
+    let status = raw::get_header(raw::MAP_CALL_RESPONSE_HEADERS, ":status")
+        .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+    let body = if body_size > 0 {
+        raw::get_buffer(raw::BUFFER_CALL_RESPONSE_BODY, 0, body_size)
+    } else {
+        Vec::new()
+    };
+    CalloutResponse { status, body }
 }
 
 impl Metrics for WasmHost {
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
         let t = match kind {
-            MetricKind::Counter => MetricType::Counter,
-            MetricKind::Gauge => MetricType::Gauge,
-            MetricKind::Histogram => MetricType::Histogram,
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
         };
-        hostcalls::define_metric(t, name).map_err(|s| err("define_metric", s))
+        raw::define_metric(t, name)
+            .map_err(|s| HostError(format!("define_metric {name}: status {s}")))
     }
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
-        hostcalls::increment_metric(id, delta).map_err(|s| err("increment_metric", s))
+        match raw::increment_metric(id, delta) {
+            raw::STATUS_OK => Ok(()),
+            s => Err(HostError(format!("increment_metric: status {s}"))),
+        }
     }
     fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
-        hostcalls::record_metric(id, value).map_err(|s| err("record_metric", s))
+        match raw::record_metric(id, value) {
+            raw::STATUS_OK => Ok(()),
+            s => Err(HostError(format!("record_metric: status {s}"))),
+        }
     }
 }
 
 impl SharedData for WasmHost {
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        hostcalls::get_shared_data(key).unwrap_or((None, None))
+        raw::get_shared(key)
     }
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedSetError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
-            Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(SharedSetError::CasMismatch),
-            Err(s) => Err(SharedSetError::Other(format!("{s:?}"))),
-        }
+        raw::set_shared(key, value, cas).map_err(|mismatch| {
+            if mismatch {
+                SharedSetError::CasMismatch
+            } else {
+                SharedSetError::Other("set_shared_data failed".to_string())
+            }
+        })
     }
 }
 
 impl RequestHeaders for WasmHost {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
+        raw::get_header(raw::MAP_REQUEST_HEADERS, name)
     }
     fn set_request_header(&self, name: &str, value: Option<&str>) {
-        let _ =
-            hostcalls::set_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name, value);
+        raw::set_header(raw::MAP_REQUEST_HEADERS, name, value.map(str::as_bytes));
     }
 }
 
 impl Properties for WasmHost {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        hostcalls::get_property(path.to_vec()).ok().flatten()
+        raw::get_property(path)
+    }
+}
+
+impl TxnHost for WasmHost {
+    fn now_ms(&self) -> u64 {
+        raw::now_nanos() / 1_000_000
+    }
+
+    fn random_id(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        if getrandom::getrandom(&mut b).is_err() {
+            // No entropy from the host: fall back to time (ids stay unique
+            // per process; the engine rejects all-zero).
+            b.copy_from_slice(&u128::from(raw::now_nanos()).to_le_bytes());
+        }
+        b
+    }
+
+    fn dispatch(&self, c: &Callout) -> Result<u32, HostError> {
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", c.method),
+            (":path", &c.path),
+            (":authority", &c.cluster),
+        ];
+        headers.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let body = (!c.body.is_empty()).then_some(c.body.as_slice());
+        proxy_wasm::hostcalls::dispatch_http_call(
+            &c.cluster,
+            headers,
+            body,
+            vec![],
+            Duration::from_millis(c.timeout_ms),
+        )
+        .map_err(|s| HostError(format!("dispatch to {}: {s:?}", c.cluster)))
+    }
+
+    fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        self.with_context(ctx, || {
+            raw::send_local_response(status, headers, body);
+        });
+    }
+
+    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]) {
+        self.with_context(ctx, || {
+            for (k, v) in headers {
+                raw::set_header(raw::MAP_RESPONSE_HEADERS, k, Some(v.as_bytes()));
+            }
+            raw::continue_response();
+        });
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        raw::get_header(raw::MAP_RESPONSE_HEADERS, name)
+    }
+
+    fn log(&self, level: LogLevel, msg: &str) {
+        let l = match level {
+            LogLevel::Debug => 1,
+            LogLevel::Info => 2,
+            LogLevel::Warn => 3,
+            LogLevel::Error => 4,
+        };
+        raw::log(l, msg);
     }
 }

@@ -20,8 +20,9 @@ struct Root {
 impl Context for Root {}
 
 impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let raw = self.get_plugin_configuration().unwrap_or_default();
+    fn on_configure(&mut self, size: usize) -> bool {
+        let raw =
+            txmesh_host::raw::get_buffer(txmesh_host::raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
         let config = match MetricsConfig::parse(&raw) {
             Ok(c) => c,
             Err(e) => {
@@ -29,7 +30,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match MetricsEngine::new(config, &WasmHost) {
+        match MetricsEngine::new(config, &WasmHost::default()) {
             Ok(engine) => {
                 info!(
                     "configured (workload {}, max_label_tuples {})",
@@ -67,8 +68,8 @@ impl Context for Stream {}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        if let Some(engine) = &self.engine {
-            self.state = MetricsStream::on_request_headers(&engine.borrow(), &WasmHost);
+        if let Some(Ok(engine)) = self.engine.as_ref().map(|e| e.try_borrow()) {
+            self.state = MetricsStream::on_request_headers(&engine, &WasmHost::default());
         }
         Action::Continue
     }
@@ -77,9 +78,11 @@ impl HttpContext for Stream {
         let (Some(engine), Some(state)) = (&self.engine, &self.state) else {
             return;
         };
-        let mut engine = engine.borrow_mut();
-        let obs = state.observe(&engine, &WasmHost);
-        if let Err(e) = engine.record(&WasmHost, &obs) {
+        let Ok(mut engine) = engine.try_borrow_mut() else {
+            return;
+        };
+        let obs = state.observe(&engine, &WasmHost::default());
+        if let Err(e) = engine.record(&WasmHost::default(), &obs) {
             warn!("cannot record metrics: {e}");
         }
     }

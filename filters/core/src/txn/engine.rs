@@ -15,9 +15,9 @@ use super::etcd::{self, CasResult, Decision, Outcome};
 use super::id::{self, TxnHeader, TxnId};
 use super::table::{Entry, Mark, Phase, Role, Table, TableError};
 use crate::host::{HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData};
+use crate::json::Obj;
 use crate::labels::encode;
 use serde::Deserialize;
-use serde_json::json;
 use std::collections::HashMap;
 
 pub const PREPARE_PATH: &str = "/txmesh/prepare";
@@ -235,7 +235,7 @@ pub struct TxnEngine {
 }
 
 fn json_error(msg: &str) -> Vec<u8> {
-    json!({ "error": msg }).to_string().into_bytes()
+    Obj::new().str("error", msg).build().into_bytes()
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -645,7 +645,10 @@ impl TxnEngine {
     }
 
     fn status_reply(h: &impl TxnHost, ctx: u32, txn: &TxnId, outcome: &str) {
-        let body = json!({"txn": txn.to_string(), "outcome": outcome}).to_string();
+        let body = Obj::new()
+            .str("txn", &txn.to_string())
+            .str("outcome", outcome)
+            .build();
         h.send_reply(ctx, 200, &[JSON], body.as_bytes());
     }
 
@@ -990,9 +993,20 @@ impl TxnEngine {
         let stage = op.stage.clone();
         match (&stage, target) {
             (Stage::Voting, Some(i)) => {
+                // A callout cut off by its timeout (the remaining time to the
+                // deadline) comes back as Envoy's 504 or as no answer.
+                let late = h.now_ms() + TICK_SLACK_MS >= op.deadline_ms
+                    && matches!(resp.status, None | Some(504));
                 if let Some(t) = op.targets.get_mut(i) {
                     t.token = None;
-                    let vote = parse_vote(&resp, &t.name);
+                    let vote = if late {
+                        Vote::Abort {
+                            reason: "no answer before the deadline".to_string(),
+                            participant: t.name.clone(),
+                        }
+                    } else {
+                        parse_vote(&resp, &t.name)
+                    };
                     t.vote = Some(vote.clone());
                     if op.kind == OpKind::SubPrepare {
                         let mark = match vote {
@@ -1123,17 +1137,21 @@ impl TxnEngine {
                     _ => None,
                 });
                 let body = if let Some((why, participant)) = abort {
-                    json!({"vote": "abort", "reason": why, "participant": participant})
+                    Obj::new()
+                        .str("vote", "abort")
+                        .str("reason", &why)
+                        .str("participant", &participant)
+                        .build()
                 } else if op.targets.iter().any(|t| t.vote.is_none()) {
                     return;
                 } else if op.targets.iter().any(|t| t.vote == Some(Vote::Commit)) {
-                    json!({"vote": "commit"})
+                    Obj::new().str("vote", "commit").build()
                 } else {
-                    json!({"vote": "readonly"})
+                    Obj::new().str("vote", "readonly").build()
                 };
                 self.ops.remove(&ctx);
                 self.forget_calls(ctx);
-                h.send_reply(ctx, 200, &[JSON], body.to_string().as_bytes());
+                h.send_reply(ctx, 200, &[JSON], body.as_bytes());
             }
             (OpKind::SubFinish(_), Stage::Finishing) => {
                 if op.targets.iter().any(|t| t.vote.is_none()) {
@@ -1346,8 +1364,12 @@ impl TxnEngine {
                     "transaction outcome unknown: etcd did not confirm the decision ({error}; {e}); it will be resolved when etcd is reachable"
                 );
                 h.log(LogLevel::Error, &format!("txn {} in doubt: {msg}", op.txn));
-                let body = json!({"txn": op.txn.to_string(), "outcome": "unknown", "error": msg});
-                h.send_reply(op.ctx, 503, &[JSON], body.to_string().as_bytes());
+                let body = Obj::new()
+                    .str("txn", &op.txn.to_string())
+                    .str("outcome", "unknown")
+                    .str("error", &msg)
+                    .build();
+                h.send_reply(op.ctx, 503, &[JSON], body.as_bytes());
                 self.gauge(h, "txmesh_txn_in_doubt", 1);
                 self.gauge_in_flight(h, -1);
                 self.count_txn(h, "unknown", reason::UNKNOWN);
@@ -1388,7 +1410,11 @@ impl TxnEngine {
             e.phase = Phase::Committed;
             Ok(())
         });
-        h.resume_response(op.ctx, &[(id::OUTCOME_HEADER, "committed")]);
+        let id = op.txn.to_string();
+        h.resume_response(
+            op.ctx,
+            &[(id::OUTCOME_HEADER, "committed"), (id::TXN_HEADER, &id)],
+        );
         self.finish_metrics(h, &op, Outcome::Committed, reason::OK, now);
         self.log_decision(h, &op, Outcome::Committed, reason::OK, "", "", now);
         Self::remember(h, &op.txn, Outcome::Committed);
@@ -1413,17 +1439,21 @@ impl TxnEngine {
             e.phase = Phase::Aborted;
             Ok(())
         });
-        let body = json!({
-            "txn": op.txn.to_string(),
-            "outcome": "aborted",
-            "reason": why,
-            "participant": participant,
-        });
+        let body = Obj::new()
+            .str("txn", &op.txn.to_string())
+            .str("outcome", "aborted")
+            .str("reason", why)
+            .str("participant", participant)
+            .build();
         h.send_reply(
             op.ctx,
             409,
-            &[JSON, (id::OUTCOME_HEADER, "aborted")],
-            body.to_string().as_bytes(),
+            &[
+                JSON,
+                (id::OUTCOME_HEADER, "aborted"),
+                (id::TXN_HEADER, &op.txn.to_string()),
+            ],
+            body.as_bytes(),
         );
         self.finish_metrics(h, op, Outcome::Aborted, r, now);
         self.log_decision(h, op, Outcome::Aborted, r, why, participant, now);

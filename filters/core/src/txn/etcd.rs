@@ -8,8 +8,8 @@
 
 use super::id::TxnId;
 use crate::b64;
+use crate::json::Obj;
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 pub const DECISION_PREFIX: &str = "txmesh/decisions/";
 
@@ -51,15 +51,14 @@ pub struct Decision {
 
 impl Decision {
     pub fn to_json(&self) -> String {
-        json!({
-            "txn": self.txn.to_string(),
-            "outcome": self.outcome.as_str(),
-            "participants": self.participants,
-            "coordinator": self.coordinator,
-            "time_ms": self.time_ms,
-            "reason": self.reason,
-        })
-        .to_string()
+        Obj::new()
+            .str("txn", &self.txn.to_string())
+            .str("outcome", self.outcome.as_str())
+            .strs("participants", &self.participants)
+            .str("coordinator", &self.coordinator)
+            .num("time_ms", self.time_ms)
+            .str("reason", &self.reason)
+            .build()
     }
 }
 
@@ -78,12 +77,28 @@ pub fn outcome_of(value: &[u8]) -> Option<Outcome> {
 /// else read it.
 pub fn cas_create_body(key: &str, value: &str) -> String {
     let k = b64::encode(key.as_bytes());
-    json!({
-        "compare": [{"key": k, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}],
-        "success": [{"request_put": {"key": k, "value": b64::encode(value.as_bytes())}}],
-        "failure": [{"request_range": {"key": k}}],
-    })
-    .to_string()
+    let key_obj = Obj::new().str("key", &k).build();
+    let compare = Obj::new()
+        .str("key", &k)
+        .str("target", "CREATE")
+        .str("create_revision", "0")
+        .str("result", "EQUAL")
+        .build();
+    let put = Obj::new()
+        .str("key", &k)
+        .str("value", &b64::encode(value.as_bytes()))
+        .build();
+    Obj::new()
+        .raw("compare", &format!("[{compare}]"))
+        .raw(
+            "success",
+            &format!("[{}]", Obj::new().raw("request_put", &put).build()),
+        )
+        .raw(
+            "failure",
+            &format!("[{}]", Obj::new().raw("request_range", &key_obj).build()),
+        )
+        .build()
 }
 
 /// What a CAS-create came to.
@@ -95,45 +110,74 @@ pub enum CasResult {
     Exists(Vec<u8>),
 }
 
+#[derive(Deserialize)]
+struct Kv {
+    #[serde(default)]
+    value: String,
+}
+
+#[derive(Deserialize)]
+struct RangeResponse {
+    header: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    kvs: Vec<Kv>,
+}
+
+#[derive(Deserialize)]
+struct TxnOpResponse {
+    #[serde(default)]
+    response_range: Option<RangeResponse>,
+}
+
+#[derive(Deserialize)]
+struct TxnResponse {
+    header: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    succeeded: bool,
+    #[serde(default)]
+    responses: Vec<TxnOpResponse>,
+}
+
+fn no_header(body: &[u8]) -> String {
+    format!("etcd answered without a header: {}", truncate(body))
+}
+
 /// Parses the answer to [`cas_create_body`]. etcd omits `succeeded` when false.
 pub fn parse_cas_response(body: &[u8]) -> Result<CasResult, String> {
-    let v: Value =
+    let v: TxnResponse =
         serde_json::from_slice(body).map_err(|e| format!("etcd answered non-JSON: {e}"))?;
-    if v.get("header").is_none() {
-        return Err(format!(
-            "etcd answered without a header: {}",
-            truncate(body)
-        ));
+    if v.header.is_none() {
+        return Err(no_header(body));
     }
-    if v.get("succeeded").and_then(Value::as_bool) == Some(true) {
+    if v.succeeded {
         return Ok(CasResult::Created);
     }
-    let value = v
-        .pointer("/responses/0/response_range/kvs/0/value")
-        .and_then(Value::as_str)
-        .and_then(b64::decode)
-        .ok_or_else(|| format!("etcd CAS failed but returned no value: {}", truncate(body)))?;
-    Ok(CasResult::Exists(value))
+    v.responses
+        .into_iter()
+        .next()
+        .and_then(|r| r.response_range)
+        .and_then(|r| r.kvs.into_iter().next())
+        .and_then(|kv| b64::decode(&kv.value))
+        .map(CasResult::Exists)
+        .ok_or_else(|| format!("etcd CAS failed but returned no value: {}", truncate(body)))
 }
 
 /// Body of `POST /v3/kv/range` for one key.
 pub fn range_body(key: &str) -> String {
-    json!({"key": b64::encode(key.as_bytes())}).to_string()
+    Obj::new().str("key", &b64::encode(key.as_bytes())).build()
 }
 
 /// The value in an answer to [`range_body`]; `Ok(None)` when absent.
 pub fn parse_range_response(body: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let v: Value =
+    let v: RangeResponse =
         serde_json::from_slice(body).map_err(|e| format!("etcd answered non-JSON: {e}"))?;
-    if v.get("header").is_none() {
-        return Err(format!(
-            "etcd answered without a header: {}",
-            truncate(body)
-        ));
+    if v.header.is_none() {
+        return Err(no_header(body));
     }
-    Ok(v.pointer("/kvs/0/value")
-        .and_then(Value::as_str)
-        .and_then(b64::decode))
+    Ok(v.kvs
+        .into_iter()
+        .next()
+        .and_then(|kv| b64::decode(&kv.value)))
 }
 
 fn truncate(body: &[u8]) -> String {
@@ -146,7 +190,7 @@ mod tests {
 
     #[test]
     fn cas_body_and_responses() {
-        let body: Value = serde_json::from_str(&cas_create_body("k", "v")).unwrap();
+        let body: serde_json::Value = serde_json::from_str(&cas_create_body("k", "v")).unwrap();
         assert_eq!(body["compare"][0]["key"], "aw==");
         assert_eq!(body["compare"][0]["create_revision"], "0");
         assert_eq!(body["success"][0]["request_put"]["value"], "dg==");

@@ -273,7 +273,10 @@ fn commit_with_three_participants() {
         h.resumed.borrow().as_slice(),
         &[(
             1,
-            vec![("x-txmesh-outcome".to_string(), "committed".to_string())]
+            vec![
+                ("x-txmesh-outcome".to_string(), "committed".to_string()),
+                ("x-txmesh-txn".to_string(), txn.to_string())
+            ]
         )]
     );
     // Phase 2 from the tick.
@@ -423,7 +426,7 @@ fn one_participant_commits_in_one_phase() {
     inb.on_request_headers(&h, 9);
     let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
     assert_eq!(st, 200);
-    assert_eq!(body, format!(r#"{{"outcome":"committed","txn":"{txn}"}}"#));
+    assert_eq!(body, format!(r#"{{"txn":"{txn}","outcome":"committed"}}"#));
 }
 
 #[test]
@@ -877,7 +880,7 @@ fn status_reads_etcd_when_not_local() {
     answer(&h, &mut inb, &calls, "etcd", ok(&found));
     let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
     assert_eq!((ctx, st), (5, 200));
-    assert_eq!(body, format!(r#"{{"outcome":"aborted","txn":"{id}"}}"#));
+    assert_eq!(body, format!(r#"{{"txn":"{id}","outcome":"aborted"}}"#));
     // Unknown everywhere.
     h.request(1, "GET", &format!("/txmesh/txns/{id}"), &[]);
     inb.on_request_headers(&h, 6);

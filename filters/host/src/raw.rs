@@ -1,0 +1,260 @@
+//! The proxy-wasm ABI calls txmesh uses, without panics.
+//!
+//! The SDK's `hostcalls` wrappers `panic!` on any status they do not expect
+//! (and on non-UTF-8 header values in the string getters); a panic traps the
+//! VM and takes every stream on it down. These wrappers return `Option`/`bool`
+//! for every status instead. (Callouts still go through the SDK: its
+//! dispatcher must register each callout token.)
+
+#![allow(unsafe_code)]
+
+use std::ptr::{null, null_mut};
+
+pub const MAP_REQUEST_HEADERS: u32 = 0;
+pub const MAP_RESPONSE_HEADERS: u32 = 2;
+pub const MAP_CALL_RESPONSE_HEADERS: u32 = 6;
+pub const BUFFER_CALL_RESPONSE_BODY: u32 = 4;
+pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+pub const STREAM_RESPONSE: u32 = 1;
+pub const STATUS_OK: u32 = 0;
+pub const STATUS_CAS_MISMATCH: u32 = 8;
+
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+}
+
+/// Takes ownership of a buffer the host allocated through
+/// `proxy_on_memory_allocate` (the SDK's allocator).
+unsafe fn take(ptr: *mut u8, size: usize) -> Vec<u8> {
+    if ptr.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(ptr, size, size)
+    }
+}
+
+pub fn get_header(map: u32, name: &str) -> Option<Vec<u8>> {
+    let (mut p, mut n) = (null_mut(), 0usize);
+    // SAFETY: pointers are valid for the call; the host fills p/n on Ok.
+    let status =
+        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut p, &mut n) };
+    (status == STATUS_OK).then(|| unsafe { take(p, n) })
+}
+
+pub fn set_header(map: u32, name: &str, value: Option<&[u8]>) -> bool {
+    // SAFETY: pointers and lengths describe live slices.
+    let status = unsafe {
+        match value {
+            Some(v) => {
+                proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len())
+            }
+            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
+        }
+    };
+    status == STATUS_OK
+}
+
+pub fn get_property(path: &[&str]) -> Option<Vec<u8>> {
+    let mut ser = Vec::new();
+    for (i, part) in path.iter().enumerate() {
+        if i > 0 {
+            ser.push(0);
+        }
+        ser.extend_from_slice(part.as_bytes());
+    }
+    let (mut p, mut n) = (null_mut(), 0usize);
+    // SAFETY: as above.
+    let status = unsafe { proxy_get_property(ser.as_ptr(), ser.len(), &mut p, &mut n) };
+    if status != STATUS_OK || p.is_null() {
+        return None;
+    }
+    Some(unsafe { take(p, n) })
+}
+
+pub fn get_shared(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    let (mut p, mut n, mut cas) = (null_mut(), 0usize, 0u32);
+    // SAFETY: as above.
+    let status =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut p, &mut n, &mut cas) };
+    if status != STATUS_OK {
+        return (None, None);
+    }
+    let value = (!p.is_null()).then(|| unsafe { take(p, n) });
+    (value, (cas != 0).then_some(cas))
+}
+
+/// `Ok`, `Err(true)` on CAS mismatch, `Err(false)` on any other failure.
+pub fn set_shared(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+    // SAFETY: as above.
+    let status = unsafe {
+        proxy_set_shared_data(
+            key.as_ptr(),
+            key.len(),
+            value.as_ptr(),
+            value.len(),
+            cas.unwrap_or(0),
+        )
+    };
+    match status {
+        STATUS_OK => Ok(()),
+        STATUS_CAS_MISMATCH => Err(true),
+        _ => Err(false),
+    }
+}
+
+pub fn define_metric(kind: u32, name: &str) -> Result<u32, u32> {
+    let mut id = 0u32;
+    // SAFETY: as above.
+    let status = unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) };
+    if status == STATUS_OK {
+        Ok(id)
+    } else {
+        Err(status)
+    }
+}
+
+pub fn increment_metric(id: u32, delta: i64) -> u32 {
+    // SAFETY: plain values.
+    unsafe { proxy_increment_metric(id, delta) }
+}
+
+pub fn record_metric(id: u32, value: u64) -> u32 {
+    // SAFETY: plain values.
+    unsafe { proxy_record_metric(id, value) }
+}
+
+pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Vec<u8> {
+    let (mut p, mut n) = (null_mut(), 0usize);
+    // SAFETY: as above.
+    let status = unsafe { proxy_get_buffer_bytes(buffer, start, max, &mut p, &mut n) };
+    if status != STATUS_OK {
+        return Vec::new();
+    }
+    unsafe { take(p, n) }
+}
+
+fn serialize_map(map: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    for (k, v) in map {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in map {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+pub fn send_local_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
+    let h = serialize_map(headers);
+    // SAFETY: as above.
+    let s = unsafe {
+        proxy_send_local_response(
+            u32::from(status),
+            null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            h.as_ptr(),
+            h.len(),
+            -1,
+        )
+    };
+    s == STATUS_OK
+}
+
+pub fn continue_response() -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_continue_stream(STREAM_RESPONSE) == STATUS_OK }
+}
+
+pub fn set_effective_context(id: u32) -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_set_effective_context(id) == STATUS_OK }
+}
+
+pub fn now_nanos() -> u64 {
+    let mut t = 0u64;
+    // SAFETY: as above.
+    unsafe {
+        proxy_get_current_time_nanoseconds(&mut t);
+    }
+    t
+}
+
+/// Levels: 0 trace, 1 debug, 2 info, 3 warn, 4 error, 5 critical.
+pub fn log(level: u32, msg: &str) {
+    // SAFETY: as above.
+    unsafe {
+        proxy_log(level, msg.as_ptr(), msg.len());
+    }
+}

@@ -1,0 +1,369 @@
+//! txmesh_txn.wasm on real Envoy sidecars (separate processes, --concurrency 2),
+//! real etcd, real participant HTTP servers.
+
+use serde_json::{json, Value};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use txmesh_tests::envoy::Envoy;
+use txmesh_tests::{wait_for, Client, Downstream, Etcd, Filter, Resp, Sidecar, TxnApp, Vote};
+
+fn txn_cfg(node: &str) -> Value {
+    json!({
+        "begin": [{"method": "POST", "path_prefix": "/checkout"}],
+        "default_timeout_ms": 2000,
+        "node": node,
+    })
+}
+
+fn sidecar(name: &str, app: &TxnApp, etcd_addr: std::net::SocketAddr) -> Sidecar {
+    Sidecar::new(name)
+        .app(&app.server)
+        .etcd_addr(etcd_addr)
+        .filter(Filter::txn(txn_cfg(name)))
+}
+
+/// order -> {payment, inventory}, each app behind its own sidecar.
+struct Shop {
+    etcd: Etcd,
+    order: TxnApp,
+    payment: TxnApp,
+    inventory: TxnApp,
+    order_sc: Envoy,
+    _payment_sc: Envoy,
+    _inventory_sc: Envoy,
+    client: Client,
+}
+
+impl Shop {
+    fn start(payment_vote: Vote, inventory_vote: Vote) -> Self {
+        let etcd = Etcd::start();
+        let calls = Arc::new(RwLock::new(Vec::new()));
+        let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+        let payment = TxnApp::start("payment", payment_vote);
+        let inventory = TxnApp::start("inventory", inventory_vote);
+        let payment_sc = sidecar("payment", &payment, etcd.addr()).start();
+        let inventory_sc = sidecar("inventory", &inventory, etcd.addr()).start();
+        let order_sc = sidecar("order", &order, etcd.addr())
+            .route("payment", &[payment_sc.inbound_addr()])
+            .route("inventory", &[inventory_sc.inbound_addr()])
+            .start();
+        *calls.write().unwrap() = ["payment", "inventory"]
+            .iter()
+            .map(|h| Downstream {
+                host: h.to_string(),
+                outbound_port: order_sc.ports.outbound,
+            })
+            .collect();
+        Shop {
+            etcd,
+            order,
+            payment,
+            inventory,
+            order_sc,
+            _payment_sc: payment_sc,
+            _inventory_sc: inventory_sc,
+            client: Client::new(),
+        }
+    }
+
+    fn checkout(&self) -> Resp {
+        self.client.must(
+            "POST",
+            &self.order_sc.inbound_url("/checkout"),
+            &[("content-type", "application/json")],
+            b"{\"sku\":\"widget\"}",
+        )
+    }
+
+    fn apps(&self) -> [&TxnApp; 3] {
+        [&self.order, &self.payment, &self.inventory]
+    }
+}
+
+fn txn_of(r: &Resp) -> String {
+    r.header("x-txmesh-txn")
+        .unwrap_or_else(|| panic!("no x-txmesh-txn on the response: {r:?}"))
+        .to_string()
+}
+
+/// Sends raw bytes as an HTTP/1.1 request and returns the raw response head.
+fn raw_request(port: u16, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn decision(etcd: &Etcd, txn: &str) -> Option<Value> {
+    etcd.get(&format!("txmesh/decisions/{txn}"))
+        .map(|v| serde_json::from_str(&v).unwrap())
+}
+
+#[test]
+fn three_participants_commit() {
+    let shop = Shop::start(Vote::Commit, Vote::Commit);
+    let r = shop.checkout();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+    let txn = txn_of(&r);
+    assert_eq!(txn.len(), 32);
+    // etcd holds the commit decision, naming every participant.
+    let d = decision(&shop.etcd, &txn).expect("decision in etcd");
+    assert_eq!(d["outcome"], "committed");
+    assert_eq!(d["coordinator"], "order");
+    let mut names: Vec<String> = d["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["inventory", "order", "payment"]);
+    // Each participant: one business call, exactly one prepare, then one commit.
+    for app in shop.apps() {
+        wait_for(10, &format!("{} commit", app.name), || {
+            (app.record(&txn).commits == 1).then_some(())
+        });
+        let rec = app.record(&txn);
+        assert_eq!(
+            (rec.business, rec.prepares, rec.commits, rec.aborts),
+            (1, 1, 1, 0),
+            "{}: {rec:?}",
+            app.name
+        );
+        assert!(app.errors().is_empty(), "{:?}", app.errors());
+    }
+    // The order app saw the transaction headers the sidecar minted.
+    let first = &shop.order.server.requests_to("/checkout")[0];
+    assert_eq!(first.header("x-txmesh-txn").as_deref(), Some(txn.as_str()));
+    assert!(first
+        .header("x-txmesh-deadline")
+        .unwrap()
+        .parse::<u64>()
+        .is_ok());
+    // And the status endpoint knows.
+    let s = shop.client.must(
+        "GET",
+        &shop.order_sc.inbound_url(&format!("/txmesh/txns/{txn}")),
+        &[],
+        b"",
+    );
+    assert_eq!(s.json(), json!({"txn": txn, "outcome": "committed"}));
+}
+
+#[test]
+fn one_no_vote_aborts_everyone_and_names_who() {
+    let shop = Shop::start(Vote::Commit, Vote::No("out_of_stock".into()));
+    let r = shop.checkout();
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.header("x-txmesh-outcome"), Some("aborted"));
+    let v = r.json();
+    assert_eq!(v["outcome"], "aborted");
+    assert_eq!(v["reason"], "out_of_stock");
+    assert_eq!(v["participant"], "inventory");
+    let txn = v["txn"].as_str().unwrap().to_string();
+    for app in shop.apps() {
+        wait_for(10, &format!("{} abort", app.name), || {
+            (app.record(&txn).aborts >= 1).then_some(())
+        });
+        assert_eq!(app.record(&txn).commits, 0, "{} got a commit", app.name);
+    }
+    // Someone voted yes, so the abort is recorded for in-doubt participants.
+    wait_for(10, "abort record", || {
+        decision(&shop.etcd, &txn).filter(|d| d["outcome"] == "aborted")
+    });
+}
+
+#[test]
+fn a_stalled_participant_aborts_at_the_deadline() {
+    let shop = Shop::start(Vote::Stall(Duration::from_millis(3500)), Vote::Commit);
+    let t = std::time::Instant::now();
+    let r = shop.checkout();
+    let took = t.elapsed();
+    assert_eq!(r.status, 409, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["participant"], "payment");
+    assert_eq!(v["reason"], "no answer before the deadline");
+    assert!(
+        took < Duration::from_millis(3400),
+        "answered after {took:?}: the deadline is 2 s"
+    );
+    let txn = v["txn"].as_str().unwrap().to_string();
+    for app in shop.apps() {
+        wait_for(15, &format!("{} abort", app.name), || {
+            (app.record(&txn).aborts >= 1).then_some(())
+        });
+        assert_eq!(app.record(&txn).commits, 0);
+    }
+}
+
+#[test]
+fn app_error_aborts_without_prepare() {
+    let shop = Shop::start(Vote::Commit, Vote::Commit);
+    shop.order.set_business_status(500);
+    let r = shop.checkout();
+    assert_eq!(r.status, 409, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["reason"], "the app answered 500");
+    assert_eq!(v["participant"], "order");
+    let txn = v["txn"].as_str().unwrap().to_string();
+    for app in shop.apps() {
+        wait_for(10, &format!("{} abort", app.name), || {
+            (app.record(&txn).aborts >= 1).then_some(())
+        });
+        let rec = app.record(&txn);
+        assert_eq!((rec.prepares, rec.commits), (0, 0), "{}: {rec:?}", app.name);
+    }
+    assert_eq!(
+        decision(&shop.etcd, &txn),
+        None,
+        "presumed abort: nothing written"
+    );
+}
+
+#[test]
+fn a_readonly_voter_gets_no_phase_two() {
+    let shop = Shop::start(Vote::Commit, Vote::ReadOnly);
+    let r = shop.checkout();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let txn = txn_of(&r);
+    for app in [&shop.order, &shop.payment] {
+        wait_for(10, &format!("{} commit", app.name), || {
+            (app.record(&txn).commits == 1).then_some(())
+        });
+    }
+    // Give phase 2 time to (wrongly) reach inventory.
+    std::thread::sleep(Duration::from_millis(500));
+    let rec = shop.inventory.record(&txn);
+    assert_eq!(
+        (rec.prepares, rec.commits, rec.aborts),
+        (1, 0, 0),
+        "{rec:?}"
+    );
+}
+
+#[test]
+fn malformed_ids_and_deadlines_are_rejected_and_never_forwarded() {
+    let shop = Shop::start(Vote::Commit, Vote::Commit);
+    let past = "1000";
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("x-txmesh-txn", "0AF7651916CD43DD8448EB211C80319C")],
+            "invalid x-txmesh-txn",
+        ),
+        (
+            &[("x-txmesh-txn", "00000000000000000000000000000000")],
+            "must not be all zero",
+        ),
+        (&[("x-txmesh-txn", "abc")], "32 lowercase hex"),
+        (
+            &[("baggage", "txmesh.txn=nothex")],
+            "invalid baggage member txmesh.txn",
+        ),
+        (&[("x-txmesh-deadline", past)], "is in the past"),
+        (
+            &[("x-txmesh-deadline", "tomorrow")],
+            "invalid x-txmesh-deadline",
+        ),
+    ];
+    for (headers, msg) in cases {
+        for url in [
+            shop.order_sc.inbound_url("/checkout"),
+            shop.order_sc.outbound_url("/work"),
+        ] {
+            let mut h = headers.to_vec();
+            h.push(("host", "payment"));
+            // A begin on the inbound side needs no id; outbound needs one for the deadline case.
+            if url.contains(&shop.order_sc.ports.outbound.to_string())
+                && h.iter()
+                    .all(|(k, _)| *k != "x-txmesh-txn" && *k != "baggage")
+            {
+                h.push(("x-txmesh-txn", "0af7651916cd43dd8448eb211c80319c"));
+            }
+            let r = shop.client.must("POST", &url, &h, b"{}");
+            assert_eq!(r.status, 400, "{url} {h:?}: {}", r.text());
+            let err = r.json()["error"].as_str().unwrap().to_string();
+            assert!(err.contains(msg), "{url} {h:?}: {err}");
+        }
+    }
+    // Nothing reached any app.
+    for app in shop.apps() {
+        assert_eq!(app.server.count(), 0, "{} saw a rejected request", app.name);
+    }
+    // Bytes that are not UTF-8 in the id: read as bytes, rejected, no crash.
+    let raw = raw_request(
+        shop.order_sc.ports.inbound,
+        b"POST /checkout HTTP/1.1\r\nhost: x\r\nx-txmesh-txn: \xff\xfe0af7651916cd43dd8448eb211c8031\r\ncontent-length: 0\r\n\r\n",
+    );
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    // The sidecar still works afterwards.
+    assert_eq!(shop.checkout().status, 200);
+    assert_eq!(shop.order.server.requests_to("/checkout").len(), 1);
+    for app in shop.apps() {
+        wait_for(10, "phase 2", || (app.server.count() == 3).then_some(()));
+    }
+}
+
+#[test]
+fn etcd_down_aborts_new_transactions_and_nobody_commits() {
+    let mut shop = Shop::start(Vote::Commit, Vote::Commit);
+    shop.etcd.stop();
+    for _ in 0..3 {
+        let r = shop.checkout();
+        assert_eq!(r.status, 409, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["outcome"], "aborted");
+        assert!(
+            v["reason"].as_str().unwrap().contains("etcd unavailable"),
+            "{v}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    for app in shop.apps() {
+        for (txn, rec) in app.records() {
+            assert_eq!(
+                rec.commits, 0,
+                "{} committed {txn} without a durable decision",
+                app.name
+            );
+            assert!(
+                rec.aborts >= 1,
+                "{} never got abort for {txn}: {rec:?}",
+                app.name
+            );
+        }
+    }
+}
+
+#[test]
+fn status_of_unknown_and_bad_ids() {
+    let shop = Shop::start(Vote::Commit, Vote::Commit);
+    let url = |p: &str| shop.order_sc.inbound_url(p);
+    let r = shop.client.must(
+        "GET",
+        &url("/txmesh/txns/0af7651916cd43dd8448eb211c80319c"),
+        &[],
+        b"",
+    );
+    assert_eq!(
+        r.json(),
+        json!({"txn": "0af7651916cd43dd8448eb211c80319c", "outcome": "unknown"})
+    );
+    let r = shop.client.must("GET", &url("/txmesh/txns/nope"), &[], b"");
+    assert_eq!(r.status, 400);
+    // An abort decision written by someone else is reported.
+    shop.etcd.put(
+        "txmesh/decisions/1af7651916cd43dd8448eb211c80319c",
+        r#"{"outcome":"aborted"}"#,
+    );
+    let r = shop.client.must(
+        "GET",
+        &url("/txmesh/txns/1af7651916cd43dd8448eb211c80319c"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.json()["outcome"], "aborted");
+}

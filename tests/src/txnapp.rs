@@ -1,0 +1,263 @@
+//! A participant app for transaction tests: a real HTTP server implementing
+//! the three participant endpoints, recording every call per transaction,
+//! voting as told, and (for initiators and middle tiers) calling other
+//! services through its sidecar's outbound listener, forwarding only
+//! `x-txmesh-txn` as the protocol asks of apps.
+
+use crate::http::Client;
+use crate::upstream::{Recorded, Reply, Upstream};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// How a participant answers `/txmesh/prepare`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Vote {
+    Commit,
+    ReadOnly,
+    /// `{"vote":"abort","reason":...}`
+    No(String),
+    /// Answers commit after this long (past the deadline: a stall).
+    Stall(Duration),
+    /// Answers with this HTTP status and no vote.
+    Fail(u16),
+}
+
+type VoteFn = Arc<dyn Fn(&str) -> Vote + Send + Sync>;
+
+/// Per-transaction record of one participant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TxnRecord {
+    pub business: u32,
+    pub prepares: u32,
+    pub commits: u32,
+    pub aborts: u32,
+    pub voted: Option<String>,
+}
+
+impl TxnRecord {
+    /// The state the participant ended in: committed, aborted, or prepared (in doubt).
+    pub fn state(&self) -> &'static str {
+        if self.commits > 0 {
+            "committed"
+        } else if self.aborts > 0 {
+            "aborted"
+        } else if self.voted.as_deref() == Some("commit") {
+            "prepared"
+        } else {
+            "none"
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    txns: BTreeMap<String, TxnRecord>,
+    /// Calls to control paths without a transaction header, or other oddities.
+    errors: Vec<String>,
+}
+
+pub struct TxnApp {
+    pub name: String,
+    pub server: Upstream,
+    state: Arc<Mutex<State>>,
+    vote: Arc<RwLock<VoteFn>>,
+    business_status: Arc<RwLock<u16>>,
+}
+
+/// A downstream call the app makes on each business request: `Host: host`
+/// through `outbound` (the app's sidecar outbound listener).
+#[derive(Clone, Debug)]
+pub struct Downstream {
+    pub host: String,
+    pub outbound_port: u16,
+}
+
+impl TxnApp {
+    pub fn start(name: &str, vote: Vote) -> Self {
+        Self::calling(name, vote, Arc::new(RwLock::new(Vec::new())))
+    }
+
+    /// An app that calls `downstream` (filled in later, once the sidecars
+    /// exist) on every business request.
+    pub fn calling(name: &str, vote: Vote, downstream: Arc<RwLock<Vec<Downstream>>>) -> Self {
+        let state = Arc::new(Mutex::new(State::default()));
+        let v = vote.clone();
+        let vote: Arc<RwLock<VoteFn>> = Arc::new(RwLock::new(Arc::new(move |_: &str| v.clone())));
+        let business_status = Arc::new(RwLock::new(200u16));
+        let (st, vf, bs, nm) = (
+            state.clone(),
+            vote.clone(),
+            business_status.clone(),
+            name.to_string(),
+        );
+        let client = Client::new();
+        let server =
+            Upstream::with(move |r: &Recorded| handle(r, &nm, &st, &vf, &bs, &downstream, &client));
+        Self {
+            name: name.to_string(),
+            server,
+            state,
+            vote,
+            business_status,
+        }
+    }
+
+    /// Votes by transaction id (for mixed-outcome runs).
+    pub fn vote_by(&self, f: impl Fn(&str) -> Vote + Send + Sync + 'static) {
+        *self.vote.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(f);
+    }
+
+    pub fn set_vote(&self, v: Vote) {
+        self.vote_by(move |_| v.clone());
+    }
+
+    /// The status business requests answer with (default 200).
+    pub fn set_business_status(&self, s: u16) {
+        *self
+            .business_status
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    pub fn record(&self, txn: &str) -> TxnRecord {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .txns
+            .get(txn)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn records(&self) -> BTreeMap<String, TxnRecord> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .txns
+            .clone()
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .errors
+            .clone()
+    }
+
+    /// Control calls (prepare/commit/abort) received in total.
+    pub fn control_calls(&self) -> u32 {
+        self.records()
+            .values()
+            .map(|r| r.prepares + r.commits + r.aborts)
+            .sum()
+    }
+}
+
+fn handle(
+    r: &Recorded,
+    name: &str,
+    state: &Mutex<State>,
+    vote: &RwLock<VoteFn>,
+    business_status: &RwLock<u16>,
+    downstream: &RwLock<Vec<Downstream>>,
+    client: &Client,
+) -> Reply {
+    let txn = r.header("x-txmesh-txn");
+    let path = r.path.split('?').next().unwrap_or("").to_string();
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    if path.starts_with("/txmesh/") {
+        let Some(txn) = txn else {
+            lock().errors.push(format!("{path} without x-txmesh-txn"));
+            return Reply::status(400);
+        };
+        match path.as_str() {
+            "/txmesh/prepare" => {
+                let v = (vote.read().unwrap_or_else(|e| e.into_inner()))(&txn);
+                let (reply, voted) = match v {
+                    Vote::Commit => (
+                        Reply::ok().json(serde_json::json!({"vote": "commit"})),
+                        "commit",
+                    ),
+                    Vote::ReadOnly => (
+                        Reply::ok().json(serde_json::json!({"vote": "readonly"})),
+                        "readonly",
+                    ),
+                    Vote::No(reason) => (
+                        Reply::ok().json(serde_json::json!({"vote": "abort", "reason": reason})),
+                        "abort",
+                    ),
+                    Vote::Stall(d) => {
+                        std::thread::sleep(d);
+                        (
+                            Reply::ok().json(serde_json::json!({"vote": "commit"})),
+                            "commit",
+                        )
+                    }
+                    Vote::Fail(s) => (Reply::status(s), "fail"),
+                };
+                let mut st = lock();
+                let rec = st.txns.entry(txn).or_default();
+                rec.prepares += 1;
+                // A prepare that arrives after an abort is refused (no hanging reservation).
+                if rec.aborts > 0 {
+                    rec.voted = Some("abort".into());
+                    return Reply::ok()
+                        .json(serde_json::json!({"vote": "abort", "reason": "already aborted"}));
+                }
+                rec.voted = Some(voted.into());
+                reply
+            }
+            "/txmesh/commit" => {
+                let mut st = lock();
+                let rec = st.txns.entry(txn.clone()).or_default();
+                rec.commits += 1;
+                if rec.aborts > 0 {
+                    st.errors
+                        .push(format!("{name}: commit after abort for {txn}"));
+                }
+                Reply::ok()
+            }
+            "/txmesh/abort" => {
+                let mut st = lock();
+                let rec = st.txns.entry(txn.clone()).or_default();
+                rec.aborts += 1;
+                if rec.commits > 0 {
+                    st.errors
+                        .push(format!("{name}: abort after commit for {txn}"));
+                }
+                Reply::ok()
+            }
+            other => Reply::status(404).body(format!("{other}?")),
+        }
+    } else {
+        if let Some(t) = &txn {
+            lock().txns.entry(t.clone()).or_default().business += 1;
+        }
+        let calls = downstream.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut failed = Vec::new();
+        for d in calls {
+            let mut headers = vec![("host", d.host.as_str())];
+            if let Some(t) = &txn {
+                headers.push(("x-txmesh-txn", t.as_str()));
+            }
+            let url = format!("http://127.0.0.1:{}/work", d.outbound_port);
+            match client.request("POST", &url, &headers, b"{}") {
+                Ok(resp) if (200..300).contains(&resp.status) => {}
+                Ok(resp) => failed.push(format!(
+                    "{} answered {}: {}",
+                    d.host,
+                    resp.status,
+                    resp.text()
+                )),
+                Err(e) => failed.push(format!("{}: {e}", d.host)),
+            }
+        }
+        if !failed.is_empty() {
+            return Reply::status(502).body(failed.join("; "));
+        }
+        let status = *business_status.read().unwrap_or_else(|e| e.into_inner());
+        Reply::status(status).json(serde_json::json!({"service": name, "txn": txn}))
+    }
+}
