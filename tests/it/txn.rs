@@ -367,3 +367,215 @@ fn status_of_unknown_and_bad_ids() {
     );
     assert_eq!(r.json()["outcome"], "aborted");
 }
+
+/// A -> B -> C: B's sidecar is a sub-coordinator for C.
+struct Chain {
+    etcd: Etcd,
+    a: TxnApp,
+    b: TxnApp,
+    c: TxnApp,
+    a_sc: Envoy,
+    _b_sc: Envoy,
+    _c_sc: Envoy,
+}
+
+impl Chain {
+    fn start(c_vote: Vote) -> Self {
+        let etcd = Etcd::start();
+        let a_calls = Arc::new(RwLock::new(Vec::new()));
+        let b_calls = Arc::new(RwLock::new(Vec::new()));
+        let a = TxnApp::calling("a", Vote::Commit, a_calls.clone());
+        let b = TxnApp::calling("b", Vote::Commit, b_calls.clone());
+        let c = TxnApp::start("c", c_vote);
+        let c_sc = sidecar("c", &c, etcd.addr()).start();
+        let b_sc = sidecar("b", &b, etcd.addr())
+            .route("c", &[c_sc.inbound_addr()])
+            .start();
+        let a_sc = sidecar("a", &a, etcd.addr())
+            .route("b", &[b_sc.inbound_addr()])
+            .start();
+        *a_calls.write().unwrap() = vec![Downstream {
+            host: "b".into(),
+            outbound_port: a_sc.ports.outbound,
+        }];
+        *b_calls.write().unwrap() = vec![Downstream {
+            host: "c".into(),
+            outbound_port: b_sc.ports.outbound,
+        }];
+        Chain { etcd, a, b, c, a_sc, _b_sc: b_sc, _c_sc: c_sc }
+    }
+}
+
+#[test]
+fn depth_three_commits() {
+    let chain = Chain::start(Vote::Commit);
+    let r = Client::new().must("POST", &chain.a_sc.inbound_url("/checkout"), &[], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let txn = txn_of(&r);
+    for app in [&chain.a, &chain.b, &chain.c] {
+        wait_for(10, &format!("{} commit", app.name), || {
+            (app.record(&txn).commits == 1).then_some(())
+        });
+        let rec = app.record(&txn);
+        assert_eq!((rec.business, rec.prepares, rec.commits, rec.aborts), (1, 1, 1, 0), "{}: {rec:?}", app.name);
+    }
+    // The root knows only its direct participant; b answered for c.
+    let d = decision(&chain.etcd, &txn).unwrap();
+    assert_eq!(d["participants"], json!(["b", "a"]));
+}
+
+#[test]
+fn depth_three_aborts_when_the_leaf_says_no() {
+    let chain = Chain::start(Vote::No("insufficient_funds".into()));
+    let r = Client::new().must("POST", &chain.a_sc.inbound_url("/checkout"), &[], b"{}");
+    assert_eq!(r.status, 409, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["reason"], "insufficient_funds");
+    assert_eq!(v["participant"], "c", "the sub-coordinator passes up who said no");
+    let txn = v["txn"].as_str().unwrap().to_string();
+    for app in [&chain.a, &chain.b, &chain.c] {
+        wait_for(10, &format!("{} abort", app.name), || {
+            (app.record(&txn).aborts >= 1).then_some(())
+        });
+        assert_eq!(app.record(&txn).commits, 0, "{}", app.name);
+    }
+}
+
+#[test]
+fn two_hundred_concurrent_transactions_agree_with_etcd() {
+    let shop = Shop::start(Vote::Commit, Vote::Commit);
+    // inventory says no for a quarter of the ids, payment for another eighth.
+    shop.inventory.vote_by(|t| {
+        if t.ends_with(['0', '1', '2', '3']) {
+            Vote::No("out_of_stock".into())
+        } else {
+            Vote::Commit
+        }
+    });
+    shop.payment.vote_by(|t| {
+        if t.ends_with(['4', '5']) {
+            Vote::No("insufficient_funds".into())
+        } else {
+            Vote::Commit
+        }
+    });
+    let outcomes: Vec<(String, u16)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..25)
+                        .map(|_| {
+                            let r = shop.checkout();
+                            let txn = r.header("x-txmesh-txn").map(str::to_string).unwrap_or_else(|| {
+                                r.json()["txn"].as_str().unwrap_or_else(|| panic!("{}", r.text())).to_string()
+                            });
+                            (txn, r.status)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(outcomes.len(), 200);
+    let committed = outcomes.iter().filter(|(_, s)| *s == 200).count();
+    let aborted = outcomes.iter().filter(|(_, s)| *s == 409).count();
+    assert_eq!(committed + aborted, 200, "{outcomes:?}");
+    assert!(committed > 50 && aborted > 50, "{committed} committed, {aborted} aborted");
+    // Wait for phase 2 to finish everywhere.
+    wait_for(30, "phase 2 everywhere", || {
+        outcomes
+            .iter()
+            .all(|(t, s)| {
+                shop.apps().iter().all(|a| {
+                    let st = a.record(t).state();
+                    if *s == 200 { st == "committed" || a.record(t).voted.as_deref() == Some("readonly") } else { st == "aborted" || st == "none" }
+                })
+            })
+            .then_some(())
+    });
+    for (txn, status) in &outcomes {
+        let d = decision(&shop.etcd, txn);
+        let want = if *status == 200 { "committed" } else { "aborted" };
+        if *status == 200 {
+            assert_eq!(d.as_ref().map(|d| d["outcome"].clone()), Some(json!("committed")), "{txn}");
+        } else if let Some(d) = &d {
+            assert_eq!(d["outcome"], "aborted", "{txn}");
+        }
+        for app in shop.apps() {
+            let rec = app.record(txn);
+            assert!(rec.prepares <= 1 && rec.commits <= 1, "{}: {txn} {rec:?}", app.name);
+            match want {
+                "committed" => assert_eq!(rec.state(), "committed", "{} {txn} {rec:?}", app.name),
+                _ => assert_eq!(rec.commits, 0, "{} committed aborted {txn}", app.name),
+            }
+        }
+    }
+    for app in shop.apps() {
+        assert!(app.errors().is_empty(), "{}: {:?}", app.name, app.errors());
+    }
+    // Every slot was freed: the tables are empty again.
+    let s = shop.order_sc.scrape();
+    assert_eq!(s.value("txmesh_txn_in_flight", &[]), 0.0);
+    assert_eq!(
+        s.sum("txmesh_txn_total", &[("outcome", "committed")]),
+        committed as f64
+    );
+    assert_eq!(s.sum("txmesh_txn_total", &[("outcome", "aborted")]), aborted as f64);
+}
+
+#[test]
+fn a_full_table_sheds_new_transactions_and_existing_ones_finish() {
+    let etcd = Etcd::start();
+    let app = TxnApp::start("order", Vote::Stall(Duration::from_millis(800)));
+    let mut cfg = txn_cfg("order");
+    cfg["max_in_flight"] = json!(2);
+    let sc = Sidecar::new("order")
+        .app(&app.server)
+        .etcd(&etcd)
+        .filter(Filter::txn(cfg))
+        .start();
+    let url = sc.inbound_url("/checkout");
+    let results: Vec<u16> = std::thread::scope(|s| {
+        let slow: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| Client::new().must("POST", &url, &[], b"").status))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let r = Client::new().must("POST", &url, &[], b"");
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(
+            r.json()["error"],
+            "transaction table full: 2 transactions in flight in this sidecar (max_in_flight); retry later"
+        );
+        slow.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results, [200, 200]);
+    // Slots are reused.
+    app.set_vote(Vote::Commit);
+    for _ in 0..10 {
+        assert_eq!(Client::new().must("POST", &url, &[], b"").status, 200);
+    }
+}
+
+#[test]
+fn decisions_are_logged_with_the_trace_id() {
+    let shop = Shop::start(Vote::Commit, Vote::Commit);
+    let r = shop.client.must(
+        "POST",
+        &shop.order_sc.inbound_url("/checkout"),
+        &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+        b"{}",
+    );
+    assert_eq!(r.status, 200);
+    let txn = txn_of(&r);
+    let line = wait_for(5, "decision log line", || {
+        shop.order_sc
+            .log()
+            .lines()
+            .find(|l| l.contains(&format!("txn {txn} committed")))
+            .map(str::to_string)
+    });
+    assert!(line.contains("trace=4bf92f3577b34da6a3ce929d0e0e4736"), "{line}");
+    assert!(line.contains("participants=payment:commit,inventory:commit,order:commit"), "{line}");
+    assert!(line.contains("prepare_ms="), "{line}");
+}
