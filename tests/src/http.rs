@@ -38,6 +38,16 @@ impl Default for Client {
 }
 
 impl Client {
+    /// A client that keeps connections open (for load generation).
+    pub fn keep_alive() -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Self { agent }
+    }
+
     pub fn new() -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)

@@ -1,0 +1,194 @@
+//! The cost of a transaction: a 3-participant checkout (order -> payment,
+//! inventory) through txmesh sidecars, with transactions (`POST /checkout`,
+//! a begin rule) and without (`POST /plain`: the same sidecars, apps and calls,
+//! no transaction), measured alternately in one run.
+//!
+//! Run: `make bench-txn` (or `cargo run --profile bench-native -p txmesh-tests --bin bench-txn -- [secs] [clients] [rounds]`).
+
+use serde_json::json;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use txmesh_tests::{Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+
+struct Run {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    ok: usize,
+    errors: usize,
+}
+
+fn load(url: &str, secs: u64, clients: usize) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(|| {
+                    let c = Client::keep_alive();
+                    let mut lat = Vec::new();
+                    let mut errors = 0;
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        match c.request("POST", url, &[("content-type", "application/json")], b"{}")
+                        {
+                            Ok(r) if r.status == 200 => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                            _ => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut lat: Vec<f64> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
+    let errors = results.iter().map(|(_, e)| e).sum();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Run {
+        rps: lat.len() as f64 / secs as f64,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        ok: lat.len(),
+        errors,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let secs = args.first().copied().unwrap_or(5);
+    let clients = args.get(1).copied().unwrap_or(8) as usize;
+    let rounds = args.get(2).copied().unwrap_or(5) as usize;
+
+    let etcd = Etcd::start();
+    let cfg = |node: &str| {
+        json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": node,
+               "default_timeout_ms": 5000, "max_in_flight": 4096})
+    };
+    let calls = Arc::new(RwLock::new(Vec::new()));
+    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+    let payment = TxnApp::start("payment", Vote::Commit);
+    let inventory = TxnApp::start("inventory", Vote::Commit);
+    let side = |n: &str, app: &TxnApp| {
+        Sidecar::new(n)
+            .app(&app.server)
+            .etcd(&etcd)
+            .filter(Filter::txn(cfg(n)))
+    };
+    let pay_sc = side("payment", &payment).start();
+    let inv_sc = side("inventory", &inventory).start();
+    let order_sc = side("order", &order)
+        .route("payment", &[pay_sc.inbound_addr()])
+        .route("inventory", &[inv_sc.inbound_addr()])
+        .start();
+    *calls.write().unwrap() = ["payment", "inventory"]
+        .iter()
+        .map(|h| Downstream {
+            host: h.to_string(),
+            outbound_port: order_sc.ports.outbound,
+        })
+        .collect();
+    let plain = order_sc.inbound_url("/plain");
+    let txn = order_sc.inbound_url("/checkout");
+    // Warm up both paths.
+    load(&plain, 1, clients);
+    load(&txn, 1, clients);
+
+    println!("# 3-participant checkout; {secs} s per run; {rounds} rounds, plain and txn alternating (A B A B ...)");
+    println!(
+        "# machine: {} cores; every sidecar Envoy --concurrency 2; etcd: 1 member on loopback",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    for level in [1usize, clients] {
+        println!("\n## {level} closed-loop client(s)\n");
+        println!(
+            "{:<6} {:<6} {:>9} {:>8} {:>8} {:>7} {:>6}",
+            "round", "config", "req/s", "p50 ms", "p99 ms", "ok", "errors"
+        );
+        let (mut a, mut b): (Vec<Run>, Vec<Run>) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            for (name, url, dst) in [("plain", &plain, &mut a), ("txn", &txn, &mut b)] {
+                let run = load(url, secs, level);
+                println!(
+                    "{:<6} {:<6} {:>9.1} {:>8.2} {:>8.2} {:>7} {:>6}",
+                    r + 1,
+                    name,
+                    run.rps,
+                    run.p50,
+                    run.p99,
+                    run.ok,
+                    run.errors
+                );
+                dst.push(run);
+            }
+        }
+        let m = |v: &Vec<Run>, f: fn(&Run) -> f64| median(v.iter().map(f).collect());
+        let (arps, brps) = (m(&a, |r| r.rps), m(&b, |r| r.rps));
+        let (a50, b50) = (m(&a, |r| r.p50), m(&b, |r| r.p50));
+        let (a99, b99) = (m(&a, |r| r.p99), m(&b, |r| r.p99));
+        println!();
+        println!("| {level} client(s), median of {rounds} | no transaction | txmesh transaction | ratio txn/plain |");
+        println!("| --- | ---: | ---: | ---: |");
+        println!(
+            "| throughput (checkouts/s) | {arps:.1} | {brps:.1} | {:.2} |",
+            brps / arps
+        );
+        println!(
+            "| p50 latency (ms) | {a50:.2} | {b50:.2} | {:.2} |",
+            b50 / a50
+        );
+        println!(
+            "| p99 latency (ms) | {a99:.2} | {b99:.2} | {:.2} |",
+            b99 / a99
+        );
+        println!("| added p50 (ms) | | {:.2} | |", b50 - a50);
+    }
+    // Where the time goes, from the root's decision log lines (all txn runs).
+    let log = order_sc.log();
+    let field = |line: &str, key: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    let mut prep = Vec::new();
+    let mut dec = Vec::new();
+    for l in log.lines().filter(|l| l.contains(" committed reason=ok ")) {
+        if let (Some(p), Some(d)) = (field(l, "prepare_ms="), field(l, "decide_ms=")) {
+            prep.push(p);
+            dec.push(d);
+        }
+    }
+    if !prep.is_empty() {
+        let p50 = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        println!(
+            "\n# root log, {} committed txns: median begin->all votes (app work + prepare round) {:.0} ms, median record write + answer {:.0} ms",
+            prep.len(),
+            p50(&mut prep),
+            p50(&mut dec)
+        );
+    }
+    let committed = order_sc
+        .scrape()
+        .sum("txmesh_txn_total", &[("outcome", "committed")]);
+    println!("\n# transactions committed by the root during the run: {committed}");
+}
