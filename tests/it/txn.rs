@@ -1,106 +1,14 @@
 //! txmesh_txn.wasm on real Envoy sidecars (separate processes, --concurrency 2),
 //! real etcd, real participant HTTP servers.
 
-use serde_json::{json, Value};
+mod common;
+
+use common::*;
+use serde_json::json;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use txmesh_tests::envoy::Envoy;
-use txmesh_tests::{wait_for, Client, Downstream, Etcd, Filter, Resp, Sidecar, TxnApp, Vote};
-
-fn txn_cfg(node: &str) -> Value {
-    json!({
-        "begin": [{"method": "POST", "path_prefix": "/checkout"}],
-        "default_timeout_ms": 2000,
-        "node": node,
-    })
-}
-
-fn sidecar(name: &str, app: &TxnApp, etcd_addr: std::net::SocketAddr) -> Sidecar {
-    Sidecar::new(name)
-        .app(&app.server)
-        .etcd_addr(etcd_addr)
-        .filter(Filter::txn(txn_cfg(name)))
-}
-
-/// order -> {payment, inventory}, each app behind its own sidecar.
-struct Shop {
-    etcd: Etcd,
-    order: TxnApp,
-    payment: TxnApp,
-    inventory: TxnApp,
-    order_sc: Envoy,
-    _payment_sc: Envoy,
-    _inventory_sc: Envoy,
-    client: Client,
-}
-
-impl Shop {
-    fn start(payment_vote: Vote, inventory_vote: Vote) -> Self {
-        let etcd = Etcd::start();
-        let calls = Arc::new(RwLock::new(Vec::new()));
-        let order = TxnApp::calling("order", Vote::Commit, calls.clone());
-        let payment = TxnApp::start("payment", payment_vote);
-        let inventory = TxnApp::start("inventory", inventory_vote);
-        let payment_sc = sidecar("payment", &payment, etcd.addr()).start();
-        let inventory_sc = sidecar("inventory", &inventory, etcd.addr()).start();
-        let order_sc = sidecar("order", &order, etcd.addr())
-            .route("payment", &[payment_sc.inbound_addr()])
-            .route("inventory", &[inventory_sc.inbound_addr()])
-            .start();
-        *calls.write().unwrap() = ["payment", "inventory"]
-            .iter()
-            .map(|h| Downstream {
-                host: h.to_string(),
-                outbound_port: order_sc.ports.outbound,
-            })
-            .collect();
-        Shop {
-            etcd,
-            order,
-            payment,
-            inventory,
-            order_sc,
-            _payment_sc: payment_sc,
-            _inventory_sc: inventory_sc,
-            client: Client::new(),
-        }
-    }
-
-    fn checkout(&self) -> Resp {
-        self.client.must(
-            "POST",
-            &self.order_sc.inbound_url("/checkout"),
-            &[("content-type", "application/json")],
-            b"{\"sku\":\"widget\"}",
-        )
-    }
-
-    fn apps(&self) -> [&TxnApp; 3] {
-        [&self.order, &self.payment, &self.inventory]
-    }
-}
-
-fn txn_of(r: &Resp) -> String {
-    r.header("x-txmesh-txn")
-        .unwrap_or_else(|| panic!("no x-txmesh-txn on the response: {r:?}"))
-        .to_string()
-}
-
-/// Sends raw bytes as an HTTP/1.1 request and returns the raw response head.
-fn raw_request(port: u16, bytes: &[u8]) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(bytes).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
-fn decision(etcd: &Etcd, txn: &str) -> Option<Value> {
-    etcd.get(&format!("txmesh/decisions/{txn}"))
-        .map(|v| serde_json::from_str(&v).unwrap())
-}
+use txmesh_tests::{wait_for, Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
 
 #[test]
 fn three_participants_commit() {

@@ -312,6 +312,8 @@ pub struct Envoy {
     pub ports: Ports,
     pub dir: PathBuf,
     client: Client,
+    name: String,
+    concurrency: u32,
 }
 
 impl Envoy {
@@ -353,7 +355,34 @@ impl Envoy {
             ports,
             dir: dir.to_path_buf(),
             client,
+            name: name.to_string(),
+            concurrency,
         })
+    }
+
+    /// `kill -9`: the Envoy dies mid-flight, its shared data with it.
+    pub fn crash(&mut self) {
+        self.guard.kill();
+    }
+
+    /// Starts Envoy again with the same config and ports (after `crash`).
+    /// The previous run's log is kept next to the new one.
+    pub fn restart(&mut self) {
+        self.guard.kill();
+        let old = self.dir.join(format!("envoy-{}.out", self.name));
+        let _ = std::fs::rename(
+            &old,
+            self.dir
+                .join(format!("envoy-{}.out.before-restart", self.name)),
+        );
+        let cfg = self.dir.join("envoy.json");
+        let fresh = crate::wait_for(20, "envoy restart (ports free again)", || {
+            Envoy::launch(&self.name, &cfg, &self.dir, self.ports, self.concurrency).ok()
+        });
+        let Envoy { guard, .. } = fresh;
+        // Swap the new child in; the old guard (dead) is dropped quietly.
+        let old_guard = std::mem::replace(&mut self.guard, guard);
+        std::mem::forget(old_guard);
     }
 
     pub fn inbound_url(&self, path: &str) -> String {

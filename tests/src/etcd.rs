@@ -131,4 +131,36 @@ impl Etcd {
     pub fn stop(&mut self) {
         self.guard.kill();
     }
+
+    /// Starts etcd again on the same ports and data dir (after `stop`).
+    pub fn start_again(&mut self) {
+        self.guard.kill();
+        let curl = self.url();
+        let purl = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(etcd_bin());
+        cmd.args(["--name", "t"])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &curl,
+                "--advertise-client-urls",
+                &curl,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &purl,
+                "--initial-advertise-peer-urls",
+                &purl,
+            ])
+            .args(["--initial-cluster", &format!("t={purl}")])
+            .args(["--log-level", "warn", "--logger", "zap"]);
+        let guard = ChildGuard::spawn("etcd-again", cmd, &self.dir, vec![]);
+        let old = std::mem::replace(&mut self.guard, guard);
+        std::mem::forget(old);
+        crate::wait_for(30, "etcd /health after restart", || {
+            let r = self.client.get(&format!("{curl}/health")).ok()?;
+            (r.status == 200 && r.text().contains("true")).then_some(())
+        });
+    }
 }

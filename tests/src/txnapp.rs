@@ -63,6 +63,9 @@ pub struct TxnApp {
     state: Arc<Mutex<State>>,
     vote: Arc<RwLock<VoteFn>>,
     business_status: Arc<RwLock<u16>>,
+    /// While set, commit and abort answer 503 and change nothing (the app is
+    /// "down" for phase 2).
+    down: Arc<RwLock<bool>>,
 }
 
 /// A downstream call the app makes on each business request: `Host: host`
@@ -85,21 +88,30 @@ impl TxnApp {
         let v = vote.clone();
         let vote: Arc<RwLock<VoteFn>> = Arc::new(RwLock::new(Arc::new(move |_: &str| v.clone())));
         let business_status = Arc::new(RwLock::new(200u16));
-        let (st, vf, bs, nm) = (
+        let down = Arc::new(RwLock::new(false));
+        let (st, vf, bs, nm, dn) = (
             state.clone(),
             vote.clone(),
             business_status.clone(),
             name.to_string(),
+            down.clone(),
         );
         let client = Client::new();
-        let server =
-            Upstream::with(move |r: &Recorded| handle(r, &nm, &st, &vf, &bs, &downstream, &client));
+        let server = Upstream::with(move |r: &Recorded| {
+            if *dn.read().unwrap_or_else(|e| e.into_inner())
+                && (r.path == "/txmesh/commit" || r.path == "/txmesh/abort")
+            {
+                return Reply::status(503);
+            }
+            handle(r, &nm, &st, &vf, &bs, &downstream, &client)
+        });
         Self {
             name: name.to_string(),
             server,
             state,
             vote,
             business_status,
+            down,
         }
     }
 
@@ -110,6 +122,11 @@ impl TxnApp {
 
     pub fn set_vote(&self, v: Vote) {
         self.vote_by(move |_| v.clone());
+    }
+
+    /// Commit and abort fail (503) while `down` (phase 2 cannot reach the app).
+    pub fn set_down(&self, down: bool) {
+        *self.down.write().unwrap_or_else(|e| e.into_inner()) = down;
     }
 
     /// The status business requests answer with (default 200).

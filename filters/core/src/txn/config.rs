@@ -79,9 +79,21 @@ pub struct TxnConfig {
     #[serde(default = "d_phase2_give_up")]
     pub phase2_give_up_ms: u64,
     /// This sidecar's name in decision records and logs; absent: node metadata
-    /// `WORKLOAD_NAME`, else `unknown`.
+    /// `WORKLOAD_NAME`, else `unknown`. Must be unique per sidecar instance
+    /// when a service runs several replicas (recovery scans by node).
     #[serde(default)]
     pub node: Option<String>,
+    /// A participant prepared with no decision this long past the deadline is
+    /// in doubt: its sidecar resolves it from etcd (CAS-writing abort if absent).
+    #[serde(default = "d_grace")]
+    pub in_doubt_grace_ms: u64,
+    /// How often the elected worker scans for in-doubt and unfinished work.
+    #[serde(default = "d_recovery_interval")]
+    pub recovery_interval_ms: u64,
+    /// A commit decision whose phase 2 has not finished this long after it was
+    /// recorded is re-driven by the recovery loop.
+    #[serde(default = "d_recovery_after")]
+    pub recovery_after_ms: u64,
 }
 
 fn d_default_timeout() -> u64 {
@@ -110,6 +122,15 @@ fn d_control_timeout() -> u64 {
 }
 fn d_phase2_give_up() -> u64 {
     60_000
+}
+fn d_grace() -> u64 {
+    2_000
+}
+fn d_recovery_interval() -> u64 {
+    1_000
+}
+fn d_recovery_after() -> u64 {
+    3_000
 }
 
 /// Hard limits on config values.
@@ -162,6 +183,14 @@ impl TxnConfig {
         range("etcd_timeout_ms", self.etcd_timeout_ms, 1, 60_000)?;
         range("control_timeout_ms", self.control_timeout_ms, 1, 60_000)?;
         range("phase2_give_up_ms", self.phase2_give_up_ms, 1, 86_400_000)?;
+        range("in_doubt_grace_ms", self.in_doubt_grace_ms, 0, 600_000)?;
+        range(
+            "recovery_interval_ms",
+            self.recovery_interval_ms,
+            100,
+            600_000,
+        )?;
+        range("recovery_after_ms", self.recovery_after_ms, 100, 3_600_000)?;
         for (name, v) in [
             ("app_cluster", &self.app_cluster),
             ("etcd_cluster", &self.etcd_cluster),

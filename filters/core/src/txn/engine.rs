@@ -142,7 +142,14 @@ enum Stage {
         error: String,
     },
     Finishing,
-    StatusRead,
+    /// Reading the decision; `resolve`: past deadline + grace, abort if
+    /// absent; else answer `miss`.
+    StatusRead {
+        resolve: bool,
+        miss: &'static str,
+    },
+    /// CAS-writing an abort for an in-doubt transaction someone asked about.
+    StatusResolve,
 }
 
 #[derive(Debug)]
@@ -193,13 +200,25 @@ struct Job {
     deadline_ms: u64,
     give_up_ms: u64,
     reason: String,
+    /// Delete this coordinator's pending-work key in etcd when done.
+    unpend: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Call {
-    Op { ctx: u32, target: Option<usize> },
-    JobTarget { txn: TxnId, idx: usize },
-    JobRecord { txn: TxnId },
+    Op {
+        ctx: u32,
+        target: Option<usize>,
+    },
+    JobTarget {
+        txn: TxnId,
+        idx: usize,
+    },
+    JobRecord {
+        txn: TxnId,
+    },
+    /// The recovery loop's scan of this node's pending commits.
+    Recovery,
 }
 
 #[derive(Default)]
@@ -221,6 +240,8 @@ pub mod reason {
     pub const ETCD_UNAVAILABLE: &str = "etcd_unavailable";
     pub const DECIDED_ELSEWHERE: &str = "decided_elsewhere";
     pub const CLIENT_GONE: &str = "client_gone";
+    /// A participant resolving its own in-doubt transaction.
+    pub const IN_DOUBT: &str = "in_doubt";
     pub const UNKNOWN: &str = "unknown";
 }
 
@@ -232,7 +253,14 @@ pub struct TxnEngine {
     jobs: HashMap<TxnId, Job>,
     calls: HashMap<u32, Call>,
     metrics: TxnMetrics,
+    /// Random token of this engine in the leader election (one engine per
+    /// sidecar runs the in-doubt scan and the recovery loop).
+    token: u64,
+    next_scan_ms: u64,
+    recovery_inflight: bool,
 }
+
+const LEADER_KEY: &str = "txmesh.txn.leader";
 
 fn json_error(msg: &str) -> Vec<u8> {
     Obj::new().str("error", msg).build().into_bytes()
@@ -309,6 +337,14 @@ impl TxnEngine {
             jobs: HashMap::new(),
             calls: HashMap::new(),
             metrics: TxnMetrics::default(),
+            token: u64::from_le_bytes({
+                let r = host.random_id();
+                let mut b = [0u8; 8];
+                b.copy_from_slice(r.get(..8).unwrap_or(&[1; 8]));
+                b
+            }),
+            next_scan_ms: 0,
+            recovery_inflight: false,
         }
     }
 
@@ -542,6 +578,12 @@ impl TxnEngine {
     ) -> (Stream, Verdict) {
         let method = h.request_header(":method").unwrap_or_default();
         let path_only = path.split(|&b| b == b'?').next().unwrap_or(path);
+        if path_only == b"/txmesh/txns" {
+            if method != b"GET" {
+                return self.reject(h, ctx, 405, "use GET for /txmesh/txns");
+            }
+            return self.listing(h, ctx, path);
+        }
         if let Some(id_part) = path_only.strip_prefix(STATUS_PREFIX.as_bytes()) {
             if method != b"GET" {
                 return self.reject(h, ctx, 405, "use GET for /txmesh/txns/<id>");
@@ -590,6 +632,24 @@ impl TxnEngine {
             }
             (None, None) => {
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
+                // From the moment the prepare goes to the app, the app may be
+                // prepared: watch for a decision (in-doubt resolution). If it
+                // votes no, a later abort is harmless; a commit can only be
+                // decided with its yes.
+                let now = h.now_ms();
+                let marked = self.table.update(h, &txn, |e| {
+                    e.phase = Phase::Preparing;
+                    Ok(())
+                });
+                if marked == Err(TableError::NotFound) {
+                    let deadline_ms = h
+                        .request_header(id::DEADLINE_HEADER)
+                        .and_then(|v| id::parse_deadline(&v).ok())
+                        .unwrap_or_else(|| now.saturating_add(self.cfg.default_timeout_ms));
+                    let mut e = Entry::new(txn, deadline_ms, Role::Participant);
+                    e.phase = Phase::Preparing;
+                    let _ = self.table.insert(h, e, now);
+                }
                 (Stream::Pass, Verdict::Continue)
             }
         }
@@ -598,20 +658,37 @@ impl TxnEngine {
     // ----- status ----------------------------------------------------------
 
     fn status(&mut self, h: &impl TxnHost, ctx: u32, txn: TxnId) -> (Stream, Verdict) {
-        let local = self
-            .table
-            .get(h, &txn)
-            .map(|e| match e.phase {
-                Phase::Active | Phase::Preparing => "active",
-                Phase::Committed => "committed",
-                Phase::Aborted => "aborted",
-            })
-            .or_else(|| self.recent(h, &txn).map(Outcome::as_str));
+        let now = h.now_ms();
+        let grace = self.cfg.in_doubt_grace_ms;
+        let entry = self.table.get(h, &txn);
+        let local = match &entry {
+            Some(e) => match e.phase {
+                Phase::Committed => Some("committed"),
+                Phase::Aborted => Some("aborted"),
+                // Root: undecided while its own coordinator works on it.
+                Phase::Active | Phase::Preparing
+                    if e.role == Role::Root && now < e.deadline_ms.saturating_add(grace) =>
+                {
+                    Some("active")
+                }
+                Phase::Active if now < e.deadline_ms => Some("active"),
+                // A participant that may be prepared: the decision may
+                // already be in etcd; ask it (and resolve past deadline + grace).
+                _ => None,
+            },
+            None => self.recent(h, &txn).map(Outcome::as_str),
+        };
         if let Some(outcome) = local {
             Self::status_reply(h, ctx, &txn, outcome);
             return (Stream::Pass, Verdict::Pause);
         }
-        let now = h.now_ms();
+        // The deadline, if anyone knows it: our table, or the asking app.
+        let deadline = entry.as_ref().map(|e| e.deadline_ms).or_else(|| {
+            h.request_header(id::DEADLINE_HEADER)
+                .and_then(|v| id::parse_deadline(&v).ok())
+        });
+        let resolve = deadline.is_some_and(|d| now >= d.saturating_add(grace));
+        let miss = if entry.is_some() { "active" } else { "unknown" };
         let call = Callout {
             cluster: self.cfg.etcd_cluster.clone(),
             method: "POST",
@@ -629,11 +706,11 @@ impl TxnEngine {
                         kind: OpKind::Status,
                         ctx,
                         txn,
-                        deadline_ms: now + self.cfg.etcd_timeout_ms,
+                        deadline_ms: deadline.unwrap_or(0),
                         started_ms: now,
                         trace: None,
                         targets: Vec::new(),
-                        stage: Stage::StatusRead,
+                        stage: Stage::StatusRead { resolve, miss },
                         stage_deadline_ms: now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
                         voted_ms: None,
                     },
@@ -642,6 +719,59 @@ impl TxnEngine {
             }
             Err(e) => self.reject(h, ctx, 503, &format!("etcd unreachable: {e}")),
         }
+    }
+
+    /// `GET /txmesh/txns?state=in-doubt|active|all`: what this sidecar's table holds.
+    fn listing(&mut self, h: &impl TxnHost, ctx: u32, path: &[u8]) -> (Stream, Verdict) {
+        let query = path.splitn(2, |&b| b == b'?').nth(1).unwrap_or_default();
+        let mut state: &[u8] = b"all";
+        for pair in query.split(|&b| b == b'&') {
+            if let Some(v) = pair.strip_prefix(b"state=") {
+                state = v;
+            }
+        }
+        if !matches!(state, b"all" | b"active" | b"in-doubt") {
+            return self.reject(h, ctx, 400, "state must be one of in-doubt, active, all");
+        }
+        let now = h.now_ms();
+        let mut items = Vec::new();
+        for e in self.table.all(h) {
+            let in_doubt = match e.phase {
+                Phase::Active | Phase::Preparing => now > e.deadline_ms,
+                // Decided here, phase 2 not yet acknowledged by everyone.
+                Phase::Committed | Phase::Aborted => true,
+            };
+            let keep = match state {
+                b"in-doubt" => in_doubt,
+                b"active" => !in_doubt,
+                _ => true,
+            };
+            if !keep {
+                continue;
+            }
+            let role = match e.role {
+                Role::Root => "root",
+                Role::Sub => "sub",
+                Role::Participant => "participant",
+            };
+            let participants: Vec<String> = e.participants.iter().map(|(c, _)| c.clone()).collect();
+            items.push(
+                Obj::new()
+                    .str("txn", &e.txn.to_string())
+                    .str("role", role)
+                    .str("phase", e.phase.as_str())
+                    .bool("in_doubt", in_doubt)
+                    .num("deadline_ms", e.deadline_ms)
+                    .strs("participants", &participants)
+                    .build(),
+            );
+        }
+        let body = Obj::new()
+            .str("node", &self.node)
+            .raw("txns", &format!("[{}]", items.join(",")))
+            .build();
+        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
+        (Stream::Pass, Verdict::Pause)
     }
 
     fn status_reply(h: &impl TxnHost, ctx: u32, txn: &TxnId, outcome: &str) {
@@ -977,6 +1107,7 @@ impl TxnEngine {
             Call::Op { ctx, target } => self.op_answer(h, ctx, target, resp),
             Call::JobTarget { txn, idx } => self.job_target_answer(h, txn, idx, resp),
             Call::JobRecord { txn } => self.job_record_answer(h, txn, resp),
+            Call::Recovery => self.recovery_answer(h, resp),
         }
     }
 
@@ -1055,19 +1186,83 @@ impl TxnEngine {
             }
             (Stage::WriteCommit, None) => self.commit_record_answer(h, ctx, resp),
             (Stage::WriteAbort { .. }, None) => self.abort_record_answer(h, ctx, resp),
-            (Stage::StatusRead, None) => {
-                let outcome = match (resp.status, etcd::parse_range_response(&resp.body)) {
-                    (Some(200), Ok(Some(v))) => {
-                        Ok(etcd::outcome_of(&v).map_or("unknown", Outcome::as_str))
-                    }
-                    (Some(200), Ok(None)) => Ok("unknown"),
+            (Stage::StatusRead { resolve, miss }, None) => {
+                let op_txn = op.txn;
+                let found = match (resp.status, etcd::parse_range_response(&resp.body)) {
+                    (Some(200), Ok(v)) => Ok(v),
                     (Some(200), Err(e)) => Err(e),
                     (s, _) => Err(format!("etcd answered {s:?}")),
                 };
+                match found {
+                    Ok(Some(v)) => {
+                        self.ops.remove(&ctx);
+                        let o = etcd::outcome_of(&v).map_or("unknown", Outcome::as_str);
+                        Self::status_reply(h, ctx, &op_txn, o);
+                    }
+                    Ok(None) if *resolve => {
+                        // In doubt past deadline + grace: abort it, first write wins.
+                        let d = Decision {
+                            txn: op_txn,
+                            outcome: Outcome::Aborted,
+                            participants: Vec::new(),
+                            coordinator: self.node.clone(),
+                            time_ms: h.now_ms(),
+                            reason: "in_doubt".to_string(),
+                        };
+                        let call = Self::record_call(&self.cfg, &d, None);
+                        match h.dispatch(&call) {
+                            Ok(token) => {
+                                self.calls.insert(token, Call::Op { ctx, target: None });
+                                if let Some(op) = self.ops.get_mut(&ctx) {
+                                    op.stage = Stage::StatusResolve;
+                                }
+                            }
+                            Err(e) => {
+                                self.ops.remove(&ctx);
+                                h.send_reply(
+                                    ctx,
+                                    503,
+                                    &[JSON],
+                                    &json_error(&format!("etcd unreachable: {e}")),
+                                );
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        self.ops.remove(&ctx);
+                        Self::status_reply(h, ctx, &op_txn, miss);
+                    }
+                    Err(e) => {
+                        self.ops.remove(&ctx);
+                        h.send_reply(
+                            ctx,
+                            503,
+                            &[JSON],
+                            &json_error(&format!("etcd unreachable: {e}")),
+                        );
+                    }
+                }
+            }
+            (Stage::StatusResolve, None) => {
                 let op_txn = op.txn;
                 self.ops.remove(&ctx);
-                match outcome {
-                    Ok(o) => Self::status_reply(h, ctx, &op_txn, o),
+                let result = if resp.status == Some(200) {
+                    etcd::parse_cas_response(&resp.body)
+                } else {
+                    Err(format!("etcd answered {:?}", resp.status))
+                };
+                match result {
+                    Ok(CasResult::Created) => {
+                        h.log(
+                            LogLevel::Warn,
+                            &format!("txn {op_txn}: in doubt past its deadline with no decision; recorded abort (asked by a participant)"),
+                        );
+                        Self::status_reply(h, ctx, &op_txn, "aborted");
+                    }
+                    Ok(CasResult::Exists(v)) => {
+                        let o = etcd::outcome_of(&v).map_or("unknown", Outcome::as_str);
+                        Self::status_reply(h, ctx, &op_txn, o);
+                    }
                     Err(e) => h.send_reply(
                         ctx,
                         503,
@@ -1227,15 +1422,36 @@ impl TxnEngine {
         }
     }
 
-    fn record_call(cfg: &TxnConfig, d: &Decision) -> Callout {
+    /// The CAS-create of a decision record; with `pending`, the same etcd
+    /// transaction also writes this coordinator's pending-work key.
+    fn record_call(cfg: &TxnConfig, d: &Decision, pending: Option<(String, String)>) -> Callout {
+        let key = etcd::decision_key(&d.txn);
+        let value = d.to_json();
+        let body = match &pending {
+            Some((k, v)) => etcd::cas_create_with_body(&key, &value, (k, v)),
+            None => etcd::cas_create_body(&key, &value),
+        };
         Callout {
             cluster: cfg.etcd_cluster.clone(),
             method: "POST",
             path: "/v3/kv/txn".to_string(),
             headers: vec![("content-type".into(), "application/json".into())],
-            body: etcd::cas_create_body(&etcd::decision_key(&d.txn), &d.to_json()).into_bytes(),
+            body: body.into_bytes(),
             timeout_ms: cfg.etcd_timeout_ms,
         }
+    }
+
+    fn pending_for(
+        &self,
+        txn: &TxnId,
+        now: u64,
+        deadline_ms: u64,
+        targets: &[(String, String, &str)],
+    ) -> (String, String) {
+        (
+            etcd::pending_key(&self.node, txn),
+            etcd::Pending::to_json(txn, Outcome::Committed, now, deadline_ms, targets),
+        )
     }
 
     /// Writes the commit record (first write wins) before any commit is sent.
@@ -1244,7 +1460,21 @@ impl TxnEngine {
         let now = h.now_ms();
         let mut d = self.decision(op, outcome, reason::OK);
         d.time_ms = now;
-        let call = Self::record_call(&self.cfg, &d);
+        let targets: Vec<(String, String, &str)> = op
+            .targets
+            .iter()
+            .map(|t| {
+                let v = if t.vote == Some(Vote::Commit) {
+                    "commit"
+                } else {
+                    "readonly"
+                };
+                (t.name.clone(), t.cluster.clone(), v)
+            })
+            .collect();
+        let pending = (outcome == Outcome::Committed)
+            .then(|| self.pending_for(&op.txn, now, op.deadline_ms, &targets));
+        let call = Self::record_call(&self.cfg, &d, pending);
         match h.dispatch(&call) {
             Ok(token) => {
                 self.calls.insert(token, Call::Op { ctx, target: None });
@@ -1283,7 +1513,7 @@ impl TxnEngine {
                 let now = h.now_ms();
                 let mut d = self.decision(op, Outcome::Aborted, reason::ETCD_UNAVAILABLE);
                 d.time_ms = now;
-                let call = Self::record_call(&self.cfg, &d);
+                let call = Self::record_call(&self.cfg, &d, None);
                 match h.dispatch(&call) {
                     Ok(token) => {
                         self.calls.insert(token, Call::Op { ctx, target: None });
@@ -1654,6 +1884,7 @@ impl TxnEngine {
             deadline_ms: op.deadline_ms,
             give_up_ms: now.saturating_add(self.cfg.phase2_give_up_ms),
             reason: r.to_string(),
+            unpend: outcome == Some(Outcome::Committed) && record == Record::Done,
         };
         self.jobs.insert(op.txn, job);
     }
@@ -1742,14 +1973,19 @@ impl TxnEngine {
                 job.record_next_ms = now + backoff_ms(job.record_attempts);
             }
         }
-        if job.record == Record::Done && job.reason == reason::UNKNOWN {
+        if job.record == Record::Done
+            && (job.reason == reason::UNKNOWN || job.reason == reason::IN_DOUBT)
+        {
+            let was_root = job.reason == reason::UNKNOWN;
             let resolved = job.outcome.map_or("?", Outcome::as_str);
             h.log(
                 LogLevel::Warn,
                 &format!("txn {txn}: in-doubt outcome resolved from etcd: {resolved}"),
             );
             job.reason = format!("resolved_{resolved}");
-            self.gauge(h, "txmesh_txn_in_doubt", -1);
+            if was_root {
+                self.gauge(h, "txmesh_txn_in_doubt", -1);
+            }
         }
     }
 
@@ -1771,7 +2007,182 @@ impl TxnEngine {
         for ctx in expired {
             self.expire(h, ctx);
         }
+        if now >= self.next_scan_ms {
+            self.next_scan_ms = now.saturating_add(self.cfg.recovery_interval_ms);
+            if self.elect(h, now) {
+                self.resolve_in_doubt(h, now);
+                self.recover(h);
+            }
+        }
         self.drive_jobs(h, now);
+    }
+
+    /// One engine per sidecar (all workers and listeners share the VM's
+    /// shared data) holds the leader key; another takes over when it has not
+    /// renewed it for three scan intervals.
+    fn elect(&mut self, h: &impl TxnHost, now: u64) -> bool {
+        let (value, cas) = h.shared_get(LEADER_KEY);
+        let current = value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| {
+                let (t, at) = v.split_once(' ')?;
+                Some((t.parse::<u64>().ok()?, at.parse::<u64>().ok()?))
+            });
+        let stale = |at: u64| now > at.saturating_add(3 * self.cfg.recovery_interval_ms);
+        let mine = match current {
+            None => true,
+            Some((t, _)) if t == self.token => true,
+            Some((_, at)) => stale(at),
+        };
+        mine && h
+            .shared_set(LEADER_KEY, format!("{} {now}", self.token).as_bytes(), cas)
+            .is_ok()
+    }
+
+    /// Participants (and sub-coordinators) prepared with no decision past
+    /// deadline + grace: resolve from etcd, CAS-writing abort if there is no
+    /// decision, then deliver the outcome. No one waits on a dead coordinator.
+    fn resolve_in_doubt(&mut self, h: &impl TxnHost, now: u64) {
+        let grace = self.cfg.in_doubt_grace_ms;
+        for e in self.table.all(h) {
+            if e.role == Role::Root
+                || e.phase != Phase::Preparing
+                || now < e.deadline_ms.saturating_add(grace)
+                || self.jobs.contains_key(&e.txn)
+            {
+                continue;
+            }
+            let app = self.cfg.app_cluster.clone();
+            let mut targets: Vec<Target> = e
+                .participants
+                .iter()
+                .filter(|(_, m)| *m != Mark::ReadOnly)
+                .map(|(c, m)| Target {
+                    name: if *c == app {
+                        self.node.clone()
+                    } else {
+                        c.clone()
+                    },
+                    cluster: c.clone(),
+                    vote: Some(match m {
+                        Mark::Abort => Vote::Abort {
+                            reason: String::new(),
+                            participant: c.clone(),
+                        },
+                        _ => Vote::Commit,
+                    }),
+                    token: None,
+                })
+                .collect();
+            if !e.participants.iter().any(|(c, _)| *c == app) {
+                targets.push(Target {
+                    name: self.node.clone(),
+                    cluster: app,
+                    vote: Some(Vote::Commit),
+                    token: None,
+                });
+            }
+            h.log(
+                LogLevel::Warn,
+                &format!(
+                    "txn {}: in doubt (prepared, no decision {grace} ms past the deadline); resolving from etcd",
+                    e.txn
+                ),
+            );
+            let op = Op {
+                kind: OpKind::SubPrepare,
+                ctx: 0,
+                txn: e.txn,
+                deadline_ms: e.deadline_ms,
+                started_ms: now,
+                trace: None,
+                targets,
+                stage: Stage::Finishing,
+                stage_deadline_ms: now,
+                voted_ms: None,
+            };
+            self.start_job(h, &op, None, Record::Resolve, reason::IN_DOUBT);
+        }
+    }
+
+    /// Re-drives this node's commit decisions whose phase 2 has not finished
+    /// (after a crash of this sidecar, or a participant down for long).
+    fn recover(&mut self, h: &impl TxnHost) {
+        if self.recovery_inflight {
+            return;
+        }
+        let prefix = format!("{}{}/", etcd::PENDING_PREFIX, self.node);
+        let call = Callout {
+            cluster: self.cfg.etcd_cluster.clone(),
+            method: "POST",
+            path: "/v3/kv/range".to_string(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: etcd::range_prefix_body(&prefix, 64).into_bytes(),
+            timeout_ms: self.cfg.etcd_timeout_ms,
+        };
+        if let Ok(token) = h.dispatch(&call) {
+            self.recovery_inflight = true;
+            self.calls.insert(token, Call::Recovery);
+        }
+    }
+
+    fn recovery_answer(&mut self, h: &impl TxnHost, resp: CalloutResponse) {
+        self.recovery_inflight = false;
+        if resp.status != Some(200) {
+            return; // etcd unreachable: the next scan tries again
+        }
+        let Ok(values) = etcd::parse_range_values(&resp.body) else {
+            return;
+        };
+        let now = h.now_ms();
+        for v in values {
+            let Ok(p) = serde_json::from_slice::<etcd::Pending>(&v) else {
+                continue;
+            };
+            let Ok(txn) = TxnId::parse(p.txn.as_bytes()) else {
+                continue;
+            };
+            if self.jobs.contains_key(&txn)
+                || now < p.time_ms.saturating_add(self.cfg.recovery_after_ms)
+                || Outcome::parse(&p.outcome) != Some(Outcome::Committed)
+            {
+                continue;
+            }
+            h.log(
+                LogLevel::Warn,
+                &format!(
+                    "txn {txn}: commit recorded {} ms ago and not acknowledged by everyone; re-driving phase 2",
+                    now.saturating_sub(p.time_ms)
+                ),
+            );
+            let op = Op {
+                kind: OpKind::RootPrepare,
+                ctx: 0,
+                txn,
+                deadline_ms: p.deadline_ms,
+                started_ms: now,
+                trace: None,
+                targets: p
+                    .targets
+                    .iter()
+                    .map(|t| Target {
+                        name: t.name.clone(),
+                        cluster: t.cluster.clone(),
+                        vote: Some(if t.vote == "commit" {
+                            Vote::Commit
+                        } else {
+                            Vote::ReadOnly
+                        }),
+                        token: None,
+                    })
+                    .collect(),
+                stage: Stage::Finishing,
+                stage_deadline_ms: now,
+                voted_ms: None,
+            };
+            self.start_job(h, &op, Some(Outcome::Committed), Record::Done, "recovered");
+        }
     }
 
     fn expire(&mut self, h: &impl TxnHost, ctx: u32) {
@@ -1803,7 +2214,7 @@ impl TxnEngine {
                 self.forget_calls(ctx);
                 self.abort_record_answer(h, ctx, no_answer);
             }
-            Stage::StatusRead => {
+            Stage::StatusRead { .. } | Stage::StatusResolve => {
                 self.forget_calls(ctx);
                 self.ops.remove(&ctx);
                 h.send_reply(
@@ -1836,7 +2247,34 @@ impl TxnEngine {
                     time_ms: now,
                     reason: job.reason.clone(),
                 };
-                let call = Self::record_call(&self.cfg, &d);
+                let pending = (outcome == Outcome::Committed).then(|| {
+                    let targets: Vec<(String, String, &str)> = job
+                        .targets
+                        .iter()
+                        .map(|t| {
+                            let v = if t.vote == Some(Vote::Commit) {
+                                "commit"
+                            } else {
+                                "readonly"
+                            };
+                            (t.name.clone(), t.cluster.clone(), v)
+                        })
+                        .collect();
+                    (
+                        etcd::pending_key(&self.node, &txn),
+                        etcd::Pending::to_json(
+                            &txn,
+                            Outcome::Committed,
+                            now,
+                            job.deadline_ms,
+                            &targets,
+                        ),
+                    )
+                });
+                if pending.is_some() {
+                    job.unpend = true;
+                }
+                let call = Self::record_call(&self.cfg, &d, pending);
                 if let Ok(token) = h.dispatch(&call) {
                     job.record_inflight = true;
                     self.calls.insert(token, Call::JobRecord { txn });
@@ -1910,6 +2348,19 @@ impl TxnEngine {
                     .all(|t| t.acked || !Self::wants(o, &t.vote))
             }) && job.record == Record::Done;
             if all_acked {
+                if job.unpend {
+                    // Fire and forget: if it is lost, the recovery loop
+                    // re-sends the (idempotent) commits and deletes it then.
+                    let call = Callout {
+                        cluster: self.cfg.etcd_cluster.clone(),
+                        method: "POST",
+                        path: "/v3/kv/deleterange".to_string(),
+                        headers: vec![("content-type".into(), "application/json".into())],
+                        body: etcd::delete_body(&etcd::pending_key(&self.node, &txn)).into_bytes(),
+                        timeout_ms: self.cfg.etcd_timeout_ms,
+                    };
+                    let _ = h.dispatch(&call);
+                }
                 self.jobs.remove(&txn);
                 self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
                 self.table.remove(h, &txn);

@@ -101,6 +101,122 @@ pub fn cas_create_body(key: &str, value: &str) -> String {
         .build()
 }
 
+/// Like [`cas_create_body`], and in the same etcd transaction also puts
+/// `also = (key, value)` (the coordinator's pending-work index).
+pub fn cas_create_with_body(key: &str, value: &str, also: (&str, &str)) -> String {
+    let k = b64::encode(key.as_bytes());
+    let key_obj = Obj::new().str("key", &k).build();
+    let compare = Obj::new()
+        .str("key", &k)
+        .str("target", "CREATE")
+        .str("create_revision", "0")
+        .str("result", "EQUAL")
+        .build();
+    let put = |key: &str, value: &str| {
+        let p = Obj::new()
+            .str("key", &b64::encode(key.as_bytes()))
+            .str("value", &b64::encode(value.as_bytes()))
+            .build();
+        Obj::new().raw("request_put", &p).build()
+    };
+    Obj::new()
+        .raw("compare", &format!("[{compare}]"))
+        .raw(
+            "success",
+            &format!("[{},{}]", put(key, value), put(also.0, also.1)),
+        )
+        .raw(
+            "failure",
+            &format!("[{}]", Obj::new().raw("request_range", &key_obj).build()),
+        )
+        .build()
+}
+
+/// The pending-work key of a commit decision owned by `node`.
+pub fn pending_key(node: &str, txn: &TxnId) -> String {
+    format!("{PENDING_PREFIX}{node}/{txn}")
+}
+
+pub const PENDING_PREFIX: &str = "txmesh/pending/";
+
+/// Body of `POST /v3/kv/range` for every key under `prefix` (at most `limit`).
+pub fn range_prefix_body(prefix: &str, limit: u32) -> String {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last = last.saturating_add(1);
+    }
+    Obj::new()
+        .str("key", &b64::encode(prefix.as_bytes()))
+        .str("range_end", &b64::encode(&end))
+        .str("limit", &limit.to_string())
+        .build()
+}
+
+/// Body of `POST /v3/kv/deleterange` for one key.
+pub fn delete_body(key: &str) -> String {
+    Obj::new().str("key", &b64::encode(key.as_bytes())).build()
+}
+
+/// Every value in an answer to [`range_prefix_body`].
+pub fn parse_range_values(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let v: RangeResponse =
+        serde_json::from_slice(body).map_err(|e| format!("etcd answered non-JSON: {e}"))?;
+    if v.header.is_none() {
+        return Err(no_header(body));
+    }
+    Ok(v.kvs
+        .iter()
+        .filter_map(|kv| b64::decode(&kv.value))
+        .collect())
+}
+
+/// One participant of a pending commit, as the recovery loop needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PendingTarget {
+    pub name: String,
+    pub cluster: String,
+    /// `commit` for participants owed a commit.
+    pub vote: String,
+}
+
+/// The value of a pending-work key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Pending {
+    pub txn: String,
+    pub outcome: String,
+    pub time_ms: u64,
+    pub deadline_ms: u64,
+    pub targets: Vec<PendingTarget>,
+}
+
+impl Pending {
+    pub fn to_json(
+        txn: &TxnId,
+        outcome: Outcome,
+        time_ms: u64,
+        deadline_ms: u64,
+        targets: &[(String, String, &str)],
+    ) -> String {
+        let items: Vec<String> = targets
+            .iter()
+            .map(|(n, c, v)| {
+                Obj::new()
+                    .str("name", n)
+                    .str("cluster", c)
+                    .str("vote", v)
+                    .build()
+            })
+            .collect();
+        Obj::new()
+            .str("txn", &txn.to_string())
+            .str("outcome", outcome.as_str())
+            .num("time_ms", time_ms)
+            .num("deadline_ms", deadline_ms)
+            .raw("targets", &format!("[{}]", items.join(",")))
+            .build()
+    }
+}
+
 /// What a CAS-create came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CasResult {
@@ -207,6 +323,40 @@ mod tests {
         }
         assert!(parse_cas_response(b"upstream connect error").is_err());
         assert!(parse_cas_response(br#"{"error":"x","code":3}"#).is_err());
+    }
+
+    #[test]
+    fn pending_index_bodies() {
+        let body: serde_json::Value =
+            serde_json::from_str(&cas_create_with_body("k", "v", ("p", "w"))).unwrap();
+        assert_eq!(body["success"][1]["request_put"]["key"], "cA==");
+        assert_eq!(body["success"][1]["request_put"]["value"], "dw==");
+        let r: serde_json::Value =
+            serde_json::from_str(&range_prefix_body("txmesh/pending/order/", 10)).unwrap();
+        assert_eq!(
+            crate::b64::decode(r["range_end"].as_str().unwrap()).unwrap(),
+            b"txmesh/pending/order0"
+        );
+        let txn = TxnId::parse(b"0af7651916cd43dd8448eb211c80319c").unwrap();
+        let j = Pending::to_json(
+            &txn,
+            Outcome::Committed,
+            5,
+            9,
+            &[("payment".into(), "payment".into(), "commit")],
+        );
+        let p: Pending = serde_json::from_str(&j).unwrap();
+        assert_eq!(p.targets[0].cluster, "payment");
+        assert_eq!(p.deadline_ms, 9);
+        assert_eq!(
+            parse_range_values(br#"{"header":{},"kvs":[{"value":"eA=="},{"value":"eQ=="}]}"#)
+                .unwrap(),
+            vec![b"x".to_vec(), b"y".to_vec()]
+        );
+        assert_eq!(
+            pending_key("order", &txn),
+            "txmesh/pending/order/0af7651916cd43dd8448eb211c80319c"
+        );
     }
 
     #[test]

@@ -338,6 +338,13 @@ impl Table {
         Err(TableError::Busy)
     }
 
+    /// Every entry (O(buckets); for listings and the in-doubt scan).
+    pub fn all(&self, h: &impl SharedData) -> Vec<Entry> {
+        (0..self.buckets)
+            .flat_map(|i| Self::read(h, &format!("txmesh.txn.b.{i}")).0)
+            .collect()
+    }
+
     /// Drops every entry past `deadline + reclaim_after` (O(buckets); only
     /// run when the table is full). Returns how many were dropped.
     pub fn sweep_expired(&self, h: &impl SharedData, now_ms: u64) -> usize {

@@ -136,7 +136,14 @@ impl Host {
     fn status(&self, s: &str) {
         *self.response.borrow_mut() = vec![(":status".to_string(), s.as_bytes().to_vec())];
     }
+    /// Calls made, without the recovery loop's periodic scans of pending work.
     fn take_calls(&self) -> Vec<(u32, Callout)> {
+        self.take_all_calls()
+            .into_iter()
+            .filter(|(_, c)| !String::from_utf8_lossy(&c.body).contains("range_end"))
+            .collect()
+    }
+    fn take_all_calls(&self) -> Vec<(u32, Callout)> {
         std::mem::take(&mut *self.calls.borrow_mut())
     }
     fn header(&self, n: &str) -> Option<String> {
@@ -852,6 +859,7 @@ fn leaf_control_requests_pass_through_and_free_the_entry() {
         inb.on_request_headers(&h, 2),
         (Stream::Pass, Verdict::Continue)
     );
+    assert_eq!(inb.table().get(&h, &txn).unwrap().phase, Phase::Preparing);
     h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", id)]);
     let (stream, v) = inb.on_request_headers(&h, 3);
     assert_eq!(
@@ -945,4 +953,231 @@ fn memory_stays_flat_over_many_transactions() {
     assert!(!inb.busy());
     let keys = h.base.shared.borrow().len();
     assert!(keys <= 4 + 1 + 256, "{keys} shared-data keys");
+}
+
+// ----- in-doubt resolution, listing, recovery ---------------------------------
+
+const ID: &str = "0af7651916cd43dd8448eb211c80319c";
+
+fn etcd_value(v: &str) -> CalloutResponse {
+    ok(&format!(
+        r#"{{"header":{{}},"responses":[{{"response_range":{{"kvs":[{{"value":"{}"}}]}}}}]}}"#,
+        crate::b64::encode(v.as_bytes())
+    ))
+}
+
+/// A leaf participant sidecar that passed a prepare through and saw 200.
+fn prepared_leaf(h: &Host, e: &mut TxnEngine) -> TxnId {
+    let txn = TxnId::parse(ID.as_bytes()).unwrap();
+    h.request(
+        1,
+        "POST",
+        "/reserve",
+        &[("x-txmesh-txn", ID), ("x-txmesh-deadline", "1002000")],
+    );
+    e.on_request_headers(h, 1);
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", ID)]);
+    let (stream, v) = e.on_request_headers(h, 2);
+    assert_eq!((stream, v), (Stream::Pass, Verdict::Continue));
+    let entry = e.table().get(h, &txn).unwrap();
+    assert_eq!(
+        (entry.phase, entry.deadline_ms),
+        (Phase::Preparing, 1_002_000)
+    );
+    txn
+}
+
+#[test]
+fn an_in_doubt_participant_resolves_to_abort_after_deadline_and_grace() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"inventory","in_doubt_grace_ms":2000}"#);
+    let txn = prepared_leaf(&h, &mut e);
+    // Before deadline + grace: the scan leaves it alone (only the recovery scan runs).
+    h.advance(3_999);
+    e.on_tick(&h);
+    assert_eq!(
+        paths(&h.take_all_calls()),
+        ["etcd /v3/kv/range"],
+        "only the pending scan"
+    );
+    h.advance(1_001);
+    e.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["etcd /v3/kv/txn"],
+        "CAS abort first, deliver after"
+    );
+    let body = String::from_utf8(calls[0].1.body.clone()).unwrap();
+    assert!(body.contains(&crate::b64::encode(
+        format!("txmesh/decisions/{txn}").as_bytes()
+    )));
+    answer(&h, &mut e, &calls, "etcd", ok(CREATED));
+    e.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["local_app /txmesh/abort"]);
+    answer(&h, &mut e, &calls, "local_app", ok(""));
+    e.on_tick(&h);
+    assert!(e.table().get(&h, &txn).is_none());
+    assert!(h
+        .logs
+        .borrow()
+        .iter()
+        .any(|l| l.contains("in doubt (prepared, no decision 2000 ms past the deadline)")));
+}
+
+#[test]
+fn an_in_doubt_participant_obeys_a_recorded_commit() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"inventory"}"#);
+    let _txn = prepared_leaf(&h, &mut e);
+    h.advance(5_000);
+    e.on_tick(&h);
+    let calls: Vec<_> = h
+        .take_calls()
+        .into_iter()
+        .filter(|(_, c)| c.path == "/v3/kv/txn")
+        .collect();
+    answer(
+        &h,
+        &mut e,
+        &calls,
+        "etcd",
+        etcd_value(r#"{"outcome":"committed"}"#),
+    );
+    e.on_tick(&h);
+    assert_eq!(paths(&h.take_calls()), ["local_app /txmesh/commit"]);
+}
+
+#[test]
+fn only_one_engine_per_sidecar_runs_the_scans() {
+    let h = Host::new();
+    let mut a = engine(&h, r#"{"node":"x"}"#);
+    let mut b = engine(&h, r#"{"node":"x"}"#);
+    a.on_tick(&h);
+    assert_eq!(h.take_all_calls().len(), 1, "a leads: one pending scan");
+    b.on_tick(&h);
+    assert!(h.take_all_calls().is_empty(), "b follows");
+    // a stops ticking (its worker is gone): b takes over after 3 intervals.
+    h.advance(3_001);
+    b.on_tick(&h);
+    assert_eq!(h.take_all_calls().len(), 1);
+}
+
+#[test]
+fn status_resolves_an_in_doubt_transaction_for_a_recovering_app() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"payment"}"#);
+    // The app restarted holding a prepared txn whose deadline passed long ago.
+    h.request(
+        1,
+        "GET",
+        &format!("/txmesh/txns/{ID}"),
+        &[("x-txmesh-deadline", "990000")],
+    );
+    e.on_request_headers(&h, 3);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/range"]);
+    answer(&h, &mut e, &calls, "etcd", ok(r#"{"header":{}}"#));
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"], "no decision: CAS abort");
+    answer(&h, &mut e, &calls, "etcd", ok(CREATED));
+    let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st), (3, 200));
+    assert_eq!(body, format!(r#"{{"txn":"{ID}","outcome":"aborted"}}"#));
+    // Within the deadline: no resolution, "unknown".
+    h.request(
+        1,
+        "GET",
+        &format!("/txmesh/txns/{ID}"),
+        &[("x-txmesh-deadline", "1009000")],
+    );
+    e.on_request_headers(&h, 4);
+    let calls = h.take_calls();
+    answer(&h, &mut e, &calls, "etcd", ok(r#"{"header":{}}"#));
+    assert!(h.take_calls().is_empty());
+    let (_, _, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert!(body.contains(r#""outcome":"unknown""#), "{body}");
+}
+
+#[test]
+fn listing_shows_in_doubt_and_active_transactions() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"inventory"}"#);
+    let txn = prepared_leaf(&h, &mut e);
+    let other = "1af7651916cd43dd8448eb211c80319c";
+    h.request(1, "POST", "/reserve", &[("x-txmesh-txn", other)]);
+    e.on_request_headers(&h, 5);
+    let mut list = |state: &str| {
+        h.request(1, "GET", &format!("/txmesh/txns?state={state}"), &[]);
+        e.on_request_headers(&h, 9);
+        let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    assert_eq!(list("all")["txns"].as_array().unwrap().len(), 2);
+    assert_eq!(list("in-doubt")["txns"].as_array().unwrap().len(), 0);
+    h.advance(2_001); // past txn's deadline (1002000); other's default deadline is later
+    let v = list("in-doubt");
+    assert_eq!(v["node"], "inventory");
+    assert_eq!(v["txns"].as_array().unwrap().len(), 1);
+    assert_eq!(v["txns"][0]["txn"], txn.to_string());
+    assert_eq!(v["txns"][0]["phase"], "preparing");
+    assert_eq!(v["txns"][0]["role"], "participant");
+    assert_eq!(list("active")["txns"][0]["txn"], other);
+    h.request(1, "GET", "/txmesh/txns?state=bogus", &[]);
+    e.on_request_headers(&h, 10);
+    assert_eq!(h.replies.borrow().last().unwrap().1, 400);
+}
+
+#[test]
+fn commit_records_carry_a_pending_key_and_recovery_redrives_it() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
+    let pkey =
+        crate::b64::decode(body["success"][1]["request_put"]["key"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        String::from_utf8(pkey).unwrap(),
+        format!("txmesh/pending/order/{txn}")
+    );
+    let pval =
+        crate::b64::decode(body["success"][1]["request_put"]["value"].as_str().unwrap()).unwrap();
+    answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    // The sidecar "crashes": a fresh engine, same shared data gone too.
+    let h2 = Host::new();
+    h2.advance(10_000);
+    let mut fresh = engine(&h2, CFG);
+    fresh.on_tick(&h2);
+    let calls = h2.take_all_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/range"]);
+    let range = format!(
+        r#"{{"header":{{}},"kvs":[{{"value":"{}"}}]}}"#,
+        crate::b64::encode(&pval)
+    );
+    answer(&h2, &mut fresh, &calls, "etcd", ok(&range));
+    fresh.on_tick(&h2);
+    let calls = h2.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["local_app /txmesh/commit", "payment /txmesh/commit"]
+    );
+    answer(&h2, &mut fresh, &calls, "payment", ok(""));
+    answer(&h2, &mut fresh, &calls, "local_app", ok(""));
+    fresh.on_tick(&h2);
+    let calls = h2.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["etcd /v3/kv/deleterange"],
+        "pending key removed when done"
+    );
+    assert!(!fresh.busy());
 }

@@ -1,0 +1,125 @@
+//! The shop topology shared by the transaction tests: order -> {payment,
+//! inventory}, each app behind its own sidecar, one etcd.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use txmesh_tests::envoy::Envoy;
+use txmesh_tests::{Client, Downstream, Etcd, Filter, Resp, Sidecar, TxnApp, Vote};
+
+pub fn txn_cfg(node: &str) -> Value {
+    json!({
+        "begin": [{"method": "POST", "path_prefix": "/checkout"}],
+        "default_timeout_ms": 2000,
+        "node": node,
+    })
+}
+
+pub fn sidecar(name: &str, app: &TxnApp, etcd_addr: std::net::SocketAddr) -> Sidecar {
+    sidecar_with(name, app, etcd_addr, &json!({}))
+}
+
+pub fn sidecar_with(
+    name: &str,
+    app: &TxnApp,
+    etcd_addr: std::net::SocketAddr,
+    extra: &Value,
+) -> Sidecar {
+    let mut cfg = txn_cfg(name);
+    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    Sidecar::new(name)
+        .app(&app.server)
+        .etcd_addr(etcd_addr)
+        .filter(Filter::txn(cfg))
+}
+
+/// order -> {payment, inventory}, each app behind its own sidecar.
+pub struct Shop {
+    pub etcd: Etcd,
+    pub order: TxnApp,
+    pub payment: TxnApp,
+    pub inventory: TxnApp,
+    pub order_sc: Envoy,
+    pub payment_sc: Envoy,
+    pub inventory_sc: Envoy,
+    pub client: Client,
+}
+
+impl Shop {
+    pub fn start(payment_vote: Vote, inventory_vote: Vote) -> Self {
+        Self::start_with(payment_vote, inventory_vote, &json!({}))
+    }
+
+    /// With extra txn filter settings merged into every sidecar's config.
+    pub fn start_with(payment_vote: Vote, inventory_vote: Vote, extra: &Value) -> Self {
+        let etcd = Etcd::start();
+        let sidecar = |name: &str, app: &TxnApp, addr| sidecar_with(name, app, addr, extra);
+        let calls = Arc::new(RwLock::new(Vec::new()));
+        let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+        let payment = TxnApp::start("payment", payment_vote);
+        let inventory = TxnApp::start("inventory", inventory_vote);
+        let payment_sc = sidecar("payment", &payment, etcd.addr()).start();
+        let inventory_sc = sidecar("inventory", &inventory, etcd.addr()).start();
+        let order_sc = sidecar("order", &order, etcd.addr())
+            .route("payment", &[payment_sc.inbound_addr()])
+            .route("inventory", &[inventory_sc.inbound_addr()])
+            .start();
+        *calls.write().unwrap() = ["payment", "inventory"]
+            .iter()
+            .map(|h| Downstream {
+                host: h.to_string(),
+                outbound_port: order_sc.ports.outbound,
+            })
+            .collect();
+        Shop {
+            etcd,
+            order,
+            payment,
+            inventory,
+            order_sc,
+            payment_sc,
+            inventory_sc,
+            client: Client::new(),
+        }
+    }
+
+    pub fn checkout(&self) -> Resp {
+        self.client.must(
+            "POST",
+            &self.order_sc.inbound_url("/checkout"),
+            &[("content-type", "application/json")],
+            b"{\"sku\":\"widget\"}",
+        )
+    }
+
+    pub fn apps(&self) -> [&TxnApp; 3] {
+        [&self.order, &self.payment, &self.inventory]
+    }
+}
+
+pub fn txn_of(r: &Resp) -> String {
+    r.header("x-txmesh-txn")
+        .unwrap_or_else(|| panic!("no x-txmesh-txn on the response: {r:?}"))
+        .to_string()
+}
+
+/// Sends raw bytes as an HTTP/1.1 request and returns the raw response head.
+pub fn raw_request(port: u16, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+pub fn decision(etcd: &Etcd, txn: &str) -> Option<Value> {
+    etcd.get(&format!("txmesh/decisions/{txn}"))
+        .map(|v| serde_json::from_str(&v).unwrap())
+}
