@@ -27,6 +27,8 @@
 //! a commit record), and termination (every participant decides once faults
 //! stop: checked at every terminal state).
 
+#![allow(clippy::indexing_slicing)]
+
 use stateright::{Checker, Model, Property};
 use std::collections::BTreeSet;
 
