@@ -167,6 +167,12 @@ impl State {
     }
 }
 
+/// No protocol violation seen, and not both a commit and an abort.
+fn agreement(s: &State) -> bool {
+    let split = s.parts.contains(&Part::Committed) && s.parts.contains(&Part::Aborted);
+    !s.violation && !split
+}
+
 impl Model for Txmesh {
     type State = State;
     type Action = Action;
@@ -366,10 +372,7 @@ impl Model for Txmesh {
 
     fn properties(&self) -> Vec<Property<Self>> {
         vec![
-            Property::always("agreement", |_, s: &State| {
-                !s.violation
-                    && !(s.parts.contains(&Part::Committed) && s.parts.contains(&Part::Aborted))
-            }),
+            Property::always("agreement", |_, s: &State| agreement(s)),
             Property::always(
                 "validity: commit only if every participant voted yes",
                 |_, s: &State| !s.parts.contains(&Part::Committed) || s.voted_no.iter().all(|n| !n),
@@ -515,10 +518,7 @@ fn the_checker_catches_a_broken_protocol() {
             self.0.next_state(last, action)
         }
         fn properties(&self) -> Vec<Property<Self>> {
-            vec![Property::always("agreement", |_, s: &State| {
-                !s.violation
-                    && !(s.parts.contains(&Part::Committed) && s.parts.contains(&Part::Aborted))
-            })]
+            vec![Property::always("agreement", |_, s: &State| agreement(s))]
         }
     }
     let checker = Broken(Txmesh { max_faults: 1 })
