@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-txn clean
+.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-txn chaos clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -14,6 +14,7 @@ help:
 	@echo "make demo    - the shop demo (arrives with the shop issue)"
 	@echo "make setup   - install the Rust wasm target, Envoy 1.40 (.venv/) and etcd"
 	@echo "make bench   - benchmarks (the cost of a transaction), side-by-side ratio tables"
+	@echo "make chaos   - the history checker: 1000 transactions under kills of sidecars, apps and etcd members"
 
 setup:
 	@scripts/setup.sh
@@ -56,6 +57,14 @@ test: setup fmt-check lint unit build validate it
 demo up down:
 	@echo "make $@: the shop demo is not built yet (see the open shop-demo issue); 'make test' runs what exists."
 	@exit 1
+
+# The history checker: randomized transactions under kills of sidecars,
+# participants and etcd members. CHAOS_ARGS: --txns N --seed S --clients C --pace-ms MS (docs/protocol.md).
+CHAOS_ARGS ?= --txns 1000
+chaos: build
+	@echo "[chaos] building the checker and the participant service (profile bench-native)"
+	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin chaos --bin participant
+	@./target/bench-native/chaos $(CHAOS_ARGS)
 
 bench: bench-txn
 

@@ -114,3 +114,24 @@ fn etcd_starts_and_answers() {
     drop(etcd);
     assert!(!alive(pid));
 }
+
+#[test]
+fn an_etcd_cluster_keeps_its_data_across_member_restarts() {
+    let mut c = txmesh_tests::EtcdCluster::start(3);
+    c.any().put("txmesh/decisions/a", "1");
+    for i in 0..3 {
+        c.kill(i);
+        // Two members keep quorum: writes go on (after an election, if the
+        // leader was killed).
+        let alive = &c.members[(i + 1) % 3];
+        alive.put_retrying(&format!("txmesh/decisions/k{i}"), "x");
+        c.restart(i);
+    }
+    let all = c.any().list("txmesh/decisions/");
+    assert_eq!(all.len(), 4, "{all:?}");
+    for m in &c.members {
+        txmesh_tests::wait_for(30, "member caught up", || {
+            (m.list("txmesh/decisions/").len() == 4).then_some(())
+        });
+    }
+}

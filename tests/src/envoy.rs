@@ -27,16 +27,9 @@ pub const TXN_TAGS: &[&str] = &["outcome", "reason"];
 
 /// Label names the txmesh filters encode into stat names; each gets a
 /// `stats_tags` regex in every bootstrap.
-pub const STAT_TAGS: &[&str] = &[
-    "reporter",
-    "source_workload",
-    "destination_service",
-    "response_code",
-    "response_flags",
-    "request_protocol",
-    "outcome",
-    "reason",
-];
+pub fn stat_tags() -> impl Iterator<Item = &'static str> {
+    METRICS_TAGS.iter().chain(TXN_TAGS).copied()
+}
 
 /// One HTTP filter of a listener.
 #[derive(Clone, Debug)]
@@ -167,6 +160,17 @@ impl Sidecar {
         self.cluster(static_cluster("etcd", &[etcd.addr()]))
     }
 
+    /// A cluster `etcd` over several members, health-checked every second so
+    /// a dead member leaves the rotation.
+    pub fn etcd_members(self, addrs: &[SocketAddr]) -> Self {
+        let mut c = static_cluster("etcd", addrs);
+        c["health_checks"] = json!([{
+            "timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+            "http_health_check": {"path": "/health"}
+        }]);
+        self.cluster(c)
+    }
+
     /// A cluster `etcd` at an address where nothing listens.
     pub fn etcd_addr(self, addr: SocketAddr) -> Self {
         self.cluster(static_cluster("etcd", &[addr]))
@@ -180,8 +184,7 @@ impl Sidecar {
 
     /// The bootstrap for these ports.
     pub fn bootstrap(&self, ports: Ports) -> Value {
-        let stats_tags: Vec<Value> = STAT_TAGS
-            .iter()
+        let stats_tags: Vec<Value> = stat_tags()
             .map(|t| json!({"tag_name": t, "regex": format!("({t}=\\.=(.*?);\\.;)")}))
             .collect();
         let mut clusters: Vec<Value> = Vec::new();
@@ -366,15 +369,9 @@ impl Envoy {
     }
 
     /// Starts Envoy again with the same config and ports (after `crash`).
-    /// The previous run's log is kept next to the new one.
+    /// Its output is appended to the same log.
     pub fn restart(&mut self) {
         self.guard.kill();
-        let old = self.dir.join(format!("envoy-{}.out", self.name));
-        let _ = std::fs::rename(
-            &old,
-            self.dir
-                .join(format!("envoy-{}.out.before-restart", self.name)),
-        );
         let cfg = self.dir.join("envoy.json");
         let fresh = crate::wait_for(20, "envoy restart (ports free again)", || {
             Envoy::launch(&self.name, &cfg, &self.dir, self.ports, self.concurrency).ok()

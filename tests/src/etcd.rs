@@ -1,12 +1,13 @@
 //! A real etcd (Debian `etcd-server`) on free loopback ports, with a data dir
-//! under the test's scratch dir. Talks to it through etcd's JSON gateway.
+//! under the test's scratch dir; one member or a cluster of several. Talks to
+//! it through etcd's JSON gateway.
 
 use crate::http::Client;
 use crate::ports::free_port;
 use crate::process::ChildGuard;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub struct Etcd {
@@ -15,6 +16,8 @@ pub struct Etcd {
     pub peer_port: u16,
     pub dir: PathBuf,
     client: Client,
+    name: String,
+    initial: String,
 }
 
 fn b64(s: &[u8]) -> String {
@@ -26,43 +29,143 @@ pub fn etcd_bin() -> String {
     std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
 }
 
+/// Starts one etcd member on loopback. `state`: `new` for a fresh cluster,
+/// `existing` to rejoin (ignored when the data dir already holds a member).
+fn spawn_member(
+    name: &str,
+    client: u16,
+    peer: u16,
+    dir: &Path,
+    initial: &str,
+    state: &str,
+) -> ChildGuard {
+    let curl = format!("http://127.0.0.1:{client}");
+    let purl = format!("http://127.0.0.1:{peer}");
+    let mut cmd = Command::new(etcd_bin());
+    cmd.args(["--name", name])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--listen-client-urls",
+            &curl,
+            "--advertise-client-urls",
+            &curl,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &purl,
+            "--initial-advertise-peer-urls",
+            &purl,
+        ])
+        .args([
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-state",
+            state,
+        ])
+        .args(["--log-level", "warn", "--logger", "zap"]);
+    ChildGuard::spawn(&format!("etcd-{name}"), cmd, dir, vec![])
+}
+
+/// A multi-member etcd cluster on loopback (each member its own process).
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    pub fn start(n: usize) -> Self {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (c, p))| Etcd::member(&format!("m{i}"), *c, *p, &initial))
+            .collect();
+        for m in &members {
+            m.wait_healthy();
+        }
+        Self { members }
+    }
+
+    /// `kill -9` member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(m) = self.members.get_mut(i) {
+            m.stop();
+        }
+    }
+
+    /// Restarts member `i` with its data dir and waits until it serves
+    /// again (it rejoins the cluster).
+    pub fn restart(&mut self, i: usize) {
+        if let Some(m) = self.members.get_mut(i) {
+            m.relaunch("existing");
+            m.wait_healthy();
+        }
+    }
+
+    pub fn addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.members.iter().map(Etcd::addr).collect()
+    }
+
+    /// A healthy member (waits up to 30 s: after a member restart the
+    /// cluster may be electing a leader).
+    pub fn any(&self) -> &Etcd {
+        crate::wait_for(30, "a healthy etcd member (quorum)", || {
+            self.members.iter().find(|m| m.healthy())
+        })
+    }
+}
+
 impl Etcd {
+    /// A single-member etcd.
     pub fn start() -> Self {
-        let dir = crate::scratch_dir("etcd");
-        let (client_port, peer_port) = (free_port(), free_port());
-        let curl = format!("http://127.0.0.1:{client_port}");
-        let purl = format!("http://127.0.0.1:{peer_port}");
-        let mut cmd = Command::new(etcd_bin());
-        cmd.args(["--name", "t"])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &curl,
-                "--advertise-client-urls",
-                &curl,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &purl,
-                "--initial-advertise-peer-urls",
-                &purl,
-            ])
-            .args(["--initial-cluster", &format!("t={purl}")])
-            .args(["--log-level", "warn", "--logger", "zap"]);
-        let guard = ChildGuard::spawn("etcd", cmd, &dir, vec![]);
-        let etcd = Self {
+        let (client, peer) = (free_port(), free_port());
+        let etcd = Self::member("t", client, peer, &format!("t=http://127.0.0.1:{peer}"));
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn member(name: &str, client_port: u16, peer_port: u16, initial: &str) -> Self {
+        let dir = crate::scratch_dir(&format!("etcd-{name}"));
+        let guard = spawn_member(name, client_port, peer_port, &dir, initial, "new");
+        Self {
             guard,
             client_port,
             peer_port,
             dir,
             client: Client::new(),
-        };
-        crate::wait_for(30, "etcd /health", || {
-            let r = etcd.client.get(&format!("{curl}/health")).ok()?;
-            (r.status == 200 && r.text().contains("true")).then_some(())
-        });
-        etcd
+            name: name.to_string(),
+            initial: initial.to_string(),
+        }
+    }
+
+    fn relaunch(&mut self, state: &str) {
+        self.guard.kill();
+        let guard = spawn_member(
+            &self.name,
+            self.client_port,
+            self.peer_port,
+            &self.dir,
+            &self.initial,
+            state,
+        );
+        let old = std::mem::replace(&mut self.guard, guard);
+        std::mem::forget(old); // already killed
+    }
+
+    fn healthy(&self) -> bool {
+        self.client
+            .get(&format!("{}/health", self.url()))
+            .is_ok_and(|r| r.status == 200 && r.text().contains("true"))
+    }
+
+    fn wait_healthy(&self) {
+        crate::wait_for(60, "etcd /health", || self.healthy().then_some(()));
     }
 
     pub fn url(&self) -> String {
@@ -71,6 +174,23 @@ impl Etcd {
 
     pub fn addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// Puts `key`, retrying for up to 20 s while the cluster elects a leader.
+    pub fn put_retrying(&self, key: &str, value: &str) {
+        let body = json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes())}).to_string();
+        crate::wait_for(20, "an etcd put to succeed", || {
+            let r = self
+                .client
+                .request(
+                    "POST",
+                    &format!("{}/v3/kv/put", self.url()),
+                    &[("content-type", "application/json")],
+                    body.as_bytes(),
+                )
+                .ok()?;
+            (r.status == 200).then_some(())
+        });
     }
 
     fn post(&self, path: &str, body: Value) -> Value {
@@ -134,33 +254,7 @@ impl Etcd {
 
     /// Starts etcd again on the same ports and data dir (after `stop`).
     pub fn start_again(&mut self) {
-        self.guard.kill();
-        let curl = self.url();
-        let purl = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut cmd = Command::new(etcd_bin());
-        cmd.args(["--name", "t"])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &curl,
-                "--advertise-client-urls",
-                &curl,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &purl,
-                "--initial-advertise-peer-urls",
-                &purl,
-            ])
-            .args(["--initial-cluster", &format!("t={purl}")])
-            .args(["--log-level", "warn", "--logger", "zap"]);
-        let guard = ChildGuard::spawn("etcd-again", cmd, &self.dir, vec![]);
-        let old = std::mem::replace(&mut self.guard, guard);
-        std::mem::forget(old);
-        crate::wait_for(30, "etcd /health after restart", || {
-            let r = self.client.get(&format!("{curl}/health")).ok()?;
-            (r.status == 200 && r.text().contains("true")).then_some(())
-        });
+        self.relaunch("new");
+        self.wait_healthy();
     }
 }

@@ -23,7 +23,7 @@ pub mod txnapp;
 pub mod upstream;
 
 pub use envoy::{Filter, Sidecar};
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdCluster};
 pub use http::{Client, Resp};
 pub use prom::Scrape;
 pub use txnapp::{Downstream, TxnApp, TxnRecord, Vote};

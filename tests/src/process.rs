@@ -4,9 +4,41 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
 
-/// A child process killed when dropped. Started with `PR_SET_PDEATHSIG`, so it
-/// also dies if the test process is killed outright. When dropped during a
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Children are forked by one long-lived thread. `PR_SET_PDEATHSIG` fires
+/// when the *thread* that forked the child exits, so a child started from a
+/// short-lived thread (a fault injector restarting a process) would die with
+/// that thread; forked from this thread, it dies only with the process.
+fn spawn_from_long_lived_thread(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .unwrap_or_else(|e| panic!("spawner thread: {e}"));
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    tx.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply_tx))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    reply_rx
+        .recv()
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
+/// A child process killed when dropped. Started with `PR_SET_PDEATHSIG` (from
+/// a long-lived thread), so it also dies if the test process is killed outright. When dropped during a
 /// panic, prints the tail of its log files.
 pub struct ChildGuard {
     pub name: String,
@@ -18,8 +50,12 @@ impl ChildGuard {
     /// Spawns `cmd` with stdout and stderr appended to `<dir>/<name>.out`.
     pub fn spawn(name: &str, mut cmd: Command, dir: &Path, extra_logs: Vec<PathBuf>) -> Self {
         let out_path = dir.join(format!("{name}.out"));
-        let out = std::fs::File::create(&out_path)
-            .unwrap_or_else(|e| panic!("create {}: {e}", out_path.display()));
+        // Appended: a restarted process keeps its earlier runs' output.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", out_path.display()));
         let err = out
             .try_clone()
             .unwrap_or_else(|e| panic!("dup {}: {e}", out_path.display()));
@@ -31,9 +67,9 @@ impl ChildGuard {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({:?}): {e}", cmd.get_program()));
+        let program = cmd.get_program().to_os_string();
+        let child = spawn_from_long_lived_thread(cmd)
+            .unwrap_or_else(|e| panic!("cannot start {name} ({program:?}): {e}"));
         let mut logs = vec![out_path];
         logs.extend(extra_logs);
         Self {

@@ -117,8 +117,16 @@ impl Upstream {
 
     /// A server answering with `handler`.
     pub fn with(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Self {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap_or_else(|e| panic!("upstream bind: {e}"));
+        Self::with_on(0, handler)
+    }
+
+    /// A server on a given loopback port (0: any free port).
+    pub fn with_on(
+        port: u16,
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let std_listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("upstream bind 127.0.0.1:{port}: {e}"));
         let addr = std_listener
             .local_addr()
             .unwrap_or_else(|e| panic!("upstream addr: {e}"));

@@ -25,12 +25,17 @@ struct Root {
     engine: Option<Shared>,
 }
 
+/// Hands a callout's answer to the engine, acting as context `id`.
+fn callout_answered(engine: &Option<Shared>, id: u32, token: u32, headers: usize, body: usize) {
+    let resp = callout_response(headers, body);
+    if let Some(Ok(mut e)) = engine.as_ref().map(|e| e.try_borrow_mut()) {
+        e.on_callout(&WasmHost::on(id), token, resp);
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
-        let resp = callout_response(headers, body);
-        if let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) {
-            e.on_callout(&WasmHost::on(self.id), token, resp);
-        }
+        callout_answered(&self.engine, self.id, token, headers, body);
     }
 }
 
@@ -96,10 +101,7 @@ fn action(v: Verdict) -> Action {
 
 impl Context for Http {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
-        let resp = callout_response(headers, body);
-        if let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) {
-            e.on_callout(&WasmHost::on(self.id), token, resp);
-        }
+        callout_answered(&self.engine, self.id, token, headers, body);
     }
 }
 

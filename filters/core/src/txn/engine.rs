@@ -30,6 +30,8 @@ pub const TICK_MS: u64 = 20;
 /// Slack added to a callout's own timeout before the tick gives up on it
 /// (a callout to a cluster with no healthy host may never time out).
 const TICK_SLACK_MS: u64 = 250;
+/// Immediate re-sends of a decision-record write that could not connect.
+const RECORD_RETRIES: u8 = 2;
 /// Recently finished transactions remembered per process, for status queries.
 const RECENT_SLOTS: u64 = 256;
 
@@ -165,6 +167,10 @@ struct Op {
     /// When the current stage's callout (etcd, commit) must have answered.
     stage_deadline_ms: u64,
     voted_ms: Option<u64>,
+    /// The decision-record write in flight, kept to retry it when Envoy could
+    /// not connect (another etcd member may answer).
+    last_call: Option<Callout>,
+    retries: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -713,6 +719,8 @@ impl TxnEngine {
                         stage: Stage::StatusRead { resolve, miss },
                         stage_deadline_ms: now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
                         voted_ms: None,
+                        last_call: None,
+                        retries: 0,
                     },
                 );
                 (Stream::Owned, Verdict::Pause)
@@ -853,22 +861,7 @@ impl TxnEngine {
                 Entry::new(txn, deadline_ms, Role::Root)
             }
         };
-        let mut targets: Vec<Target> = entry
-            .participants
-            .iter()
-            .map(|(c, _)| Target {
-                name: c.clone(),
-                cluster: c.clone(),
-                vote: None,
-                token: None,
-            })
-            .collect();
-        targets.push(Target {
-            name: self.node.clone(),
-            cluster: self.cfg.app_cluster.clone(),
-            vote: None,
-            token: None,
-        });
+        let targets = self.root_targets(&entry);
         let mut op = Op {
             kind: OpKind::RootPrepare,
             ctx,
@@ -880,6 +873,8 @@ impl TxnEngine {
             stage: Stage::Voting,
             stage_deadline_ms: deadline_ms,
             voted_ms: None,
+            last_call: None,
+            retries: 0,
         };
         if !is_2xx(status) {
             let why = match status {
@@ -915,6 +910,27 @@ impl TxnEngine {
         self.ops.insert(ctx, op);
         self.evaluate(h, ctx);
         Verdict::Pause
+    }
+
+    /// A root's participants: every enlisted cluster, then its own app.
+    fn root_targets(&self, entry: &Entry) -> Vec<Target> {
+        let mut targets: Vec<Target> = entry
+            .participants
+            .iter()
+            .map(|(c, _)| Target {
+                name: c.clone(),
+                cluster: c.clone(),
+                vote: None,
+                token: None,
+            })
+            .collect();
+        targets.push(Target {
+            name: self.node.clone(),
+            cluster: self.cfg.app_cluster.clone(),
+            vote: None,
+            token: None,
+        });
+        targets
     }
 
     fn control_call(
@@ -1002,6 +1018,8 @@ impl TxnEngine {
             stage: Stage::Voting,
             stage_deadline_ms: entry.deadline_ms,
             voted_ms: None,
+            last_call: None,
+            retries: 0,
         };
         self.dispatch_votes(h, &mut op, now);
         self.ops.insert(ctx, op);
@@ -1044,6 +1062,8 @@ impl TxnEngine {
             stage: Stage::Finishing,
             stage_deadline_ms: now + self.cfg.control_timeout_ms + TICK_SLACK_MS,
             voted_ms: None,
+            last_call: None,
+            retries: 0,
         };
         for (cluster, mark) in marks {
             let wanted = match outcome {
@@ -1481,6 +1501,7 @@ impl TxnEngine {
                 if let Some(op) = self.ops.get_mut(&ctx) {
                     op.stage = Stage::WriteCommit;
                     op.stage_deadline_ms = now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS;
+                    op.last_call = Some(call);
                 }
             }
             Err(e) => {
@@ -1507,6 +1528,24 @@ impl TxnEngine {
             Ok(CasResult::Created) => self.root_committed(h, ctx, true),
             Ok(CasResult::Exists(v)) => self.obey(h, ctx, &v),
             Err(error) => {
+                // Envoy could not connect: nothing reached etcd, so the same
+                // write can go again (to another member, if one answers).
+                if certainly_not_sent(&resp) {
+                    let retry = self
+                        .ops
+                        .get_mut(&ctx)
+                        .filter(|op| op.retries < RECORD_RETRIES)
+                        .and_then(|op| {
+                            op.retries += 1;
+                            op.last_call.clone()
+                        });
+                    if let Some(call) = retry {
+                        if let Ok(token) = h.dispatch(&call) {
+                            self.calls.insert(token, Call::Op { ctx, target: None });
+                            return;
+                        }
+                    }
+                }
                 // Learn the truth with an abort record: it wins if ours never landed.
                 let maybe_applied = !certainly_not_sent(&resp);
                 let Some(op) = self.ops.get(&ctx) else { return };
@@ -2101,6 +2140,8 @@ impl TxnEngine {
                 stage: Stage::Finishing,
                 stage_deadline_ms: now,
                 voted_ms: None,
+                last_call: None,
+                retries: 0,
             };
             self.start_job(h, &op, None, Record::Resolve, reason::IN_DOUBT);
         }
@@ -2180,6 +2221,8 @@ impl TxnEngine {
                 stage: Stage::Finishing,
                 stage_deadline_ms: now,
                 voted_ms: None,
+                last_call: None,
+                retries: 0,
             };
             self.start_job(h, &op, Some(Outcome::Committed), Record::Done, "recovered");
         }
@@ -2403,22 +2446,7 @@ impl TxnEngine {
                     Ok(())
                 }) {
                     if entry.phase == Phase::Aborted && !self.jobs.contains_key(txn) {
-                        let mut targets: Vec<Target> = entry
-                            .participants
-                            .iter()
-                            .map(|(c, _)| Target {
-                                name: c.clone(),
-                                cluster: c.clone(),
-                                vote: None,
-                                token: None,
-                            })
-                            .collect();
-                        targets.push(Target {
-                            name: self.node.clone(),
-                            cluster: self.cfg.app_cluster.clone(),
-                            vote: None,
-                            token: None,
-                        });
+                        let targets = self.root_targets(&entry);
                         let op = Op {
                             kind: OpKind::RootPrepare,
                             ctx,
@@ -2430,6 +2458,8 @@ impl TxnEngine {
                             stage: Stage::Voting,
                             stage_deadline_ms: entry.deadline_ms,
                             voted_ms: None,
+                            last_call: None,
+                            retries: 0,
                         };
                         h.log(
                             LogLevel::Warn,

@@ -76,36 +76,17 @@ pub fn outcome_of(value: &[u8]) -> Option<Outcome> {
 /// Body of `POST /v3/kv/txn`: put `value` at `key` if the key is absent,
 /// else read it.
 pub fn cas_create_body(key: &str, value: &str) -> String {
-    let k = b64::encode(key.as_bytes());
-    let key_obj = Obj::new().str("key", &k).build();
-    let compare = Obj::new()
-        .str("key", &k)
-        .str("target", "CREATE")
-        .str("create_revision", "0")
-        .str("result", "EQUAL")
-        .build();
-    let put = Obj::new()
-        .str("key", &k)
-        .str("value", &b64::encode(value.as_bytes()))
-        .build();
-    Obj::new()
-        .raw("compare", &format!("[{compare}]"))
-        .raw(
-            "success",
-            &format!("[{}]", Obj::new().raw("request_put", &put).build()),
-        )
-        .raw(
-            "failure",
-            &format!("[{}]", Obj::new().raw("request_range", &key_obj).build()),
-        )
-        .build()
+    cas_body(key, value, None)
 }
 
 /// Like [`cas_create_body`], and in the same etcd transaction also puts
 /// `also = (key, value)` (the coordinator's pending-work index).
 pub fn cas_create_with_body(key: &str, value: &str, also: (&str, &str)) -> String {
+    cas_body(key, value, Some(also))
+}
+
+fn cas_body(key: &str, value: &str, also: Option<(&str, &str)>) -> String {
     let k = b64::encode(key.as_bytes());
-    let key_obj = Obj::new().str("key", &k).build();
     let compare = Obj::new()
         .str("key", &k)
         .str("target", "CREATE")
@@ -119,16 +100,17 @@ pub fn cas_create_with_body(key: &str, value: &str, also: (&str, &str)) -> Strin
             .build();
         Obj::new().raw("request_put", &p).build()
     };
+    let mut success = put(key, value);
+    if let Some((k2, v2)) = also {
+        success = format!("{success},{}", put(k2, v2));
+    }
+    let range = Obj::new()
+        .raw("request_range", &Obj::new().str("key", &k).build())
+        .build();
     Obj::new()
         .raw("compare", &format!("[{compare}]"))
-        .raw(
-            "success",
-            &format!("[{},{}]", put(key, value), put(also.0, also.1)),
-        )
-        .raw(
-            "failure",
-            &format!("[{}]", Obj::new().raw("request_range", &key_obj).build()),
-        )
+        .raw("success", &format!("[{success}]"))
+        .raw("failure", &format!("[{range}]"))
         .build()
 }
 

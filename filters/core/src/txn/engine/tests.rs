@@ -529,8 +529,27 @@ fn etcd_down_aborts_and_never_commits() {
     };
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "etcd", refused.clone());
+    // Nothing reached etcd: the same commit record is re-sent (another
+    // member may answer), twice.
+    for _ in 0..2 {
+        let calls = h.take_calls();
+        assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+        let body = String::from_utf8_lossy(&calls[0].1.body).to_string();
+        assert_eq!(
+            body.matches("request_put").count(),
+            2,
+            "the commit record (+ pending key) again"
+        );
+        answer(&h, &mut inb, &calls, "etcd", refused.clone());
+    }
     let calls = h.take_calls();
     assert_eq!(paths(&calls), ["etcd /v3/kv/txn"], "tries an abort record");
+    let body = String::from_utf8_lossy(&calls[0].1.body).to_string();
+    assert_eq!(
+        body.matches("request_put").count(),
+        1,
+        "an abort record has no pending key"
+    );
     answer(&h, &mut inb, &calls, "etcd", refused);
     let (_, st, headers, body) = h.replies.borrow()[0].clone();
     assert_eq!(st, 409);

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+# Generates envoy/order-sidecar.yaml and envoy/payment-sidecar.yaml (run from the repo root).
+
+from string import Template
+ENDPOINT = "[{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $port}}}}]}]"
+def ep(port): return Template(ENDPOINT).substitute(port=port)
+def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
+    vhosts = ""
+    clusters = ""
+    for (svc, port) in routes:
+        vhosts += Template("""            - name: $svc
+              domains: ["$svc", "$svc:*"]
+              routes:
+              # Control calls are never retried or hedged by Envoy: the
+              # coordinator retries them itself, idempotently.
+              - match: {prefix: "/txmesh/"}
+                route: {cluster: $svc, timeout: 10s, retry_policy: {num_retries: 0}}
+              - match: {prefix: "/"}
+                route: {cluster: $svc, timeout: 15s}
+""").substitute(svc=svc)
+        clusters += Template("""  - name: $svc          # $svc's sidecar, inbound listener
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: $svc
+      endpoints: $ep
+""").substitute(svc=svc, ep=ep(port))
+    begin_json = '"begin": [{"method": "POST", "path_prefix": "/checkout"}], ' if begin else ""
+    role = "initiator (begins transactions on POST /checkout)" if begin else "participant"
+    outbound_block = ""
+    out_comment = ""
+    if routes:
+        out_comment = "\n#   outbound 127.0.0.1:%d -> routes by Host to %s" % (outbound, ", ".join(r[0] for r in routes))
+        outbound_block = Template("""
+  - name: outbound
+    traffic_direction: OUTBOUND
+    address: {socket_address: {address: 127.0.0.1, port_value: $outbound}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          route_config:
+            virtual_hosts:
+$vhosts
+          http_filters:
+          - *txn
+          - *metrics
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+""").substitute(outbound=outbound, vhosts=vhosts.rstrip())
+    return Template("""# txmesh sidecar of "$name", the $role.
+#   inbound  127.0.0.1:$inbound -> the app at 127.0.0.1:$app_port$out_comment
+#   admin    127.0.0.1:$admin (Prometheus: /stats/prometheus)
+#   etcd     127.0.0.1:2379 (decision records, JSON gateway)
+# Filters: txmesh_txn (fails closed), then txmesh_metrics (fails open).
+# Run from the repository root after `make build`:
+#   .venv/bin/envoy -c envoy/$name-sidecar.yaml --base-id $admin
+node:
+  id: $name-sidecar
+  cluster: $name
+  metadata: {WORKLOAD_NAME: $name}
+
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: $admin}}
+
+stats_config:
+  stats_tags:
+  - {tag_name: reporter, regex: '(reporter=\\.=(.*?);\\.;)'}
+  - {tag_name: source_workload, regex: '(source_workload=\\.=(.*?);\\.;)'}
+  - {tag_name: destination_service, regex: '(destination_service=\\.=(.*?);\\.;)'}
+  - {tag_name: response_code, regex: '(response_code=\\.=(.*?);\\.;)'}
+  - {tag_name: response_flags, regex: '(response_flags=\\.=(.*?);\\.;)'}
+  - {tag_name: request_protocol, regex: '(request_protocol=\\.=(.*?);\\.;)'}
+  - {tag_name: outcome, regex: '(outcome=\\.=(.*?);\\.;)'}
+  - {tag_name: reason, regex: '(reason=\\.=(.*?);\\.;)'}
+
+static_resources:
+  listeners:
+  - name: inbound
+    traffic_direction: INBOUND
+    address: {socket_address: {address: 127.0.0.1, port_value: $inbound}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          route_config:
+            virtual_hosts:
+            - name: local_app
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: local_app, timeout: 15s}
+          http_filters:
+          - &txn
+            name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_txn
+                root_id: txmesh_txn
+                # A transaction filter never fails open: without it a request
+                # could run outside its transaction.
+                failure_policy: FAIL_CLOSED
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: |
+                    {${begin_json}"node": "$name", "default_timeout_ms": 5000, "max_timeout_ms": 30000,
+                     "max_in_flight": 1024, "app_cluster": "local_app", "etcd_cluster": "etcd"}
+                vm_config:
+                  vm_id: txmesh_txn
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_txn.wasm}}
+          - &metrics
+            name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_metrics
+                root_id: txmesh_metrics
+                failure_policy: FAIL_OPEN
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{"workload": "$name"}'
+                vm_config:
+                  vm_id: txmesh_metrics
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_metrics.wasm}}
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+$outbound_block
+  clusters:
+  - name: local_app      # the app; the txn filter sends it prepare/commit/abort directly
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: local_app
+      endpoints: $app_ep
+  # etcd's JSON gateway, reached by the txn filter's callouts (never retried by
+  # Envoy). With a 3-member cluster list every member: the health check takes
+  # a dead member out of rotation within a second, and the filter re-sends a
+  # decision write that could not connect.
+  - name: etcd
+    type: STATIC
+    connect_timeout: 1s
+    health_checks:
+    - {timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: {path: /health}}
+    load_assignment:
+      cluster_name: etcd
+      endpoints: $etcd_ep
+$clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
+        admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
+        clusters=clusters.rstrip())
+open('envoy/order-sidecar.yaml','w').write(sidecar("order",15000,15006,15001,8080,[("payment",15106),("inventory",15206)],True).rstrip()+"\n")
+open('envoy/payment-sidecar.yaml','w').write(sidecar("payment",15100,15106,15101,8081,[],False).rstrip()+"\n")

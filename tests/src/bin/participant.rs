@@ -1,0 +1,259 @@
+//! A participant service for the history checker: a separate process that can
+//! be killed with SIGKILL, implementing the participant contract with every
+//! state change appended to a log file (a process kill loses nothing the
+//! kernel has accepted), and recovering on start by asking its sidecar for the
+//! outcome of every transaction it holds prepared.
+//!
+//! Usage: participant <name> <port> <log file> <sidecar inbound port>
+//!        [<sidecar outbound port> <downstream host>...]
+//!
+//! Per-transaction behaviour comes from the business request's
+//! `x-chaos-vote-<name>` header (`no` or `stall`; default: commit), which an
+//! initiator forwards to its downstream calls.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use txmesh_tests::{Client, Recorded, Reply, Upstream};
+
+#[derive(Default, Clone, Debug)]
+struct Txn {
+    deadline: Option<String>,
+    plan: Option<String>,
+    vote: Option<String>,
+    outcome: Option<String>,
+}
+
+struct Participant {
+    name: String,
+    log: Mutex<std::fs::File>,
+    txns: Mutex<BTreeMap<String, Txn>>,
+}
+
+impl Participant {
+    fn append(&self, mut line: serde_json::Value) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        line["t"] = serde_json::json!(now);
+        let mut f = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(f, "{line}");
+    }
+
+    fn load(path: &str) -> BTreeMap<String, Txn> {
+        let mut txns: BTreeMap<String, Txn> = BTreeMap::new();
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return txns;
+        };
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let Some(txn) = v["txn"].as_str() else {
+                continue;
+            };
+            let t = txns.entry(txn.to_string()).or_default();
+            match v["op"].as_str() {
+                Some("business") => {
+                    t.deadline = v["deadline"].as_str().map(str::to_string);
+                    t.plan = v["plan"].as_str().map(str::to_string);
+                }
+                Some("prepare") => t.vote = v["vote"].as_str().map(str::to_string),
+                Some("commit") => t.outcome = Some("committed".into()),
+                Some("abort") => t.outcome = Some("aborted".into()),
+                _ => {}
+            }
+        }
+        txns
+    }
+
+    /// Applies an outcome once; a conflicting one is logged as a violation.
+    fn apply(&self, txn: &str, outcome: &str, via: &str) {
+        let mut txns = self.txns.lock().unwrap_or_else(|e| e.into_inner());
+        let t = txns.entry(txn.to_string()).or_default();
+        match t.outcome.as_deref() {
+            Some(o) if o == outcome => self.append(
+                serde_json::json!({"op": "duplicate", "txn": txn, "outcome": outcome, "via": via}),
+            ),
+            Some(o) => self.append(serde_json::json!({
+                "op": "violation", "txn": txn, "had": o, "got": outcome, "via": via
+            })),
+            None => {
+                if outcome == "committed" && t.vote.as_deref() != Some("commit") {
+                    self.append(serde_json::json!({"op": "violation", "txn": txn, "had": "unprepared", "got": outcome, "via": via}));
+                }
+                t.outcome = Some(outcome.to_string());
+                let op = if outcome == "committed" {
+                    "commit"
+                } else {
+                    "abort"
+                };
+                self.append(serde_json::json!({"op": op, "txn": txn, "via": via}));
+            }
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 5 {
+        eprintln!("usage: participant <name> <port> <log file> <sidecar inbound port> [<sidecar outbound port> <downstream>...]");
+        std::process::exit(2);
+    }
+    let name = args[1].clone();
+    let port: u16 = args[2].parse().expect("port");
+    let log_path = args[3].clone();
+    let inbound: u16 = args[4].parse().expect("sidecar inbound port");
+    let outbound: Option<u16> = args.get(5).and_then(|p| p.parse().ok());
+    let downstream: Vec<String> = args.iter().skip(6).cloned().collect();
+
+    let txns = Participant::load(&log_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("open log");
+    let p = Arc::new(Participant {
+        name: name.clone(),
+        log: Mutex::new(file),
+        txns: Mutex::new(txns),
+    });
+    p.append(serde_json::json!({"op": "start", "txn": null}));
+
+    let handler_p = p.clone();
+    let client = Client::new();
+    let _server = Upstream::with_on(port, move |r: &Recorded| {
+        handle(&handler_p, r, outbound, &downstream, &client)
+    });
+
+    // Recovery: ask the sidecar about every transaction held prepared.
+    let client = Client::new();
+    loop {
+        let undecided: Vec<(String, Option<String>)> = p
+            .txns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, t)| t.vote.as_deref() == Some("commit") && t.outcome.is_none())
+            .map(|(id, t)| (id.clone(), t.deadline.clone()))
+            .collect();
+        for (txn, deadline) in undecided {
+            let url = format!("http://127.0.0.1:{inbound}/txmesh/txns/{txn}");
+            let mut headers = vec![];
+            if let Some(d) = &deadline {
+                headers.push(("x-txmesh-deadline", d.as_str()));
+            }
+            if let Ok(r) = client.request("GET", &url, &headers, b"") {
+                if r.status == 200 {
+                    let v = r.json();
+                    if let Some(o @ ("committed" | "aborted")) = v["outcome"].as_str() {
+                        p.apply(&txn, o, "recovery");
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn handle(
+    p: &Participant,
+    r: &Recorded,
+    outbound: Option<u16>,
+    downstream: &[String],
+    client: &Client,
+) -> Reply {
+    let txn = r.header("x-txmesh-txn");
+    let path = r.path.split('?').next().unwrap_or("").to_string();
+    let json = |v: serde_json::Value| Reply::ok().json(v);
+    match (path.as_str(), txn) {
+        ("/txmesh/prepare", Some(txn)) => {
+            let (plan, prior) = {
+                let txns = p.txns.lock().unwrap_or_else(|e| e.into_inner());
+                let t = txns.get(&txn).cloned().unwrap_or_default();
+                (t.plan.clone(), t)
+            };
+            if prior.outcome.as_deref() == Some("aborted") {
+                return json(serde_json::json!({"vote": "abort", "reason": "already aborted"}));
+            }
+            if let Some(v) = prior.vote {
+                return json(serde_json::json!({"vote": v}));
+            }
+            let vote = match plan.as_deref() {
+                Some("no") => "abort",
+                Some("stall") => {
+                    std::thread::sleep(Duration::from_millis(3_000));
+                    "commit"
+                }
+                _ => "commit",
+            };
+            {
+                let mut txns = p.txns.lock().unwrap_or_else(|e| e.into_inner());
+                let t = txns.entry(txn.clone()).or_default();
+                // An abort may have overtaken the (stalled) prepare.
+                if t.outcome.as_deref() == Some("aborted") {
+                    return json(serde_json::json!({"vote": "abort", "reason": "already aborted"}));
+                }
+                t.vote = Some(vote.to_string());
+                if vote == "abort" {
+                    t.outcome = Some("aborted".into());
+                }
+            }
+            p.append(serde_json::json!({"op": "prepare", "txn": txn, "vote": vote}));
+            if vote == "abort" {
+                p.append(serde_json::json!({"op": "abort", "txn": txn, "via": "own no vote"}));
+            }
+            json(serde_json::json!({"vote": vote, "reason": format!("{} says no", p.name)}))
+        }
+        ("/txmesh/commit", Some(txn)) => {
+            p.apply(&txn, "committed", "commit");
+            Reply::ok()
+        }
+        ("/txmesh/abort", Some(txn)) => {
+            p.apply(&txn, "aborted", "abort");
+            Reply::ok()
+        }
+        (p2, None) if p2.starts_with("/txmesh/") => Reply::status(400),
+        (_, txn) => {
+            let plan = r.header(&format!("x-chaos-vote-{}", p.name));
+            if let Some(t) = &txn {
+                let deadline = r.header("x-txmesh-deadline");
+                {
+                    let mut txns = p.txns.lock().unwrap_or_else(|e| e.into_inner());
+                    let e = txns.entry(t.clone()).or_default();
+                    e.deadline = deadline.clone();
+                    e.plan = plan.clone();
+                }
+                p.append(serde_json::json!({"op": "business", "txn": t, "deadline": deadline, "plan": plan}));
+            }
+            if let Some(port) = outbound {
+                for d in downstream {
+                    let mut headers: Vec<(String, String)> = vec![("host".into(), d.clone())];
+                    if let Some(t) = &txn {
+                        headers.push(("x-txmesh-txn".into(), t.clone()));
+                    }
+                    for (k, v) in &r.headers {
+                        if k.starts_with("x-chaos-vote-") {
+                            headers.push((k.clone(), String::from_utf8_lossy(v).into_owned()));
+                        }
+                    }
+                    let h: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    let url = format!("http://127.0.0.1:{port}/work");
+                    match client.request("POST", &url, &h, b"{}") {
+                        Ok(resp) if (200..300).contains(&resp.status) => {}
+                        Ok(resp) => {
+                            return Reply::status(502).body(format!("{d} answered {}", resp.status))
+                        }
+                        Err(e) => return Reply::status(502).body(format!("{d}: {e}")),
+                    }
+                }
+            }
+            json(serde_json::json!({"service": p.name, "txn": txn}))
+        }
+    }
+}
