@@ -208,6 +208,9 @@ struct Job {
     reason: String,
     /// Delete this coordinator's pending-work key in etcd when done.
     unpend: bool,
+    /// Some participant did not acknowledge at once: from then on each
+    /// acknowledgement is recorded in the pending-work key.
+    degraded: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1924,6 +1927,7 @@ impl TxnEngine {
             give_up_ms: now.saturating_add(self.cfg.phase2_give_up_ms),
             reason: r.to_string(),
             unpend: outcome == Some(Outcome::Committed) && record == Record::Done,
+            degraded: false,
         };
         self.jobs.insert(op.txn, job);
     }
@@ -1952,7 +1956,40 @@ impl TxnEngine {
         t.inflight = false;
         if is_2xx(resp.status) {
             t.acked = true;
+            if job.unpend && job.degraded {
+                // Record who has acknowledged, so a recovery after a crash
+                // re-sends only to the others.
+                let targets: Vec<(String, String, &str)> = job
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let state = match (&t.vote, t.acked) {
+                            (Some(Vote::Commit), true) => "acked",
+                            (Some(Vote::Commit), false) => "commit",
+                            _ => "readonly",
+                        };
+                        (t.name.clone(), t.cluster.clone(), state)
+                    })
+                    .collect();
+                let value = etcd::Pending::to_json(
+                    &txn,
+                    Outcome::Committed,
+                    now,
+                    job.deadline_ms,
+                    &targets,
+                );
+                let call = Callout {
+                    cluster: self.cfg.etcd_cluster.clone(),
+                    method: "POST",
+                    path: "/v3/kv/put".to_string(),
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: etcd::put_body(&etcd::pending_key(&self.node, &txn), &value).into_bytes(),
+                    timeout_ms: self.cfg.etcd_timeout_ms,
+                };
+                let _ = h.dispatch(&call);
+            }
         } else {
+            job.degraded = true;
             t.attempts += 1;
             t.next_ms = now + backoff_ms(t.attempts);
             let outcome = job.outcome.map_or("?", Outcome::as_str);

@@ -134,6 +134,14 @@ pub fn range_prefix_body(prefix: &str, limit: u32) -> String {
         .build()
 }
 
+/// Body of `POST /v3/kv/put`.
+pub fn put_body(key: &str, value: &str) -> String {
+    Obj::new()
+        .str("key", &b64::encode(key.as_bytes()))
+        .str("value", &b64::encode(value.as_bytes()))
+        .build()
+}
+
 /// Body of `POST /v3/kv/deleterange` for one key.
 pub fn delete_body(key: &str) -> String {
     Obj::new().str("key", &b64::encode(key.as_bytes())).build()
@@ -157,7 +165,7 @@ pub fn parse_range_values(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 pub struct PendingTarget {
     pub name: String,
     pub cluster: String,
-    /// `commit` for participants owed a commit.
+    /// `commit`: owed a commit; `acked`: acknowledged it; `readonly`: owed nothing.
     pub vote: String,
 }
 

@@ -300,6 +300,8 @@ fn commit_with_three_participants() {
     answer(&h, &mut inb, &calls, "payment", ok(""));
     answer(&h, &mut inb, &calls, "inventory", status(503));
     answer(&h, &mut inb, &calls, "local_app", ok(""));
+    // inventory failed once: acknowledgements are recorded from now on.
+    assert_eq!(paths(&h.take_calls()), ["etcd /v3/kv/put"]);
     inb.on_tick(&h);
     assert!(h.take_calls().is_empty(), "retry waits for its backoff");
     h.advance(200);
@@ -307,6 +309,7 @@ fn commit_with_three_participants() {
     let calls = h.take_calls();
     assert_eq!(paths(&calls), ["inventory /txmesh/commit"]);
     answer(&h, &mut inb, &calls, "inventory", ok(""));
+    assert_eq!(paths(&h.take_calls()), ["etcd /v3/kv/put"]);
     inb.on_tick(&h);
     assert!(!inb.busy());
     assert!(inb.table().get(&h, &txn).is_none());
@@ -1199,4 +1202,51 @@ fn commit_records_carry_a_pending_key_and_recovery_redrives_it() {
         "pending key removed when done"
     );
     assert!(!fresh.busy());
+}
+
+#[test]
+fn acknowledgements_are_recorded_once_phase_two_has_to_retry() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    // Both acknowledge at once: no extra etcd write.
+    answer(&h, &mut inb, &calls, "local_app", ok(""));
+    assert!(h.take_calls().is_empty());
+    answer(&h, &mut inb, &calls, "payment", status(503));
+    h.advance(200);
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", ok(""));
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["etcd /v3/kv/put"],
+        "the acknowledgement is recorded"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
+    let key = crate::b64::decode(body["key"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        String::from_utf8(key).unwrap(),
+        format!("txmesh/pending/order/{txn}")
+    );
+    let value = crate::b64::decode(body["value"].as_str().unwrap()).unwrap();
+    let p: crate::txn::etcd::Pending = serde_json::from_slice(&value).unwrap();
+    let states: Vec<(&str, &str)> = p
+        .targets
+        .iter()
+        .map(|t| (t.name.as_str(), t.vote.as_str()))
+        .collect();
+    assert_eq!(states, [("payment", "acked"), ("order", "acked")]);
+    inb.on_tick(&h);
+    assert_eq!(paths(&h.take_calls()), ["etcd /v3/kv/deleterange"]);
 }
