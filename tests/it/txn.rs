@@ -133,6 +133,23 @@ fn app_error_aborts_without_prepare() {
 }
 
 #[test]
+fn an_app_400_reaches_the_client_and_the_transaction_aborts() {
+    let shop = Shop::start(Vote::Commit, Vote::Commit);
+    shop.order.set_business_status(400);
+    let r = shop.checkout();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.header("x-txmesh-outcome"), Some("aborted"));
+    assert_eq!(r.json()["service"], "order", "the app's own body");
+    let txn = txn_of(&r);
+    for app in shop.apps() {
+        wait_for(10, &format!("{} abort", app.name), || {
+            (app.record(&txn).aborts >= 1).then_some(())
+        });
+        assert_eq!(app.record(&txn).prepares, 0);
+    }
+}
+
+#[test]
 fn a_readonly_voter_gets_no_phase_two() {
     let shop = Shop::start(Vote::Commit, Vote::ReadOnly);
     let r = shop.checkout();

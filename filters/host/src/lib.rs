@@ -162,6 +162,10 @@ impl TxnHost for WasmHost {
         raw::get_header(raw::MAP_RESPONSE_HEADERS, name)
     }
 
+    fn set_response_header(&self, name: &str, value: &str) {
+        raw::set_header(raw::MAP_RESPONSE_HEADERS, name, Some(value.as_bytes()));
+    }
+
     fn log(&self, level: LogLevel, msg: &str) {
         let l = match level {
             LogLevel::Debug => 1,

@@ -75,6 +75,8 @@ pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties {
     fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]);
     /// A header of the current stream's response.
     fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Sets a header on the current stream's response (during its headers callback).
+    fn set_response_header(&self, name: &str, value: &str);
     fn log(&self, level: LogLevel, msg: &str);
 }
 
@@ -171,6 +173,9 @@ struct Op {
     /// not connect (another etcd member may answer).
     last_call: Option<Callout>,
     retries: u8,
+    /// The app answered the client with a 4xx: abort, but let the client
+    /// see the app's own error (bad input is the client's to fix).
+    client_error: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -724,6 +729,7 @@ impl TxnEngine {
                         voted_ms: None,
                         last_call: None,
                         retries: 0,
+                        client_error: false,
                     },
                 );
                 (Stream::Owned, Verdict::Pause)
@@ -878,8 +884,10 @@ impl TxnEngine {
             voted_ms: None,
             last_call: None,
             retries: 0,
+            client_error: false,
         };
         if !is_2xx(status) {
+            op.client_error = matches!(status, Some(400..=499));
             let why = match status {
                 Some(s) => format!("the app answered {s}"),
                 None => "the app gave no status".to_string(),
@@ -895,7 +903,11 @@ impl TxnEngine {
                 &participant,
                 Record::Done,
             );
-            return Verdict::Pause;
+            return if op.client_error {
+                Verdict::Continue
+            } else {
+                Verdict::Pause
+            };
         }
         if now >= deadline_ms {
             let participant = self.node.clone();
@@ -1023,6 +1035,7 @@ impl TxnEngine {
             voted_ms: None,
             last_call: None,
             retries: 0,
+            client_error: false,
         };
         self.dispatch_votes(h, &mut op, now);
         self.ops.insert(ctx, op);
@@ -1067,6 +1080,7 @@ impl TxnEngine {
             voted_ms: None,
             last_call: None,
             retries: 0,
+            client_error: false,
         };
         for (cluster, mark) in marks {
             let wanted = match outcome {
@@ -1717,16 +1731,23 @@ impl TxnEngine {
             .str("reason", why)
             .str("participant", participant)
             .build();
-        h.send_reply(
-            op.ctx,
-            409,
-            &[
-                JSON,
-                (id::OUTCOME_HEADER, "aborted"),
-                (id::TXN_HEADER, &op.txn.to_string()),
-            ],
-            body.as_bytes(),
-        );
+        let txn_id = op.txn.to_string();
+        if op.client_error {
+            // Still in the response-headers callback: mark and let it pass.
+            h.set_response_header(id::OUTCOME_HEADER, "aborted");
+            h.set_response_header(id::TXN_HEADER, &txn_id);
+        } else {
+            h.send_reply(
+                op.ctx,
+                409,
+                &[
+                    JSON,
+                    (id::OUTCOME_HEADER, "aborted"),
+                    (id::TXN_HEADER, &txn_id),
+                ],
+                body.as_bytes(),
+            );
+        }
         self.finish_metrics(h, op, Outcome::Aborted, r, now);
         self.log_decision(h, op, Outcome::Aborted, r, why, participant, now);
         Self::remember(h, &op.txn, Outcome::Aborted);
@@ -2179,6 +2200,7 @@ impl TxnEngine {
                 voted_ms: None,
                 last_call: None,
                 retries: 0,
+                client_error: false,
             };
             self.start_job(h, &op, None, Record::Resolve, reason::IN_DOUBT);
         }
@@ -2260,6 +2282,7 @@ impl TxnEngine {
                 voted_ms: None,
                 last_call: None,
                 retries: 0,
+                client_error: false,
             };
             self.start_job(h, &op, Some(Outcome::Committed), Record::Done, "recovered");
         }
@@ -2497,6 +2520,7 @@ impl TxnEngine {
                             voted_ms: None,
                             last_call: None,
                             retries: 0,
+                            client_error: false,
                         };
                         h.log(
                             LogLevel::Warn,

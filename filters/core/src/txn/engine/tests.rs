@@ -95,6 +95,11 @@ impl TxnHost for Host {
                 .collect(),
         ));
     }
+    fn set_response_header(&self, name: &str, value: &str) {
+        self.response
+            .borrow_mut()
+            .push((name.to_string(), value.as_bytes().to_vec()));
+    }
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
         self.response
             .borrow()
@@ -1249,4 +1254,29 @@ fn acknowledgements_are_recorded_once_phase_two_has_to_retry() {
     assert_eq!(states, [("payment", "acked"), ("order", "acked")]);
     inb.on_tick(&h);
     assert_eq!(paths(&h.take_calls()), ["etcd /v3/kv/deleterange"]);
+}
+
+#[test]
+fn an_app_4xx_aborts_but_the_client_sees_the_apps_own_error() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("400");
+    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Continue);
+    assert!(
+        h.replies.borrow().is_empty(),
+        "no 409 replacing the app's answer"
+    );
+    assert_eq!(h.response_header("x-txmesh-outcome").unwrap(), b"aborted");
+    assert_eq!(
+        h.response_header("x-txmesh-txn").unwrap(),
+        txn.to_string().as_bytes()
+    );
+    inb.on_tick(&h);
+    assert_eq!(
+        paths(&h.take_calls()),
+        ["local_app /txmesh/abort", "payment /txmesh/abort"],
+        "still aborted everywhere, nothing prepared"
+    );
 }
