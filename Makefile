@@ -42,14 +42,14 @@ lint:
 
 unit:
 	@echo "[unit] native unit tests"
-	@$(CARGO) test --quiet --workspace --exclude txmesh-tests
+	@$(CARGO) test --quiet --workspace --exclude txmesh-tests --exclude txmesh-shop
 
 validate: build
 	@scripts/validate-configs.sh
 
 it: build
 	@echo "[it] integration tests on real Envoy and etcd"
-	@$(CARGO) test --quiet -p txmesh-tests -- --test-threads=$(IT_THREADS)
+	@$(CARGO) test --quiet -p txmesh-tests -p txmesh-shop -- --test-threads=$(IT_THREADS)
 
 test: setup fmt-check lint unit build validate it
 	@echo "[test] all green"

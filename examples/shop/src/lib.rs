@@ -1,0 +1,5 @@
+//! The txmesh demo shop: order (the initiator), payment and inventory, each
+//! a participant in transactions that its sidecar runs. See README.md.
+
+pub mod participant;
+pub mod services;

@@ -1,0 +1,465 @@
+//! `shop <order|payment|inventory> --port P --db FILE --sidecar-inbound P [--sidecar-outbound P]`
+//!
+//! Each service listens on loopback, keeps its data in SQLite, implements the
+//! txmesh participant endpoints, and on start (and every second) asks its
+//! sidecar for the outcome of every transaction it still holds prepared.
+//! `order` calls inventory and payment through its sidecar's outbound
+//! listener, forwarding `x-txmesh-txn`.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use txmesh_shop::participant::{Ledger, Participant, Vote};
+use txmesh_shop::services::{Inventory, Order, Payment};
+
+struct Opts {
+    service: String,
+    port: u16,
+    db: String,
+    sidecar_inbound: u16,
+    sidecar_outbound: Option<u16>,
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE --sidecar-inbound P [--sidecar-outbound P]");
+    std::process::exit(2)
+}
+
+fn parse() -> Opts {
+    let mut args = std::env::args().skip(1);
+    let service = args.next().unwrap_or_else(|| usage("missing service name"));
+    if !matches!(service.as_str(), "order" | "payment" | "inventory") {
+        usage(&format!("unknown service {service:?}"));
+    }
+    let (mut port, mut db, mut inbound, mut outbound) = (None, None, None, None);
+    while let Some(a) = args.next() {
+        let v = args
+            .next()
+            .unwrap_or_else(|| usage(&format!("{a} needs a value")));
+        match a.as_str() {
+            "--port" => port = v.parse().ok(),
+            "--db" => db = Some(v),
+            "--sidecar-inbound" => inbound = v.parse().ok(),
+            "--sidecar-outbound" => outbound = v.parse().ok(),
+            _ => usage(&format!("unknown option {a}")),
+        }
+    }
+    let opts = Opts {
+        port: port.unwrap_or_else(|| usage("--port is required")),
+        db: db.unwrap_or_else(|| usage("--db is required")),
+        sidecar_inbound: inbound.unwrap_or_else(|| usage("--sidecar-inbound is required")),
+        sidecar_outbound: outbound,
+        service,
+    };
+    if opts.service == "order" && opts.sidecar_outbound.is_none() {
+        usage("order needs --sidecar-outbound (it calls payment and inventory)");
+    }
+    opts
+}
+
+struct App<L: Ledger> {
+    p: Participant<L>,
+    name: String,
+    outbound: Option<u16>,
+}
+
+type Shared<L> = Arc<App<L>>;
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({"error": msg.into()}))).into_response()
+}
+
+fn txn_of(headers: &HeaderMap) -> Option<(String, u64)> {
+    let txn = headers.get("x-txmesh-txn")?.to_str().ok()?.to_string();
+    let deadline = headers
+        .get("x-txmesh-deadline")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    Some((txn, deadline))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+async fn prepare<L: Ledger + 'static>(
+    State(app): State<Shared<L>>,
+    headers: HeaderMap,
+) -> Response {
+    let Some((txn, _)) = txn_of(&headers) else {
+        return error(StatusCode::BAD_REQUEST, "x-txmesh-txn is required");
+    };
+    match blocking(move || app.p.prepare(&txn)).await {
+        Ok(Vote::Commit) => Json(json!({"vote": "commit"})).into_response(),
+        Ok(Vote::ReadOnly) => Json(json!({"vote": "readonly"})).into_response(),
+        Ok(Vote::Abort(reason)) => Json(json!({"vote": "abort", "reason": reason})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn finish<L: Ledger + 'static>(app: Shared<L>, headers: HeaderMap, commit: bool) -> Response {
+    let Some((txn, _)) = txn_of(&headers) else {
+        return error(StatusCode::BAD_REQUEST, "x-txmesh-txn is required");
+    };
+    let r = blocking(move || {
+        if commit {
+            app.p.commit(&txn)
+        } else {
+            app.p.abort(&txn)
+        }
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => Json(json!({"ok": true})).into_response(),
+        Ok(Err(conflict)) => {
+            eprintln!("PROTOCOL VIOLATION: {conflict}");
+            error(StatusCode::CONFLICT, conflict)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn commit<L: Ledger + 'static>(State(app): State<Shared<L>>, headers: HeaderMap) -> Response {
+    finish(app, headers, true).await
+}
+
+async fn abort<L: Ledger + 'static>(State(app): State<Shared<L>>, headers: HeaderMap) -> Response {
+    finish(app, headers, false).await
+}
+
+fn participant_routes<L: Ledger + 'static>() -> Router<Shared<L>> {
+    Router::new()
+        .route("/txmesh/prepare", post(prepare::<L>))
+        .route("/txmesh/commit", post(commit::<L>))
+        .route("/txmesh/abort", post(abort::<L>))
+        .route("/health", get(|| async { "ok" }))
+}
+
+/// The body of a business call, as JSON.
+fn body_json(body: &str) -> Result<Value, String> {
+    serde_json::from_str::<Value>(body).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+async fn charge(State(app): State<Shared<Payment>>, headers: HeaderMap, body: String) -> Response {
+    let Some((txn, deadline)) = txn_of(&headers) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a charge must run in a transaction (x-txmesh-txn)",
+        );
+    };
+    let v = match body_json(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let (Some(customer), Some(amount)) = (
+        v["customer"].as_str().map(str::to_string),
+        v["amount"].as_i64(),
+    ) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "want {\"customer\": string, \"amount\": integer cents}",
+        );
+    };
+    let r = blocking(move || {
+        app.p.work(&txn, deadline, |tx| {
+            Payment::charge(tx, &txn, &customer, amount)
+        })
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => Json(json!({"charged": amount})).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn account(State(app): State<Shared<Payment>>, Path(customer): Path<String>) -> Response {
+    let c = customer.clone();
+    match blocking(move || app.p.with_tx(|tx| Payment::balance(tx, &c))).await {
+        Ok(Some(balance)) => {
+            Json(json!({"customer": customer, "balance": balance})).into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("unknown customer {customer:?}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn reserve(
+    State(app): State<Shared<Inventory>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let Some((txn, deadline)) = txn_of(&headers) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a reservation must run in a transaction (x-txmesh-txn)",
+        );
+    };
+    let v = match body_json(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let (Some(sku), Some(qty)) = (v["sku"].as_str().map(str::to_string), v["qty"].as_i64()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "want {\"sku\": string, \"qty\": integer}",
+        );
+    };
+    let r = blocking(move || {
+        app.p
+            .work(&txn, deadline, |tx| Inventory::reserve(tx, &txn, &sku, qty))
+    })
+    .await;
+    match r {
+        Ok(Ok(price)) => Json(json!({"price": price, "amount": price * qty})).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn stock(State(app): State<Shared<Inventory>>, Path(sku): Path<String>) -> Response {
+    let s = sku.clone();
+    match blocking(move || app.p.with_tx(|tx| Inventory::stock(tx, &s))).await {
+        Ok(Some((available, price))) => {
+            Json(json!({"sku": sku, "available": available, "price": price})).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown sku {sku:?}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// A call through the sidecar's outbound listener, forwarding the transaction.
+fn call(
+    outbound: u16,
+    host: &str,
+    path: &str,
+    txn: &str,
+    body: Value,
+) -> Result<(u16, Value), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut resp = agent
+        .post(&format!("http://127.0.0.1:{outbound}{path}"))
+        .header("host", host)
+        .header("x-txmesh-txn", txn)
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .map_err(|e| format!("{host}: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(json!({"error": text})),
+    ))
+}
+
+async fn checkout(State(app): State<Shared<Order>>, headers: HeaderMap, body: String) -> Response {
+    let Some((txn, deadline)) = txn_of(&headers) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "checkout runs in a transaction: call it through the sidecar",
+        );
+    };
+    let v = match body_json(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let (Some(customer), Some(sku), Some(qty)) = (
+        v["customer"].as_str().map(str::to_string),
+        v["sku"].as_str().map(str::to_string),
+        v["qty"].as_i64(),
+    ) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "want {\"customer\": string, \"sku\": string, \"qty\": integer}",
+        );
+    };
+    if qty <= 0 {
+        return error(StatusCode::BAD_REQUEST, "qty must be positive");
+    }
+    let Some(outbound) = app.outbound else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no outbound sidecar port",
+        );
+    };
+    blocking(move || {
+        let (st, inv) = match call(
+            outbound,
+            "inventory",
+            "/reserve",
+            &txn,
+            json!({"sku": sku, "qty": qty}),
+        ) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_GATEWAY, e),
+        };
+        if st == 400 {
+            return error(
+                StatusCode::BAD_REQUEST,
+                inv["error"].as_str().unwrap_or("bad request"),
+            );
+        }
+        let Some(amount) = inv["amount"].as_i64().filter(|_| st == 200) else {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("inventory answered {st}: {inv}"),
+            );
+        };
+        let (st, pay) = match call(
+            outbound,
+            "payment",
+            "/charge",
+            &txn,
+            json!({"customer": customer, "amount": amount}),
+        ) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_GATEWAY, e),
+        };
+        if st == 400 {
+            return error(
+                StatusCode::BAD_REQUEST,
+                pay["error"].as_str().unwrap_or("bad request"),
+            );
+        }
+        if st != 200 {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("payment answered {st}: {pay}"),
+            );
+        }
+        let created = app.p.work(&txn, deadline, |tx| {
+            Order::create(tx, &txn, &customer, &sku, qty, amount).map(Ok)
+        });
+        match created {
+            // Delivered to the client only if the transaction commits (on
+            // abort the sidecar answers 409 instead).
+            Ok(Ok(id)) => {
+                Json(json!({"order_id": id, "txn": txn, "outcome": "committed", "amount": amount}))
+                    .into_response()
+            }
+            Ok(Err(e)) => error(StatusCode::CONFLICT, e),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+    })
+    .await
+}
+
+async fn get_order(State(app): State<Shared<Order>>, Path(id): Path<i64>) -> Response {
+    match blocking(move || app.p.with_tx(|tx| Order::get(tx, id))).await {
+        Ok(Some(o)) => Json(o).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no order {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Every second: ask the sidecar about transactions held prepared (recovery
+/// after a crash, or a lost commit), and release work never prepared by its
+/// deadline.
+fn recovery<L: Ledger + 'static>(app: Shared<L>, inbound: u16) {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        loop {
+            for (txn, deadline) in app.p.prepared().unwrap_or_default() {
+                let url = format!("http://127.0.0.1:{inbound}/txmesh/txns/{txn}");
+                let Ok(mut r) = agent
+                    .get(&url)
+                    .header("x-txmesh-deadline", deadline.to_string())
+                    .call()
+                else {
+                    continue;
+                };
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let applied = match v["outcome"].as_str() {
+                    Some("committed") => Some(app.p.commit(&txn)),
+                    Some("aborted") => Some(app.p.abort(&txn)),
+                    _ => None,
+                };
+                if let Some(r) = applied {
+                    eprintln!("{}: recovered {txn}: {} ({r:?})", app.name, v["outcome"]);
+                }
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if let Ok(n) = app.p.release_expired(now) {
+                if n > 0 {
+                    eprintln!(
+                        "{}: released {n} transaction(s) never prepared by their deadline",
+                        app.name
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+}
+
+async fn serve(router: Router, port: u16, name: &str) {
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("shop {name}: cannot listen on 127.0.0.1:{port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!("shop {name}: listening on 127.0.0.1:{port}");
+    if let Err(e) = axum::serve(listener, router).await {
+        eprintln!("shop {name}: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn start<L: Ledger + 'static>(o: &Opts, ledger: L) -> Shared<L> {
+    let p = Participant::open(&o.db, ledger).unwrap_or_else(|e| {
+        eprintln!("shop {}: cannot open {}: {e}", o.service, o.db);
+        std::process::exit(1);
+    });
+    let app = Arc::new(App {
+        p,
+        name: o.service.clone(),
+        outbound: o.sidecar_outbound,
+    });
+    recovery(app.clone(), o.sidecar_inbound);
+    app
+}
+
+#[tokio::main]
+async fn main() {
+    let o = parse();
+    let router = match o.service.as_str() {
+        "payment" => participant_routes::<Payment>()
+            .route("/charge", post(charge))
+            .route("/accounts/{customer}", get(account))
+            .with_state(start(&o, Payment)),
+        "inventory" => participant_routes::<Inventory>()
+            .route("/reserve", post(reserve))
+            .route("/stock/{sku}", get(stock))
+            .with_state(start(&o, Inventory)),
+        _ => participant_routes::<Order>()
+            .route("/checkout", post(checkout))
+            .route("/orders/{id}", get(get_order))
+            .with_state(start(&o, Order)),
+    };
+    serve(router, o.port, &o.service).await;
+}

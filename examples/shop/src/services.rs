@@ -1,0 +1,396 @@
+//! The three services' ledgers. Amounts are integer cents.
+
+use crate::participant::Ledger;
+use rusqlite::{params, OptionalExtension, Transaction};
+
+/// Seed customers: (name, balance in cents). Some are poor, so payments fail.
+pub const CUSTOMERS: &[(&str, i64)] = &[
+    ("alice", 100_000),
+    ("bob", 50_000),
+    ("carol", 3_000),
+    ("dave", 0),
+];
+
+/// Seed catalogue: (sku, stock, price in cents). Some are scarce.
+pub const SKUS: &[(&str, i64, i64)] = &[
+    ("widget", 1_000, 2_500),
+    ("gadget", 100, 9_900),
+    ("gizmo", 3, 15_000),
+    ("unobtainium", 0, 100_000),
+];
+
+pub struct Payment;
+
+impl Ledger for Payment {
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS accounts (
+            customer TEXT PRIMARY KEY,
+            balance INTEGER NOT NULL CHECK (balance >= 0));
+         CREATE TABLE IF NOT EXISTS holds (
+            txn TEXT PRIMARY KEY,
+            customer TEXT NOT NULL,
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            state TEXT NOT NULL CHECK (state IN ('pending', 'held', 'charged', 'released')));"
+    }
+    fn seed(&self, tx: &Transaction) -> rusqlite::Result<()> {
+        for (c, b) in CUSTOMERS {
+            tx.execute(
+                "INSERT INTO accounts (customer, balance) VALUES (?1, ?2)",
+                params![c, b],
+            )?;
+        }
+        Ok(())
+    }
+    fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
+        let hold: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT customer, amount FROM holds WHERE txn = ?1 AND state = 'pending'",
+                [txn],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((customer, amount)) = hold else {
+            return Ok(Ok(false));
+        };
+        let available: i64 = tx.query_row(
+            "SELECT a.balance - COALESCE((SELECT sum(amount) FROM holds h
+                 WHERE h.customer = a.customer AND h.state = 'held'), 0)
+             FROM accounts a WHERE a.customer = ?1",
+            [&customer],
+            |r| r.get(0),
+        )?;
+        if available < amount {
+            return Ok(Err("insufficient_funds".to_string()));
+        }
+        tx.execute("UPDATE holds SET state = 'held' WHERE txn = ?1", [txn])?;
+        Ok(Ok(true))
+    }
+    fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE accounts SET balance = balance - (SELECT amount FROM holds WHERE txn = ?1)
+             WHERE customer = (SELECT customer FROM holds WHERE txn = ?1 AND state = 'held')",
+            [txn],
+        )?;
+        tx.execute(
+            "UPDATE holds SET state = 'charged' WHERE txn = ?1 AND state = 'held'",
+            [txn],
+        )?;
+        Ok(())
+    }
+    fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE holds SET state = 'released' WHERE txn = ?1 AND state IN ('pending', 'held')",
+            [txn],
+        )?;
+        Ok(())
+    }
+}
+
+impl Payment {
+    /// Business call: a tentative charge. `Err` for an unknown customer.
+    pub fn charge(
+        tx: &Transaction,
+        txn: &str,
+        customer: &str,
+        amount: i64,
+    ) -> rusqlite::Result<Result<(), String>> {
+        let known: bool = tx.query_row(
+            "SELECT count(*) > 0 FROM accounts WHERE customer = ?1",
+            [customer],
+            |r| r.get(0),
+        )?;
+        if !known {
+            return Ok(Err(format!("unknown customer {customer:?}")));
+        }
+        if amount <= 0 {
+            return Ok(Err("amount must be positive".into()));
+        }
+        tx.execute(
+            "INSERT INTO holds (txn, customer, amount, state) VALUES (?1, ?2, ?3, 'pending')
+             ON CONFLICT (txn) DO UPDATE SET amount = amount + excluded.amount",
+            params![txn, customer, amount],
+        )?;
+        Ok(Ok(()))
+    }
+
+    pub fn balance(tx: &Transaction, customer: &str) -> rusqlite::Result<Option<i64>> {
+        tx.query_row(
+            "SELECT balance FROM accounts WHERE customer = ?1",
+            [customer],
+            |r| r.get(0),
+        )
+        .optional()
+    }
+}
+
+pub struct Inventory;
+
+impl Ledger for Inventory {
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS stock (
+            sku TEXT PRIMARY KEY,
+            available INTEGER NOT NULL CHECK (available >= 0),
+            price INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS reservations (
+            txn TEXT PRIMARY KEY,
+            sku TEXT NOT NULL,
+            qty INTEGER NOT NULL CHECK (qty > 0),
+            state TEXT NOT NULL CHECK (state IN ('pending', 'held', 'shipped', 'released')));"
+    }
+    fn seed(&self, tx: &Transaction) -> rusqlite::Result<()> {
+        for (sku, stock, price) in SKUS {
+            tx.execute(
+                "INSERT INTO stock (sku, available, price) VALUES (?1, ?2, ?3)",
+                params![sku, stock, price],
+            )?;
+        }
+        Ok(())
+    }
+    fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
+        let res: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT sku, qty FROM reservations WHERE txn = ?1 AND state = 'pending'",
+                [txn],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((sku, qty)) = res else {
+            return Ok(Ok(false));
+        };
+        let available: i64 = tx.query_row(
+            "SELECT s.available - COALESCE((SELECT sum(qty) FROM reservations r
+                 WHERE r.sku = s.sku AND r.state = 'held'), 0)
+             FROM stock s WHERE s.sku = ?1",
+            [&sku],
+            |r| r.get(0),
+        )?;
+        if available < qty {
+            return Ok(Err("out_of_stock".to_string()));
+        }
+        tx.execute(
+            "UPDATE reservations SET state = 'held' WHERE txn = ?1",
+            [txn],
+        )?;
+        Ok(Ok(true))
+    }
+    fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE stock SET available = available - (SELECT qty FROM reservations WHERE txn = ?1)
+             WHERE sku = (SELECT sku FROM reservations WHERE txn = ?1 AND state = 'held')",
+            [txn],
+        )?;
+        tx.execute(
+            "UPDATE reservations SET state = 'shipped' WHERE txn = ?1 AND state = 'held'",
+            [txn],
+        )?;
+        Ok(())
+    }
+    fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE reservations SET state = 'released' WHERE txn = ?1 AND state IN ('pending', 'held')",
+            [txn],
+        )?;
+        Ok(())
+    }
+}
+
+impl Inventory {
+    /// Business call: a tentative reservation; returns the unit price.
+    pub fn reserve(
+        tx: &Transaction,
+        txn: &str,
+        sku: &str,
+        qty: i64,
+    ) -> rusqlite::Result<Result<i64, String>> {
+        let price: Option<i64> = tx
+            .query_row("SELECT price FROM stock WHERE sku = ?1", [sku], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(price) = price else {
+            return Ok(Err(format!("unknown sku {sku:?}")));
+        };
+        if qty <= 0 {
+            return Ok(Err("qty must be positive".into()));
+        }
+        tx.execute(
+            "INSERT INTO reservations (txn, sku, qty, state) VALUES (?1, ?2, ?3, 'pending')
+             ON CONFLICT (txn) DO UPDATE SET qty = qty + excluded.qty",
+            params![txn, sku, qty],
+        )?;
+        Ok(Ok(price))
+    }
+
+    pub fn stock(tx: &Transaction, sku: &str) -> rusqlite::Result<Option<(i64, i64)>> {
+        tx.query_row(
+            "SELECT available, price FROM stock WHERE sku = ?1",
+            [sku],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+    }
+}
+
+pub struct Order;
+
+impl Ledger for Order {
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS orders (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            txn TEXT NOT NULL UNIQUE,
+            customer TEXT NOT NULL,
+            sku TEXT NOT NULL,
+            qty INTEGER NOT NULL,
+            amount INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'confirmed', 'cancelled')));"
+    }
+    fn seed(&self, _tx: &Transaction) -> rusqlite::Result<()> {
+        Ok(())
+    }
+    fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
+        let pending: bool = tx.query_row(
+            "SELECT count(*) > 0 FROM orders WHERE txn = ?1 AND state = 'pending'",
+            [txn],
+            |r| r.get(0),
+        )?;
+        Ok(Ok(pending))
+    }
+    fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE orders SET state = 'confirmed' WHERE txn = ?1 AND state = 'pending'",
+            [txn],
+        )?;
+        Ok(())
+    }
+    fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE orders SET state = 'cancelled' WHERE txn = ?1 AND state = 'pending'",
+            [txn],
+        )?;
+        Ok(())
+    }
+}
+
+impl Order {
+    /// Business call: the pending order row; returns its id.
+    pub fn create(
+        tx: &Transaction,
+        txn: &str,
+        customer: &str,
+        sku: &str,
+        qty: i64,
+        amount: i64,
+    ) -> rusqlite::Result<i64> {
+        tx.execute(
+            "INSERT INTO orders (txn, customer, sku, qty, amount, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+            params![txn, customer, sku, qty, amount],
+        )?;
+        Ok(tx.last_insert_rowid())
+    }
+
+    pub fn get(tx: &Transaction, id: i64) -> rusqlite::Result<Option<serde_json::Value>> {
+        tx.query_row(
+            "SELECT id, txn, customer, sku, qty, amount, state FROM orders WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(serde_json::json!({
+                    "order_id": r.get::<_, i64>(0)?, "txn": r.get::<_, String>(1)?,
+                    "customer": r.get::<_, String>(2)?, "sku": r.get::<_, String>(3)?,
+                    "qty": r.get::<_, i64>(4)?, "amount": r.get::<_, i64>(5)?,
+                    "state": r.get::<_, String>(6)?,
+                }))
+            },
+        )
+        .optional()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::participant::{Participant, Vote};
+
+    const T1: &str = "0af7651916cd43dd8448eb211c80319c";
+    const T2: &str = "1af7651916cd43dd8448eb211c80319c";
+
+    #[test]
+    fn payment_holds_commit_and_release() {
+        let p = Participant::open(":memory:", Payment).unwrap();
+        let r = p
+            .work(T1, 10, |tx| Payment::charge(tx, T1, "alice", 40_000))
+            .unwrap();
+        assert_eq!(r, Ok(()));
+        assert_eq!(p.prepare(T1).unwrap(), Vote::Commit);
+        // A second charge that fits only without the first hold: refused.
+        p.work(T2, 10, |tx| Payment::charge(tx, T2, "alice", 70_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.prepare(T2).unwrap(),
+            Vote::Abort("insufficient_funds".into())
+        );
+        assert_eq!(p.commit(T1).unwrap(), Ok(()));
+        assert_eq!(p.commit(T1).unwrap(), Ok(()), "idempotent");
+        let bal = p.with_tx(|tx| Payment::balance(tx, "alice")).unwrap();
+        assert_eq!(bal, Some(60_000));
+        assert_eq!(
+            p.abort(T1).unwrap(),
+            Err(format!("transaction {T1} was committed here"))
+        );
+        assert_eq!(p.abort(T2).unwrap(), Ok(()));
+        let r = p
+            .work(T2, 10, |tx| Payment::charge(tx, T2, "alice", 1))
+            .unwrap();
+        assert_eq!(r, Err(format!("transaction {T2} is already aborted")));
+        let r = p
+            .work("t3", 10, |tx| Payment::charge(tx, "t3", "mallory", 1))
+            .unwrap();
+        assert_eq!(r, Err("unknown customer \"mallory\"".into()));
+    }
+
+    #[test]
+    fn abort_before_prepare_refuses_the_late_prepare() {
+        let p = Participant::open(":memory:", Inventory).unwrap();
+        assert_eq!(p.abort(T1).unwrap(), Ok(()), "unknown txn: presumed abort");
+        assert_eq!(
+            p.prepare(T1).unwrap(),
+            Vote::Abort("transaction already aborted".into())
+        );
+        assert_eq!(p.prepare(T2).unwrap(), Vote::ReadOnly, "never worked here");
+    }
+
+    #[test]
+    fn inventory_reserves_scarce_stock_once() {
+        let p = Participant::open(":memory:", Inventory).unwrap();
+        let price = p
+            .work(T1, 10, |tx| Inventory::reserve(tx, T1, "gizmo", 2))
+            .unwrap()
+            .unwrap();
+        assert_eq!(price, 15_000);
+        p.work(T2, 10, |tx| Inventory::reserve(tx, T2, "gizmo", 2))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.prepare(T1).unwrap(), Vote::Commit);
+        assert_eq!(p.prepare(T2).unwrap(), Vote::Abort("out_of_stock".into()));
+        assert_eq!(p.commit(T1).unwrap(), Ok(()));
+        assert_eq!(
+            p.with_tx(|tx| Inventory::stock(tx, "gizmo")).unwrap(),
+            Some((1, 15_000))
+        );
+        assert_eq!(p.prepared().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn unprepared_work_is_released_at_its_deadline() {
+        let p = Participant::open(":memory:", Order).unwrap();
+        p.work(T1, 100, |tx| {
+            Order::create(tx, T1, "alice", "widget", 1, 2_500).map(Ok)
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.release_expired(99).unwrap(), 0);
+        assert_eq!(p.release_expired(101).unwrap(), 1);
+        let o = p.with_tx(|tx| Order::get(tx, 1)).unwrap().unwrap();
+        assert_eq!(o["state"], "cancelled");
+    }
+}
