@@ -154,5 +154,93 @@ $outbound_block
 $clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
         admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip())
-open('envoy/order-sidecar.yaml','w').write(sidecar("order",15000,15006,15001,8080,[("payment",15106),("inventory",15206)],True).rstrip()+"\n")
-open('envoy/payment-sidecar.yaml','w').write(sidecar("payment",15100,15106,15101,8081,[],False).rstrip()+"\n")
+open('envoy/order-sidecar.yaml','w').write(sidecar("order",15000,15006,15001,18080,[("payment",15106),("inventory",15206)],True).rstrip()+"\n")
+open('envoy/payment-sidecar.yaml','w').write(sidecar("payment",15100,15106,15101,18081,[],False).rstrip()+"\n")
+open('envoy/inventory-sidecar.yaml','w').write(sidecar("inventory",15200,15206,15201,18082,[],False).rstrip()+"\n")
+
+INGRESS = Template('''# The shop's ingress: the public API on 127.0.0.1:10000 (admin 127.0.0.1:9901).
+#   POST /checkout, GET /orders/<id>  -> order's sidecar (inbound 15006)
+#   GET /accounts/<customer>          -> payment's sidecar (inbound 15106)
+#   GET /stock/<sku>                  -> inventory's sidecar (inbound 15206)
+# Headers a client must not control are removed before anything acts on them.
+node:
+  id: ingress
+  cluster: ingress
+  metadata: {WORKLOAD_NAME: ingress}
+
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: 9901}}
+
+stats_config:
+  stats_tags:
+  - {tag_name: reporter, regex: '(reporter=\\.=(.*?);\\.;)'}
+  - {tag_name: source_workload, regex: '(source_workload=\\.=(.*?);\\.;)'}
+  - {tag_name: destination_service, regex: '(destination_service=\\.=(.*?);\\.;)'}
+  - {tag_name: response_code, regex: '(response_code=\\.=(.*?);\\.;)'}
+  - {tag_name: response_flags, regex: '(response_flags=\\.=(.*?);\\.;)'}
+  - {tag_name: request_protocol, regex: '(request_protocol=\\.=(.*?);\\.;)'}
+
+static_resources:
+  listeners:
+  - name: ingress
+    traffic_direction: OUTBOUND
+    address: {socket_address: {address: 127.0.0.1, port_value: 10000}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            request_headers_to_remove: [x-txmesh-txn, x-txmesh-outcome, x-txmesh-source-workload]
+            virtual_hosts:
+            - name: shop
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/checkout"}
+                route: {cluster: order, timeout: 30s}
+              - match: {prefix: "/orders/"}
+                route: {cluster: order, timeout: 10s}
+              - match: {prefix: "/accounts/"}
+                route: {cluster: payment, timeout: 10s}
+              - match: {prefix: "/stock/"}
+                route: {cluster: inventory, timeout: 10s}
+          http_filters:
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_metrics
+                root_id: txmesh_metrics
+                failure_policy: FAIL_OPEN
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{"workload": "ingress"}'
+                vm_config:
+                  vm_id: txmesh_metrics
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_metrics.wasm}}
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+
+  clusters:
+  - name: order
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: order
+      endpoints: $order
+  - name: payment
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: payment
+      endpoints: $payment
+  - name: inventory
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: inventory
+      endpoints: $inventory
+''')
+open('envoy/ingress.yaml','w').write(INGRESS.substitute(order=ep(15006), payment=ep(15106), inventory=ep(15206)))
