@@ -192,7 +192,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
           route_config:
-            request_headers_to_remove: [x-txmesh-txn, x-txmesh-outcome, x-txmesh-source-workload]
+            request_headers_to_remove: [x-txmesh-txn, x-txmesh-outcome]
             virtual_hosts:
             - name: shop
               domains: ["*"]

@@ -5,8 +5,8 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 /// Seed customers: (name, balance in cents). Some are poor, so payments fail.
 pub const CUSTOMERS: &[(&str, i64)] = &[
-    ("alice", 100_000),
-    ("bob", 50_000),
+    ("alice", 1_000_000),
+    ("bob", 300_000),
     ("carol", 3_000),
     ("dave", 0),
 ];
@@ -317,12 +317,12 @@ mod tests {
     fn payment_holds_commit_and_release() {
         let p = Participant::open(":memory:", Payment).unwrap();
         let r = p
-            .work(T1, 10, |tx| Payment::charge(tx, T1, "alice", 40_000))
+            .work(T1, 10, |tx| Payment::charge(tx, T1, "alice", 400_000))
             .unwrap();
         assert_eq!(r, Ok(()));
         assert_eq!(p.prepare(T1).unwrap(), Vote::Commit);
         // A second charge that fits only without the first hold: refused.
-        p.work(T2, 10, |tx| Payment::charge(tx, T2, "alice", 70_000))
+        p.work(T2, 10, |tx| Payment::charge(tx, T2, "alice", 700_000))
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -332,7 +332,7 @@ mod tests {
         assert_eq!(p.commit(T1).unwrap(), Ok(()));
         assert_eq!(p.commit(T1).unwrap(), Ok(()), "idempotent");
         let bal = p.with_tx(|tx| Payment::balance(tx, "alice")).unwrap();
-        assert_eq!(bal, Some(60_000));
+        assert_eq!(bal, Some(600_000));
         assert_eq!(
             p.abort(T1).unwrap(),
             Err(format!("transaction {T1} was committed here"))

@@ -18,7 +18,7 @@ fn checkouts_commit_and_abort_atomically() {
     assert_eq!(v["amount"], 5_000);
     let id = v["order_id"].as_i64().unwrap();
     wait_for(10, "phase 2", || {
-        (s.balance("alice") == 95_000).then_some(())
+        (s.balance("alice") == 995_000).then_some(())
     });
     assert_eq!(s.stock("widget"), 998);
     wait_for(10, "order confirmed", || {
@@ -45,7 +45,7 @@ fn checkouts_commit_and_abort_atomically() {
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.json()["reason"], "out_of_stock");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!((s.balance("alice"), s.stock("gizmo")), (95_000, 3));
+    assert_eq!((s.balance("alice"), s.stock("gizmo")), (995_000, 3));
 }
 
 #[test]
@@ -74,7 +74,7 @@ fn bad_requests_are_400_and_leave_no_transaction_behind() {
         assert!(err.contains(msg), "{body}: {err}");
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!((s.balance("alice"), s.stock("widget")), (100_000, 1_000));
+    assert_eq!((s.balance("alice"), s.stock("widget")), (1_000_000, 1_000));
     // Every sidecar's table is empty again.
     for sc in [&s.order_sc, &s.payment_sc, &s.inventory_sc] {
         wait_for(10, "tables drained", || {

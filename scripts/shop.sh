@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The shop stack on loopback: etcd, the three services, their sidecar Envoys
+# and the ingress Envoy.
+#
+#   scripts/shop.sh up      start what is not running (keeps the data), return when ready
+#   scripts/shop.sh down    stop everything (pid files in .txmesh/run/)
+#   scripts/shop.sh clean   down, then remove the data (.txmesh/data/)
+#   scripts/shop.sh demo    fresh data, up, run the checkout scenario, print results, down
+#   scripts/shop.sh status  what runs
+#
+# Environment: TXMESH_INGRESS_PORT (default 10000); DEMO_ARGS for demo
+# (default "--checkouts 200 --concurrency 8"); TXMESH_PORT_OFFSET shifts every
+# port (tests use it to run the stack on free ports); TXMESH_HOME moves
+# .txmesh/ (run/ and data/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+HOME_DIR=${TXMESH_HOME:-$ROOT/.txmesh}
+RUN=$HOME_DIR/run
+DATA=$HOME_DIR/data
+OFF=${TXMESH_PORT_OFFSET:-0}
+ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
+ETCD=${ETCD_BIN:-etcd}
+BIN=$ROOT/target/bench-native
+
+p() { echo $(( $1 + OFF )); }
+INGRESS_PORT=${TXMESH_INGRESS_PORT:-$(p 10000)}
+say() { printf '[shop] %s\n' "$*"; }
+
+running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {  # name port
+  for _ in $(seq 1 150); do
+    port_open "$2" && return 0
+    if ! running "$1"; then break; fi
+    sleep 0.2
+  done
+  say "ERROR: $1 is not listening on 127.0.0.1:$2; last lines of $RUN/$1.log:"
+  tail -n 20 "$RUN/$1.log" 2>/dev/null | sed 's/^/    /' || true
+  exit 1
+}
+
+start() {  # name port command...
+  local name=$1 port=$2; shift 2
+  if running "$name"; then
+    say "$name already running (pid $(cat "$RUN/$name.pid"))"
+    return
+  fi
+  if port_open "$port"; then
+    say "ERROR: port $port (for $name) is taken by another process"
+    exit 1
+  fi
+  # setsid: the process outlives this script; its own group for clean stops.
+  setsid "$@" >>"$RUN/$name.log" 2>&1 < /dev/null &
+  echo $! >"$RUN/$name.pid"
+  wait_port "$name" "$port"
+  say "$name up on 127.0.0.1:$port (pid $(cat "$RUN/$name.pid"), log $RUN/$name.log)"
+}
+
+# An Envoy config from envoy/, with every port shifted by the offset and the
+# ingress port as asked.
+render() {  # envoy/x.yaml -> $RUN/x.yaml
+  local src=$1 dst=$RUN/$(basename "$1")
+  local script=""
+  for port in 2379 9901 15000 15001 15006 15100 15101 15106 15200 15201 15206 18080 18081 18082; do
+    script+="s/port_value: $port}/port_value: $(p $port)}/g;"
+  done
+  script+="s/port_value: $(p 10000)}/port_value: $INGRESS_PORT}/g;"
+  sed "s/port_value: 10000}/port_value: $(p 10000)}/g; $script" "$src" >"$dst"
+  echo "$dst"
+}
+
+build() {
+  scripts/setup.sh
+  say "building the filters (release wasm) and the shop (profile bench-native)..."
+  scripts/build-wasm.sh txmesh-metrics txmesh-txn >/dev/null
+  cargo build --quiet --profile bench-native -p txmesh-shop
+}
+
+up() {
+  build
+  mkdir -p "$RUN" "$DATA"
+  start etcd "$(p 2379)" "$ETCD" --name shop --data-dir "$DATA/etcd" \
+    --listen-client-urls "http://127.0.0.1:$(p 2379)" --advertise-client-urls "http://127.0.0.1:$(p 2379)" \
+    --listen-peer-urls "http://127.0.0.1:$(p 2380)" --initial-advertise-peer-urls "http://127.0.0.1:$(p 2380)" \
+    --initial-cluster "shop=http://127.0.0.1:$(p 2380)" --log-level warn --logger zap
+  start order "$(p 18080)" "$BIN/shop" order --port "$(p 18080)" --db "$DATA/order.db" \
+    --sidecar-inbound "$(p 15006)" --sidecar-outbound "$(p 15001)"
+  start payment "$(p 18081)" "$BIN/shop" payment --port "$(p 18081)" --db "$DATA/payment.db" \
+    --sidecar-inbound "$(p 15106)"
+  start inventory "$(p 18082)" "$BIN/shop" inventory --port "$(p 18082)" --db "$DATA/inventory.db" \
+    --sidecar-inbound "$(p 15206)"
+  local n=0
+  for svc in order payment inventory; do
+    n=$((n + 1))
+    local inbound; inbound=$(p $((15006 + (n - 1) * 100)))
+    start "$svc-sidecar" "$inbound" "$ENVOY" -c "$(render "envoy/$svc-sidecar.yaml")" \
+      --base-id "$(p $((15000 + (n - 1) * 100)))" --concurrency 2 -l info
+  done
+  start ingress "$INGRESS_PORT" "$ENVOY" -c "$(render envoy/ingress.yaml)" --base-id "$(p 9901)" --concurrency 2 -l info
+  cat <<EOF
+[shop] ready. Public API: http://127.0.0.1:$INGRESS_PORT
+         curl -s -XPOST localhost:$INGRESS_PORT/checkout -d '{"customer":"alice","sku":"widget","qty":1}'
+         curl -s localhost:$INGRESS_PORT/accounts/alice    curl -s localhost:$INGRESS_PORT/stock/widget
+       admins (Prometheus: /stats/prometheus): ingress :$(p 9901), order :$(p 15000), payment :$(p 15100), inventory :$(p 15200)
+       stop: make down (data kept) or make clean (data removed); logs: $RUN/<name>.log
+EOF
+}
+
+down() {
+  local any=0
+  for f in "$RUN"/*.pid; do
+    [ -f "$f" ] || continue
+    any=1
+    local name pid; name=$(basename "$f" .pid); pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+      say "$name stopped (pid $pid)"
+    fi
+    rm -f "$f"
+  done
+  [ "$any" = 1 ] || say "nothing running"
+}
+
+status() {
+  for name in etcd order payment inventory order-sidecar payment-sidecar inventory-sidecar ingress; do
+    if running "$name"; then say "$name: running (pid $(cat "$RUN/$name.pid"))"; else say "$name: stopped"; fi
+  done
+}
+
+demo() {
+  down >/dev/null
+  rm -rf "$DATA"
+  trap 'say "stopping the stack"; down >/dev/null' EXIT
+  up
+  local rc=0
+  # shellcheck disable=SC2086
+  "$BIN/shop-demo" --ingress "http://127.0.0.1:$INGRESS_PORT" --data "$DATA" \
+    --admin "http://127.0.0.1:$(p 15000)" ${DEMO_ARGS:---checkouts 200 --concurrency 8} || rc=$?
+  return $rc
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  clean) down; rm -rf "$DATA"; say "data removed" ;;
+  demo) demo ;;
+  status) status ;;
+  *) echo "usage: scripts/shop.sh up|down|clean|demo|status" >&2; exit 2 ;;
+esac
