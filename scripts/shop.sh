@@ -11,7 +11,8 @@
 # Environment: TXMESH_INGRESS_PORT (default 10000); DEMO_ARGS for demo
 # (default "--checkouts 200 --concurrency 8"); TXMESH_PORT_OFFSET shifts every
 # port (tests use it to run the stack on free ports); TXMESH_HOME moves
-# .txmesh/ (run/ and data/).
+# .txmesh/ (run/ and data/); TXMESH_SKIP_BUILD=1 with SHOP_BIN/DEMO_BIN uses
+# binaries built elsewhere (tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -22,12 +23,21 @@ OFF=${TXMESH_PORT_OFFSET:-0}
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 ETCD=${ETCD_BIN:-etcd}
 BIN=$ROOT/target/bench-native
+SHOP_BIN=${SHOP_BIN:-$BIN/shop}
+DEMO_BIN=${DEMO_BIN:-$BIN/shop-demo}
 
 p() { echo $(( $1 + OFF )); }
 INGRESS_PORT=${TXMESH_INGRESS_PORT:-$(p 10000)}
 say() { printf '[shop] %s\n' "$*"; }
 
-running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+# Alive, and not a zombie (a killed process whose parent has not reaped it).
+running() {
+  [ -f "$RUN/$1.pid" ] || return 1
+  local pid state; pid=$(cat "$RUN/$1.pid")
+  [ -r "/proc/$pid/stat" ] || return 1
+  state=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat")
+  [ "$state" != Z ]
+}
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -52,8 +62,10 @@ start() {  # name port command...
     say "ERROR: port $port (for $name) is taken by another process"
     exit 1
   fi
-  # setsid: the process outlives this script; its own group for clean stops.
-  setsid "$@" >>"$RUN/$name.log" 2>&1 < /dev/null &
+  # setsid: its own session and process group (stopped as a group). A small
+  # sh stays its parent: Envoy asks the kernel for SIGTERM when its parent
+  # exits, so it must not be the child of this short-lived script.
+  setsid sh -c '"$@" & wait $!' sh "$@" >>"$RUN/$name.log" 2>&1 </dev/null &
   echo $! >"$RUN/$name.pid"
   wait_port "$name" "$port"
   say "$name up on 127.0.0.1:$port (pid $(cat "$RUN/$name.pid"), log $RUN/$name.log)"
@@ -73,6 +85,7 @@ render() {  # envoy/x.yaml -> $RUN/x.yaml
 }
 
 build() {
+  [ "${TXMESH_SKIP_BUILD:-0}" = 1 ] && return 0
   scripts/setup.sh
   say "building the filters (release wasm) and the shop (profile bench-native)..."
   scripts/build-wasm.sh txmesh-metrics txmesh-txn >/dev/null
@@ -86,11 +99,11 @@ up() {
     --listen-client-urls "http://127.0.0.1:$(p 2379)" --advertise-client-urls "http://127.0.0.1:$(p 2379)" \
     --listen-peer-urls "http://127.0.0.1:$(p 2380)" --initial-advertise-peer-urls "http://127.0.0.1:$(p 2380)" \
     --initial-cluster "shop=http://127.0.0.1:$(p 2380)" --log-level warn --logger zap
-  start order "$(p 18080)" "$BIN/shop" order --port "$(p 18080)" --db "$DATA/order.db" \
+  start order "$(p 18080)" "$SHOP_BIN" order --port "$(p 18080)" --db "$DATA/order.db" \
     --sidecar-inbound "$(p 15006)" --sidecar-outbound "$(p 15001)"
-  start payment "$(p 18081)" "$BIN/shop" payment --port "$(p 18081)" --db "$DATA/payment.db" \
+  start payment "$(p 18081)" "$SHOP_BIN" payment --port "$(p 18081)" --db "$DATA/payment.db" \
     --sidecar-inbound "$(p 15106)"
-  start inventory "$(p 18082)" "$BIN/shop" inventory --port "$(p 18082)" --db "$DATA/inventory.db" \
+  start inventory "$(p 18082)" "$SHOP_BIN" inventory --port "$(p 18082)" --db "$DATA/inventory.db" \
     --sidecar-inbound "$(p 15206)"
   local n=0
   for svc in order payment inventory; do
@@ -139,7 +152,7 @@ demo() {
   up
   local rc=0
   # shellcheck disable=SC2086
-  "$BIN/shop-demo" --ingress "http://127.0.0.1:$INGRESS_PORT" --data "$DATA" \
+  "$DEMO_BIN" --ingress "http://127.0.0.1:$INGRESS_PORT" --data "$DATA" \
     --admin "http://127.0.0.1:$(p 15000)" ${DEMO_ARGS:---checkouts 200 --concurrency 8} || rc=$?
   return $rc
 }
