@@ -1,4 +1,6 @@
 //! `shop <order|payment|inventory> --port P --db FILE --sidecar-inbound P [--sidecar-outbound P]`
+//! `shop <service> --port P --db FILE --mesh PORT` (in Istio: other services
+//! are reached by name, `http://<service>:PORT`, through the transparent sidecar)
 //!
 //! Each service listens on loopback, keeps its data in SQLite, implements the
 //! txmesh participant endpoints, and on start (and every second) asks its
@@ -23,10 +25,12 @@ struct Opts {
     db: String,
     sidecar_inbound: u16,
     sidecar_outbound: Option<u16>,
+    /// In a mesh with transparent interception: services' common port.
+    mesh: Option<u16>,
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE --sidecar-inbound P [--sidecar-outbound P]");
+    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE (--sidecar-inbound P [--sidecar-outbound P] | --mesh PORT)");
     std::process::exit(2)
 }
 
@@ -36,7 +40,7 @@ fn parse() -> Opts {
     if !matches!(service.as_str(), "order" | "payment" | "inventory") {
         usage(&format!("unknown service {service:?}"));
     }
-    let (mut port, mut db, mut inbound, mut outbound) = (None, None, None, None);
+    let (mut port, mut db, mut inbound, mut outbound, mut mesh) = (None, None, None, None, None);
     while let Some(a) = args.next() {
         let v = args
             .next()
@@ -46,18 +50,22 @@ fn parse() -> Opts {
             "--db" => db = Some(v),
             "--sidecar-inbound" => inbound = v.parse().ok(),
             "--sidecar-outbound" => outbound = v.parse().ok(),
+            "--mesh" => mesh = v.parse().ok(),
             _ => usage(&format!("unknown option {a}")),
         }
     }
     let opts = Opts {
         port: port.unwrap_or_else(|| usage("--port is required")),
         db: db.unwrap_or_else(|| usage("--db is required")),
-        sidecar_inbound: inbound.unwrap_or_else(|| usage("--sidecar-inbound is required")),
+        sidecar_inbound: inbound
+            .or(mesh)
+            .unwrap_or_else(|| usage("--sidecar-inbound (or --mesh) is required")),
         sidecar_outbound: outbound,
+        mesh,
         service,
     };
-    if opts.service == "order" && opts.sidecar_outbound.is_none() {
-        usage("order needs --sidecar-outbound (it calls payment and inventory)");
+    if opts.service == "order" && opts.sidecar_outbound.is_none() && opts.mesh.is_none() {
+        usage("order needs --sidecar-outbound or --mesh (it calls payment and inventory)");
     }
     opts
 }
@@ -66,6 +74,27 @@ struct App<L: Ledger> {
     p: Participant<L>,
     name: String,
     outbound: Option<u16>,
+    mesh: Option<u16>,
+}
+
+/// Where a call to `service` goes: through the sidecar's outbound listener
+/// on loopback (Host header names the service), or by name in a mesh.
+#[derive(Clone, Copy)]
+enum Via {
+    Loopback(u16),
+    Mesh(u16),
+}
+
+impl Via {
+    fn url(self, service: &str, path: &str) -> (String, Option<String>) {
+        match self {
+            Via::Loopback(port) => (
+                format!("http://127.0.0.1:{port}{path}"),
+                Some(service.to_string()),
+            ),
+            Via::Mesh(port) => (format!("http://{service}:{port}{path}"), None),
+        }
+    }
 }
 
 type Shared<L> = Arc<App<L>>;
@@ -239,22 +268,19 @@ async fn stock(State(app): State<Shared<Inventory>>, Path(sku): Path<String>) ->
     }
 }
 
-/// A call through the sidecar's outbound listener, forwarding the transaction.
-fn call(
-    outbound: u16,
-    host: &str,
-    path: &str,
-    txn: &str,
-    body: Value,
-) -> Result<(u16, Value), String> {
+/// A call through the sidecar, forwarding the transaction.
+fn call(via: Via, host: &str, path: &str, txn: &str, body: Value) -> Result<(u16, Value), String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
         .into();
-    let mut resp = agent
-        .post(&format!("http://127.0.0.1:{outbound}{path}"))
-        .header("host", host)
+    let (url, host_header) = via.url(host, path);
+    let mut req = agent.post(&url);
+    if let Some(h) = host_header {
+        req = req.header("host", h);
+    }
+    let mut resp = req
         .header("x-txmesh-txn", txn)
         .header("content-type", "application/json")
         .send(body.to_string())
@@ -291,15 +317,19 @@ async fn checkout(State(app): State<Shared<Order>>, headers: HeaderMap, body: St
     if qty <= 0 {
         return error(StatusCode::BAD_REQUEST, "qty must be positive");
     }
-    let Some(outbound) = app.outbound else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "no outbound sidecar port",
-        );
+    let via = match (app.mesh, app.outbound) {
+        (Some(port), _) => Via::Mesh(port),
+        (None, Some(port)) => Via::Loopback(port),
+        (None, None) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no way to reach other services",
+            )
+        }
     };
     blocking(move || {
         let (st, inv) = match call(
-            outbound,
+            via,
             "inventory",
             "/reserve",
             &txn,
@@ -321,7 +351,7 @@ async fn checkout(State(app): State<Shared<Order>>, headers: HeaderMap, body: St
             );
         };
         let (st, pay) = match call(
-            outbound,
+            via,
             "payment",
             "/charge",
             &txn,
@@ -371,6 +401,12 @@ async fn get_order(State(app): State<Shared<Order>>, Path(id): Path<i64>) -> Res
 /// after a crash, or a lost commit), and release work never prepared by its
 /// deadline.
 fn recovery<L: Ledger + 'static>(app: Shared<L>, inbound: u16) {
+    // The status endpoint is answered by any sidecar's inbound listener: our
+    // own on loopback, or (in a mesh) our service's, by name.
+    let base = match app.mesh {
+        Some(port) => format!("http://{}:{port}", app.name),
+        None => format!("http://127.0.0.1:{inbound}"),
+    };
     std::thread::spawn(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -379,7 +415,7 @@ fn recovery<L: Ledger + 'static>(app: Shared<L>, inbound: u16) {
             .into();
         loop {
             for (txn, deadline) in app.p.prepared().unwrap_or_default() {
-                let url = format!("http://127.0.0.1:{inbound}/txmesh/txns/{txn}");
+                let url = format!("{base}/txmesh/txns/{txn}");
                 let Ok(mut r) = agent
                     .get(&url)
                     .header("x-txmesh-deadline", deadline.to_string())
@@ -439,6 +475,7 @@ fn start<L: Ledger + 'static>(o: &Opts, ledger: L) -> Shared<L> {
         p,
         name: o.service.clone(),
         outbound: o.sidecar_outbound,
+        mesh: o.mesh,
     });
     recovery(app.clone(), o.sidecar_inbound);
     app

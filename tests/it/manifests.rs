@@ -1,0 +1,197 @@
+//! Every Istio manifest and the docker-compose file parse, carry the fields
+//! Istio and Compose require, and every WasmPlugin's pluginConfig is accepted
+//! by the filter's own configuration parser.
+
+use serde::Deserialize;
+use serde_yaml::Value;
+use txmesh_tests::workspace_root;
+
+fn docs(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
+}
+
+#[test]
+fn istio_manifests_have_what_istio_requires() {
+    let dir = workspace_root().join("istio");
+    let mut kinds: Vec<String> = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "yaml"))
+    {
+        for d in docs(f) {
+            let at = format!("{} ({:?})", f.display(), s(&d, &["metadata", "name"]));
+            let api = s(&d, &["apiVersion"]).unwrap_or_else(|| panic!("{at}: no apiVersion"));
+            let kind = s(&d, &["kind"])
+                .unwrap_or_else(|| panic!("{at}: no kind"))
+                .to_string();
+            assert!(
+                s(&d, &["metadata", "name"]).is_some(),
+                "{at}: no metadata.name"
+            );
+            if kind != "Namespace" {
+                assert_eq!(
+                    s(&d, &["metadata", "namespace"]),
+                    Some("shop"),
+                    "{at}: namespace"
+                );
+            }
+            match kind.as_str() {
+                "WasmPlugin" => {
+                    assert_eq!(api, "extensions.istio.io/v1alpha1", "{at}");
+                    let spec = &d["spec"];
+                    assert!(
+                        spec["selector"]["matchLabels"]
+                            .as_mapping()
+                            .is_some_and(|m| !m.is_empty()),
+                        "{at}: selector.matchLabels"
+                    );
+                    let url = s(spec, &["url"]).unwrap_or_default();
+                    assert!(url.starts_with("oci://"), "{at}: url {url}");
+                    let sha = s(spec, &["sha256"]).unwrap_or_default();
+                    assert!(
+                        sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
+                        "{at}: sha256 {sha:?}"
+                    );
+                    let phase = s(spec, &["phase"]).unwrap_or_default();
+                    assert!(
+                        ["AUTHN", "AUTHZ", "STATS", "UNSPECIFIED_PHASE"].contains(&phase),
+                        "{at}: phase {phase}"
+                    );
+                    assert!(spec["priority"].as_i64().is_some(), "{at}: priority");
+                    let fail = s(spec, &["failStrategy"]).unwrap_or_default();
+                    assert!(
+                        ["FAIL_CLOSE", "FAIL_OPEN", "FAIL_RELOAD"].contains(&fail),
+                        "{at}: failStrategy {fail}"
+                    );
+                    let cfg = serde_json::to_vec(&spec["pluginConfig"]).unwrap();
+                    if url.contains("txmesh_txn") {
+                        assert_eq!(fail, "FAIL_CLOSE", "{at}: the txn filter never fails open");
+                        txmesh_core::txn::config::TxnConfig::parse(&cfg)
+                            .unwrap_or_else(|e| panic!("{at}: pluginConfig {e}"));
+                    } else if url.contains("txmesh_metrics") {
+                        txmesh_core::metrics::MetricsConfig::parse(&cfg)
+                            .unwrap_or_else(|e| panic!("{at}: pluginConfig {e}"));
+                    } else {
+                        panic!("{at}: which filter is {url}?");
+                    }
+                }
+                "Deployment" | "StatefulSet" => {
+                    let spec = &d["spec"];
+                    let sel = spec["selector"]["matchLabels"]
+                        .as_mapping()
+                        .unwrap_or_else(|| panic!("{at}: selector"));
+                    let labels = spec["template"]["metadata"]["labels"]
+                        .as_mapping()
+                        .unwrap_or_else(|| panic!("{at}: template labels"));
+                    for (k, v) in sel {
+                        assert_eq!(
+                            labels.get(k),
+                            Some(v),
+                            "{at}: selector {k:?} not on the pod template"
+                        );
+                    }
+                    let containers = spec["template"]["spec"]["containers"]
+                        .as_sequence()
+                        .unwrap_or_else(|| panic!("{at}: containers"));
+                    assert!(
+                        containers
+                            .iter()
+                            .all(|c| s(c, &["image"]).is_some() && s(c, &["name"]).is_some()),
+                        "{at}: container name/image"
+                    );
+                }
+                "Service" => {
+                    let ports = d["spec"]["ports"]
+                        .as_sequence()
+                        .unwrap_or_else(|| panic!("{at}: ports"));
+                    assert!(
+                        ports.iter().all(|p| p["port"].as_i64().is_some()),
+                        "{at}: port numbers"
+                    );
+                    assert!(
+                        d["spec"]["selector"].as_mapping().is_some(),
+                        "{at}: selector"
+                    );
+                }
+                "PeerAuthentication" => {
+                    assert_eq!(s(&d, &["spec", "mtls", "mode"]), Some("STRICT"), "{at}")
+                }
+                "DestinationRule" => assert!(s(&d, &["spec", "host"]).is_some(), "{at}: host"),
+                "Namespace" | "ServiceAccount" => {}
+                other => panic!("{at}: unexpected kind {other}"),
+            }
+            kinds.push(kind);
+        }
+    }
+    for want in [
+        "WasmPlugin",
+        "Deployment",
+        "Service",
+        "StatefulSet",
+        "Namespace",
+        "PeerAuthentication",
+    ] {
+        assert!(kinds.iter().any(|k| k == want), "no {want} in istio/");
+    }
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "WasmPlugin").count(),
+        3,
+        "txn + metrics inbound/outbound"
+    );
+}
+
+#[test]
+fn docker_compose_runs_the_same_envoy_configs() {
+    let root = workspace_root();
+    let d = &docs(&root.join("envoy/docker-compose.yaml"))[0];
+    let services = d["services"].as_mapping().expect("services");
+    for name in [
+        "etcd",
+        "order",
+        "payment",
+        "inventory",
+        "order-sidecar",
+        "payment-sidecar",
+        "inventory-sidecar",
+        "ingress",
+    ] {
+        assert!(services.contains_key(name), "docker-compose lacks {name}");
+    }
+    // Every Envoy command names a config that exists in envoy/ (the same
+    // configs `make up` uses, validated by tests/it/configs.rs).
+    let text = std::fs::read_to_string(root.join("envoy/docker-compose.yaml")).unwrap();
+    for cfg in [
+        "order-sidecar.yaml",
+        "payment-sidecar.yaml",
+        "inventory-sidecar.yaml",
+        "ingress.yaml",
+    ] {
+        assert!(
+            text.contains(&format!("/txmesh/envoy/{cfg}")),
+            "{cfg} not used"
+        );
+        assert!(root.join("envoy").join(cfg).exists(), "{cfg} missing");
+    }
+    for f in ["docker/shop.Dockerfile", "docker/wasm.Dockerfile"] {
+        let t = std::fs::read_to_string(root.join(f)).unwrap();
+        assert!(t.contains("FROM "), "{f}");
+    }
+    let wasm = std::fs::read_to_string(root.join("docker/wasm.Dockerfile")).unwrap();
+    assert!(
+        wasm.contains("FROM scratch") && wasm.contains("plugin.wasm"),
+        "the OCI wasm image layout"
+    );
+}
