@@ -286,6 +286,16 @@ fn is_2xx(s: Option<u16>) -> bool {
     matches!(s, Some(200..=299))
 }
 
+/// A participant's state in the pending-work record: owed a commit, has
+/// acknowledged it, or owed nothing (read-only).
+fn pending_state(vote: &Option<Vote>, acked: bool) -> &'static str {
+    match (vote, acked) {
+        (Some(Vote::Commit), false) => "commit",
+        (Some(Vote::Commit), true) => "acked",
+        _ => "readonly",
+    }
+}
+
 fn backoff_ms(attempts: u32) -> u64 {
     (100u64 << attempts.min(5)).min(2_000)
 }
@@ -1501,12 +1511,11 @@ impl TxnEngine {
             .targets
             .iter()
             .map(|t| {
-                let v = if t.vote == Some(Vote::Commit) {
-                    "commit"
-                } else {
-                    "readonly"
-                };
-                (t.name.clone(), t.cluster.clone(), v)
+                (
+                    t.name.clone(),
+                    t.cluster.clone(),
+                    pending_state(&t.vote, false),
+                )
             })
             .collect();
         let pending = (outcome == Outcome::Committed)
@@ -1984,12 +1993,11 @@ impl TxnEngine {
                     .targets
                     .iter()
                     .map(|t| {
-                        let state = match (&t.vote, t.acked) {
-                            (Some(Vote::Commit), true) => "acked",
-                            (Some(Vote::Commit), false) => "commit",
-                            _ => "readonly",
-                        };
-                        (t.name.clone(), t.cluster.clone(), state)
+                        (
+                            t.name.clone(),
+                            t.cluster.clone(),
+                            pending_state(&t.vote, t.acked),
+                        )
                     })
                     .collect();
                 let value = etcd::Pending::to_json(
@@ -2355,12 +2363,11 @@ impl TxnEngine {
                         .targets
                         .iter()
                         .map(|t| {
-                            let v = if t.vote == Some(Vote::Commit) {
-                                "commit"
-                            } else {
-                                "readonly"
-                            };
-                            (t.name.clone(), t.cluster.clone(), v)
+                            (
+                                t.name.clone(),
+                                t.cluster.clone(),
+                                pending_state(&t.vote, false),
+                            )
                         })
                         .collect();
                     (
