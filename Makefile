@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-txn chaos clean
+.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn chaos clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -73,7 +73,14 @@ chaos: build
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin chaos --bin participant
 	@./target/bench-native/chaos $(CHAOS_ARGS)
 
-bench: bench-txn
+bench: bench-filters bench-txn
+
+# What each filter costs against no filter (wrk). FILTER_BENCH_ARGS: seconds, connections, rounds.
+FILTER_BENCH_ARGS ?= 5 16 5
+bench-filters: build
+	@scripts/setup.sh --bench >/dev/null
+	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-filters
+	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS)
 
 # The cost of a transaction against the same call graph without one.
 # BENCH_ARGS: seconds per run, clients, rounds.

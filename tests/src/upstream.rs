@@ -120,11 +120,22 @@ impl Upstream {
         Self::with_on(0, handler)
     }
 
+    /// A server for load tests: answers 200 `ok` at once, records nothing.
+    pub fn fast() -> Self {
+        Self::build(0, None)
+    }
+
     /// A server on a given loopback port (0: any free port).
     pub fn with_on(
         port: u16,
         handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
     ) -> Self {
+        Self::build(port, Some(Arc::new(handler)))
+    }
+
+    fn build(port: u16, handler: Option<Handler>) -> Self {
+        let fast = handler.is_none();
+        let handler: Handler = handler.unwrap_or_else(|| Arc::new(|_: &Recorded| Reply::ok()));
         let std_listener = std::net::TcpListener::bind(("127.0.0.1", port))
             .unwrap_or_else(|e| panic!("upstream bind 127.0.0.1:{port}: {e}"));
         let addr = std_listener
@@ -134,7 +145,7 @@ impl Upstream {
             .set_nonblocking(true)
             .unwrap_or_else(|e| panic!("nonblocking: {e}"));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let handler: Arc<RwLock<Handler>> = Arc::new(RwLock::new(Arc::new(handler)));
+        let handler: Arc<RwLock<Handler>> = Arc::new(RwLock::new(handler));
         let (stop, stop_rx) = watch::channel(false);
         let rt = runtime();
         let _guard = rt.enter();
@@ -150,7 +161,7 @@ impl Upstream {
                         let Ok((stream, _)) = acc else { continue };
                         let (reqs, h, mut stop_conn) = (reqs.clone(), h.clone(), stop_rx.clone());
                         tokio::spawn(async move {
-                            let svc = service_fn(move |req| serve(req, reqs.clone(), h.clone()));
+                            let svc = service_fn(move |req| serve(req, reqs.clone(), h.clone(), fast));
                             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
                             tokio::select! {
                                 _ = conn => {},
@@ -212,7 +223,12 @@ async fn serve(
     req: hyper::Request<hyper::body::Incoming>,
     reqs: Arc<Mutex<Vec<Recorded>>>,
     handler: Arc<RwLock<Handler>>,
+    fast: bool,
 ) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+    if fast {
+        let _ = req.into_body().collect().await?;
+        return Ok(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))));
+    }
     let method = req.method().to_string();
     let path = req
         .uri()

@@ -1,0 +1,157 @@
+//! What each filter costs: the same Envoy (`--concurrency 1`), the same fast
+//! upstream, the same load (wrk, fixed connections), with no filter (the
+//! baseline), the metrics filter, the txn filter on non-transactional traffic,
+//! and both, measured in alternating rounds (A B C D A B C D ...) in one run.
+//!
+//! Run: `make bench-filters` (or `bench-filters [secs] [connections] [rounds]`).
+//! Needs `wrk` (Debian package; `scripts/setup.sh --bench` installs it).
+
+use serde_json::json;
+use std::process::Command;
+use txmesh_tests::{Filter, Sidecar, Upstream};
+
+#[derive(Clone, Copy)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn ms(v: &str) -> Option<f64> {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => return None,
+    })
+}
+
+fn wrk(url: &str, secs: u64, conns: u32) -> Run {
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run wrk ({e}): scripts/setup.sh --bench installs it"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.trim().to_string())
+    };
+    Run {
+        rps: field("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0),
+        p50_ms: field("50%").and_then(|v| ms(&v)).unwrap_or(f64::NAN),
+        p99_ms: field("99%").and_then(|v| ms(&v)).unwrap_or(f64::NAN),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let secs = args.first().copied().unwrap_or(5);
+    let conns = args.get(1).copied().unwrap_or(16) as u32;
+    let rounds = args.get(2).copied().unwrap_or(5) as usize;
+    // Two cores: Envoy gets CPU 0 to itself; this process (the upstream's
+    // threads, started below, inherit it) and wrk share CPU 1.
+    let pin = |cpu: &str, pid: u32| {
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpu, &pid.to_string()])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            eprintln!("taskset unavailable: results are noisier without CPU pinning");
+        }
+    };
+    pin("1", std::process::id());
+    let up = Upstream::fast();
+    let txn = || Filter::txn(json!({"node": "bench"}));
+    let metrics = || Filter::metrics(json!({"workload": "bench"}));
+    let configs: Vec<(&str, Sidecar)> = vec![
+        ("no filter (baseline)", Sidecar::new("base")),
+        (
+            "txmesh_metrics",
+            Sidecar::new("metrics").inbound_filter(metrics()),
+        ),
+        (
+            "txmesh_metrics, reporter set, no peer header",
+            Sidecar::new("m2").inbound_filter(Filter::metrics(
+                json!({"workload": "bench", "reporter": "inbound", "peer_header": false}),
+            )),
+        ),
+        (
+            "txmesh_txn, non-txn traffic",
+            Sidecar::new("txn").inbound_filter(txn()),
+        ),
+        (
+            "txn + metrics (shop sidecar chain)",
+            Sidecar::new("both")
+                .inbound_filter(txn())
+                .inbound_filter(metrics()),
+        ),
+    ];
+    let envoys: Vec<(&str, txmesh_tests::envoy::Envoy)> = configs
+        .into_iter()
+        .map(|(n, sc)| (n, sc.app(&up).concurrency(1).start()))
+        .collect();
+    for (_, e) in &envoys {
+        pin("0", e.guard.pid());
+    }
+    println!("# Envoy 1.40 --concurrency 1 pinned to CPU 0; wrk -t1 -c{conns} -d{secs}s and the upstream on CPU 1; {rounds} rounds, configurations alternating");
+    println!(
+        "{:<6} {:<36} {:>10} {:>8} {:>8}",
+        "round", "config", "req/s", "p50 ms", "p99 ms"
+    );
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); envoys.len()];
+    for (_, e) in &envoys {
+        wrk(&e.inbound_url("/"), 1, conns); // warm-up
+    }
+    for r in 0..rounds {
+        for (i, (name, e)) in envoys.iter().enumerate() {
+            let run = wrk(&e.inbound_url("/"), secs, conns);
+            println!(
+                "{:<6} {:<36} {:>10.0} {:>8.3} {:>8.3}",
+                r + 1,
+                name,
+                run.rps,
+                run.p50_ms,
+                run.p99_ms
+            );
+            runs[i].push(run);
+        }
+    }
+    let base_rps = median(runs[0].iter().map(|r| r.rps).collect());
+    let base_p50 = median(runs[0].iter().map(|r| r.p50_ms).collect());
+    println!();
+    println!("| configuration (median of {rounds}) | req/s | p50 ms | p99 ms | throughput / baseline | added p50 |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (i, (name, _)) in envoys.iter().enumerate() {
+        let rps = median(runs[i].iter().map(|r| r.rps).collect());
+        let p50 = median(runs[i].iter().map(|r| r.p50_ms).collect());
+        let p99 = median(runs[i].iter().map(|r| r.p99_ms).collect());
+        println!(
+            "| {name} | {rps:.0} | {p50:.3} | {p99:.3} | {:.3} | {:+.3} ms |",
+            rps / base_rps,
+            p50 - base_p50
+        );
+    }
+}
