@@ -1488,16 +1488,21 @@ impl TxnEngine {
         }
     }
 
-    fn pending_for(
-        &self,
+    /// The pending-work key and value of a commit decision owned by `node`:
+    /// each participant with what it is owed (see [`pending_state`]).
+    fn pending_record<'a>(
+        node: &str,
         txn: &TxnId,
         now: u64,
         deadline_ms: u64,
-        targets: &[(String, String, &str)],
+        parts: impl Iterator<Item = (&'a String, &'a String, &'static str)>,
     ) -> (String, String) {
+        let targets: Vec<(String, String, &str)> = parts
+            .map(|(n, c, state)| (n.clone(), c.clone(), state))
+            .collect();
         (
-            etcd::pending_key(&self.node, txn),
-            etcd::Pending::to_json(txn, Outcome::Committed, now, deadline_ms, targets),
+            etcd::pending_key(node, txn),
+            etcd::Pending::to_json(txn, Outcome::Committed, now, deadline_ms, &targets),
         )
     }
 
@@ -1507,19 +1512,13 @@ impl TxnEngine {
         let now = h.now_ms();
         let mut d = self.decision(op, outcome, reason::OK);
         d.time_ms = now;
-        let targets: Vec<(String, String, &str)> = op
-            .targets
-            .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    t.cluster.clone(),
-                    pending_state(&t.vote, false),
-                )
-            })
-            .collect();
-        let pending = (outcome == Outcome::Committed)
-            .then(|| self.pending_for(&op.txn, now, op.deadline_ms, &targets));
+        let pending = (outcome == Outcome::Committed).then(|| {
+            let parts = op
+                .targets
+                .iter()
+                .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, false)));
+            Self::pending_record(&self.node, &op.txn, now, op.deadline_ms, parts)
+        });
         let call = Self::record_call(&self.cfg, &d, pending);
         match h.dispatch(&call) {
             Ok(token) => {
@@ -1989,30 +1988,18 @@ impl TxnEngine {
             if job.unpend && job.degraded {
                 // Record who has acknowledged, so a recovery after a crash
                 // re-sends only to the others.
-                let targets: Vec<(String, String, &str)> = job
+                let parts = job
                     .targets
                     .iter()
-                    .map(|t| {
-                        (
-                            t.name.clone(),
-                            t.cluster.clone(),
-                            pending_state(&t.vote, t.acked),
-                        )
-                    })
-                    .collect();
-                let value = etcd::Pending::to_json(
-                    &txn,
-                    Outcome::Committed,
-                    now,
-                    job.deadline_ms,
-                    &targets,
-                );
+                    .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, t.acked)));
+                let (key, value) =
+                    Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts);
                 let call = Callout {
                     cluster: self.cfg.etcd_cluster.clone(),
                     method: "POST",
                     path: "/v3/kv/put".to_string(),
                     headers: vec![("content-type".into(), "application/json".into())],
-                    body: etcd::put_body(&etcd::pending_key(&self.node, &txn), &value).into_bytes(),
+                    body: etcd::put_body(&key, &value).into_bytes(),
                     timeout_ms: self.cfg.etcd_timeout_ms,
                 };
                 let _ = h.dispatch(&call);
@@ -2359,27 +2346,11 @@ impl TxnEngine {
                     reason: job.reason.clone(),
                 };
                 let pending = (outcome == Outcome::Committed).then(|| {
-                    let targets: Vec<(String, String, &str)> = job
+                    let parts = job
                         .targets
                         .iter()
-                        .map(|t| {
-                            (
-                                t.name.clone(),
-                                t.cluster.clone(),
-                                pending_state(&t.vote, false),
-                            )
-                        })
-                        .collect();
-                    (
-                        etcd::pending_key(&self.node, &txn),
-                        etcd::Pending::to_json(
-                            &txn,
-                            Outcome::Committed,
-                            now,
-                            job.deadline_ms,
-                            &targets,
-                        ),
-                    )
+                        .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, false)));
+                    Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts)
                 });
                 if pending.is_some() {
                     job.unpend = true;
