@@ -130,6 +130,24 @@ fn istio_manifests_have_what_istio_requires() {
                     assert_eq!(s(&d, &["spec", "mtls", "mode"]), Some("STRICT"), "{at}")
                 }
                 "DestinationRule" => assert!(s(&d, &["spec", "host"]).is_some(), "{at}: host"),
+                "ServiceEntry" => {
+                    assert!(
+                        d["spec"]["hosts"]
+                            .as_sequence()
+                            .is_some_and(|h| !h.is_empty()),
+                        "{at}: hosts"
+                    );
+                    let ports = d["spec"]["ports"]
+                        .as_sequence()
+                        .unwrap_or_else(|| panic!("{at}: ports"));
+                    assert!(
+                        ports
+                            .iter()
+                            .all(|p| p["number"].as_i64().is_some() && s(p, &["name"]).is_some()),
+                        "{at}: port number/name"
+                    );
+                    assert!(s(&d, &["spec", "resolution"]).is_some(), "{at}: resolution");
+                }
                 "Namespace" | "ServiceAccount" => {}
                 other => panic!("{at}: unexpected kind {other}"),
             }
