@@ -8,7 +8,7 @@
 
 use serde_json::json;
 use std::process::Command;
-use txmesh_tests::{Filter, Sidecar, Upstream};
+use txmesh_tests::{median, Filter, Sidecar, Upstream};
 
 #[derive(Clone, Copy)]
 struct Run {
@@ -56,11 +56,6 @@ fn wrk(url: &str, secs: u64, conns: u32) -> Run {
         p50_ms: field("50%").and_then(|v| ms(&v)).unwrap_or(f64::NAN),
         p99_ms: field("99%").and_then(|v| ms(&v)).unwrap_or(f64::NAN),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {

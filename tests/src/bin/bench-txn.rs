@@ -8,7 +8,7 @@
 use serde_json::json;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use txmesh_tests::{Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+use txmesh_tests::{median, Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
 
 struct Run {
     rps: f64,
@@ -59,11 +59,6 @@ fn load(url: &str, secs: u64, clients: usize) -> Run {
         ok: lat.len(),
         errors,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -178,6 +178,36 @@ struct Op {
     client_error: bool,
 }
 
+impl Op {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kind: OpKind,
+        ctx: u32,
+        txn: TxnId,
+        deadline_ms: u64,
+        started_ms: u64,
+        targets: Vec<Target>,
+        stage: Stage,
+        stage_deadline_ms: u64,
+    ) -> Self {
+        Self {
+            kind,
+            ctx,
+            txn,
+            deadline_ms,
+            started_ms,
+            trace: None,
+            targets,
+            stage,
+            stage_deadline_ms,
+            voted_ms: None,
+            last_call: None,
+            retries: 0,
+            client_error: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Record {
     Done,
@@ -726,21 +756,16 @@ impl TxnEngine {
                 self.calls.insert(token, Call::Op { ctx, target: None });
                 self.ops.insert(
                     ctx,
-                    Op {
-                        kind: OpKind::Status,
+                    Op::new(
+                        OpKind::Status,
                         ctx,
                         txn,
-                        deadline_ms: deadline.unwrap_or(0),
-                        started_ms: now,
-                        trace: None,
-                        targets: Vec::new(),
-                        stage: Stage::StatusRead { resolve, miss },
-                        stage_deadline_ms: now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
-                        voted_ms: None,
-                        last_call: None,
-                        retries: 0,
-                        client_error: false,
-                    },
+                        deadline.unwrap_or(0),
+                        now,
+                        Vec::new(),
+                        Stage::StatusRead { resolve, miss },
+                        now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+                    ),
                 );
                 (Stream::Owned, Verdict::Pause)
             }
@@ -882,19 +907,17 @@ impl TxnEngine {
         };
         let targets = self.root_targets(&entry);
         let mut op = Op {
-            kind: OpKind::RootPrepare,
-            ctx,
-            txn,
-            deadline_ms,
-            started_ms,
             trace,
-            targets,
-            stage: Stage::Voting,
-            stage_deadline_ms: deadline_ms,
-            voted_ms: None,
-            last_call: None,
-            retries: 0,
-            client_error: false,
+            ..Op::new(
+                OpKind::RootPrepare,
+                ctx,
+                txn,
+                deadline_ms,
+                started_ms,
+                targets,
+                Stage::Voting,
+                deadline_ms,
+            )
         };
         if !is_2xx(status) {
             op.client_error = matches!(status, Some(400..=499));
@@ -1032,21 +1055,16 @@ impl TxnEngine {
                 token: None,
             })
             .collect();
-        let mut op = Op {
-            kind: OpKind::SubPrepare,
+        let mut op = Op::new(
+            OpKind::SubPrepare,
             ctx,
-            txn: entry.txn,
-            deadline_ms: entry.deadline_ms,
-            started_ms: now,
-            trace: None,
+            entry.txn,
+            entry.deadline_ms,
+            now,
             targets,
-            stage: Stage::Voting,
-            stage_deadline_ms: entry.deadline_ms,
-            voted_ms: None,
-            last_call: None,
-            retries: 0,
-            client_error: false,
-        };
+            Stage::Voting,
+            entry.deadline_ms,
+        );
         self.dispatch_votes(h, &mut op, now);
         self.ops.insert(ctx, op);
         self.evaluate(h, ctx);
@@ -1077,21 +1095,16 @@ impl TxnEngine {
             Outcome::Committed => COMMIT_PATH,
             Outcome::Aborted => ABORT_PATH,
         };
-        let mut op = Op {
-            kind: OpKind::SubFinish(outcome),
+        let mut op = Op::new(
+            OpKind::SubFinish(outcome),
             ctx,
-            txn: entry.txn,
-            deadline_ms: now + self.cfg.control_timeout_ms,
-            started_ms: now,
-            trace: None,
-            targets: Vec::new(),
-            stage: Stage::Finishing,
-            stage_deadline_ms: now + self.cfg.control_timeout_ms + TICK_SLACK_MS,
-            voted_ms: None,
-            last_call: None,
-            retries: 0,
-            client_error: false,
-        };
+            entry.txn,
+            now + self.cfg.control_timeout_ms,
+            now,
+            Vec::new(),
+            Stage::Finishing,
+            now + self.cfg.control_timeout_ms + TICK_SLACK_MS,
+        );
         for (cluster, mark) in marks {
             let wanted = match outcome {
                 Outcome::Committed => mark != Mark::ReadOnly && mark != Mark::Abort,
@@ -2182,21 +2195,16 @@ impl TxnEngine {
                     e.txn
                 ),
             );
-            let op = Op {
-                kind: OpKind::SubPrepare,
-                ctx: 0,
-                txn: e.txn,
-                deadline_ms: e.deadline_ms,
-                started_ms: now,
-                trace: None,
+            let op = Op::new(
+                OpKind::SubPrepare,
+                0,
+                e.txn,
+                e.deadline_ms,
+                now,
                 targets,
-                stage: Stage::Finishing,
-                stage_deadline_ms: now,
-                voted_ms: None,
-                last_call: None,
-                retries: 0,
-                client_error: false,
-            };
+                Stage::Finishing,
+                now,
+            );
             self.start_job(h, &op, None, Record::Resolve, reason::IN_DOUBT);
         }
     }
@@ -2251,34 +2259,30 @@ impl TxnEngine {
                     now.saturating_sub(p.time_ms)
                 ),
             );
-            let op = Op {
-                kind: OpKind::RootPrepare,
-                ctx: 0,
+            let targets = p
+                .targets
+                .iter()
+                .map(|t| Target {
+                    name: t.name.clone(),
+                    cluster: t.cluster.clone(),
+                    vote: Some(if t.vote == "commit" {
+                        Vote::Commit
+                    } else {
+                        Vote::ReadOnly
+                    }),
+                    token: None,
+                })
+                .collect();
+            let op = Op::new(
+                OpKind::RootPrepare,
+                0,
                 txn,
-                deadline_ms: p.deadline_ms,
-                started_ms: now,
-                trace: None,
-                targets: p
-                    .targets
-                    .iter()
-                    .map(|t| Target {
-                        name: t.name.clone(),
-                        cluster: t.cluster.clone(),
-                        vote: Some(if t.vote == "commit" {
-                            Vote::Commit
-                        } else {
-                            Vote::ReadOnly
-                        }),
-                        token: None,
-                    })
-                    .collect(),
-                stage: Stage::Finishing,
-                stage_deadline_ms: now,
-                voted_ms: None,
-                last_call: None,
-                retries: 0,
-                client_error: false,
-            };
+                p.deadline_ms,
+                now,
+                targets,
+                Stage::Finishing,
+                now,
+            );
             self.start_job(h, &op, Some(Outcome::Committed), Record::Done, "recovered");
         }
     }
@@ -2485,21 +2489,16 @@ impl TxnEngine {
                 }) {
                     if entry.phase == Phase::Aborted && !self.jobs.contains_key(txn) {
                         let targets = self.root_targets(&entry);
-                        let op = Op {
-                            kind: OpKind::RootPrepare,
+                        let op = Op::new(
+                            OpKind::RootPrepare,
                             ctx,
-                            txn: *txn,
-                            deadline_ms: entry.deadline_ms,
-                            started_ms: h.now_ms(),
-                            trace: None,
+                            *txn,
+                            entry.deadline_ms,
+                            h.now_ms(),
                             targets,
-                            stage: Stage::Voting,
-                            stage_deadline_ms: entry.deadline_ms,
-                            voted_ms: None,
-                            last_call: None,
-                            retries: 0,
-                            client_error: false,
-                        };
+                            Stage::Voting,
+                            entry.deadline_ms,
+                        );
                         h.log(
                             LogLevel::Warn,
                             &format!(
