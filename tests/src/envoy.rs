@@ -25,10 +25,56 @@ pub const METRICS_TAGS: &[&str] = &[
 /// Labels of txmesh_txn.wasm's stats.
 pub const TXN_TAGS: &[&str] = &["outcome", "reason"];
 
+/// Labels of txmesh_router.wasm's stats: (Prometheus label, key in the stat name).
+pub const ROUTER_TAGS: &[(&str, &str)] = &[
+    ("service", "router_service"),
+    ("endpoint", "router_endpoint"),
+    ("zone", "router_zone"),
+];
+
 /// Label names the txmesh filters encode into stat names; each gets a
 /// `stats_tags` regex in every bootstrap.
 pub fn stat_tags() -> impl Iterator<Item = &'static str> {
     METRICS_TAGS.iter().chain(TXN_TAGS).copied()
+}
+
+/// Every `stats_tags` entry of a txmesh bootstrap.
+pub fn stats_tags_json() -> Vec<Value> {
+    stat_tags()
+        .map(|t| (t, t))
+        .chain(ROUTER_TAGS.iter().copied())
+        .map(|(t, key)| json!({"tag_name": t, "regex": format!("({key}=\\.=(.*?);\\.;)")}))
+        .collect()
+}
+
+/// An ORIGINAL_DST cluster that sends each request to the `ip:port` in
+/// request header `header` (the router's pick).
+pub fn original_dst_cluster(name: &str, header: &str) -> Value {
+    json!({
+        "name": name,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "1s",
+        "original_dst_lb_config": {"use_http_header": true, "http_header_name": header},
+    })
+}
+
+/// A static cluster whose hosts Envoy knows, picked by the `ip:port` in
+/// request header `header` (override_host policy; round robin when absent).
+pub fn override_host_cluster(name: &str, eps: &[SocketAddr], header: &str) -> Value {
+    let mut c = static_cluster(name, eps);
+    c["load_balancing_policy"] = json!({"policies": [{"typed_extension_config": {
+        "name": "envoy.load_balancing_policies.override_host",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+            "override_host_sources": [{"header": header}],
+            "fallback_policy": {"policies": [{"typed_extension_config": {
+                "name": "envoy.load_balancing_policies.round_robin",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"}
+            }}]}
+        }
+    }}]});
+    c
 }
 
 /// One HTTP filter of a listener.
@@ -69,6 +115,12 @@ impl Filter {
         Self::wasm("txmesh_metrics", config)
     }
 
+    /// The router (fails closed: a request it cannot route must not go
+    /// wherever a client-supplied header says).
+    pub fn router(config: Value) -> Self {
+        Self::wasm("txmesh_router", config)
+    }
+
     /// The transaction filter (fails closed).
     pub fn txn(config: Value) -> Self {
         Self::wasm("txmesh_txn", config)
@@ -89,6 +141,7 @@ pub struct Sidecar {
     workload: String,
     app: Option<SocketAddr>,
     routes: Vec<(String, Vec<SocketAddr>)>,
+    cluster_routes: Vec<Value>,
     inbound_filters: Vec<Filter>,
     outbound_filters: Vec<Filter>,
     extra_clusters: Vec<Value>,
@@ -109,6 +162,7 @@ impl Sidecar {
             workload: workload.to_string(),
             app: None,
             routes: Vec::new(),
+            cluster_routes: Vec::new(),
             inbound_filters: Vec::new(),
             outbound_filters: Vec::new(),
             extra_clusters: Vec::new(),
@@ -131,6 +185,13 @@ impl Sidecar {
     /// `<name>` with these endpoints (none: the cluster has no healthy host).
     pub fn route(mut self, name: &str, endpoints: &[SocketAddr]) -> Self {
         self.routes.push((name.to_string(), endpoints.to_vec()));
+        self
+    }
+
+    /// An outbound destination served by a given cluster (raw Envoy JSON):
+    /// requests with `Host: <cluster name>` go to it.
+    pub fn route_cluster(mut self, cluster: Value) -> Self {
+        self.cluster_routes.push(cluster);
         self
     }
 
@@ -184,9 +245,7 @@ impl Sidecar {
 
     /// The bootstrap for these ports.
     pub fn bootstrap(&self, ports: Ports) -> Value {
-        let stats_tags: Vec<Value> = stat_tags()
-            .map(|t| json!({"tag_name": t, "regex": format!("({t}=\\.=(.*?);\\.;)")}))
-            .collect();
+        let stats_tags = stats_tags_json();
         let mut clusters: Vec<Value> = Vec::new();
         if let Some(app) = self.app {
             clusters.push(static_cluster("local_app", &[app]));
@@ -194,6 +253,15 @@ impl Sidecar {
         let mut vhosts = Vec::new();
         for (name, eps) in &self.routes {
             clusters.push(static_cluster(name, eps));
+            vhosts.push(json!({
+                "name": name,
+                "domains": [name, format!("{name}:*")],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}],
+            }));
+        }
+        for c in &self.cluster_routes {
+            let name = c["name"].as_str().unwrap_or("unnamed").to_string();
+            clusters.push(c.clone());
             vhosts.push(json!({
                 "name": name,
                 "domains": [name, format!("{name}:*")],

@@ -211,6 +211,38 @@ impl Etcd {
         );
     }
 
+    /// Grants a lease of `ttl_s` seconds; returns its id.
+    pub fn lease_grant(&self, ttl_s: u64) -> i64 {
+        let v = self.post("/v3/lease/grant", json!({"TTL": ttl_s}));
+        v["ID"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("lease grant answered {v}"))
+    }
+
+    /// Renews a lease once.
+    pub fn lease_keepalive(&self, id: i64) {
+        self.post("/v3/lease/keepalive", json!({"ID": id.to_string()}));
+    }
+
+    /// Revokes a lease (its keys go at once).
+    pub fn lease_revoke(&self, id: i64) {
+        self.post("/v3/lease/revoke", json!({"ID": id.to_string()}));
+    }
+
+    /// Puts `key` attached to lease `lease`.
+    pub fn put_leased(&self, key: &str, value: &str, lease: i64) {
+        self.post(
+            "/v3/kv/put",
+            json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes()), "lease": lease.to_string()}),
+        );
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&self, key: &str) {
+        self.post("/v3/kv/deleterange", json!({"key": b64(key.as_bytes())}));
+    }
+
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<String> {
         let v = self.post("/v3/kv/range", json!({"key": b64(key.as_bytes())}));

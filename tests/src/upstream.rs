@@ -189,6 +189,14 @@ impl Upstream {
         *self.handler.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(handler);
     }
 
+    /// Forgets the requests received so far.
+    pub fn clear(&self) {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
         self.requests

@@ -12,4 +12,7 @@ pub mod json;
 pub mod labels;
 pub mod metrics;
 pub mod props;
+pub mod router;
+#[cfg(test)]
+pub(crate) mod testhost;
 pub mod txn;

@@ -160,6 +160,25 @@ pub fn parse_range_values(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         .collect())
 }
 
+/// Keys and values, raw.
+pub type Kvs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Every (key, value) in an answer to [`range_prefix_body`], and whether
+/// etcd left some out (`more`: the limit was reached).
+pub fn parse_range_kvs(body: &[u8]) -> Result<(Kvs, bool), String> {
+    let v: RangeResponse =
+        serde_json::from_slice(body).map_err(|e| format!("etcd answered non-JSON: {e}"))?;
+    if v.header.is_none() {
+        return Err(no_header(body));
+    }
+    let kvs = v
+        .kvs
+        .iter()
+        .filter_map(|kv| Some((b64::decode(&kv.key)?, b64::decode(&kv.value)?)))
+        .collect();
+    Ok((kvs, v.more))
+}
+
 /// One participant of a pending commit, as the recovery loop needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct PendingTarget {
@@ -219,6 +238,8 @@ pub enum CasResult {
 #[derive(Deserialize)]
 struct Kv {
     #[serde(default)]
+    key: String,
+    #[serde(default)]
     value: String,
 }
 
@@ -227,6 +248,8 @@ struct RangeResponse {
     header: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     kvs: Vec<Kv>,
+    #[serde(default)]
+    more: bool,
 }
 
 #[derive(Deserialize)]

@@ -3,121 +3,10 @@
 #![allow(clippy::type_complexity)]
 
 use super::*;
-use crate::host::fake::FakeHost;
-use crate::host::{
-    HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
-};
-use std::cell::{Cell, RefCell};
-
-#[derive(Default)]
-struct Host {
-    base: FakeHost,
-    now: Cell<u64>,
-    next_token: Cell<u32>,
-    rand: Cell<u8>,
-    calls: RefCell<Vec<(u32, Callout)>>,
-    replies: RefCell<Vec<(u32, u16, Vec<(String, String)>, String)>>,
-    resumed: RefCell<Vec<(u32, Vec<(String, String)>)>>,
-    response: RefCell<Vec<(String, Vec<u8>)>>,
-    logs: RefCell<Vec<String>>,
-    dispatch_fails_for: RefCell<Option<String>>,
-}
-
-impl SharedData for Host {
-    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        self.base.shared_get(key)
-    }
-    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedSetError> {
-        self.base.shared_set(key, value, cas)
-    }
-}
-impl Metrics for Host {
-    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
-        self.base.define_metric(kind, name)
-    }
-    fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
-        self.base.increment_metric(id, delta)
-    }
-    fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
-        self.base.record_metric(id, value)
-    }
-}
-impl RequestHeaders for Host {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.base.request_header(name)
-    }
-    fn set_request_header(&self, name: &str, value: Option<&str>) {
-        self.base.set_request_header(name, value)
-    }
-}
-impl Properties for Host {
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.base.property(path)
-    }
-}
-impl TxnHost for Host {
-    fn now_ms(&self) -> u64 {
-        self.now.get()
-    }
-    fn random_id(&self) -> [u8; 16] {
-        self.rand.set(self.rand.get() + 1);
-        let mut b = [7u8; 16];
-        b[0] = self.rand.get();
-        b[9] = self.rand.get().wrapping_mul(13);
-        b
-    }
-    fn dispatch(&self, c: &Callout) -> Result<u32, HostError> {
-        if self.dispatch_fails_for.borrow().as_deref() == Some(c.cluster.as_str()) {
-            return Err(HostError("BadArgument".into()));
-        }
-        let t = self.next_token.get() + 1;
-        self.next_token.set(t);
-        self.calls.borrow_mut().push((t, c.clone()));
-        Ok(t)
-    }
-    fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-        self.replies.borrow_mut().push((
-            ctx,
-            status,
-            headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            String::from_utf8_lossy(body).into_owned(),
-        ));
-    }
-    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]) {
-        self.resumed.borrow_mut().push((
-            ctx,
-            headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ));
-    }
-    fn set_response_header(&self, name: &str, value: &str) {
-        self.response
-            .borrow_mut()
-            .push((name.to_string(), value.as_bytes().to_vec()));
-    }
-    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.response
-            .borrow()
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-    }
-    fn log(&self, _level: LogLevel, msg: &str) {
-        self.logs.borrow_mut().push(msg.to_string());
-    }
-}
+use crate::host::RequestHeaders;
+use crate::testhost::Host;
 
 impl Host {
-    fn new() -> Self {
-        let h = Self::default();
-        h.now.set(1_000_000);
-        h
-    }
     /// Sets up a request on a listener of the given direction (1 in, 2 out).
     fn request(&self, dir: u64, method: &str, path: &str, headers: &[(&str, &str)]) {
         self.base.request_headers.borrow_mut().clear();
@@ -155,9 +44,6 @@ impl Host {
         self.base
             .request_header(n)
             .map(|v| String::from_utf8(v).unwrap())
-    }
-    fn advance(&self, ms: u64) {
-        self.now.set(self.now.get() + ms);
     }
 }
 

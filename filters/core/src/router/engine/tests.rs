@@ -1,0 +1,585 @@
+//! The router driven by a fake host: registry reads, every strategy, zone
+//! preference, ejection, exact replies and metrics.
+
+use super::*;
+use crate::b64;
+use crate::host::{RequestHeaders, SharedData};
+use crate::testhost::Host as Fake;
+use std::collections::BTreeMap;
+
+const P: &str = "txmesh/services/";
+
+fn cfg(json: &str) -> RouterConfig {
+    RouterConfig::parse(json.as_bytes()).unwrap()
+}
+
+fn engine(h: &Fake, json: &str) -> RouterEngine {
+    let mut e = RouterEngine::new(cfg(json), h);
+    e.define_metrics(h);
+    e
+}
+
+/// An etcd range answer with these (service, address, extra JSON fields).
+fn range_answer(eps: &[(&str, &str, &str)]) -> CalloutResponse {
+    let kvs: Vec<String> = eps
+        .iter()
+        .map(|(s, a, extra)| {
+            let key = format!("{P}{s}/{a}");
+            let sep = if extra.is_empty() { "" } else { "," };
+            let value = format!(r#"{{"address":"{a}"{sep}{extra}}}"#);
+            format!(
+                r#"{{"key":"{}","value":"{}"}}"#,
+                b64::encode(key.as_bytes()),
+                b64::encode(value.as_bytes())
+            )
+        })
+        .collect();
+    CalloutResponse {
+        status: Some(200),
+        body: format!(
+            r#"{{"header":{{"revision":"9"}},"kvs":[{}],"count":"{}"}}"#,
+            kvs.join(","),
+            eps.len()
+        )
+        .into_bytes(),
+    }
+}
+
+/// Ticks once, answers the registry read the tick made, ticks again so the
+/// table is picked up.
+fn load(h: &Fake, e: &mut RouterEngine, eps: &[(&str, &str, &str)]) {
+    h.calls.borrow_mut().clear();
+    e.on_tick(h);
+    let calls = std::mem::take(&mut *h.calls.borrow_mut());
+    assert_eq!(calls.len(), 1, "one registry read per poll: {calls:?}");
+    let (token, c) = &calls[0];
+    assert_eq!(c.cluster, "etcd");
+    assert_eq!(c.path, "/v3/kv/range");
+    e.on_callout(h, *token, range_answer(eps));
+    e.on_tick(h);
+    h.advance(500);
+}
+
+fn request(h: &Fake, cluster: &str, headers: &[(&str, &str)]) {
+    h.base.clear_stream();
+    h.cluster_name(cluster);
+    for (k, v) in headers {
+        h.base.set_request_header(k, Some(v));
+    }
+}
+
+/// One full request: route, then log with this status and duration.
+fn route(h: &Fake, e: &mut RouterEngine, cluster: &str, status: u64, ms: u64) -> Option<String> {
+    request(h, cluster, &[]);
+    let (r, v) = e.on_request_headers(h, 7);
+    let picked = h
+        .base
+        .request_header("x-txmesh-endpoint")
+        .map(|b| String::from_utf8(b).unwrap());
+    if let Some(r) = r {
+        assert_eq!(v, Verdict::Continue);
+        h.log_phase(status, 0, ms);
+        e.on_log(h, &r);
+    }
+    picked
+}
+
+fn counts(picks: impl IntoIterator<Item = Option<String>>) -> BTreeMap<String, u32> {
+    let mut m = BTreeMap::new();
+    for p in picks {
+        *m.entry(p.unwrap_or_else(|| "none".into())).or_insert(0) += 1;
+    }
+    m
+}
+
+impl Fake {
+    fn cluster_name(&self, c: &str) {
+        self.base
+            .properties
+            .borrow_mut()
+            .insert("xds.cluster_name".into(), c.as_bytes().to_vec());
+    }
+    fn log_phase(&self, status: u64, flags: u64, ms: u64) {
+        let mut p = self.base.properties.borrow_mut();
+        p.insert("response.code".into(), status.to_le_bytes().to_vec());
+        p.insert("response.flags".into(), flags.to_le_bytes().to_vec());
+        p.insert(
+            "request.duration".into(),
+            ((ms * 1_000_000) as i64).to_le_bytes().to_vec(),
+        );
+    }
+}
+
+const RR: &str = r#"{"services":{"payment":{"strategy":"round_robin"}}}"#;
+
+#[test]
+fn polls_the_registry_and_round_robins_evenly() {
+    let h = Fake::new();
+    let mut e = engine(&h, RR);
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+            ("payment", "10.0.0.3:80", ""),
+            ("inventory", "10.0.0.9:80", ""),
+        ],
+    );
+    let c = counts((0..300).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(
+        c,
+        BTreeMap::from([
+            ("10.0.0.1:80".into(), 100),
+            ("10.0.0.2:80".into(), 100),
+            ("10.0.0.3:80".into(), 100)
+        ])
+    );
+    let picks = "router_service=.=payment;.;router_endpoint=.=10.0.0.2:80;.;router_zone=.=none;.;txmesh_router_picks_total";
+    assert_eq!(h.base.counter(picks), Some(100));
+    let reqs = picks.replace("picks", "requests");
+    assert_eq!(h.base.counter(&reqs), Some(100));
+    // The registry body asks for the whole prefix.
+    let gauge = "router_service=.=payment;.;txmesh_router_endpoints";
+    assert!(h.base.metric_names().contains(&gauge.to_string()));
+    // inventory is not routed by this router: no metrics for it.
+    assert!(!h.base.metric_names().iter().any(|n| n.contains("10.0.0.9")));
+    assert_eq!(h.base.counter(REGISTRY_UPDATES_TOTAL), Some(1));
+}
+
+#[test]
+fn weighted_is_exact() {
+    let h = Fake::new();
+    let mut e = engine(&h, r#"{"services":{"payment":{"strategy":"weighted"}}}"#);
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", r#""weight":90"#),
+            ("payment", "10.0.0.2:80", r#""weight":10"#),
+            ("payment", "10.0.0.3:80", r#""weight":0"#),
+        ],
+    );
+    let c = counts((0..2000).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(
+        c,
+        BTreeMap::from([("10.0.0.1:80".into(), 1800), ("10.0.0.2:80".into(), 200)])
+    );
+}
+
+#[test]
+fn no_endpoint_and_not_loaded_are_clear_503s() {
+    let h = Fake::new();
+    let mut e = engine(&h, RR);
+    request(&h, "payment", &[]);
+    let (r, v) = e.on_request_headers(&h, 3);
+    assert_eq!((r, v), (None, Verdict::Pause));
+    let replies = std::mem::take(&mut *h.replies.borrow_mut());
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, 3);
+    assert_eq!(replies[0].1, 503);
+    assert_eq!(
+        replies[0].3,
+        r#"{"error":"registry not read yet","service":"payment"}"#
+    );
+    load(&h, &mut e, &[("inventory", "10.0.0.9:80", "")]);
+    request(&h, "payment", &[]);
+    let (r, v) = e.on_request_headers(&h, 4);
+    assert_eq!((r, v), (None, Verdict::Pause));
+    let replies = std::mem::take(&mut *h.replies.borrow_mut());
+    assert_eq!(
+        replies[0].3,
+        r#"{"error":"no endpoints","service":"payment"}"#
+    );
+    assert!(replies[0]
+        .2
+        .contains(&("x-txmesh-router".to_string(), "no-endpoint".to_string())));
+    assert_eq!(
+        h.base
+            .counter("router_service=.=payment;.;txmesh_router_no_endpoint_total"),
+        Some(2)
+    );
+}
+
+#[test]
+fn client_supplied_endpoint_header_never_survives() {
+    let h = Fake::new();
+    let mut e = engine(&h, RR);
+    load(&h, &mut e, &[("payment", "10.0.0.1:80", "")]);
+    // Routed: overwritten with the pick.
+    request(&h, "payment", &[("x-txmesh-endpoint", "6.6.6.6:66")]);
+    e.on_request_headers(&h, 1);
+    assert_eq!(
+        h.base.request_header("x-txmesh-endpoint").unwrap(),
+        b"10.0.0.1:80"
+    );
+    // Not routed by this router: removed.
+    request(&h, "elsewhere", &[("x-txmesh-endpoint", "6.6.6.6:66")]);
+    assert_eq!(e.on_request_headers(&h, 2), (None, Verdict::Continue));
+    assert_eq!(h.base.request_header("x-txmesh-endpoint"), None);
+}
+
+#[test]
+fn membership_changes_follow_the_registry_and_reuse_slots() {
+    let h = Fake::new();
+    let mut e = engine(&h, RR);
+    load(&h, &mut e, &[("payment", "10.0.0.1:80", "")]);
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+        ],
+    );
+    let c = counts((0..10).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(c.len(), 2);
+    load(&h, &mut e, &[("payment", "10.0.0.2:80", "")]);
+    let c = counts((0..10).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(c, BTreeMap::from([("10.0.0.2:80".into(), 10)]));
+    // A third instance takes the slot the first one left.
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.2:80", ""),
+            ("payment", "10.0.0.3:80", ""),
+        ],
+    );
+    let table = Table::decode(&h.base.shared_get("txmesh.router.router.table").0.unwrap()).unwrap();
+    let slots: Vec<_> = table
+        .endpoints
+        .iter()
+        .map(|e| (e.address.clone(), e.slot))
+        .collect();
+    assert_eq!(
+        slots,
+        vec![("10.0.0.2:80".into(), 1), ("10.0.0.3:80".into(), 0)]
+    );
+    assert_eq!(table.generation, 4);
+}
+
+#[test]
+fn registry_failures_keep_the_table_log_once_and_count() {
+    let h = Fake::new();
+    let mut e = engine(&h, RR);
+    load(&h, &mut e, &[("payment", "10.0.0.1:80", "")]);
+    for answer in [
+        CalloutResponse {
+            status: Some(503),
+            body: vec![],
+        },
+        CalloutResponse::default(),
+        CalloutResponse {
+            status: Some(200),
+            body: b"garbage".to_vec(),
+        },
+    ] {
+        e.on_tick(&h);
+        let (token, _) = h.calls.borrow_mut().pop().unwrap();
+        e.on_callout(&h, token, answer);
+        h.advance(500);
+    }
+    // A read nobody answers: the tick enforces the deadline.
+    e.on_tick(&h);
+    assert_eq!(h.calls.borrow_mut().drain(..).count(), 1);
+    h.advance(1000);
+    e.on_tick(&h);
+    assert_eq!(h.base.counter(REGISTRY_ERRORS_TOTAL), Some(4));
+    let warns: Vec<_> = h
+        .logs
+        .borrow()
+        .iter()
+        .filter(|l| l.starts_with("registry unreachable"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        warns,
+        vec!["registry unreachable (cluster etcd: etcd answered 503); keeping the last table: 1 endpoints, generation 1"]
+    );
+    assert_eq!(
+        route(&h, &mut e, "payment", 200, 1).as_deref(),
+        Some("10.0.0.1:80")
+    );
+    // The tick that gave up on the read started the next one; it answers.
+    let (token, _) = h.calls.borrow_mut().pop().unwrap();
+    e.on_callout(&h, token, range_answer(&[("payment", "10.0.0.1:80", "")]));
+    assert!(h
+        .logs
+        .borrow()
+        .iter()
+        .any(|l| l == "registry reachable again"));
+    assert_eq!(h.base.counter(REGISTRY_ERRORS_TOTAL), Some(4));
+}
+
+#[test]
+fn one_poller_per_process() {
+    let h = Fake::new();
+    let mut a = engine(&h, RR);
+    let mut b = engine(&h, RR);
+    a.on_tick(&h);
+    b.on_tick(&h);
+    let calls = std::mem::take(&mut *h.calls.borrow_mut());
+    assert_eq!(calls.len(), 1);
+    a.on_callout(
+        &h,
+        calls[0].0,
+        range_answer(&[("payment", "10.0.0.1:80", "")]),
+    );
+    b.on_tick(&h);
+    assert_eq!(
+        route(&h, &mut b, "payment", 200, 1).as_deref(),
+        Some("10.0.0.1:80")
+    );
+    // The poller's lease runs out without renewal: b takes over.
+    h.advance(1_600);
+    b.on_tick(&h);
+    assert_eq!(h.calls.borrow().len(), 1);
+}
+
+#[test]
+fn ejection_after_consecutive_failures_then_return() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"services":{"payment":{"strategy":"round_robin","outlier":{"consecutive_failures":3,"base_ejection_ms":1000}}}}"#,
+    );
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+        ],
+    );
+    // .1 fails every time, .2 succeeds.
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        request(&h, "payment", &[]);
+        let (r, _) = e.on_request_headers(&h, 1);
+        let r = r.unwrap();
+        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        let status = if ep == "10.0.0.1:80" { 503 } else { 200 };
+        h.log_phase(status, 0, 1);
+        e.on_log(&h, &r);
+        seen.push(ep);
+    }
+    let bad = seen.iter().filter(|s| *s == "10.0.0.1:80").count();
+    assert_eq!(bad, 3, "{seen:?}");
+    let l = "router_service=.=payment;.;router_endpoint=.=10.0.0.1:80;.;router_zone=.=none;.;";
+    assert_eq!(
+        h.base.counter(&format!("{l}txmesh_router_ejections_total")),
+        Some(1)
+    );
+    assert_eq!(
+        h.base.counter(&format!("{l}txmesh_router_errors_total")),
+        Some(3)
+    );
+    assert!(h.logs.borrow().iter().any(|m| m
+        == "ejected payment endpoint 10.0.0.1:80 for 1000 ms (ejection 1 in a row) after 3 consecutive failures"));
+    // Another worker sees the ejection at its next tick.
+    let mut other = engine(&h, RR);
+    other.on_tick(&h);
+    let c = counts((0..4).map(|_| route(&h, &mut other, "payment", 200, 1)));
+    assert_eq!(c, BTreeMap::from([("10.0.0.2:80".into(), 4)]));
+    // After the ejection time it is back.
+    h.advance(1000);
+    let c = counts((0..4).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(c.get("10.0.0.1:80"), Some(&2));
+}
+
+#[test]
+fn ejection_cap_and_panic_mode() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"services":{"payment":{"strategy":"round_robin","outlier":{"consecutive_failures":1,"max_ejection_percent":50}}}}"#,
+    );
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+        ],
+    );
+    // Both fail: only one may be ejected (50% of 2).
+    for _ in 0..10 {
+        route(&h, &mut e, "payment", 503, 1);
+    }
+    let ejections: i64 = ["10.0.0.1:80", "10.0.0.2:80"]
+        .iter()
+        .map(|a| {
+            h.base
+                .counter(&format!("router_service=.=payment;.;router_endpoint=.={a};.;router_zone=.=none;.;txmesh_router_ejections_total"))
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(ejections, 1);
+    // One endpoint, ejected: still picked (better than nothing).
+    let mut one = engine(
+        &h,
+        r#"{"name":"solo","services":{"payment":{"strategy":"random","outlier":{"consecutive_failures":1}}}}"#,
+    );
+    load(&h, &mut one, &[("payment", "10.0.0.7:80", "")]);
+    route(&h, &mut one, "payment", 503, 1);
+    assert_eq!(
+        route(&h, &mut one, "payment", 200, 1).as_deref(),
+        Some("10.0.0.7:80")
+    );
+}
+
+#[test]
+fn zone_preference_keeps_local_and_spills_over() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"local_zone":"z1","services":{"payment":{"strategy":"round_robin","zone_preference":true,"outlier":{"consecutive_failures":2,"max_ejection_percent":100}}}}"#,
+    );
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", r#""zone":"z1""#),
+            ("payment", "10.0.0.2:80", r#""zone":"z1""#),
+            ("payment", "10.0.0.3:80", r#""zone":"z2""#),
+        ],
+    );
+    let c = counts((0..10).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(
+        c,
+        BTreeMap::from([("10.0.0.1:80".into(), 5), ("10.0.0.2:80".into(), 5)])
+    );
+    // Both local endpoints fail twice: ejected, traffic spills to z2.
+    for _ in 0..4 {
+        route(&h, &mut e, "payment", 503, 1);
+    }
+    let c = counts((0..6).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(c, BTreeMap::from([("10.0.0.3:80".into(), 6)]));
+    let zone_label = "router_service=.=payment;.;router_endpoint=.=10.0.0.3:80;.;router_zone=.=z2;.;txmesh_router_picks_total";
+    assert_eq!(h.base.counter(zone_label), Some(6));
+}
+
+#[test]
+fn zone_spill_over_when_local_is_saturated() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"local_zone":"z1","services":{"payment":{"strategy":"round_robin","zone_preference":true,"spill_over_pending":2}}}"#,
+    );
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", r#""zone":"z1""#),
+            ("payment", "10.0.0.3:80", r#""zone":"z2""#),
+        ],
+    );
+    // Two in flight on the local endpoint (never logged): the third spills.
+    let mut picks = Vec::new();
+    for _ in 0..3 {
+        request(&h, "payment", &[]);
+        e.on_request_headers(&h, 1).0.unwrap();
+        picks.push(String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap());
+    }
+    assert_eq!(picks, vec!["10.0.0.1:80", "10.0.0.1:80", "10.0.0.3:80"]);
+}
+
+#[test]
+fn least_request_prefers_the_idle_endpoint() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"services":{"payment":{"strategy":"least_request"}}}"#,
+    );
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+        ],
+    );
+    // Requests that never finish pile up: picks alternate, keeping both level.
+    let mut inflight = BTreeMap::new();
+    for _ in 0..10 {
+        request(&h, "payment", &[]);
+        e.on_request_headers(&h, 1).0.unwrap();
+        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        *inflight.entry(ep).or_insert(0) += 1;
+    }
+    assert_eq!(
+        inflight,
+        BTreeMap::from([
+            ("10.0.0.1:80".to_string(), 5),
+            ("10.0.0.2:80".to_string(), 5)
+        ])
+    );
+}
+
+#[test]
+fn peak_ewma_starves_the_slow_endpoint() {
+    let h = Fake::new();
+    let mut e = engine(&h, r#"{"services":{"payment":{"strategy":"peak_ewma"}}}"#);
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+            ("payment", "10.0.0.3:80", ""),
+            ("payment", "10.0.0.4:80", ""),
+            ("payment", "10.0.0.5:80", ""),
+        ],
+    );
+    let mut picks = Vec::new();
+    for _ in 0..1000 {
+        request(&h, "payment", &[]);
+        let (r, _) = e.on_request_headers(&h, 1);
+        let r = r.unwrap();
+        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        let ms = if ep == "10.0.0.1:80" { 55 } else { 5 };
+        h.advance(2);
+        h.log_phase(200, 0, ms);
+        e.on_log(&h, &r);
+        picks.push(Some(ep));
+    }
+    let c = counts(picks);
+    let slow = c["10.0.0.1:80"];
+    assert!(slow < 40, "slow endpoint got {slow} of 1000: {c:?}");
+    let g = "router_service=.=payment;.;router_endpoint=.=10.0.0.1:80;.;router_zone=.=none;.;txmesh_router_ewma_latency_milliseconds";
+    assert!(h.base.histogram(g).unwrap().last().copied().unwrap() >= 40);
+}
+
+#[test]
+fn authority_mode_strips_the_port() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"service_from":"authority","services":{"payment":{"strategy":"random"}}}"#,
+    );
+    load(&h, &mut e, &[("payment", "10.0.0.1:80", "")]);
+    request(&h, "shared", &[(":authority", "payment:8080")]);
+    assert!(e.on_request_headers(&h, 1).0.is_some());
+    request(&h, "shared", &[(":authority", "payment")]);
+    assert!(e.on_request_headers(&h, 1).0.is_some());
+    request(&h, "shared", &[(":authority", "other:8080")]);
+    assert!(e.on_request_headers(&h, 1).0.is_none());
+}
+
+#[test]
+fn invalid_registry_entries_are_skipped_and_logged() {
+    let h = Fake::new();
+    let mut e = engine(&h, RR);
+    load(
+        &h,
+        &mut e,
+        &[("payment", "10.0.0.1:80", ""), ("payment", "nowhere", "")],
+    );
+    assert!(h.logs.borrow().iter().any(|l| l
+        == "registry: 1 invalid entries ignored, first: txmesh/services/payment/nowhere: address \"nowhere\" is not ip:port"));
+    assert_eq!(
+        route(&h, &mut e, "payment", 200, 1).as_deref(),
+        Some("10.0.0.1:80")
+    );
+}
