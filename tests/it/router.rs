@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use txmesh_tests::envoy::{original_dst_cluster, override_host_cluster, Envoy};
 use txmesh_tests::{Client, Etcd, Filter, Reply, Sidecar, Upstream};
 
+mod common;
+
 const HDR: &str = "x-txmesh-endpoint";
 
 /// Registers `addr` as an instance of `service` (no lease when `lease` is 0).
@@ -471,4 +473,87 @@ fn bad_router_config_is_refused_with_the_field() {
         err.contains("invalid plugin configuration at `services.payment.strategy`: unknown variant `fastest`"),
         "{err}"
     );
+}
+
+/// Two payment instances behind the router: every participant instance gets
+/// prepare and commit for exactly the transactions it worked on (the txn
+/// filter pins control calls to the routed instance).
+#[test]
+fn transactions_follow_the_routed_instance() {
+    use std::sync::{Arc, RwLock};
+    use txmesh_tests::{Downstream, TxnApp, Vote};
+    let etcd = Etcd::start();
+    let p1 = TxnApp::start("payment", Vote::Commit);
+    let p2 = TxnApp::start("payment", Vote::Commit);
+    let inv = TxnApp::start("inventory", Vote::Commit);
+    let p1_sc = common::sidecar("payment", &p1, etcd.addr()).start();
+    let p2_sc = common::sidecar("payment", &p2, etcd.addr()).start();
+    let inv_sc = common::sidecar("inventory", &inv, etcd.addr()).start();
+    for sc in [&p1_sc, &p2_sc] {
+        register(&etcd, "payment", sc.inbound_addr(), json!({}), 0);
+    }
+    let calls = Arc::new(RwLock::new(Vec::new()));
+    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+    let txn = Filter::txn(common::txn_cfg("order"));
+    let order_sc = Sidecar::new("order")
+        .app(&order.server)
+        .etcd(&etcd)
+        .inbound_filter(txn.clone())
+        .outbound_filter(Filter::router(router_cfg(
+            json!({"payment": {"strategy": "round_robin"}}),
+        )))
+        .outbound_filter(txn)
+        .route_cluster(original_dst_cluster("payment", HDR))
+        .route("inventory", &[inv_sc.inbound_addr()])
+        .start();
+    *calls.write().unwrap() = ["payment", "inventory"]
+        .iter()
+        .map(|h| Downstream {
+            host: h.to_string(),
+            outbound_port: order_sc.ports.outbound,
+        })
+        .collect();
+    let c = Client::new();
+    let checkout = || {
+        c.must(
+            "POST",
+            &order_sc.inbound_url("/checkout"),
+            &[("content-type", "application/json")],
+            b"{}",
+        )
+    };
+    txmesh_tests::wait_for(10, "the router to know payment", || {
+        (checkout().status == 200).then_some(())
+    });
+    for _ in 0..20 {
+        let r = checkout();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+    }
+    // Phase 2 runs after the answer: wait for the commits.
+    txmesh_tests::wait_for(10, "every commit", || {
+        let all: Vec<_> = p1
+            .records()
+            .into_values()
+            .chain(p2.records().into_values())
+            .collect();
+        all.iter()
+            .all(|r| r.commits > 0 || r.business == 0)
+            .then_some(())
+    });
+    let (r1, r2) = (p1.records(), p2.records());
+    assert!(
+        r1.len() >= 10 && r2.len() >= 10,
+        "{} / {}",
+        r1.len(),
+        r2.len()
+    );
+    for (txn, rec) in r1.iter().chain(r2.iter()) {
+        assert_eq!(
+            (rec.business, rec.prepares, rec.commits, rec.aborts),
+            (1, 1, 1, 0),
+            "txn {txn} on one payment instance: {rec:?}"
+        );
+    }
+    assert!(r1.keys().all(|t| !r2.contains_key(t)));
 }

@@ -43,6 +43,12 @@ pub enum LogLevel {
     Error,
 }
 
+/// The request header by which txmesh_router hands its pick (`ip:port`) to
+/// Envoy. A participant reached through a routed request is enlisted as
+/// `cluster@ip:port`, and its control calls carry the header again, so that
+/// prepare, commit and abort reach the instance that did the work.
+pub const ENDPOINT_HEADER: &str = "x-txmesh-endpoint";
+
 /// An HTTP callout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callout {
@@ -596,6 +602,16 @@ impl TxnEngine {
             // No route: Envoy answers 404 itself; nothing to enlist.
             return (Stream::Pass, Verdict::Continue);
         };
+        // Routed to one instance by txmesh_router: that instance is the
+        // participant, and every control call must reach it again.
+        let cluster = match h
+            .request_header(ENDPOINT_HEADER)
+            .and_then(|v| String::from_utf8(v).ok())
+            .filter(|v| v.parse::<std::net::SocketAddr>().is_ok())
+        {
+            Some(ep) => format!("{cluster}@{ep}"),
+            None => cluster,
+        };
         let now = h.now_ms();
         let deadline = match self.deadline_from(h, now) {
             Ok(d) => d,
@@ -988,15 +1004,23 @@ impl TxnEngine {
         deadline_ms: u64,
         timeout_ms: u64,
     ) -> Callout {
+        let mut headers = vec![
+            (id::TXN_HEADER.to_string(), txn.to_string()),
+            (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
+            ("content-type".to_string(), "application/json".to_string()),
+        ];
+        let cluster = match cluster.rsplit_once('@') {
+            Some((c, ep)) if ep.parse::<std::net::SocketAddr>().is_ok() => {
+                headers.push((ENDPOINT_HEADER.to_string(), ep.to_string()));
+                c
+            }
+            _ => cluster,
+        };
         Callout {
             cluster: cluster.to_string(),
             method: "POST",
             path: path.to_string(),
-            headers: vec![
-                (id::TXN_HEADER.to_string(), txn.to_string()),
-                (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
-                ("content-type".to_string(), "application/json".to_string()),
-            ],
+            headers,
             body: Vec::new(),
             timeout_ms: timeout_ms.max(1),
         }
@@ -2396,17 +2420,13 @@ impl TxnEngine {
                         {
                             continue;
                         }
-                        let call = Callout {
-                            cluster: t.cluster.clone(),
-                            method: "POST",
-                            path: path.to_string(),
-                            headers: vec![
-                                (id::TXN_HEADER.to_string(), txn.to_string()),
-                                (id::DEADLINE_HEADER.to_string(), job.deadline_ms.to_string()),
-                            ],
-                            body: Vec::new(),
-                            timeout_ms: self.cfg.control_timeout_ms,
-                        };
+                        let call = Self::control_call(
+                            &t.cluster,
+                            path,
+                            &txn,
+                            job.deadline_ms,
+                            self.cfg.control_timeout_ms,
+                        );
                         let dispatched = h.dispatch(&call);
                         if let Some(t) = job.targets.get_mut(idx) {
                             match dispatched {

@@ -1166,3 +1166,73 @@ fn an_app_4xx_aborts_but_the_client_sees_the_apps_own_error() {
         "still aborted everywhere, nothing prepared"
     );
 }
+
+#[test]
+fn a_routed_participant_is_pinned_to_its_instance() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    h.request(1, "POST", "/checkout", &[]);
+    let (stream, _) = inb.on_request_headers(&h, 1);
+    let id = h.header("x-txmesh-txn").unwrap();
+    // The router picked 10.0.0.2:15006 for this call; a bad value pins nothing.
+    h.request(
+        2,
+        "POST",
+        "/pay",
+        &[
+            ("x-txmesh-txn", &id),
+            ("x-txmesh-endpoint", "10.0.0.2:15006"),
+        ],
+    );
+    h.cluster("payment");
+    assert_eq!(out.on_request_headers(&h, 100).1, Verdict::Continue);
+    h.request(
+        2,
+        "POST",
+        "/reserve",
+        &[
+            ("x-txmesh-txn", &id),
+            ("x-txmesh-endpoint", "not-an-address"),
+        ],
+    );
+    h.cluster("inventory");
+    assert_eq!(out.on_request_headers(&h, 101).1, Verdict::Continue);
+    h.status("200");
+    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Pause);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        [
+            "inventory /txmesh/prepare",
+            "local_app /txmesh/prepare",
+            "payment /txmesh/prepare"
+        ]
+    );
+    let pinned = |c: &Callout| {
+        c.headers
+            .iter()
+            .find(|(k, _)| k == "x-txmesh-endpoint")
+            .map(|(_, v)| v.clone())
+    };
+    for (_, c) in &calls {
+        let want = (c.cluster == "payment").then(|| "10.0.0.2:15006".to_string());
+        assert_eq!(pinned(c), want, "{c:?}");
+    }
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "inventory", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    let commit = calls.iter().find(|(_, c)| c.cluster == "payment").unwrap();
+    assert_eq!(commit.1.path, "/txmesh/commit");
+    assert_eq!(pinned(&commit.1).as_deref(), Some("10.0.0.2:15006"));
+    let logs = h.logs.borrow();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("participants=payment@10.0.0.2:15006:commit,inventory:commit")),
+        "{logs:?}"
+    );
+}
