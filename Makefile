@@ -55,7 +55,11 @@ it: build
 test: setup fmt-check lint unit build validate it
 	@echo "[test] all green"
 
-# The shop on loopback (scripts/shop.sh): DEMO_ARGS="--checkouts N --concurrency C".
+# The shop on loopback (scripts/shop.sh): DEMO_ARGS="--checkouts N --concurrency C";
+# make up PAYMENT_INSTANCES=2 INVENTORY_INSTANCES=3: more instances behind the router.
+PAYMENT_INSTANCES ?= 1
+INVENTORY_INSTANCES ?= 1
+export PAYMENT_INSTANCES INVENTORY_INSTANCES
 demo:
 	@scripts/shop.sh demo
 

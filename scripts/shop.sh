@@ -12,7 +12,10 @@
 # (default "--checkouts 200 --concurrency 8"); TXMESH_PORT_OFFSET shifts every
 # port (tests use it to run the stack on free ports); TXMESH_HOME moves
 # .txmesh/ (run/ and data/); TXMESH_SKIP_BUILD=1 with SHOP_BIN/DEMO_BIN uses
-# binaries built elsewhere (tests).
+# binaries built elsewhere (tests). PAYMENT_INSTANCES / INVENTORY_INSTANCES
+# (default 1, at most 9) start more instances of a service: instance k listens
+# on the first one's ports + 10·(k-1) and shares its database; every instance
+# registers itself in etcd and order's sidecar routes among them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -84,11 +87,34 @@ render() {  # envoy/x.yaml -> $RUN/x.yaml
   echo "$dst"
 }
 
+# Instances 1..n of a participant service, each with its sidecar:
+# instance k uses app port + 10(k-1) and sidecar ports + 10(k-1).
+instances() {  # service app_port admin_port n
+  local svc=$1 app=$2 admin=$3 n=$4
+  if ! [[ "$n" =~ ^[1-9]$ ]]; then
+    say "ERROR: ${svc^^}_INSTANCES must be 1 to 9, got '$n'"; exit 2
+  fi
+  for k in $(seq 1 "$n"); do
+    local d=$(( (k - 1) * 10 )) name=$svc
+    [ "$k" = 1 ] || name="$svc-$k"
+    local cfg; cfg=$(render "envoy/$svc-sidecar.yaml")
+    if [ "$k" != 1 ]; then
+      local shifted=$RUN/$name-sidecar.yaml
+      sed "s/port_value: $(p "$admin")}/port_value: $(p $((admin + d)))}/; s/port_value: $(p $((admin + 6)))}/port_value: $(p $((admin + 6 + d)))}/; s/port_value: $(p $((admin + 1)))}/port_value: $(p $((admin + 1 + d)))}/; s/port_value: $(p "$app")}/port_value: $(p $((app + d)))}/" "$cfg" >"$shifted"
+      cfg=$shifted
+    fi
+    start "$name" "$(p $((app + d)))" "$SHOP_BIN" "$svc" --port "$(p $((app + d)))" --db "$DATA/$svc.db" \
+      --sidecar-inbound "$(p $((admin + 6 + d)))" --register "http://127.0.0.1:$(p 2379)"
+    start "$name-sidecar" "$(p $((admin + 6 + d)))" "$ENVOY" -c "$cfg" \
+      --base-id "$(p $((admin + d)))" --concurrency 2 -l info
+  done
+}
+
 build() {
   [ "${TXMESH_SKIP_BUILD:-0}" = 1 ] && return 0
   scripts/setup.sh
   say "building the filters (release wasm) and the shop (profile bench-native)..."
-  scripts/build-wasm.sh txmesh-metrics txmesh-txn >/dev/null
+  scripts/build-wasm.sh txmesh-metrics txmesh-txn txmesh-router >/dev/null
   cargo build --quiet --profile bench-native -p txmesh-shop
 }
 
@@ -99,19 +125,13 @@ up() {
     --listen-client-urls "http://127.0.0.1:$(p 2379)" --advertise-client-urls "http://127.0.0.1:$(p 2379)" \
     --listen-peer-urls "http://127.0.0.1:$(p 2380)" --initial-advertise-peer-urls "http://127.0.0.1:$(p 2380)" \
     --initial-cluster "shop=http://127.0.0.1:$(p 2380)" --log-level warn --logger zap
+  local reg="http://127.0.0.1:$(p 2379)"
   start order "$(p 18080)" "$SHOP_BIN" order --port "$(p 18080)" --db "$DATA/order.db" \
-    --sidecar-inbound "$(p 15006)" --sidecar-outbound "$(p 15001)"
-  start payment "$(p 18081)" "$SHOP_BIN" payment --port "$(p 18081)" --db "$DATA/payment.db" \
-    --sidecar-inbound "$(p 15106)"
-  start inventory "$(p 18082)" "$SHOP_BIN" inventory --port "$(p 18082)" --db "$DATA/inventory.db" \
-    --sidecar-inbound "$(p 15206)"
-  local n=0
-  for svc in order payment inventory; do
-    n=$((n + 1))
-    local inbound; inbound=$(p $((15006 + (n - 1) * 100)))
-    start "$svc-sidecar" "$inbound" "$ENVOY" -c "$(render "envoy/$svc-sidecar.yaml")" \
-      --base-id "$(p $((15000 + (n - 1) * 100)))" --concurrency 2 -l info
-  done
+    --sidecar-inbound "$(p 15006)" --sidecar-outbound "$(p 15001)" --register "$reg"
+  start order-sidecar "$(p 15006)" "$ENVOY" -c "$(render envoy/order-sidecar.yaml)" \
+    --base-id "$(p 15000)" --concurrency 2 -l info
+  instances payment 18081 15100 "${PAYMENT_INSTANCES:-1}"
+  instances inventory 18082 15200 "${INVENTORY_INSTANCES:-1}"
   start ingress "$INGRESS_PORT" "$ENVOY" -c "$(render envoy/ingress.yaml)" --base-id "$(p 9901)" --concurrency 2 -l info
   cat <<EOF
 [shop] ready. Public API: http://127.0.0.1:$INGRESS_PORT
@@ -124,7 +144,8 @@ EOF
 
 down() {
   local any=0
-  for f in "$RUN"/*.pid; do
+  # etcd last: the services revoke their registry leases on the way out.
+  for f in $(ls "$RUN"/*.pid 2>/dev/null | grep -v '/etcd.pid$'; ls "$RUN"/etcd.pid 2>/dev/null); do
     [ -f "$f" ] || continue
     any=1
     local name pid; name=$(basename "$f" .pid); pid=$(cat "$f")
@@ -140,7 +161,12 @@ down() {
 }
 
 status() {
-  for name in etcd order payment inventory order-sidecar payment-sidecar inventory-sidecar ingress; do
+  local names="etcd order payment inventory order-sidecar payment-sidecar inventory-sidecar ingress"
+  for f in "$RUN"/*.pid; do
+    [ -f "$f" ] || continue
+    case " $names " in *" $(basename "$f" .pid) "*) ;; *) names+=" $(basename "$f" .pid)" ;; esac
+  done
+  for name in $names; do
     if running "$name"; then say "$name: running (pid $(cat "$RUN/$name.pid"))"; else say "$name: stopped"; fi
   done
 }

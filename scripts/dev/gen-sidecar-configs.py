@@ -18,19 +18,18 @@ def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
               - match: {prefix: "/"}
                 route: {cluster: $svc, timeout: 15s}
 """).substitute(svc=svc)
-        clusters += Template("""  - name: $svc          # $svc's sidecar, inbound listener
-    type: STATIC
+        clusters += Template("""  - name: $svc          # $svc's instances (their sidecars' inbound listeners), picked by txmesh_router
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
     connect_timeout: 1s
-    load_assignment:
-      cluster_name: $svc
-      endpoints: $ep
-""").substitute(svc=svc, ep=ep(port))
+    original_dst_lb_config: {use_http_header: true, http_header_name: x-txmesh-endpoint}
+""").substitute(svc=svc)
     begin_json = '"begin": [{"method": "POST", "path_prefix": "/checkout"}], ' if begin else ""
     role = "initiator (begins transactions on POST /checkout)" if begin else "participant"
     outbound_block = ""
     out_comment = ""
     if routes:
-        out_comment = "\n#   outbound 127.0.0.1:%d -> routes by Host to %s" % (outbound, ", ".join(r[0] for r in routes))
+        out_comment = "\n#   outbound 127.0.0.1:%d -> routes by Host to %s, instances from the registry in etcd" % (outbound, ", ".join(r[0] for r in routes))
         outbound_block = Template("""
   - name: outbound
     traffic_direction: OUTBOUND
@@ -45,16 +44,36 @@ def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
             virtual_hosts:
 $vhosts
           http_filters:
+          # The router first: it picks the instance (x-txmesh-endpoint), and
+          # the txn filter pins the participant to it.
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_router
+                root_id: txmesh_router
+                # Fails closed: without it the pick header could come from anyone.
+                failure_policy: FAIL_CLOSED
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: |
+                    {"etcd_cluster": "etcd", "poll_interval_ms": 500, "services": {$router_services}}
+                vm_config:
+                  vm_id: txmesh_router
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_router.wasm}}
           - *txn
           - *metrics
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-""").substitute(outbound=outbound, vhosts=vhosts.rstrip())
+""").substitute(outbound=outbound, vhosts=vhosts.rstrip(), router_services=", ".join(
+            '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes))
     return Template("""# txmesh sidecar of "$name", the $role.
 #   inbound  127.0.0.1:$inbound -> the app at 127.0.0.1:$app_port$out_comment
 #   admin    127.0.0.1:$admin (Prometheus: /stats/prometheus)
 #   etcd     127.0.0.1:2379 (decision records, JSON gateway)
-# Filters: txmesh_txn (fails closed), then txmesh_metrics (fails open).
+# Filters: txmesh_txn (fails closed), then txmesh_metrics (fails open); on the
+# outbound listener txmesh_router (fails closed) before them.
 # Run from the repository root after `make build`:
 #   .venv/bin/envoy -c envoy/$name-sidecar.yaml --base-id $admin
 node:
@@ -75,6 +94,9 @@ stats_config:
   - {tag_name: request_protocol, regex: '(request_protocol=\\.=(.*?);\\.;)'}
   - {tag_name: outcome, regex: '(outcome=\\.=(.*?);\\.;)'}
   - {tag_name: reason, regex: '(reason=\\.=(.*?);\\.;)'}
+  - {tag_name: service, regex: '(router_service=\\.=(.*?);\\.;)'}
+  - {tag_name: endpoint, regex: '(router_endpoint=\\.=(.*?);\\.;)'}
+  - {tag_name: zone, regex: '(router_zone=\\.=(.*?);\\.;)'}
 
 static_resources:
   listeners:

@@ -2,4 +2,5 @@
 //! a participant in transactions that its sidecar runs. See README.md.
 
 pub mod participant;
+pub mod registry;
 pub mod services;

@@ -1,6 +1,9 @@
 //! `shop <order|payment|inventory> --port P --db FILE --sidecar-inbound P [--sidecar-outbound P]`
 //! `shop <service> --port P --db FILE --mesh PORT` (in Istio: other services
 //! are reached by name, `http://<service>:PORT`, through the transparent sidecar)
+//! `--register http://ETCD [--advertise IP:PORT] [--zone Z]`: keep this
+//! instance in the txmesh service registry (docs/router.md); the address
+//! defaults to the sidecar's inbound listener. Revoked on SIGTERM/SIGINT.
 //!
 //! Each service listens on loopback, keeps its data in SQLite, implements the
 //! txmesh participant endpoints, and on start (and every second) asks its
@@ -27,10 +30,13 @@ struct Opts {
     sidecar_outbound: Option<u16>,
     /// In a mesh with transparent interception: services' common port.
     mesh: Option<u16>,
+    register: Option<String>,
+    advertise: Option<String>,
+    zone: Option<String>,
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE (--sidecar-inbound P [--sidecar-outbound P] | --mesh PORT)");
+    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE (--sidecar-inbound P [--sidecar-outbound P] | --mesh PORT) [--register http://ETCD [--advertise IP:PORT] [--zone Z]]");
     std::process::exit(2)
 }
 
@@ -41,6 +47,7 @@ fn parse() -> Opts {
         usage(&format!("unknown service {service:?}"));
     }
     let (mut port, mut db, mut inbound, mut outbound, mut mesh) = (None, None, None, None, None);
+    let (mut register, mut advertise, mut zone) = (None, None, None);
     while let Some(a) = args.next() {
         let v = args
             .next()
@@ -51,6 +58,14 @@ fn parse() -> Opts {
             "--sidecar-inbound" => inbound = v.parse().ok(),
             "--sidecar-outbound" => outbound = v.parse().ok(),
             "--mesh" => mesh = v.parse().ok(),
+            "--register" => register = Some(v),
+            "--advertise" => {
+                if v.parse::<std::net::SocketAddr>().is_err() {
+                    usage(&format!("--advertise {v:?} is not ip:port"));
+                }
+                advertise = Some(v)
+            }
+            "--zone" => zone = Some(v),
             _ => usage(&format!("unknown option {a}")),
         }
     }
@@ -62,6 +77,9 @@ fn parse() -> Opts {
             .unwrap_or_else(|| usage("--sidecar-inbound (or --mesh) is required")),
         sidecar_outbound: outbound,
         mesh,
+        register,
+        advertise,
+        zone,
         service,
     };
     if opts.service == "order" && opts.sidecar_outbound.is_none() && opts.mesh.is_none() {
@@ -498,5 +516,32 @@ async fn main() {
             .route("/orders/{id}", get(get_order))
             .with_state(start(&o, Order)),
     };
+    let registration = o.register.as_deref().map(|etcd| {
+        let addr = o
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", o.sidecar_inbound));
+        txmesh_shop::registry::Registration::start(etcd, &o.service, &addr, o.zone.as_deref())
+    });
+    let name = o.service.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        if let Some(r) = registration {
+            let _ = tokio::task::spawn_blocking(move || r.revoke()).await;
+        }
+        eprintln!("shop {name}: stopped");
+        std::process::exit(0);
+    });
     serve(router, o.port, &o.service).await;
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

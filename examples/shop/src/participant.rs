@@ -48,6 +48,8 @@ impl<L: Ledger> Participant<L> {
     /// (`:memory:` for tests).
     pub fn open(path: &str, ledger: L) -> rusqlite::Result<Self> {
         let mut conn = Connection::open(path)?;
+        // Several instances of a service may share one database file.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(TXNS)?;
@@ -75,7 +77,12 @@ impl<L: Ledger> Participant<L> {
         f: impl FnOnce(&Transaction) -> rusqlite::Result<T>,
     ) -> Result<T, String> {
         let mut conn = self.db.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = conn.transaction().map_err(err)?;
+        // IMMEDIATE: take the write lock up front. Instances sharing the file
+        // then wait for each other (busy timeout) instead of failing to
+        // upgrade a read lock ("database is locked").
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
         let out = f(&tx).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(out)

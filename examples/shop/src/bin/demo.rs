@@ -298,6 +298,7 @@ fn main() {
         for l in text.lines().filter(|l| {
             (l.starts_with("txmesh_txn_total")
                 || l.starts_with("txmesh_txn_in_flight")
+                || l.starts_with("txmesh_router_requests_total")
                 || l.starts_with("txmesh_requests_total{reporter=\"inbound\""))
                 && !l.ends_with(" 0")
         }) {

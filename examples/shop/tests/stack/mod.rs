@@ -1,10 +1,12 @@
 //! The shop stack for tests: etcd, the three services (real processes) and
-//! their sidecars (txn + metrics filters), on free ports.
+//! their sidecars (txn + metrics filters; the router on order's outbound, as
+//! in envoy/order-sidecar.yaml), on free ports. The services register
+//! themselves in etcd.
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
 use std::process::Command;
-use txmesh_tests::envoy::Envoy;
+use txmesh_tests::envoy::{original_dst_cluster, Envoy};
 use txmesh_tests::ports::free_port;
 use txmesh_tests::process::ChildGuard;
 use txmesh_tests::{wait_for, Client, Etcd, Filter, Sidecar};
@@ -37,9 +39,20 @@ impl Stack {
         };
         let payment_sc = side("payment", ports[1]).start();
         let inventory_sc = side("inventory", ports[2]).start();
-        let order_sc = side("order", ports[0])
-            .route("payment", &[payment_sc.inbound_addr()])
-            .route("inventory", &[inventory_sc.inbound_addr()])
+        let router = Filter::router(json!({"poll_interval_ms": 200, "services": {
+            "payment": {"strategy": "peak_ewma"},
+            "inventory": {"strategy": "peak_ewma"},
+        }}));
+        let order_sc = Sidecar::new("order")
+            .app_addr(std::net::SocketAddr::from(([127, 0, 0, 1], ports[0])))
+            .etcd(&etcd)
+            .inbound_filter(Filter::txn(txn_cfg("order")))
+            .inbound_filter(Filter::metrics(json!({"workload": "order"})))
+            .outbound_filter(router)
+            .outbound_filter(Filter::txn(txn_cfg("order")))
+            .outbound_filter(Filter::metrics(json!({"workload": "order"})))
+            .route_cluster(original_dst_cluster("payment", "x-txmesh-endpoint"))
+            .route_cluster(original_dst_cluster("inventory", "x-txmesh-endpoint"))
             .start();
         let spawn = |name: &str, port: u16, sc: &Envoy, outbound: bool| {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_shop"));
@@ -47,7 +60,8 @@ impl Stack {
                 .args(["--port", &port.to_string()])
                 .arg("--db")
                 .arg(dir.join(format!("{name}.db")))
-                .args(["--sidecar-inbound", &sc.ports.inbound.to_string()]);
+                .args(["--sidecar-inbound", &sc.ports.inbound.to_string()])
+                .args(["--register", &etcd.url()]);
             if outbound {
                 cmd.args(["--sidecar-outbound", &sc.ports.outbound.to_string()]);
             }
@@ -67,6 +81,12 @@ impl Stack {
                     .filter(|r| r.status == 200)
             });
         }
+        // The router knows both services before the first checkout.
+        order_sc.scrape_until("payment and inventory registered", |s| {
+            ["payment", "inventory"]
+                .iter()
+                .all(|svc| s.sum("txmesh_router_endpoints", &[("service", svc)]) == 1.0)
+        });
         Stack {
             etcd,
             order_sc,

@@ -49,6 +49,15 @@ pub enum LogLevel {
 /// prepare, commit and abort reach the instance that did the work.
 pub const ENDPOINT_HEADER: &str = "x-txmesh-endpoint";
 
+/// `cluster@ip:port` (a participant pinned to an instance) → (`cluster`,
+/// Some(`ip:port`)); anything else is a plain cluster name.
+pub fn split_pinned(participant: &str) -> (&str, Option<&str>) {
+    match participant.rsplit_once('@') {
+        Some((c, ep)) if ep.parse::<std::net::SocketAddr>().is_ok() => (c, Some(ep)),
+        _ => (participant, None),
+    }
+}
+
 /// An HTTP callout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callout {
@@ -1009,13 +1018,10 @@ impl TxnEngine {
             (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
             ("content-type".to_string(), "application/json".to_string()),
         ];
-        let cluster = match cluster.rsplit_once('@') {
-            Some((c, ep)) if ep.parse::<std::net::SocketAddr>().is_ok() => {
-                headers.push((ENDPOINT_HEADER.to_string(), ep.to_string()));
-                c
-            }
-            _ => cluster,
-        };
+        let (cluster, pinned) = split_pinned(cluster);
+        if let Some(ep) = pinned {
+            headers.push((ENDPOINT_HEADER.to_string(), ep.to_string()));
+        }
         Callout {
             cluster: cluster.to_string(),
             method: "POST",
@@ -1419,7 +1425,8 @@ impl TxnEngine {
                     Obj::new()
                         .str("vote", "abort")
                         .str("reason", &why)
-                        .str("participant", &participant)
+                        // The service, not the instance, in answers.
+                        .str("participant", split_pinned(&participant).0)
                         .build()
                 } else if op.targets.iter().any(|t| t.vote.is_none()) {
                     return;
@@ -1774,7 +1781,7 @@ impl TxnEngine {
             .str("txn", &op.txn.to_string())
             .str("outcome", "aborted")
             .str("reason", why)
-            .str("participant", participant)
+            .str("participant", split_pinned(participant).0)
             .build();
         let txn_id = op.txn.to_string();
         if op.client_error {
