@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn txmesh-router
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn chaos clean
+.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn bench-router chaos clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -77,7 +77,7 @@ chaos: build
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin chaos --bin participant
 	@./target/bench-native/chaos $(CHAOS_ARGS)
 
-bench: bench-filters bench-txn
+bench: bench-filters bench-txn bench-router
 
 # What each filter costs against no filter (wrk). FILTER_BENCH_ARGS: seconds, connections, rounds.
 FILTER_BENCH_ARGS ?= 5 16 5
@@ -96,3 +96,10 @@ bench-txn: build
 
 clean:
 	@scripts/shop.sh clean
+
+# Load balancing with one slow / one stalling endpoint of five. ROUTER_BENCH_ARGS: secs rate rounds.
+ROUTER_BENCH_ARGS ?= 15 200 2
+bench-router: build
+	@echo "[bench] building bench-router (profile bench-native)"
+	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-router
+	@./target/bench-native/bench-router $(ROUTER_BENCH_ARGS)
