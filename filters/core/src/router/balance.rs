@@ -23,6 +23,9 @@ pub struct EpStats {
     pub ejections: u32,
     /// Healthy since (for forgetting past ejections).
     pub healthy_since_ms: u64,
+    /// Sum of the start times of the requests in flight (their mean age
+    /// counts as a latency sample before they finish).
+    pub pending_since_sum_ms: u64,
 }
 
 impl EpStats {
@@ -35,7 +38,7 @@ impl EpStats {
 
     pub fn encode(&self) -> String {
         format!(
-            "{} {} {} {} {} {} {} {}",
+            "{} {} {} {} {} {} {} {} {}",
             self.id,
             self.pending,
             self.ewma_us,
@@ -43,7 +46,8 @@ impl EpStats {
             self.fails,
             self.ejected_until_ms,
             self.ejections,
-            self.healthy_since_ms
+            self.healthy_since_ms,
+            self.pending_since_sum_ms
         )
     }
 
@@ -67,6 +71,7 @@ impl EpStats {
                     ejected_until_ms: n()?,
                     ejections: u32::try_from(n()?).ok()?,
                     healthy_since_ms: n()?,
+                    pending_since_sum_ms: n()?,
                 })
             })
             .unwrap_or_else(|| Self::fresh(id))
@@ -88,9 +93,34 @@ impl EpStats {
         self.ewma_us as f64 * (-elapsed / decay_ms.max(1) as f64).exp()
     }
 
-    /// Linkerd's cost: `rtt × (pending + 1)`.
+    /// Linkerd's cost, `rtt × (pending + 1)`, where `rtt` is at least the
+    /// mean age of the requests in flight: an endpoint that stops answering
+    /// looks slow at once, not only when its first stalled request finishes.
     pub fn cost(&self, now_ms: u64, decay_ms: u64, default_rtt_ms: u64) -> f64 {
-        self.rtt_us(now_ms, decay_ms, default_rtt_ms) * (f64::from(self.pending) + 1.0)
+        let rtt = self.rtt_us(now_ms, decay_ms, default_rtt_ms);
+        let age_us = if self.pending > 0 {
+            let mean_start = self.pending_since_sum_ms / u64::from(self.pending);
+            (now_ms.saturating_sub(mean_start) * 1000) as f64
+        } else {
+            0.0
+        };
+        rtt.max(age_us) * (f64::from(self.pending) + 1.0)
+    }
+
+    /// A request starts (counted in flight).
+    pub fn start(&mut self, now_ms: u64) {
+        self.pending = self.pending.saturating_add(1);
+        self.pending_since_sum_ms = self.pending_since_sum_ms.saturating_add(now_ms);
+    }
+
+    /// A request counted by [`EpStats::start`] at `started_ms` ends.
+    pub fn finish(&mut self, started_ms: u64) {
+        self.pending = self.pending.saturating_sub(1);
+        self.pending_since_sum_ms = if self.pending == 0 {
+            0
+        } else {
+            self.pending_since_sum_ms.saturating_sub(started_ms)
+        };
     }
 
     /// Folds in one latency sample (tower's `RttEstimate::update`): a sample
@@ -260,6 +290,7 @@ mod tests {
             ejected_until_ms: 7,
             ejections: 1,
             healthy_since_ms: 5,
+            pending_since_sum_ms: 11,
         };
         let b = s.encode();
         assert_eq!(EpStats::decode_for("p/1.2.3.4:5", Some(b.as_bytes())), s);
@@ -280,7 +311,8 @@ mod tests {
         // Never measured: the default rtt.
         assert_eq!(s.rtt_us(1000, 10_000, 30), 30_000.0);
         assert_eq!(s.cost(1000, 10_000, 30), 30_000.0);
-        s.pending = 2;
+        s.start(1000);
+        s.start(1000);
         assert_eq!(s.cost(1000, 10_000, 30), 90_000.0);
         // A sample above the estimate replaces it.
         s.observe_rtt(1000, 50_000, 10_000, 30);
@@ -299,6 +331,23 @@ mod tests {
         // Decay towards zero while idle.
         let at = s.rtt_us(21_000, 10_000, 30);
         assert!((at - before as f64 * w).abs() < 1.0, "{at}");
+    }
+
+    #[test]
+    fn requests_stuck_in_flight_raise_the_cost() {
+        let mut s = EpStats::fresh("e");
+        (s.ewma_us, s.stamp_ms) = (2_000, 1000);
+        assert_eq!(s.cost(1000, 10_000, 30), 2_000.0);
+        // Two requests start at 1000 and 1100 and hang.
+        s.start(1000);
+        s.start(1100);
+        // At 1100 the mean age (50 ms) is above the 2 ms estimate.
+        assert_eq!(s.cost(1100, 10_000, 30), 50_000.0 * 3.0);
+        s.finish(1000);
+        assert_eq!((s.pending, s.pending_since_sum_ms), (1, 1100));
+        s.finish(1100);
+        assert_eq!((s.pending, s.pending_since_sum_ms), (0, 0));
+        assert!(s.cost(5000, 10_000, 30) < 2_000.0);
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub struct Routed {
     slot: u32,
     id: String,
     counted_pending: bool,
+    started_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -604,6 +605,7 @@ impl RouterEngine {
                 slot,
                 id,
                 counted_pending: counted,
+                started_ms: now,
             }),
             Verdict::Continue,
         )
@@ -752,7 +754,7 @@ impl RouterEngine {
         let may_eject = ejected_others < cap;
         let Some((st, health)) = self.update_stats(h, r.slot, &r.id, |st| {
             if r.counted_pending {
-                st.pending = st.pending.saturating_sub(1);
+                st.finish(r.started_ms);
             }
             if let Some(us) = sample_us {
                 st.observe_rtt(now, us, decay, rtt);
