@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
-FILTERS := txmesh-metrics txmesh-txn txmesh-router
+FILTERS := txmesh-metrics txmesh-txn txmesh-router txmesh-authz
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 

@@ -4,6 +4,7 @@
 //! [`host`] on top of the proxy-wasm SDK and call into this crate; the unit tests
 //! here implement the same traits with [`host::fake::FakeHost`].
 
+pub mod authz;
 pub mod b64;
 pub mod config;
 pub mod flags;
