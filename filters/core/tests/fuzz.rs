@@ -2,6 +2,8 @@
 //! `make test`): the authz policy matcher and path normalizer, and the header
 //! parsers every filter runs on untrusted bytes.
 
+#![allow(clippy::indexing_slicing)]
+
 use proptest::prelude::*;
 use txmesh_core::authz::{glob, normalize_path, Action, AuthzConfig, CONTROL_RULE};
 use txmesh_core::txn::id::{parse_deadline, read_txn, TxnId};
