@@ -2,7 +2,7 @@
 //! `make test`): the authz policy matcher and path normalizer, and the header
 //! parsers every filter runs on untrusted bytes.
 
-#![allow(clippy::indexing_slicing)]
+#![allow(clippy::indexing_slicing, clippy::unwrap_used)]
 
 use proptest::prelude::*;
 use txmesh_core::authz::{glob, normalize_path, Action, AuthzConfig, CONTROL_RULE};
