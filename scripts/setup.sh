@@ -73,6 +73,15 @@ else
   fi
 fi
 
+# 3b. openssl, for the mesh's demo identities (scripts/certs.sh).
+if command -v openssl >/dev/null; then
+  step "openssl" "ok ($(openssl version | cut -d' ' -f1-2))"
+else
+  step "openssl" "installing Debian package openssl..."
+  apt_install openssl || die "openssl is missing: install the Debian package openssl"
+  step "openssl" "ok ($(openssl version | cut -d' ' -f1-2))"
+fi
+
 # 4. binaryen's wasm-opt (npm package), to shrink the release wasm.
 BINARYEN_VERSION="${BINARYEN_VERSION:-132.0.0}"
 if [ -x .txmesh/tools/node_modules/.bin/wasm-opt ] && \

@@ -22,8 +22,8 @@ pub const METRICS_TAGS: &[&str] = &[
     "request_protocol",
 ];
 
-/// Labels of txmesh_txn.wasm's stats.
-pub const TXN_TAGS: &[&str] = &["outcome", "reason"];
+/// Labels of txmesh_txn.wasm's and txmesh_authz.wasm's stats.
+pub const TXN_TAGS: &[&str] = &["outcome", "reason", "decision", "rule"];
 
 /// Labels of txmesh_router.wasm's stats: (Prometheus label, key in the stat name).
 pub const ROUTER_TAGS: &[(&str, &str)] = &[
@@ -121,6 +121,11 @@ impl Filter {
         Self::wasm("txmesh_router", config)
     }
 
+    /// Authorization (fails closed).
+    pub fn authz(config: Value) -> Self {
+        Self::wasm("txmesh_authz", config)
+    }
+
     /// The transaction filter (fails closed).
     pub fn txn(config: Value) -> Self {
         Self::wasm("txmesh_txn", config)
@@ -146,6 +151,7 @@ pub struct Sidecar {
     outbound_filters: Vec<Filter>,
     extra_clusters: Vec<Value>,
     concurrency: u32,
+    tls: Option<(crate::Certs, Option<String>)>,
 }
 
 /// Ports of a running sidecar.
@@ -167,6 +173,7 @@ impl Sidecar {
             outbound_filters: Vec::new(),
             extra_clusters: Vec::new(),
             concurrency: 2,
+            tls: None,
         }
     }
 
@@ -193,6 +200,61 @@ impl Sidecar {
     pub fn route_cluster(mut self, cluster: Value) -> Self {
         self.cluster_routes.push(cluster);
         self
+    }
+
+    /// mTLS with identity `name` from `certs`: the inbound listener requires
+    /// a client certificate from that CA; calls to other sidecars (route
+    /// clusters) present `name`'s certificate and verify the peer's SPIFFE id
+    /// (`spiffe(<route name>)`).
+    pub fn mtls(mut self, certs: &crate::Certs, name: &str) -> Self {
+        self.tls = Some((certs.clone(), Some(name.to_string())));
+        self
+    }
+
+    /// Calls to other sidecars over TLS (verifying them) without a client
+    /// certificate of its own.
+    pub fn tls_without_cert(mut self, certs: &crate::Certs) -> Self {
+        self.tls = Some((certs.clone(), None));
+        self
+    }
+
+    fn upstream_tls(&self, service: &str) -> Option<Value> {
+        let (certs, me) = self.tls.as_ref()?;
+        let mut common = json!({"validation_context": {
+            "trusted_ca": {"filename": certs.ca()},
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": crate::spiffe(service)}}],
+        }});
+        if let Some(me) = me {
+            common["tls_certificates"] = json!([{
+                "certificate_chain": {"filename": certs.crt(me)},
+                "private_key": {"filename": certs.key(me)},
+            }]);
+        }
+        Some(
+            json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": common,
+            }}),
+        )
+    }
+
+    fn downstream_tls(&self) -> Option<Value> {
+        let (certs, Some(me)) = self.tls.as_ref()? else {
+            return None;
+        };
+        Some(
+            json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": {
+                    "tls_certificates": [{
+                        "certificate_chain": {"filename": certs.crt(me)},
+                        "private_key": {"filename": certs.key(me)},
+                    }],
+                    "validation_context": {"trusted_ca": {"filename": certs.ca()}},
+                },
+            }}),
+        )
     }
 
     /// A filter on both listeners.
@@ -252,7 +314,11 @@ impl Sidecar {
         }
         let mut vhosts = Vec::new();
         for (name, eps) in &self.routes {
-            clusters.push(static_cluster(name, eps));
+            let mut c = static_cluster(name, eps);
+            if let Some(t) = self.upstream_tls(name) {
+                c["transport_socket"] = t;
+            }
+            clusters.push(c);
             vhosts.push(json!({
                 "name": name,
                 "domains": [name, format!("{name}:*")],
@@ -261,7 +327,11 @@ impl Sidecar {
         }
         for c in &self.cluster_routes {
             let name = c["name"].as_str().unwrap_or("unnamed").to_string();
-            clusters.push(c.clone());
+            let mut c = c.clone();
+            if let Some(t) = self.upstream_tls(&name) {
+                c["transport_socket"] = t;
+            }
+            clusters.push(c);
             vhosts.push(json!({
                 "name": name,
                 "domains": [name, format!("{name}:*")],
@@ -277,13 +347,17 @@ impl Sidecar {
         let mut listeners = Vec::new();
         // No app, no inbound listener (an edge or client-only Envoy).
         if self.app.is_some() {
-            listeners.push(listener(
+            let mut l = listener(
                 "inbound",
                 "INBOUND",
                 ports.inbound,
                 inbound_routes,
                 &self.inbound_filters,
-            ));
+            );
+            if let Some(t) = self.downstream_tls() {
+                l["filter_chains"][0]["transport_socket"] = t;
+            }
+            listeners.push(l);
         }
         listeners.push(listener(
             "outbound",

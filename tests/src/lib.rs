@@ -13,6 +13,7 @@
 //!     .start();
 //! ```
 
+pub mod certs;
 pub mod envoy;
 pub mod etcd;
 pub mod http;
@@ -22,6 +23,7 @@ pub mod prom;
 pub mod txnapp;
 pub mod upstream;
 
+pub use certs::{spiffe, Certs};
 pub use envoy::{Filter, Sidecar};
 pub use etcd::{Etcd, EtcdCluster};
 pub use http::{Client, Resp};

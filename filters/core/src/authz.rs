@@ -153,6 +153,76 @@ impl Rule {
     }
 }
 
+/// Headers a client outside the mesh must never set; removed at the edge
+/// before any filter acts on them (docs/security.md).
+pub const EDGE_STRIPPED: [&str; 4] = [
+    "x-txmesh-outcome",
+    "x-txmesh-deadline",
+    "x-txmesh-endpoint",
+    "x-txmesh-source-workload",
+];
+
+/// Edge mode (the ingress): sanitize what clients send.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Edge {
+    /// Keep `x-txmesh-txn: new` (a client may begin a transaction where the
+    /// initiator's txn filter allows it); any other value is removed.
+    #[serde(default)]
+    pub allow_txn_begin: bool,
+    /// More headers to remove (lowercase names), e.g. a router's custom
+    /// `endpoint_header`.
+    #[serde(default)]
+    pub strip: Vec<String>,
+}
+
+impl Edge {
+    /// Removes what a client must not control: the txmesh headers, a
+    /// transaction id (unless `new` is allowed), the `txmesh.txn` member of
+    /// W3C `baggage` (other members stay).
+    pub fn sanitize(&self, h: &impl RequestHeaders) {
+        for name in EDGE_STRIPPED
+            .iter()
+            .copied()
+            .chain(self.strip.iter().map(String::as_str))
+        {
+            h.set_request_header(name, None);
+        }
+        if let Some(v) = h.request_header(crate::txn::id::TXN_HEADER) {
+            if !(self.allow_txn_begin && v == b"new") {
+                h.set_request_header(crate::txn::id::TXN_HEADER, None);
+            }
+        }
+        if let Some(b) = h.request_header(crate::txn::id::BAGGAGE_HEADER) {
+            match strip_baggage_txn(&b) {
+                Some(kept) if kept.len() == b.len() => {}
+                Some(kept) if kept.is_empty() => {
+                    h.set_request_header(crate::txn::id::BAGGAGE_HEADER, None)
+                }
+                Some(kept) => h.set_request_header(crate::txn::id::BAGGAGE_HEADER, Some(&kept)),
+                None => h.set_request_header(crate::txn::id::BAGGAGE_HEADER, None),
+            }
+        }
+    }
+}
+
+/// `baggage` without its `txmesh.txn` members; `None` when not UTF-8.
+pub fn strip_baggage_txn(b: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(b).ok()?;
+    let kept: Vec<&str> = text
+        .split(',')
+        .filter(|m| {
+            let key = m.split(['=', ';']).next().unwrap_or("").trim();
+            !key.eq_ignore_ascii_case("txmesh.txn") && !m.trim().is_empty()
+        })
+        .map(str::trim)
+        .collect();
+    if kept.len() == text.split(',').count() {
+        return Some(text.to_string());
+    }
+    Some(kept.join(","))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzConfig {
@@ -163,6 +233,9 @@ pub struct AuthzConfig {
     /// Principals allowed on `/txmesh/*` (the mesh's sidecars).
     #[serde(default)]
     pub coordinators: Vec<Principal>,
+    /// Present at the mesh's edge: sanitize client headers first.
+    #[serde(default)]
+    pub edge: Option<Edge>,
 }
 
 impl AuthzConfig {
@@ -236,6 +309,21 @@ impl AuthzConfig {
         }
         for (j, p) in self.coordinators.iter().enumerate() {
             check_principal(format!("coordinators[{j}]"), p)?;
+        }
+        if let Some(e) = &self.edge {
+            for (j, n) in e.strip.iter().enumerate() {
+                if n.is_empty()
+                    || !n
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    || n.starts_with(':')
+                {
+                    return Err(ConfigError::at(
+                        format!("edge.strip[{j}]"),
+                        format!("{n:?} is not a lowercase header name"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -365,8 +453,12 @@ impl AuthzEngine {
         &self.cfg
     }
 
-    /// Decides the current request and counts the decision.
+    /// Sanitizes (at the edge), decides the current request and counts the
+    /// decision.
     pub fn on_request_headers(&self, h: &(impl RequestHeaders + Properties + Metrics)) -> Verdict {
+        if let Some(edge) = &self.cfg.edge {
+            edge.sanitize(h);
+        }
         let principal = principal_of(h);
         let method = h.request_header(":method").unwrap_or_default();
         let path = h.request_header(":path").unwrap_or_default();
@@ -578,6 +670,56 @@ mod tests {
         assert_eq!(x.path, "coordinators[0]");
         let x = e(r#"{"default": "deny", "rules": [{"name": "default", "action": "deny"}]}"#);
         assert_eq!(x.path, "rules[0].name");
+    }
+
+    #[test]
+    fn edge_strips_what_clients_must_not_control() {
+        let forged = || {
+            FakeHost::new()
+                .header(":method", b"POST")
+                .header(":path", b"/checkout")
+                .header("x-txmesh-outcome", b"committed")
+                .header("x-txmesh-endpoint", b"6.6.6.6:66")
+                .header("x-txmesh-deadline", b"99999999999999")
+                .header("x-txmesh-source-workload", b"order")
+                .header(
+                    "baggage",
+                    b"userId=alice, txmesh.txn=0123456789abcdef0123456789abcdef;p=1,k=v",
+                )
+                .header("x-other", b"kept")
+        };
+        let strict = Edge::default();
+        let h = forged().header("x-txmesh-txn", b"new");
+        strict.sanitize(&h);
+        for n in EDGE_STRIPPED.iter().chain(&["x-txmesh-txn"]) {
+            assert_eq!(h.header_value(n), None, "{n}");
+        }
+        assert_eq!(h.header_value("baggage").unwrap(), b"userId=alice,k=v");
+        assert_eq!(h.header_value("x-other").unwrap(), b"kept");
+        // Beginning from outside, where allowed: only `new` passes.
+        let open = Edge {
+            allow_txn_begin: true,
+            strip: vec!["x-pick".into()],
+        };
+        let h = forged()
+            .header("x-txmesh-txn", b"new")
+            .header("x-pick", b"1.2.3.4:5");
+        open.sanitize(&h);
+        assert_eq!(h.header_value("x-txmesh-txn").unwrap(), b"new");
+        assert_eq!(h.header_value("x-pick"), None);
+        let h = forged().header("x-txmesh-txn", b"0123456789abcdef0123456789abcdef");
+        open.sanitize(&h);
+        assert_eq!(h.header_value("x-txmesh-txn"), None);
+        // Baggage that was only the txn member goes; non-UTF-8 baggage goes.
+        let h = FakeHost::new().header("baggage", b"txmesh.txn=01");
+        strict.sanitize(&h);
+        assert_eq!(h.header_value("baggage"), None);
+        let h = FakeHost::new().header("baggage", &[0xff, b'a']);
+        strict.sanitize(&h);
+        assert_eq!(h.header_value("baggage"), None);
+        let h = FakeHost::new().header("baggage", b"a=1");
+        strict.sanitize(&h);
+        assert_eq!(h.header_value("baggage").unwrap(), b"a=1");
     }
 
     #[test]

@@ -5,7 +5,10 @@
 #![allow(clippy::indexing_slicing, clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use txmesh_core::authz::{glob, normalize_path, Action, AuthzConfig, CONTROL_RULE};
+use txmesh_core::authz::{
+    glob, normalize_path, strip_baggage_txn, Action, AuthzConfig, CONTROL_RULE,
+};
+use txmesh_core::txn::id::TxnHeader;
 use txmesh_core::txn::id::{parse_deadline, read_txn, TxnId};
 
 /// A plain recursive glob matcher to check the DP one against.
@@ -117,6 +120,20 @@ proptest! {
             let text = id.to_string();
             prop_assert_eq!(text.as_bytes(), &txn[..]);
         }
+    }
+
+    #[test]
+    fn edge_baggage_never_keeps_a_txn(
+        members in prop::collection::vec(
+            (prop::sample::select(vec!["txmesh.txn", "TXMESH.TXN", " txmesh.txn ", "userId", "k"]),
+             "[a-z0-9;= ]{0,12}"),
+            0..6),
+    ) {
+        let b = members.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let kept = strip_baggage_txn(b.as_bytes()).unwrap();
+        // What the txn filter would read from the sanitized baggage: no id.
+        let read = read_txn(None, Some(kept.as_bytes()));
+        prop_assert!(matches!(read, Ok(TxnHeader::Absent)), "{:?} from {:?}", read, kept);
     }
 
     #[test]
