@@ -79,11 +79,11 @@ start() {  # name port command...
 render() {  # envoy/x.yaml -> $RUN/x.yaml
   local src=$1 dst=$RUN/$(basename "$1")
   local script=""
-  for port in 2379 9901 15000 15001 15006 15100 15101 15106 15200 15201 15206 18080 18081 18082; do
+  for port in 2379 9901 15000 15001 15006 15008 15100 15101 15106 15108 15200 15201 15206 15208 18080 18081 18082; do
     script+="s/port_value: $port}/port_value: $(p $port)}/g;"
   done
   script+="s/port_value: $(p 10000)}/port_value: $INGRESS_PORT}/g;"
-  sed "s/port_value: 10000}/port_value: $(p 10000)}/g; $script" "$src" >"$dst"
+  sed "s/port_value: 10000}/port_value: $(p 10000)}/g; $script s#filename: .txmesh/certs/#filename: $HOME_DIR/certs/#g" "$src" >"$dst"
   echo "$dst"
 }
 
@@ -100,11 +100,12 @@ instances() {  # service app_port admin_port n
     local cfg; cfg=$(render "envoy/$svc-sidecar.yaml")
     if [ "$k" != 1 ]; then
       local shifted=$RUN/$name-sidecar.yaml
-      sed "s/port_value: $(p "$admin")}/port_value: $(p $((admin + d)))}/; s/port_value: $(p $((admin + 6)))}/port_value: $(p $((admin + 6 + d)))}/; s/port_value: $(p $((admin + 1)))}/port_value: $(p $((admin + 1 + d)))}/; s/port_value: $(p "$app")}/port_value: $(p $((app + d)))}/" "$cfg" >"$shifted"
+      sed "s/port_value: $(p "$admin")}/port_value: $(p $((admin + d)))}/; s/port_value: $(p $((admin + 6)))}/port_value: $(p $((admin + 6 + d)))}/; s/port_value: $(p $((admin + 8)))}/port_value: $(p $((admin + 8 + d)))}/; s/port_value: $(p $((admin + 1)))}/port_value: $(p $((admin + 1 + d)))}/; s/port_value: $(p "$app")}/port_value: $(p $((app + d)))}/" "$cfg" >"$shifted"
       cfg=$shifted
     fi
     start "$name" "$(p $((app + d)))" "$SHOP_BIN" "$svc" --port "$(p $((app + d)))" --db "$DATA/$svc.db" \
-      --sidecar-inbound "$(p $((admin + 6 + d)))" --register "http://127.0.0.1:$(p 2379)"
+      --sidecar-inbound "$(p $((admin + 6 + d)))" --sidecar-status "$(p $((admin + 8 + d)))" \
+      --register "http://127.0.0.1:$(p 2379)"
     start "$name-sidecar" "$(p $((admin + 6 + d)))" "$ENVOY" -c "$cfg" \
       --base-id "$(p $((admin + d)))" --concurrency 2 -l info
   done
@@ -114,7 +115,7 @@ build() {
   [ "${TXMESH_SKIP_BUILD:-0}" = 1 ] && return 0
   scripts/setup.sh
   say "building the filters (release wasm) and the shop (profile bench-native)..."
-  scripts/build-wasm.sh txmesh-metrics txmesh-txn txmesh-router >/dev/null
+  scripts/build-wasm.sh txmesh-metrics txmesh-txn txmesh-router txmesh-authz >/dev/null
   cargo build --quiet --profile bench-native -p txmesh-shop
 }
 
@@ -125,9 +126,11 @@ up() {
     --listen-client-urls "http://127.0.0.1:$(p 2379)" --advertise-client-urls "http://127.0.0.1:$(p 2379)" \
     --listen-peer-urls "http://127.0.0.1:$(p 2380)" --initial-advertise-peer-urls "http://127.0.0.1:$(p 2380)" \
     --initial-cluster "shop=http://127.0.0.1:$(p 2380)" --log-level warn --logger zap
+  # Identities (mTLS between the sidecars): re-created when missing or expiring.
+  scripts/certs.sh --out "$HOME_DIR/certs" order payment inventory ingress | sed 's/^/  /'
   local reg="http://127.0.0.1:$(p 2379)"
   start order "$(p 18080)" "$SHOP_BIN" order --port "$(p 18080)" --db "$DATA/order.db" \
-    --sidecar-inbound "$(p 15006)" --sidecar-outbound "$(p 15001)" --register "$reg"
+    --sidecar-inbound "$(p 15006)" --sidecar-outbound "$(p 15001)" --sidecar-status "$(p 15008)" --register "$reg"
   start order-sidecar "$(p 15006)" "$ENVOY" -c "$(render envoy/order-sidecar.yaml)" \
     --base-id "$(p 15000)" --concurrency 2 -l info
   instances payment 18081 15100 "${PAYMENT_INSTANCES:-1}"

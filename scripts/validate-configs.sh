@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 envoy="${ENVOY_BIN:-.venv/bin/envoy}"
+# The sidecar configs name the demo certificates: make sure they exist.
+scripts/certs.sh order payment inventory ingress >/dev/null
 status=0
 for f in envoy/*.yaml envoy/*.json; do
   [ -f "$f" ] || continue

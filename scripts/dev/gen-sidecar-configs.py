@@ -4,6 +4,23 @@
 from string import Template
 ENDPOINT = "[{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $port}}}}]}]"
 def ep(port): return Template(ENDPOINT).substitute(port=port)
+SPIFFE = "spiffe://txmesh.local/ns/shop/sa/"
+CERTS = ".txmesh/certs"   # scripts/certs.sh; scripts/shop.sh rewrites it under TXMESH_HOME
+def upstream_tls(me, peer, indent):
+    """Client side of mTLS: present `me`'s certificate, accept only `peer`'s SPIFFE id."""
+    t = Template("""transport_socket:
+  name: envoy.transport_sockets.tls
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+    common_tls_context:
+      tls_certificates: [{certificate_chain: {filename: $certs/$me.crt}, private_key: {filename: $certs/$me.key}}]
+      validation_context:
+        trusted_ca: {filename: $certs/ca.crt}
+        match_typed_subject_alt_names: [{san_type: URI, matcher: {exact: "$spiffe$peer"}}]
+""").substitute(certs=CERTS, me=me, peer=peer, spiffe=SPIFFE)
+    return "".join(indent + l + "\n" for l in t.rstrip().split("\n"))
+AUTHZ_POLICY = ('{"default": "allow", "coordinators": [' +
+    ", ".join('{"exact": "%s%s"}' % (SPIFFE, n) for n in ("order", "payment", "inventory")) + ']}')
 def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
     vhosts = ""
     clusters = ""
@@ -23,7 +40,7 @@ def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 1s
     original_dst_lb_config: {use_http_header: true, http_header_name: x-txmesh-endpoint}
-""").substitute(svc=svc)
+""").substitute(svc=svc) + upstream_tls(name, svc, "    ")
     begin_json = '"begin": [{"method": "POST", "path_prefix": "/checkout"}], ' if begin else ""
     role = "initiator (begins transactions on POST /checkout)" if begin else "participant"
     outbound_block = ""
@@ -69,11 +86,13 @@ $vhosts
 """).substitute(outbound=outbound, vhosts=vhosts.rstrip(), router_services=", ".join(
             '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes))
     return Template("""# txmesh sidecar of "$name", the $role.
-#   inbound  127.0.0.1:$inbound -> the app at 127.0.0.1:$app_port$out_comment
+#   inbound  127.0.0.1:$inbound (mTLS, SPIFFE id $spiffe$name) -> the app at 127.0.0.1:$app_port$out_comment
+#   status   127.0.0.1:$status (plain, for the app: GET /txmesh/txns/<id> only)
 #   admin    127.0.0.1:$admin (Prometheus: /stats/prometheus)
 #   etcd     127.0.0.1:2379 (decision records, JSON gateway)
-# Filters: txmesh_txn (fails closed), then txmesh_metrics (fails open); on the
-# outbound listener txmesh_router (fails closed) before them.
+# Filters: inbound txmesh_authz, txmesh_txn (both fail closed), txmesh_metrics
+# (fails open); outbound txmesh_router (fails closed), txmesh_txn, txmesh_metrics.
+# Certificates: scripts/certs.sh order payment inventory ingress (into .txmesh/certs).
 # Run from the repository root after `make build`:
 #   .venv/bin/envoy -c envoy/$name-sidecar.yaml --base-id $admin
 node:
@@ -94,6 +113,8 @@ stats_config:
   - {tag_name: request_protocol, regex: '(request_protocol=\\.=(.*?);\\.;)'}
   - {tag_name: outcome, regex: '(outcome=\\.=(.*?);\\.;)'}
   - {tag_name: reason, regex: '(reason=\\.=(.*?);\\.;)'}
+  - {tag_name: decision, regex: '(decision=\\.=(.*?);\\.;)'}
+  - {tag_name: rule, regex: '(rule=\\.=(.*?);\\.;)'}
   - {tag_name: service, regex: '(router_service=\\.=(.*?);\\.;)'}
   - {tag_name: endpoint, regex: '(router_endpoint=\\.=(.*?);\\.;)'}
   - {tag_name: zone, regex: '(router_zone=\\.=(.*?);\\.;)'}
@@ -117,6 +138,21 @@ static_resources:
               - match: {prefix: "/"}
                 route: {cluster: local_app, timeout: 15s}
           http_filters:
+          # Who may call what: /txmesh/* only from the mesh's sidecars.
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_authz
+                root_id: txmesh_authz
+                failure_policy: FAIL_CLOSED
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '$authz'
+                vm_config:
+                  vm_id: txmesh_authz
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_authz.wasm}}
           - &txn
             name: envoy.filters.http.wasm
             typed_config:
@@ -153,6 +189,39 @@ static_resources:
                   code: {local: {filename: target/wasm32-wasip1/release/txmesh_metrics.wasm}}
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+      # mTLS: only callers with a certificate from the mesh CA get in.
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: [{certificate_chain: {filename: $certs/$name.crt}, private_key: {filename: $certs/$name.key}}]
+            validation_context: {trusted_ca: {filename: $certs/ca.crt}}
+  # For the local app only: transaction status (GET /txmesh/txns/<id>,
+  # answered by the txn filter), plain HTTP on loopback; nothing else.
+  - name: app-status
+    traffic_direction: INBOUND
+    address: {socket_address: {address: 127.0.0.1, port_value: $status}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: app_status
+          route_config:
+            virtual_hosts:
+            - name: status
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/txmesh/txns/", headers: [{name: ":method", string_match: {exact: GET}}]}
+                route: {cluster: local_app}
+              - match: {prefix: "/"}
+                direct_response: {status: 404, body: {inline_string: 'only GET /txmesh/txns/<id> here'}}
+          http_filters:
+          - *txn
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 $outbound_block
   clusters:
   - name: local_app      # the app; the txn filter sends it prepare/commit/abort directly
@@ -174,6 +243,7 @@ $outbound_block
       cluster_name: etcd
       endpoints: $etcd_ep
 $clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
+        status=inbound + 2, certs=CERTS, spiffe=SPIFFE, authz=AUTHZ_POLICY,
         admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip())
 open('envoy/order-sidecar.yaml','w').write(sidecar("order",15000,15006,15001,18080,[("payment",15106),("inventory",15206)],True).rstrip()+"\n")
@@ -184,7 +254,8 @@ INGRESS = Template('''# The shop's ingress: the public API on 127.0.0.1:10000 (a
 #   POST /checkout, GET /orders/<id>  -> order's sidecar (inbound 15006)
 #   GET /accounts/<customer>          -> payment's sidecar (inbound 15106)
 #   GET /stock/<sku>                  -> inventory's sidecar (inbound 15206)
-# Headers a client must not control are removed before anything acts on them.
+# Headers a client must not control are removed before anything acts on them
+# (txmesh_authz in edge mode); calls to the sidecars use mTLS as "ingress".
 node:
   id: ingress
   cluster: ingress
@@ -201,6 +272,8 @@ stats_config:
   - {tag_name: response_code, regex: '(response_code=\\.=(.*?);\\.;)'}
   - {tag_name: response_flags, regex: '(response_flags=\\.=(.*?);\\.;)'}
   - {tag_name: request_protocol, regex: '(request_protocol=\\.=(.*?);\\.;)'}
+  - {tag_name: decision, regex: '(decision=\\.=(.*?);\\.;)'}
+  - {tag_name: rule, regex: '(rule=\\.=(.*?);\\.;)'}
 
 static_resources:
   listeners:
@@ -214,7 +287,9 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
           route_config:
-            request_headers_to_remove: [x-txmesh-txn, x-txmesh-outcome]
+            # Defense in depth: txmesh_authz (edge mode) below strips these and
+            # the txmesh.txn member of baggage (docs/security.md).
+            request_headers_to_remove: [x-txmesh-txn, x-txmesh-outcome, x-txmesh-endpoint, x-txmesh-deadline, x-txmesh-source-workload]
             virtual_hosts:
             - name: shop
               domains: ["*"]
@@ -228,6 +303,21 @@ static_resources:
               - match: {prefix: "/stock/"}
                 route: {cluster: inventory, timeout: 10s}
           http_filters:
+          # Edge sanitizing before anything else acts on the request.
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_authz
+                root_id: txmesh_authz
+                failure_policy: FAIL_CLOSED
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{"default": "allow", "edge": {"allow_txn_begin": false}}'
+                vm_config:
+                  vm_id: txmesh_authz
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_authz.wasm}}
           - name: envoy.filters.http.wasm
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
@@ -252,17 +342,19 @@ static_resources:
     load_assignment:
       cluster_name: order
       endpoints: $order
-  - name: payment
+$order_tls  - name: payment
     type: STATIC
     connect_timeout: 1s
     load_assignment:
       cluster_name: payment
       endpoints: $payment
-  - name: inventory
+$payment_tls  - name: inventory
     type: STATIC
     connect_timeout: 1s
     load_assignment:
       cluster_name: inventory
       endpoints: $inventory
-''')
-open('envoy/ingress.yaml','w').write(INGRESS.substitute(order=ep(15006), payment=ep(15106), inventory=ep(15206)))
+$inventory_tls''')
+open('envoy/ingress.yaml','w').write(INGRESS.substitute(order=ep(15006), payment=ep(15106), inventory=ep(15206),
+    order_tls=upstream_tls("ingress", "order", "    "), payment_tls=upstream_tls("ingress", "payment", "    "),
+    inventory_tls=upstream_tls("ingress", "inventory", "    ")).rstrip() + "\n")

@@ -22,6 +22,13 @@ fn shipped_configs() -> Vec<std::path::PathBuf> {
 #[test]
 fn every_shipped_config_validates() {
     txmesh_tests::wasm("txmesh_metrics");
+    // The sidecar configs name the demo certificates (.txmesh/certs).
+    let st = std::process::Command::new(workspace_root().join("scripts/certs.sh"))
+        .current_dir(workspace_root())
+        .args(["order", "payment", "inventory", "ingress"])
+        .status()
+        .unwrap();
+    assert!(st.success());
     let configs = shipped_configs();
     assert!(!configs.is_empty());
     for p in configs {

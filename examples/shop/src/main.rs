@@ -4,6 +4,8 @@
 //! `--register http://ETCD [--advertise IP:PORT] [--zone Z]`: keep this
 //! instance in the txmesh service registry (docs/router.md); the address
 //! defaults to the sidecar's inbound listener. Revoked on SIGTERM/SIGINT.
+//! `--sidecar-status P`: the sidecar's plain status listener, when its
+//! inbound listener takes mTLS only (envoy/*-sidecar.yaml).
 //!
 //! Each service listens on loopback, keeps its data in SQLite, implements the
 //! txmesh participant endpoints, and on start (and every second) asks its
@@ -33,10 +35,13 @@ struct Opts {
     register: Option<String>,
     advertise: Option<String>,
     zone: Option<String>,
+    /// Where the app asks its sidecar for transaction status (plain HTTP);
+    /// default: the inbound listener (when that is not mTLS-only).
+    sidecar_status: Option<u16>,
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE (--sidecar-inbound P [--sidecar-outbound P] | --mesh PORT) [--register http://ETCD [--advertise IP:PORT] [--zone Z]]");
+    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE (--sidecar-inbound P [--sidecar-outbound P] | --mesh PORT) [--sidecar-status P] [--register http://ETCD [--advertise IP:PORT] [--zone Z]]");
     std::process::exit(2)
 }
 
@@ -47,7 +52,7 @@ fn parse() -> Opts {
         usage(&format!("unknown service {service:?}"));
     }
     let (mut port, mut db, mut inbound, mut outbound, mut mesh) = (None, None, None, None, None);
-    let (mut register, mut advertise, mut zone) = (None, None, None);
+    let (mut register, mut advertise, mut zone, mut status) = (None, None, None, None);
     while let Some(a) = args.next() {
         let v = args
             .next()
@@ -66,6 +71,7 @@ fn parse() -> Opts {
                 advertise = Some(v)
             }
             "--zone" => zone = Some(v),
+            "--sidecar-status" => status = v.parse().ok(),
             _ => usage(&format!("unknown option {a}")),
         }
     }
@@ -80,6 +86,7 @@ fn parse() -> Opts {
         register,
         advertise,
         zone,
+        sidecar_status: status,
         service,
     };
     if opts.service == "order" && opts.sidecar_outbound.is_none() && opts.mesh.is_none() {
@@ -495,7 +502,7 @@ fn start<L: Ledger + 'static>(o: &Opts, ledger: L) -> Shared<L> {
         outbound: o.sidecar_outbound,
         mesh: o.mesh,
     });
-    recovery(app.clone(), o.sidecar_inbound);
+    recovery(app.clone(), o.sidecar_status.unwrap_or(o.sidecar_inbound));
     app
 }
 
