@@ -81,6 +81,10 @@ fn istio_manifests_have_what_istio_requires() {
                         assert_eq!(fail, "FAIL_CLOSE", "{at}: the txn filter never fails open");
                         txmesh_core::txn::config::TxnConfig::parse(&cfg)
                             .unwrap_or_else(|e| panic!("{at}: pluginConfig {e}"));
+                    } else if url.contains("txmesh_authz") {
+                        assert_eq!(fail, "FAIL_CLOSE", "{at}: authorization never fails open");
+                        txmesh_core::authz::AuthzConfig::parse(&cfg)
+                            .unwrap_or_else(|e| panic!("{at}: pluginConfig {e}"));
                     } else if url.contains("txmesh_metrics") {
                         txmesh_core::metrics::MetricsConfig::parse(&cfg)
                             .unwrap_or_else(|e| panic!("{at}: pluginConfig {e}"));
@@ -148,6 +152,18 @@ fn istio_manifests_have_what_istio_requires() {
                     );
                     assert!(s(&d, &["spec", "resolution"]).is_some(), "{at}: resolution");
                 }
+                "AuthorizationPolicy" => {
+                    assert_eq!(api, "security.istio.io/v1", "{at}");
+                    let action = s(&d, &["spec", "action"]).unwrap_or("ALLOW");
+                    assert!(
+                        ["ALLOW", "DENY", "AUDIT", "CUSTOM"].contains(&action),
+                        "{at}"
+                    );
+                    let rules = d["spec"]["rules"]
+                        .as_sequence()
+                        .unwrap_or_else(|| panic!("{at}: rules"));
+                    assert!(!rules.is_empty(), "{at}: rules");
+                }
                 "Namespace" | "ServiceAccount" => {}
                 other => panic!("{at}: unexpected kind {other}"),
             }
@@ -166,9 +182,10 @@ fn istio_manifests_have_what_istio_requires() {
     }
     assert_eq!(
         kinds.iter().filter(|k| *k == "WasmPlugin").count(),
-        3,
-        "txn + metrics inbound/outbound"
+        4,
+        "txn + metrics inbound/outbound + authz"
     );
+    assert!(kinds.iter().any(|k| k == "AuthorizationPolicy"));
 }
 
 #[test]
