@@ -79,12 +79,15 @@ chaos: build
 
 bench: bench-filters bench-txn bench-router
 
-# What each filter costs against no filter (wrk). FILTER_BENCH_ARGS: seconds, connections, rounds.
+# What each filter costs against no filter (wrk), Envoy --concurrency 1 then 2.
+# FILTER_BENCH_ARGS: seconds, connections, rounds.
 FILTER_BENCH_ARGS ?= 5 16 5
 bench-filters: build
 	@scripts/setup.sh --bench >/dev/null
+	@scripts/build-wasm.sh txmesh-trivial >/dev/null
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-filters
-	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS)
+	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS) 1
+	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS) 2
 
 # The cost of a transaction against the same call graph without one.
 # BENCH_ARGS: seconds per run, clients, rounds.

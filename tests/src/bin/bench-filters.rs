@@ -3,12 +3,40 @@
 //! baseline), the metrics filter, the txn filter on non-transactional traffic,
 //! and both, measured in alternating rounds (A B C D A B C D ...) in one run.
 //!
-//! Run: `make bench-filters` (or `bench-filters [secs] [connections] [rounds]`).
+//! Also: a trivial wasm filter (the floor), a Lua equivalent of the metrics
+//! filter, the router, authz, and the whole chain.
+//!
+//! Run: `make bench-filters` (or `bench-filters [secs] [connections] [rounds] [concurrency]`).
 //! Needs `wrk` (Debian package; `scripts/setup.sh --bench` installs it).
 
 use serde_json::json;
 use std::process::Command;
 use txmesh_tests::{median, Filter, Sidecar, Upstream};
+
+/// What txmesh_metrics does per request, as far as Envoy's Lua API allows:
+/// read and remove the peer header, build the same label tuple (reporter,
+/// source, destination, code, flags, protocol) at the response, keep it in
+/// dynamic metadata. Lua cannot define or update stats, nor read response
+/// flags, byte counts or the duration at response time: it does less.
+const LUA_METRICS: &str = r#"
+function envoy_on_request(h)
+  local hs = h:headers()
+  local peer = hs:get("x-txmesh-source-workload")
+  if peer then hs:remove("x-txmesh-source-workload") end
+  local grpc = (hs:get("content-type") or ""):find("^application/grpc") ~= nil
+  local md = h:streamInfo():dynamicMetadata()
+  md:set("txmesh", "source", peer or "unknown")
+  md:set("txmesh", "protocol", grpc and "grpc" or "http")
+end
+function envoy_on_response(h)
+  local md = h:streamInfo():dynamicMetadata():get("txmesh") or {}
+  local code = h:headers():get(":status") or "0"
+  local tuple = "reporter=.=inbound;.;source_workload=.=" .. (md.source or "unknown")
+    .. ";.;destination_service=.=bench;.;response_code=.=" .. code
+    .. ";.;response_flags=.=-;.;request_protocol=.=" .. (md.protocol or "http") .. ";.;"
+  h:streamInfo():dynamicMetadata():set("txmesh", "tuple", tuple)
+end
+"#;
 
 #[derive(Clone, Copy)]
 struct Run {
@@ -66,6 +94,7 @@ fn main() {
     let secs = args.first().copied().unwrap_or(5);
     let conns = args.get(1).copied().unwrap_or(16) as u32;
     let rounds = args.get(2).copied().unwrap_or(5) as usize;
+    let concurrency = args.get(3).copied().unwrap_or(1) as u32;
     // Two cores: Envoy gets CPU 0 to itself; this process (the upstream's
     // threads, started below, inherit it) and wrk share CPU 1.
     let pin = |cpu: &str, pid: u32| {
@@ -79,39 +108,80 @@ fn main() {
     };
     pin("1", std::process::id());
     let up = Upstream::fast();
+    // The router needs its registry: one endpoint, the upstream.
+    let etcd = txmesh_tests::Etcd::start();
+    etcd.put(
+        &format!("txmesh/services/local_app/{}", up.addr()),
+        &json!({"address": up.addr().to_string()}).to_string(),
+    );
     let txn = || Filter::txn(json!({"node": "bench"}));
     let metrics = || Filter::metrics(json!({"workload": "bench"}));
+    let router = || Filter::router(json!({"services": {"local_app": {"strategy": "peak_ewma"}}}));
+    let authz = || {
+        Filter::authz(json!({
+            "default": "allow",
+            "coordinators": [{"prefix": "spiffe://txmesh.local/ns/shop/sa/"}],
+            "rules": [
+                {"name": "no-admin", "action": "deny", "paths": ["/admin"]},
+                {"name": "mesh-reads", "action": "allow", "methods": ["GET"],
+                 "principals": [{"glob": "spiffe://txmesh.local/ns/*/sa/*"}]},
+            ],
+        }))
+    };
     let configs: Vec<(&str, Sidecar)> = vec![
         ("no filter (baseline)", Sidecar::new("base")),
+        (
+            "trivial wasm (sets one header)",
+            Sidecar::new("trivial").inbound_filter(Filter::wasm("txmesh_trivial", json!({}))),
+        ),
         (
             "txmesh_metrics",
             Sidecar::new("metrics").inbound_filter(metrics()),
         ),
         (
-            "txmesh_metrics, reporter set, no peer header",
-            Sidecar::new("m2").inbound_filter(Filter::metrics(
-                json!({"workload": "bench", "reporter": "inbound", "peer_header": false}),
-            )),
+            "Lua equivalent of txmesh_metrics",
+            Sidecar::new("lua").inbound_filter(Filter(json!({
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": LUA_METRICS},
+                }
+            }))),
         ),
         (
             "txmesh_txn, non-txn traffic",
             Sidecar::new("txn").inbound_filter(txn()),
         ),
         (
-            "txn + metrics (shop sidecar chain)",
-            Sidecar::new("both")
+            "txmesh_router (peak_ewma)",
+            Sidecar::new("router").etcd(&etcd).inbound_filter(router()),
+        ),
+        (
+            "txmesh_authz",
+            Sidecar::new("authz").inbound_filter(authz()),
+        ),
+        (
+            "full chain: authz+router+txn+metrics",
+            Sidecar::new("chain")
+                .etcd(&etcd)
+                .inbound_filter(authz())
+                .inbound_filter(router())
                 .inbound_filter(txn())
                 .inbound_filter(metrics()),
         ),
     ];
     let envoys: Vec<(&str, txmesh_tests::envoy::Envoy)> = configs
         .into_iter()
-        .map(|(n, sc)| (n, sc.app(&up).concurrency(1).start()))
+        .map(|(n, sc)| (n, sc.app(&up).concurrency(concurrency).start()))
         .collect();
-    for (_, e) in &envoys {
-        pin("0", e.guard.pid());
+    if concurrency == 1 {
+        for (_, e) in &envoys {
+            pin("0", e.guard.pid());
+        }
+        println!("# Envoy 1.40 --concurrency 1 pinned to CPU 0; wrk -t1 -c{conns} -d{secs}s and the upstream on CPU 1; {rounds} rounds, configurations alternating");
+    } else {
+        println!("# Envoy 1.40 --concurrency {concurrency} on both CPUs (not pinned: they share with wrk and the upstream); wrk -t1 -c{conns} -d{secs}s; {rounds} rounds, configurations alternating");
     }
-    println!("# Envoy 1.40 --concurrency 1 pinned to CPU 0; wrk -t1 -c{conns} -d{secs}s and the upstream on CPU 1; {rounds} rounds, configurations alternating");
     println!(
         "{:<6} {:<36} {:>10} {:>8} {:>8}",
         "round", "config", "req/s", "p50 ms", "p99 ms"
