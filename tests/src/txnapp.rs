@@ -147,6 +147,16 @@ impl TxnApp {
             .unwrap_or_default()
     }
 
+    /// Forgets every record and recorded request (long benchmark runs).
+    pub fn forget(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .txns
+            .clear();
+        self.server.clear();
+    }
+
     pub fn records(&self) -> BTreeMap<String, TxnRecord> {
         self.state
             .lock()

@@ -416,7 +416,15 @@ impl MetricsStream {
                 .and_then(props::as_u64)
                 .unwrap_or(0)
         };
-        let cluster = host.property(&["xds", "cluster_name"]);
+        // Inbound, the destination is this workload unless a cluster is
+        // mapped: skip the (costly) property read when nothing is mapped.
+        let cluster = if self.reporter == Reporter::Inbound
+            && engine.config().destination_services.is_empty()
+        {
+            None
+        } else {
+            host.property(&["xds", "cluster_name"])
+        };
         let mapped = cluster.as_deref().and_then(|c| {
             props::as_str(c).and_then(|c| engine.config().destination_services.get(c))
         });

@@ -170,6 +170,20 @@ fn main() {
                 .inbound_filter(metrics()),
         ),
     ];
+    // Load time: Envoy start to ready (admin /ready), median of 3 starts per
+    // configuration; the difference to the baseline is loading and compiling
+    // the wasm modules (V8) and configuring the filters.
+    let mut startup: Vec<f64> = Vec::new();
+    for (_, sc) in &configs {
+        let mut t = Vec::new();
+        for _ in 0..3 {
+            let start = std::time::Instant::now();
+            let e = sc.clone().app(&up).concurrency(concurrency).start();
+            t.push(start.elapsed().as_secs_f64() * 1000.0);
+            drop(e);
+        }
+        startup.push(median(t));
+    }
     let envoys: Vec<(&str, txmesh_tests::envoy::Envoy)> = configs
         .into_iter()
         .map(|(n, sc)| (n, sc.app(&up).concurrency(concurrency).start()))
@@ -207,16 +221,18 @@ fn main() {
     let base_rps = median(runs[0].iter().map(|r| r.rps).collect());
     let base_p50 = median(runs[0].iter().map(|r| r.p50_ms).collect());
     println!();
-    println!("| configuration (median of {rounds}) | req/s | p50 ms | p99 ms | throughput / baseline | added p50 |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| configuration (median of {rounds}) | req/s | p50 ms | p99 ms | throughput / baseline | added p50 | start to ready ms (added) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, (name, _)) in envoys.iter().enumerate() {
         let rps = median(runs[i].iter().map(|r| r.rps).collect());
         let p50 = median(runs[i].iter().map(|r| r.p50_ms).collect());
         let p99 = median(runs[i].iter().map(|r| r.p99_ms).collect());
         println!(
-            "| {name} | {rps:.0} | {p50:.3} | {p99:.3} | {:.3} | {:+.3} ms |",
+            "| {name} | {rps:.0} | {p50:.3} | {p99:.3} | {:.3} | {:+.3} ms | {:.0} ({:+.0}) |",
             rps / base_rps,
-            p50 - base_p50
+            p50 - base_p50,
+            startup[i],
+            startup[i] - startup[0]
         );
     }
 }

@@ -1,4 +1,5 @@
-//! The cost of a transaction: a 3-participant checkout (order -> payment,
+//! The cost of a transaction, for 1 participant (an initiator alone) and for
+//! a 3-participant checkout (order -> payment,
 //! inventory) through txmesh sidecars, with transactions (`POST /checkout`,
 //! a begin rule) and without (`POST /plain`: the same sidecars, apps and calls,
 //! no transaction), measured alternately in one run.
@@ -61,6 +62,51 @@ fn load(url: &str, secs: u64, clients: usize) -> Run {
     }
 }
 
+fn measure(graph: &str, plain: &str, txn: &str, secs: u64, rounds: usize, level: usize) {
+    println!("\n## {graph}: {level} closed-loop client(s)\n");
+    println!(
+        "{:<6} {:<6} {:>9} {:>8} {:>8} {:>7} {:>6}",
+        "round", "config", "req/s", "p50 ms", "p99 ms", "ok", "errors"
+    );
+    let (mut a, mut b): (Vec<Run>, Vec<Run>) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        for (name, url, dst) in [("plain", plain, &mut a), ("txn", txn, &mut b)] {
+            let run = load(url, secs, level);
+            println!(
+                "{:<6} {:<6} {:>9.1} {:>8.2} {:>8.2} {:>7} {:>6}",
+                r + 1,
+                name,
+                run.rps,
+                run.p50,
+                run.p99,
+                run.ok,
+                run.errors
+            );
+            dst.push(run);
+        }
+    }
+    let m = |v: &Vec<Run>, f: fn(&Run) -> f64| median(v.iter().map(f).collect());
+    let (arps, brps) = (m(&a, |r| r.rps), m(&b, |r| r.rps));
+    let (a50, b50) = (m(&a, |r| r.p50), m(&b, |r| r.p50));
+    let (a99, b99) = (m(&a, |r| r.p99), m(&b, |r| r.p99));
+    println!();
+    println!("| {graph}, {level} client(s), median of {rounds} | no transaction | txmesh transaction | ratio txn/plain |");
+    println!("| --- | ---: | ---: | ---: |");
+    println!(
+        "| throughput (checkouts/s) | {arps:.1} | {brps:.1} | {:.2} |",
+        brps / arps
+    );
+    println!(
+        "| p50 latency (ms) | {a50:.2} | {b50:.2} | {:.2} |",
+        b50 / a50
+    );
+    println!(
+        "| p99 latency (ms) | {a99:.2} | {b99:.2} | {:.2} |",
+        b99 / a99
+    );
+    println!("| added p50 (ms) | | {:.2} | |", b50 - a50);
+}
+
 fn main() {
     let args: Vec<u64> = std::env::args()
         .skip(1)
@@ -98,62 +144,29 @@ fn main() {
             outbound_port: order_sc.ports.outbound,
         })
         .collect();
-    let plain = order_sc.inbound_url("/plain");
-    let txn = order_sc.inbound_url("/checkout");
-    // Warm up both paths.
-    load(&plain, 1, clients);
-    load(&txn, 1, clients);
-
-    println!("# 3-participant checkout; {secs} s per run; {rounds} rounds, plain and txn alternating (A B A B ...)");
+    // A 1-participant graph: an initiator that calls nobody (its own app is
+    // the only participant: one-phase commit).
+    let solo = TxnApp::calling("solo", Vote::Commit, Arc::new(RwLock::new(Vec::new())));
+    let solo_sc = side("solo", &solo).start();
+    println!("# {secs} s per run; {rounds} rounds, plain and txn alternating (A B A B ...)");
     println!(
         "# machine: {} cores; every sidecar Envoy --concurrency 2; etcd: 1 member on loopback",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    for level in [1usize, clients] {
-        println!("\n## {level} closed-loop client(s)\n");
-        println!(
-            "{:<6} {:<6} {:>9} {:>8} {:>8} {:>7} {:>6}",
-            "round", "config", "req/s", "p50 ms", "p99 ms", "ok", "errors"
-        );
-        let (mut a, mut b): (Vec<Run>, Vec<Run>) = (Vec::new(), Vec::new());
-        for r in 0..rounds {
-            for (name, url, dst) in [("plain", &plain, &mut a), ("txn", &txn, &mut b)] {
-                let run = load(url, secs, level);
-                println!(
-                    "{:<6} {:<6} {:>9.1} {:>8.2} {:>8.2} {:>7} {:>6}",
-                    r + 1,
-                    name,
-                    run.rps,
-                    run.p50,
-                    run.p99,
-                    run.ok,
-                    run.errors
-                );
-                dst.push(run);
-            }
+    for (graph, sc) in [
+        ("1 participant (initiator only, one-phase commit)", &solo_sc),
+        ("3 participants (order -> payment, inventory)", &order_sc),
+    ] {
+        let plain = sc.inbound_url("/plain");
+        let txn = sc.inbound_url("/checkout");
+        // Warm up both paths.
+        load(&plain, 1, clients);
+        load(&txn, 1, clients);
+        for level in [1usize, clients] {
+            measure(graph, &plain, &txn, secs, rounds, level);
         }
-        let m = |v: &Vec<Run>, f: fn(&Run) -> f64| median(v.iter().map(f).collect());
-        let (arps, brps) = (m(&a, |r| r.rps), m(&b, |r| r.rps));
-        let (a50, b50) = (m(&a, |r| r.p50), m(&b, |r| r.p50));
-        let (a99, b99) = (m(&a, |r| r.p99), m(&b, |r| r.p99));
-        println!();
-        println!("| {level} client(s), median of {rounds} | no transaction | txmesh transaction | ratio txn/plain |");
-        println!("| --- | ---: | ---: | ---: |");
-        println!(
-            "| throughput (checkouts/s) | {arps:.1} | {brps:.1} | {:.2} |",
-            brps / arps
-        );
-        println!(
-            "| p50 latency (ms) | {a50:.2} | {b50:.2} | {:.2} |",
-            b50 / a50
-        );
-        println!(
-            "| p99 latency (ms) | {a99:.2} | {b99:.2} | {:.2} |",
-            b99 / a99
-        );
-        println!("| added p50 (ms) | | {:.2} | |", b50 - a50);
     }
     // Where the time goes, from the root's decision log lines (all txn runs).
     let log = order_sc.log();
