@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn txmesh-router txmesh-authz
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
+.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-memory - sidecar RSS over up to 1M transactions (20 min)"
 	@echo "make test-matrix  - the integration tests on Envoy 1.36 ... 1.40"
 	@echo "make chaos   - the history checker: 1000 transactions under kills of sidecars, apps and etcd members"
+	@echo "make txmeshctl - build the operations CLI (target/release/txmeshctl; docs/operations.md)"
 
 setup:
 	@scripts/setup.sh
@@ -45,14 +46,14 @@ lint:
 
 unit:
 	@echo "[unit] native unit tests"
-	@$(CARGO) test --quiet --workspace --exclude txmesh-tests --exclude txmesh-shop
+	@$(CARGO) test --quiet --workspace --exclude txmesh-tests --exclude txmesh-shop --exclude txmeshctl
 
 validate: build
 	@scripts/validate-configs.sh
 
 it: build
 	@echo "[it] integration tests on real Envoy and etcd"
-	@$(CARGO) test --quiet -p txmesh-tests -p txmesh-shop -- --test-threads=$(IT_THREADS)
+	@$(CARGO) test --quiet -p txmesh-tests -p txmesh-shop -p txmeshctl -- --test-threads=$(IT_THREADS)
 
 test: setup fmt-check lint unit build validate it
 	@echo "[test] all green"
@@ -118,3 +119,8 @@ bench-memory: build
 # The integration tests against Envoy 1.36 ... 1.40 (each wheel in its own venv).
 test-matrix: setup
 	@scripts/test-matrix.sh
+
+# The operations CLI (docs/operations.md).
+txmeshctl:
+	@$(CARGO) build --quiet --release -p txmeshctl
+	@echo "[txmeshctl] target/release/txmeshctl (try: target/release/txmeshctl --help)"

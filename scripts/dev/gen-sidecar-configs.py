@@ -199,7 +199,7 @@ static_resources:
             tls_certificates: [{certificate_chain: {filename: $certs/$name.crt}, private_key: {filename: $certs/$name.key}}]
             validation_context: {trusted_ca: {filename: $certs/ca.crt}}
   # For the local app only: transaction status (GET /txmesh/txns/<id>,
-  # answered by the txn filter), plain HTTP on loopback; nothing else.
+  # answered by the txn filter) and GET /txmesh/txns?state=... (txmeshctl), plain HTTP on loopback; nothing else.
   - name: app-status
     traffic_direction: INBOUND
     address: {socket_address: {address: 127.0.0.1, port_value: $status}}
@@ -214,10 +214,10 @@ static_resources:
             - name: status
               domains: ["*"]
               routes:
-              - match: {prefix: "/txmesh/txns/", headers: [{name: ":method", string_match: {exact: GET}}]}
+              - match: {prefix: "/txmesh/txns", headers: [{name: ":method", string_match: {exact: GET}}]}
                 route: {cluster: local_app}
               - match: {prefix: "/"}
-                direct_response: {status: 404, body: {inline_string: 'only GET /txmesh/txns/<id> here'}}
+                direct_response: {status: 404, body: {inline_string: 'only GET /txmesh/txns and /txmesh/txns/<id> here'}}
           http_filters:
           - *txn
           - name: envoy.filters.http.router

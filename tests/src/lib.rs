@@ -74,10 +74,14 @@ pub fn envoy_bin() -> PathBuf {
 }
 
 /// A fresh directory for one test's files (configs, logs, data dirs), under
-/// `target/it/`. Kept after the run so a failure can be inspected.
+/// `target/it/`. Kept after the run so a failure can be inspected; the first
+/// call in a process removes the directories of processes that have ended
+/// (etcd data dirs are large: runs must not fill the disk).
 pub fn scratch_dir(label: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| sweep_scratch(&target_dir().join("it")));
     let n = N.fetch_add(1, Ordering::SeqCst);
     let dir = target_dir()
         .join("it")
@@ -85,6 +89,26 @@ pub fn scratch_dir(label: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
     dir
+}
+
+/// Removes `<label>-<pid>-<n>` directories whose process is gone.
+fn sweep_scratch(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let pid = name
+            .rsplit('-')
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `secs` with `what`.

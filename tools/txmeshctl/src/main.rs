@@ -1,0 +1,599 @@
+//! txmeshctl: see and steer what the txmesh sidecars do — transactions (their
+//! decisions in etcd, what the sidecars hold), the service registry.
+//! docs/operations.md has the details; `txmeshctl --help` the examples.
+
+use base64::Engine;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const EXAMPLES: &str = "Examples:
+  txmeshctl txns                          decided transactions of the last hour, newest first
+  txmeshctl txns --state in-doubt         what the sidecars hold past its deadline
+  txmeshctl txns --since 10m --output json
+  txmeshctl txn 0123456789abcdef0123456789abcdef
+  txmeshctl txn abort 0123456789abcdef0123456789abcdef
+  txmeshctl services                      every registered instance, zone, weight, lease TTL left
+  txmeshctl services payment
+
+Addresses default to the loopback stack of `make up`: etcd at
+http://127.0.0.1:2379 and the sidecars' status listeners (:15008, :15108,
+:15208). Use --etcd / TXMESH_ETCD and --sidecar / TXMESH_SIDECARS elsewhere.";
+
+#[derive(Parser)]
+#[command(name = "txmeshctl", version, about = "Operate a txmesh mesh: transactions and the service registry", after_help = EXAMPLES)]
+struct Cli {
+    /// etcd's JSON gateway (decisions, pending work, the registry).
+    #[arg(
+        long,
+        global = true,
+        env = "TXMESH_ETCD",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: String,
+    /// A sidecar's status endpoint (repeatable, or comma-separated in the env).
+    #[arg(
+        long = "sidecar",
+        global = true,
+        env = "TXMESH_SIDECARS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:15008,http://127.0.0.1:15108,http://127.0.0.1:15208"
+    )]
+    sidecars: Vec<String>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum State {
+    InDoubt,
+    Active,
+    Committed,
+    Aborted,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List transactions: decided ones from etcd, active / in-doubt ones from the sidecars.
+    Txns {
+        #[arg(long, value_enum)]
+        state: Option<State>,
+        /// Only decisions this recent (e.g. 30s, 10m, 2h, 1d).
+        #[arg(long, default_value = "1h", value_parser = parse_age)]
+        since: Duration,
+    },
+    /// One transaction: outcome, participants, acknowledgements, timings; or `txn abort <id>`.
+    Txn {
+        /// `abort` followed by the id, or just the id.
+        #[arg(num_args = 1..=2, required = true)]
+        args: Vec<String>,
+    },
+    /// The service registry: instances, zone, weight, version, lease TTL left.
+    Services { name: Option<String> },
+}
+
+/// A failure the user can act on: what failed, where, what to check. Exit 2.
+struct Fail(String);
+
+type Res<T> = Result<T, Fail>;
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and s, m, h or d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" | "" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn valid_id(id: &str) -> Res<()> {
+    if id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id.bytes().any(|b| b != b'0')
+    {
+        Ok(())
+    } else {
+        Err(Fail(format!(
+            "{id:?} is not a transaction id (32 lowercase hex characters, not all zero)"
+        )))
+    }
+}
+
+fn b64(s: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+fn unb64(v: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap_or(""))
+        .unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn ago(ms: u64) -> String {
+    let now = now_ms();
+    if ms > now {
+        return format!("in {}s", (ms - now).div_ceil(1000));
+    }
+    let s = (now - ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m{}s ago", s / 60, s % 60),
+        _ => format!("{}h{}m ago", s / 3600, (s % 3600) / 60),
+    }
+}
+
+struct Etcd {
+    url: String,
+    agent: ureq::Agent,
+}
+
+impl Etcd {
+    fn new(url: &str) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build()
+                .into(),
+        }
+    }
+
+    fn post(&self, path: &str, body: Value) -> Res<Value> {
+        let url = format!("{}{path}", self.url);
+        let mut r = self
+            .agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(body.to_string().as_bytes())
+            .map_err(|e| {
+                Fail(format!(
+                    "cannot reach etcd at {} ({e}).\n  Is etcd running? `make up` starts it on 127.0.0.1:2379; point elsewhere with --etcd or TXMESH_ETCD.",
+                    self.url
+                ))
+            })?;
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        if r.status() != 200 {
+            return Err(Fail(format!(
+                "etcd at {} answered {} to {path}: {text}",
+                self.url,
+                r.status()
+            )));
+        }
+        serde_json::from_str(&text).map_err(|e| {
+            Fail(format!(
+                "etcd at {} answered non-JSON to {path}: {e}",
+                self.url
+            ))
+        })
+    }
+
+    /// (key, value, lease id) under `prefix`.
+    fn list(&self, prefix: &str) -> Res<Vec<(String, Vec<u8>, i64)>> {
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(l) = end.last_mut() {
+            *l += 1;
+        }
+        let v = self.post(
+            "/v3/kv/range",
+            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&end)}),
+        )?;
+        Ok(v["kvs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|kv| {
+                        (
+                            String::from_utf8_lossy(&unb64(&kv["key"])).into_owned(),
+                            unb64(&kv["value"]),
+                            kv["lease"]
+                                .as_str()
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn get(&self, key: &str) -> Res<Option<Vec<u8>>> {
+        let v = self.post("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
+        Ok(v["kvs"].get(0).map(|kv| unb64(&kv["value"])))
+    }
+}
+
+/// `GET <sidecar>/txmesh/txns...` on every sidecar; unreachable ones are
+/// reported on stderr, the rest still answer.
+fn from_sidecars(sidecars: &[String], path: &str) -> Vec<(String, Value)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into();
+    let mut out = Vec::new();
+    for s in sidecars {
+        let url = format!("{}{path}", s.trim_end_matches('/'));
+        match agent.get(&url).call() {
+            Ok(mut r) => {
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(v) if r.status() == 200 => out.push((s.clone(), v)),
+                    _ => eprintln!("txmeshctl: sidecar {s} answered {} to {path}: {text}", r.status()),
+                }
+            }
+            Err(e) => eprintln!(
+                "txmeshctl: cannot reach sidecar {s} ({e}); check the address (--sidecar / TXMESH_SIDECARS: a sidecar's plain status listener, :15008 for order in `make up`)"
+            ),
+        }
+    }
+    out
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(x) = w.get_mut(i) {
+                *x = (*x).max(c.len());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w.get(i).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for r in rows {
+        println!("{}", line(r.clone()));
+    }
+}
+
+fn txns(cli: &Cli, state: Option<State>, since: Duration) -> Res<()> {
+    let mut items: Vec<Value> = Vec::new();
+    if matches!(state, None | Some(State::Committed) | Some(State::Aborted)) {
+        let etcd = Etcd::new(&cli.etcd);
+        let cutoff = now_ms().saturating_sub(since.as_millis() as u64);
+        for (_, v, _) in etcd.list("txmesh/decisions/")? {
+            let Ok(d) = serde_json::from_slice::<Value>(&v) else {
+                continue;
+            };
+            let outcome = d["outcome"].as_str().unwrap_or("?");
+            let t = d["time_ms"].as_u64().unwrap_or(0);
+            let want = match state {
+                Some(State::Committed) => outcome == "committed",
+                Some(State::Aborted) => outcome == "aborted",
+                _ => true,
+            };
+            if want && t >= cutoff {
+                items.push(json!({"txn": d["txn"], "state": outcome, "time_ms": t,
+                    "participants": d["participants"], "reason": d["reason"], "coordinator": d["coordinator"]}));
+            }
+        }
+    }
+    if matches!(state, None | Some(State::InDoubt) | Some(State::Active)) {
+        let q = match state {
+            Some(State::InDoubt) => "in-doubt",
+            Some(State::Active) => "active",
+            _ => "all",
+        };
+        for (sc, v) in from_sidecars(&cli.sidecars, &format!("/txmesh/txns?state={q}")) {
+            for t in v["txns"].as_array().cloned().unwrap_or_default() {
+                let st = if t["in_doubt"].as_bool() == Some(true) {
+                    "in-doubt"
+                } else {
+                    "active"
+                };
+                items.push(
+                    json!({"txn": t["txn"], "state": st, "node": v["node"], "sidecar": sc,
+                    "role": t["role"], "phase": t["phase"], "deadline_ms": t["deadline_ms"],
+                    "participants": t["participants"]}),
+                );
+            }
+        }
+    }
+    items.sort_by_key(|i| {
+        std::cmp::Reverse(
+            i["time_ms"]
+                .as_u64()
+                .or(i["deadline_ms"].as_u64())
+                .unwrap_or(0),
+        )
+    });
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&items).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| {
+            let parts = i["participants"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            let when = i["time_ms"].as_u64().map(ago).unwrap_or_else(|| {
+                format!(
+                    "deadline {}",
+                    i["deadline_ms"].as_u64().map(ago).unwrap_or_default()
+                )
+            });
+            let where_ = i["coordinator"]
+                .as_str()
+                .or(i["node"].as_str())
+                .unwrap_or("")
+                .to_string();
+            vec![
+                i["txn"].as_str().unwrap_or("").to_string(),
+                i["state"].as_str().unwrap_or("").to_string(),
+                i["reason"]
+                    .as_str()
+                    .or(i["phase"].as_str())
+                    .unwrap_or("")
+                    .to_string(),
+                where_,
+                when,
+                parts,
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "TXN",
+            "STATE",
+            "REASON/PHASE",
+            "COORDINATOR/NODE",
+            "WHEN",
+            "PARTICIPANTS",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+fn txn_show(cli: &Cli, id: &str) -> Res<()> {
+    valid_id(id)?;
+    let etcd = Etcd::new(&cli.etcd);
+    let decision = etcd
+        .get(&format!("txmesh/decisions/{id}"))?
+        .and_then(|v| serde_json::from_slice::<Value>(&v).ok());
+    let pending: Vec<Value> = etcd
+        .list("txmesh/pending/")?
+        .into_iter()
+        .filter(|(k, _, _)| k.ends_with(&format!("/{id}")))
+        .filter_map(|(_, v, _)| serde_json::from_slice(&v).ok())
+        .collect();
+    let held: Vec<Value> = from_sidecars(&cli.sidecars, &format!("/txmesh/txns/{id}"))
+        .into_iter()
+        .map(|(sc, v)| json!({"sidecar": sc, "outcome": v["outcome"]}))
+        .collect();
+    let outcome = decision
+        .as_ref()
+        .and_then(|d| d["outcome"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| "undecided".to_string());
+    let view = json!({"txn": id, "outcome": outcome, "decision": decision, "pending_phase2": pending, "sidecars": held});
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&view).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!("txn          {id}");
+    println!("outcome      {outcome}");
+    if let Some(d) = &decision {
+        println!("reason       {}", d["reason"].as_str().unwrap_or("-"));
+        println!("decided by   {}", d["coordinator"].as_str().unwrap_or("-"));
+        if let Some(t) = d["time_ms"].as_u64() {
+            println!("decided at   {t} ms since the epoch ({})", ago(t));
+        }
+        let parts: Vec<&str> = d["participants"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "participants {}",
+            if parts.is_empty() {
+                "-".to_string()
+            } else {
+                parts.join(", ")
+            }
+        );
+    } else {
+        println!("             no decision in etcd: still running, or aborted by presumption (never prepared)");
+    }
+    for p in &pending {
+        let targets: Vec<String> = p["targets"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|t| {
+                        format!(
+                            "{}={}",
+                            t["name"].as_str().unwrap_or("?"),
+                            t["vote"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "phase 2      unfinished; acknowledgements: {}",
+            targets.join(", ")
+        );
+    }
+    if pending.is_empty() && decision.is_some() {
+        println!(
+            "phase 2      no unfinished work recorded (acknowledged, or never needed a retry)"
+        );
+    }
+    for h in &held {
+        println!(
+            "sidecar      {} says {}",
+            h["sidecar"].as_str().unwrap_or(""),
+            h["outcome"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn txn_abort(cli: &Cli, id: &str) -> Res<()> {
+    valid_id(id)?;
+    let etcd = Etcd::new(&cli.etcd);
+    let key = format!("txmesh/decisions/{id}");
+    let value =
+        json!({"txn": id, "outcome": "aborted", "participants": [], "coordinator": "txmeshctl",
+                       "time_ms": now_ms(), "reason": "operator"})
+        .to_string();
+    let k = b64(key.as_bytes());
+    let v = etcd.post(
+        "/v3/kv/txn",
+        json!({"compare": [{"key": k, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}],
+               "success": [{"request_put": {"key": k, "value": b64(value.as_bytes())}}],
+               "failure": [{"request_range": {"key": k}}]}),
+    )?;
+    if v["succeeded"].as_bool() == Some(true) {
+        if cli.output == Output::Json {
+            println!(
+                "{}",
+                json!({"txn": id, "outcome": "aborted", "changed": true})
+            );
+        } else {
+            println!("aborted {id}: the decision is in etcd; participants past their deadline obey it (in-doubt ones resolve within their grace period)");
+        }
+        return Ok(());
+    }
+    let existing = v["responses"][0]["response_range"]["kvs"][0]["value"].clone();
+    let d: Value = serde_json::from_slice(&unb64(&existing)).unwrap_or(Value::Null);
+    let outcome = d["outcome"].as_str().unwrap_or("?");
+    let when = d["time_ms"].as_u64().map(ago).unwrap_or_default();
+    Err(Fail(format!(
+        "refused: {id} is already decided: {outcome} ({when}, by {}). A decision is final; txmeshctl only aborts undecided transactions.",
+        d["coordinator"].as_str().unwrap_or("?")
+    )))
+}
+
+fn services(cli: &Cli, name: Option<&str>) -> Res<()> {
+    let etcd = Etcd::new(&cli.etcd);
+    let prefix = match name {
+        Some(n) => format!("txmesh/services/{n}/"),
+        None => "txmesh/services/".to_string(),
+    };
+    let mut items = Vec::new();
+    for (key, value, lease) in etcd.list(&prefix)? {
+        let v: Value = serde_json::from_slice(&value).unwrap_or(Value::Null);
+        let service = key
+            .trim_start_matches("txmesh/services/")
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let ttl = if lease != 0 {
+            etcd.post("/v3/lease/timetolive", json!({"ID": lease.to_string()}))?["TTL"]
+                .as_str()
+                .and_then(|s| s.parse::<i64>().ok())
+        } else {
+            None
+        };
+        items.push(json!({"service": service, "address": v["address"], "zone": v["zone"], "weight": v["weight"].as_u64().unwrap_or(1),
+            "version": v["version"], "lease": lease, "ttl_s": ttl}));
+    }
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&items).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    if items.is_empty() {
+        println!("no instances registered under {prefix}");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| {
+            vec![
+                i["service"].as_str().unwrap_or("").to_string(),
+                i["address"].as_str().unwrap_or("?").to_string(),
+                i["zone"].as_str().unwrap_or("-").to_string(),
+                i["weight"].to_string(),
+                i["version"].as_str().unwrap_or("-").to_string(),
+                match i["ttl_s"].as_i64() {
+                    Some(t) => format!("{t}s"),
+                    None => "no lease".to_string(),
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "SERVICE",
+            "ADDRESS",
+            "ZONE",
+            "WEIGHT",
+            "VERSION",
+            "LEASE TTL",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Txns { state, since } => txns(&cli, *state, *since),
+        Cmd::Txn { args } => match args.as_slice() {
+            [id] => txn_show(&cli, id),
+            [verb, id] if verb == "abort" => txn_abort(&cli, id),
+            [verb, _] => Err(Fail(format!(
+                "unknown action {verb:?}: `txmeshctl txn <id>` or `txmeshctl txn abort <id>`"
+            ))),
+            _ => Err(Fail(
+                "`txmeshctl txn <id>` or `txmeshctl txn abort <id>`".into(),
+            )),
+        },
+        Cmd::Services { name } => services(&cli, name.as_deref()),
+    };
+    if let Err(Fail(msg)) = r {
+        eprintln!("txmeshctl: {msg}");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,199 @@
+//! txmeshctl against a running stack: etcd, two sidecars with the txn
+//! filter, participant apps.
+
+use serde_json::{json, Value};
+use std::process::Command;
+use std::sync::{Arc, RwLock};
+use txmesh_tests::{Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+
+fn ctl(etcd: &str, sidecars: &[String], args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_txmeshctl"))
+        .arg("--etcd")
+        .arg(etcd)
+        .arg("--sidecar")
+        .arg(sidecars.join(","))
+        .args(args)
+        .env_remove("TXMESH_ETCD")
+        .env_remove("TXMESH_SIDECARS")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_command_against_a_running_stack() {
+    let mut etcd = Etcd::start();
+    let cfg =
+        |n: &str| json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": n});
+    let payment = TxnApp::start("payment", Vote::Commit);
+    let pay_sc = Sidecar::new("payment")
+        .app(&payment.server)
+        .etcd(&etcd)
+        .filter(Filter::txn(cfg("payment")))
+        .start();
+    let calls = Arc::new(RwLock::new(Vec::new()));
+    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+    let order_sc = Sidecar::new("order")
+        .app(&order.server)
+        .etcd(&etcd)
+        .filter(Filter::txn(cfg("order")))
+        .route("payment", &[pay_sc.inbound_addr()])
+        .start();
+    *calls.write().unwrap() = vec![Downstream {
+        host: "payment".into(),
+        outbound_port: order_sc.ports.outbound,
+    }];
+    let sidecars = vec![
+        format!("http://{}", order_sc.inbound_addr()),
+        format!("http://{}", pay_sc.inbound_addr()),
+    ];
+    let url = etcd.url();
+    let r = Client::new().must("POST", &order_sc.inbound_url("/checkout"), &[], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.header("x-txmesh-txn").unwrap().to_string();
+
+    // txns: the committed one, as a table and as JSON.
+    let (code, out, err) = ctl(&url, &sidecars, &["txns"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("committed") && line.contains("order"),
+        "{line}"
+    );
+    assert!(out.starts_with("TXN "), "{out}");
+    let (code, out, _) = ctl(
+        &url,
+        &sidecars,
+        &["txns", "--state", "committed", "--output", "json"],
+    );
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{out}");
+    assert_eq!(list[0]["txn"], json!(id));
+    assert_eq!(list[0]["state"], json!("committed"));
+    let (_, out, _) = ctl(
+        &url,
+        &sidecars,
+        &["txns", "--state", "aborted", "--output", "json"],
+    );
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
+    // Until phase 2 is acknowledged the root lists it as in doubt (decided,
+    // commits outstanding); then nothing is.
+    txmesh_tests::wait_for(10, "phase 2 to finish", || {
+        let (code, out, _) = ctl(&url, &sidecars, &["txns", "--state", "in-doubt"]);
+        (code == 0 && out.lines().count() == 1).then_some(())
+    });
+    assert_eq!(payment.record(&id).commits, 1);
+
+    // txn <id>
+    let (code, out, err) = ctl(&url, &sidecars, &["txn", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("outcome      committed"), "{out}");
+    assert!(out.contains("decided by   order"), "{out}");
+    let (_, out, _) = ctl(&url, &sidecars, &["txn", &id, "--output", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["outcome"], json!("committed"));
+    assert_eq!(v["decision"]["txn"], json!(id));
+
+    // txn abort: refused for a decided txn, done for an undecided one.
+    let (code, _, err) = ctl(&url, &sidecars, &["txn", "abort", &id]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("refused: {id} is already decided: committed")),
+        "{err}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&etcd.get(&format!("txmesh/decisions/{id}")).unwrap())
+            .unwrap()["outcome"],
+        json!("committed")
+    );
+    let other = "00000000000000000000000000000abc";
+    let (code, out, err) = ctl(&url, &sidecars, &["txn", "abort", other]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("aborted {other}")), "{out}");
+    let d: Value =
+        serde_json::from_str(&etcd.get(&format!("txmesh/decisions/{other}")).unwrap()).unwrap();
+    assert_eq!(
+        (d["outcome"].as_str(), d["coordinator"].as_str()),
+        (Some("aborted"), Some("txmeshctl"))
+    );
+    let (code, _, err) = ctl(&url, &sidecars, &["txn", "abort", "nothex"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not a transaction id"), "{err}");
+
+    // services
+    let lease = etcd.lease_grant(30);
+    etcd.put_leased(
+        "txmesh/services/payment/127.0.0.1:15106",
+        r#"{"address":"127.0.0.1:15106","zone":"z1","weight":90,"version":"v2"}"#,
+        lease,
+    );
+    etcd.put(
+        "txmesh/services/inventory/127.0.0.1:15206",
+        r#"{"address":"127.0.0.1:15206"}"#,
+    );
+    let (code, out, err) = ctl(&url, &sidecars, &["services"]);
+    assert_eq!(code, 0, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("payment"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cols[..5],
+        &["payment", "127.0.0.1:15106", "z1", "90", "v2"],
+        "{row}"
+    );
+    let ttl: i64 = cols[5].trim_end_matches('s').parse().unwrap();
+    assert!((1..=30).contains(&ttl), "{row}");
+    assert!(out.contains("no lease"), "{out}");
+    let (_, out, _) = ctl(
+        &url,
+        &sidecars,
+        &["services", "payment", "--output", "json"],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["zone"], json!("z1"));
+
+    // etcd down: a clear error, exit 2.
+    etcd.stop();
+    let (code, _, err) = ctl(&url, &sidecars, &["services"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("cannot reach etcd at {url}")),
+        "{err}"
+    );
+    assert!(err.contains("--etcd or TXMESH_ETCD"), "{err}");
+    // A sidecar down: named, the others still answer.
+    let (code, _, err) = ctl(
+        &url,
+        &["http://127.0.0.1:1".to_string()],
+        &["txns", "--state", "active"],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("cannot reach sidecar http://127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_has_examples() {
+    let out = Command::new(env!("CARGO_BIN_EXE_txmeshctl"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("txmeshctl txn abort"), "{text}");
+    assert!(text.contains("--output"), "{text}");
+}
