@@ -60,9 +60,12 @@ test: setup fmt-check lint unit build validate it
 
 # The shop on loopback (scripts/shop.sh): DEMO_ARGS="--checkouts N --concurrency C";
 # make up PAYMENT_INSTANCES=2 INVENTORY_INSTANCES=3: more instances behind the router.
+# make up PROMETHEUS=1: also a Prometheus on 127.0.0.1:9090 scraping every Envoy.
 PAYMENT_INSTANCES ?= 1
 INVENTORY_INSTANCES ?= 1
+PROMETHEUS ?= 0
 export PAYMENT_INSTANCES INVENTORY_INSTANCES
+export TXMESH_PROMETHEUS = $(PROMETHEUS)
 demo:
 	@scripts/shop.sh demo
 

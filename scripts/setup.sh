@@ -82,6 +82,17 @@ else
   step "openssl" "ok ($(openssl version | cut -d' ' -f1-2))"
 fi
 
+# 3c. Prometheus, for `make up PROMETHEUS=1` and the dashboard test.
+if command -v "${PROMETHEUS_BIN:-prometheus}" >/dev/null; then
+  step "prometheus" "ok ($("${PROMETHEUS_BIN:-prometheus}" --version 2>&1 | head -n1 | cut -d' ' -f1-3))"
+else
+  step "prometheus" "installing Debian package prometheus..."
+  apt_install --no-install-recommends prometheus || die "prometheus is missing: install the Debian package prometheus, or set PROMETHEUS_BIN"
+  # The package may start its own service on :9090; the stack runs its own.
+  pkill -x prometheus 2>/dev/null || true
+  step "prometheus" "ok (installed)"
+fi
+
 # 4. binaryen's wasm-opt (npm package), to shrink the release wasm.
 BINARYEN_VERSION="${BINARYEN_VERSION:-132.0.0}"
 if [ -x .txmesh/tools/node_modules/.bin/wasm-opt ] && \

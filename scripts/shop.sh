@@ -16,6 +16,8 @@
 # (default 1, at most 9) start more instances of a service: instance k listens
 # on the first one's ports + 10·(k-1) and shares its database; every instance
 # registers itself in etcd and order's sidecar routes among them.
+# TXMESH_PROMETHEUS=1 also starts a Prometheus (Debian package) on 9090
+# scraping every Envoy (deploy/prometheus.yml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -111,6 +113,33 @@ instances() {  # service app_port admin_port n
   done
 }
 
+# A real Prometheus scraping every Envoy's admin /stats/prometheus
+# (deploy/prometheus.yml, with the current ports and instances).
+prometheus_up() {
+  command -v "${PROMETHEUS_BIN:-prometheus}" >/dev/null || {
+    say "ERROR: prometheus not found: install the Debian package prometheus (scripts/setup.sh --prometheus)"; exit 1; }
+  local cfg=$RUN/prometheus.yml
+  {
+    echo "# rendered by scripts/shop.sh from deploy/prometheus.yml"
+    echo "global: {scrape_interval: 2s, evaluation_interval: 2s}"
+    echo "scrape_configs:"
+    echo "- job_name: txmesh"
+    echo "  metrics_path: /stats/prometheus"
+    echo "  static_configs:"
+    echo "  - {targets: [\"127.0.0.1:$(p 9901)\"], labels: {sidecar: ingress}}"
+    echo "  - {targets: [\"127.0.0.1:$(p 15000)\"], labels: {sidecar: order}}"
+    for k in $(seq 1 "${PAYMENT_INSTANCES:-1}"); do
+      echo "  - {targets: [\"127.0.0.1:$(p $((15100 + (k - 1) * 10)))\"], labels: {sidecar: payment-$k}}"
+    done
+    for k in $(seq 1 "${INVENTORY_INSTANCES:-1}"); do
+      echo "  - {targets: [\"127.0.0.1:$(p $((15200 + (k - 1) * 10)))\"], labels: {sidecar: inventory-$k}}"
+    done
+  } >"$cfg"
+  start prometheus "$(p 9090)" "${PROMETHEUS_BIN:-prometheus}" --config.file="$cfg" \
+    --storage.tsdb.path="$DATA/prometheus" --web.listen-address="127.0.0.1:$(p 9090)" --log.level=warn
+  say "Prometheus: http://127.0.0.1:$(p 9090) (try the query txmesh_requests_total; Grafana: deploy/grafana/)"
+}
+
 build() {
   [ "${TXMESH_SKIP_BUILD:-0}" = 1 ] && return 0
   scripts/setup.sh
@@ -136,6 +165,7 @@ up() {
   instances payment 18081 15100 "${PAYMENT_INSTANCES:-1}"
   instances inventory 18082 15200 "${INVENTORY_INSTANCES:-1}"
   start ingress "$INGRESS_PORT" "$ENVOY" -c "$(render envoy/ingress.yaml)" --base-id "$(p 9901)" --concurrency 2 -l info
+  if [ "${TXMESH_PROMETHEUS:-0}" = 1 ]; then prometheus_up; fi
   cat <<EOF
 [shop] ready. Public API: http://127.0.0.1:$INGRESS_PORT
          curl -s -XPOST localhost:$INGRESS_PORT/checkout -d '{"customer":"alice","sku":"widget","qty":1}'

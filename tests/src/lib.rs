@@ -98,10 +98,7 @@ fn sweep_scratch(root: &std::path::Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let pid = name
-            .rsplit('-')
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
+        let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid {
             if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
             {
