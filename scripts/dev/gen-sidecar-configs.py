@@ -57,6 +57,13 @@ def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: outbound
+          tracing:
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {envoy_grpc: {cluster_name: otel_collector}, timeout: 0.25s}
+                service_name: $name
           route_config:
             virtual_hosts:
 $vhosts
@@ -83,7 +90,7 @@ $vhosts
           - *metrics
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-""").substitute(outbound=outbound, vhosts=vhosts.rstrip(), router_services=", ".join(
+""").substitute(name=name, outbound=outbound, vhosts=vhosts.rstrip(), router_services=", ".join(
             '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes))
     return Template("""# txmesh sidecar of "$name", the $role.
 #   inbound  127.0.0.1:$inbound (mTLS, SPIFFE id $spiffe$name) -> the app at 127.0.0.1:$app_port$out_comment
@@ -130,6 +137,13 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: inbound
+          tracing:
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {envoy_grpc: {cluster_name: otel_collector}, timeout: 0.25s}
+                service_name: $name
           route_config:
             virtual_hosts:
             - name: local_app
@@ -224,6 +238,19 @@ static_resources:
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 $outbound_block
   clusters:
+  # An OpenTelemetry collector (OTLP/gRPC), if you run one: Envoy's spans
+  # carry the W3C trace id of the request (the txn decision log and record
+  # carry it too). Nothing listens here by default: exports fail quietly.
+  - name: otel_collector
+    type: STATIC
+    connect_timeout: 0.25s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: otel_collector
+      endpoints: $otel_ep
   - name: local_app      # the app; the txn filter sends it prepare/commit/abort directly
     type: STATIC
     connect_timeout: 1s
@@ -243,7 +270,7 @@ $outbound_block
       cluster_name: etcd
       endpoints: $etcd_ep
 $clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
-        status=inbound + 2, certs=CERTS, spiffe=SPIFFE, authz=AUTHZ_POLICY,
+        status=inbound + 2, certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz=AUTHZ_POLICY,
         admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip())
 open('envoy/order-sidecar.yaml','w').write(sidecar("order",15000,15006,15001,18080,[("payment",15106),("inventory",15206)],True).rstrip()+"\n")
@@ -286,6 +313,13 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
+          tracing:
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {envoy_grpc: {cluster_name: otel_collector}, timeout: 0.25s}
+                service_name: ingress
           route_config:
             # Defense in depth: txmesh_authz (edge mode) below strips these and
             # the txmesh.txn member of baggage (docs/security.md).
@@ -336,6 +370,19 @@ static_resources:
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 
   clusters:
+  # An OpenTelemetry collector (OTLP/gRPC), if you run one: Envoy's spans
+  # carry the W3C trace id of the request (the txn decision log and record
+  # carry it too). Nothing listens here by default: exports fail quietly.
+  - name: otel_collector
+    type: STATIC
+    connect_timeout: 0.25s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: otel_collector
+      endpoints: $otel
   - name: order
     type: STATIC
     connect_timeout: 1s
@@ -355,6 +402,6 @@ $payment_tls  - name: inventory
       cluster_name: inventory
       endpoints: $inventory
 $inventory_tls''')
-open('envoy/ingress.yaml','w').write(INGRESS.substitute(order=ep(15006), payment=ep(15106), inventory=ep(15206),
+open('envoy/ingress.yaml','w').write(INGRESS.substitute(otel=ep(4317), order=ep(15006), payment=ep(15106), inventory=ep(15206),
     order_tls=upstream_tls("ingress", "order", "    "), payment_tls=upstream_tls("ingress", "payment", "    "),
     inventory_tls=upstream_tls("ingress", "inventory", "    ")).rstrip() + "\n")

@@ -420,6 +420,12 @@ fn txn_show(cli: &Cli, id: &str) -> Res<()> {
     println!("outcome      {outcome}");
     if let Some(d) = &decision {
         println!("reason       {}", d["reason"].as_str().unwrap_or("-"));
+        println!(
+            "trace id     {}",
+            d["trace"]
+                .as_str()
+                .unwrap_or("- (the request had no traceparent)")
+        );
         println!("decided by   {}", d["coordinator"].as_str().unwrap_or("-"));
         if let Some(t) = d["time_ms"].as_u64() {
             println!("decided at   {t} ms since the epoch ({})", ago(t));

@@ -52,7 +52,13 @@ fn every_command_against_a_running_stack() {
         format!("http://{}", pay_sc.inbound_addr()),
     ];
     let url = etcd.url();
-    let r = Client::new().must("POST", &order_sc.inbound_url("/checkout"), &[], b"{}");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = Client::new().must(
+        "POST",
+        &order_sc.inbound_url("/checkout"),
+        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+        b"{}",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let id = r.header("x-txmesh-txn").unwrap().to_string();
 
@@ -98,10 +104,12 @@ fn every_command_against_a_running_stack() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("outcome      committed"), "{out}");
     assert!(out.contains("decided by   order"), "{out}");
+    assert!(out.contains(&format!("trace id     {trace}")), "{out}");
     let (_, out, _) = ctl(&url, &sidecars, &["txn", &id, "--output", "json"]);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["outcome"], json!("committed"));
     assert_eq!(v["decision"]["txn"], json!(id));
+    assert_eq!(v["decision"]["trace"], json!(trace));
 
     // txn abort: refused for a decided txn, done for an undecided one.
     let (code, _, err) = ctl(&url, &sidecars, &["txn", "abort", &id]);

@@ -256,6 +256,8 @@ struct Job {
     deadline_ms: u64,
     give_up_ms: u64,
     reason: String,
+    /// W3C trace id of the beginning request (empty: none).
+    trace: String,
     /// Delete this coordinator's pending-work key in etcd when done.
     unpend: bool,
     /// Some participant did not acknowledge at once: from then on each
@@ -1298,6 +1300,7 @@ impl TxnEngine {
                             coordinator: self.node.clone(),
                             time_ms: h.now_ms(),
                             reason: "in_doubt".to_string(),
+                            trace: String::new(),
                         };
                         let call = Self::record_call(&self.cfg, &d, None);
                         match h.dispatch(&call) {
@@ -1510,6 +1513,7 @@ impl TxnEngine {
             coordinator: self.node.clone(),
             time_ms: 0,
             reason: why.to_string(),
+            trace: op.trace.clone().unwrap_or_default(),
         }
     }
 
@@ -1999,6 +2003,7 @@ impl TxnEngine {
             deadline_ms: op.deadline_ms,
             give_up_ms: now.saturating_add(self.cfg.phase2_give_up_ms),
             reason: r.to_string(),
+            trace: op.trace.clone().unwrap_or_default(),
             unpend: outcome == Some(Outcome::Committed) && record == Record::Done,
             degraded: false,
         };
@@ -2379,6 +2384,7 @@ impl TxnEngine {
                     coordinator: self.node.clone(),
                     time_ms: now,
                     reason: job.reason.clone(),
+                    trace: job.trace.clone(),
                 };
                 let pending = (outcome == Outcome::Committed).then(|| {
                     let parts = job

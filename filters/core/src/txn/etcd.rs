@@ -47,18 +47,24 @@ pub struct Decision {
     pub coordinator: String,
     pub time_ms: u64,
     pub reason: String,
+    /// W3C trace id of the request that began the transaction; empty: none.
+    pub trace: String,
 }
 
 impl Decision {
     pub fn to_json(&self) -> String {
-        Obj::new()
+        let o = Obj::new()
             .str("txn", &self.txn.to_string())
             .str("outcome", self.outcome.as_str())
             .strs("participants", &self.participants)
             .str("coordinator", &self.coordinator)
             .num("time_ms", self.time_ms)
-            .str("reason", &self.reason)
-            .build()
+            .str("reason", &self.reason);
+        if self.trace.is_empty() {
+            o.build()
+        } else {
+            o.str("trace", &self.trace).build()
+        }
     }
 }
 
@@ -386,7 +392,11 @@ mod tests {
             coordinator: "order".into(),
             time_ms: 5,
             reason: "ok".into(),
+            trace: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
         };
+        assert!(d
+            .to_json()
+            .ends_with(r#""reason":"ok","trace":"4bf92f3577b34da6a3ce929d0e0e4736"}"#));
         assert_eq!(outcome_of(d.to_json().as_bytes()), Some(Outcome::Committed));
         assert_eq!(
             decision_key(&d.txn),
