@@ -172,6 +172,57 @@ fn every_command_against_a_running_stack() {
     assert_eq!(v.as_array().unwrap().len(), 1);
     assert_eq!(v[0]["zone"], json!("z1"));
 
+    // top: live rates while checkouts run.
+    let admin = format!("http://127.0.0.1:{}", order_sc.ports.admin);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (code, out, err) = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let c = Client::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.request("POST", &order_sc.inbound_url("/checkout"), &[], b"{}");
+            }
+        });
+        let r = ctl(
+            &url,
+            &sidecars,
+            &[
+                "top",
+                "--admin",
+                &admin,
+                "--iterations",
+                "2",
+                "--interval",
+                "1",
+                "--output",
+                "json",
+            ],
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let last = &lines[1][0];
+    assert_eq!(last["admin"], json!(admin));
+    // (requests come from the metrics filter, which this stack does not run)
+    assert_eq!(last["requests_per_s"], json!(0.0), "{last}");
+    assert!(last["commits_per_s"].as_f64().unwrap() > 0.0, "{last}");
+    assert_eq!(last["aborts_per_s"], json!(0.0), "{last}");
+    let (code, _, err) = ctl(
+        &url,
+        &sidecars,
+        &["top", "--admin", "http://127.0.0.1:1", "--iterations", "1"],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("cannot reach any Envoy admin (http://127.0.0.1:1)"),
+        "{err}"
+    );
+
     // etcd down: a clear error, exit 2.
     etcd.stop();
     let (code, _, err) = ctl(&url, &sidecars, &["services"]);
