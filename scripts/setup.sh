@@ -93,6 +93,15 @@ else
   step "prometheus" "ok (installed)"
 fi
 
+# 3d. Chromium (headless), for the transactions-page test.
+if command -v "${CHROMIUM_BIN:-chromium}" >/dev/null; then
+  step "chromium" "ok"
+else
+  step "chromium" "installing Debian package chromium (headless browser for a test)..."
+  apt_install --no-install-recommends chromium || die "chromium is missing: install the Debian package chromium, or set CHROMIUM_BIN"
+  step "chromium" "ok (installed)"
+fi
+
 # 4. binaryen's wasm-opt (npm package), to shrink the release wasm.
 BINARYEN_VERSION="${BINARYEN_VERSION:-132.0.0}"
 if [ -x .txmesh/tools/node_modules/.bin/wasm-opt ] && \

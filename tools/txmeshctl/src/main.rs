@@ -17,6 +17,7 @@ const EXAMPLES: &str = "Examples:
   txmeshctl services payment
   txmeshctl top                           live rates per sidecar, refreshed every 2 s (Ctrl-C to stop)
   txmeshctl top --iterations 3 --output json
+  txmeshctl serve                         the transactions page on http://127.0.0.1:8099
 
 Addresses default to the loopback stack of `make up`: etcd at
 http://127.0.0.1:2379 and the sidecars' status listeners (:15008, :15108,
@@ -81,6 +82,12 @@ enum Cmd {
     },
     /// The service registry: instances, zone, weight, version, lease TTL left.
     Services { name: Option<String> },
+    /// A page of recent and in-doubt transactions with a latency plot
+    /// (readable without Grafana), and its data at /api/txns.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8099")]
+        listen: String,
+    },
     /// Live rates per sidecar: requests, commits, aborts, in flight, in doubt
     /// (from each Envoy's admin /stats/prometheus).
     Top {
@@ -449,6 +456,12 @@ fn txn_show(cli: &Cli, id: &str) -> Res<()> {
         println!("decided by   {}", d["coordinator"].as_str().unwrap_or("-"));
         if let Some(t) = d["time_ms"].as_u64() {
             println!("decided at   {t} ms since the epoch ({})", ago(t));
+            if let Some(b) = d["begun_ms"].as_u64() {
+                println!(
+                    "took         {} ms from begin to decision",
+                    t.saturating_sub(b)
+                );
+            }
         }
         let parts: Vec<&str> = d["participants"]
             .as_array()
@@ -734,6 +747,91 @@ fn top(cli: &Cli, admins: &[String], interval: u64, iterations: Option<u64>) -> 
     }
 }
 
+const PAGE: &str = include_str!("page.html");
+
+/// The page's data: the 100 newest decisions (with how long each took) and
+/// what the sidecars hold in doubt.
+fn page_data(cli: &Cli) -> Res<Value> {
+    let etcd = Etcd::new(&cli.etcd);
+    let mut decided: Vec<Value> = etcd
+        .list("txmesh/decisions/")?
+        .into_iter()
+        .filter_map(|(_, v, _)| serde_json::from_slice::<Value>(&v).ok())
+        .map(|mut d| {
+            if let (Some(t), Some(b)) = (d["time_ms"].as_u64(), d["begun_ms"].as_u64()) {
+                d["took_ms"] = json!(t.saturating_sub(b));
+            }
+            d
+        })
+        .collect();
+    decided.sort_by_key(|d| std::cmp::Reverse(d["time_ms"].as_u64().unwrap_or(0)));
+    decided.truncate(100);
+    let in_doubt: Vec<Value> = from_sidecars(&cli.sidecars, "/txmesh/txns?state=in-doubt")
+        .into_iter()
+        .flat_map(|(_, v)| {
+            let node = v["node"].clone();
+            v["txns"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |mut t| {
+                    t["node"] = node.clone();
+                    t
+                })
+        })
+        .collect();
+    Ok(json!({"generated_ms": now_ms(), "decided": decided, "in_doubt": in_doubt}))
+}
+
+fn serve(cli: &Cli, listen: &str) -> Res<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind(listen).map_err(|e| {
+        Fail(format!(
+            "cannot listen on {listen}: {e} (use --listen HOST:PORT)"
+        ))
+    })?;
+    eprintln!(
+        "txmeshctl: the transactions page on http://{listen}/ (data: /api/txns); Ctrl-C to stop"
+    );
+    for conn in l.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut first = String::new();
+        let mut reader = BufReader::new(match conn.try_clone() {
+            Ok(c) => c,
+            Err(_) => continue,
+        });
+        if reader.read_line(&mut first).is_err() {
+            continue;
+        }
+        // Drain the request headers.
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let path = first.split_whitespace().nth(1).unwrap_or("/");
+        let (status, ctype, body) = match path {
+            "/" | "/index.html" => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
+            "/api/txns" => match page_data(cli) {
+                Ok(v) => ("200 OK", "application/json", v.to_string()),
+                Err(Fail(e)) => (
+                    "503 Service Unavailable",
+                    "application/json",
+                    json!({"error": e}).to_string(),
+                ),
+            },
+            _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match &cli.cmd {
@@ -749,6 +847,7 @@ fn main() {
             )),
         },
         Cmd::Services { name } => services(&cli, name.as_deref()),
+        Cmd::Serve { listen } => serve(&cli, listen),
         Cmd::Top {
             admins,
             interval,

@@ -1301,6 +1301,7 @@ impl TxnEngine {
                             time_ms: h.now_ms(),
                             reason: "in_doubt".to_string(),
                             trace: String::new(),
+                            begun_ms: 0,
                         };
                         let call = Self::record_call(&self.cfg, &d, None);
                         match h.dispatch(&call) {
@@ -1514,6 +1515,7 @@ impl TxnEngine {
             time_ms: 0,
             reason: why.to_string(),
             trace: op.trace.clone().unwrap_or_default(),
+            begun_ms: op.started_ms,
         }
     }
 
@@ -2385,6 +2387,7 @@ impl TxnEngine {
                     time_ms: now,
                     reason: job.reason.clone(),
                     trace: job.trace.clone(),
+                    begun_ms: 0,
                 };
                 let pending = (outcome == Outcome::Committed).then(|| {
                     let parts = job

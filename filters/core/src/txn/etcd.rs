@@ -49,6 +49,8 @@ pub struct Decision {
     pub reason: String,
     /// W3C trace id of the request that began the transaction; empty: none.
     pub trace: String,
+    /// When the transaction began (ms since the epoch); 0: unknown here.
+    pub begun_ms: u64,
 }
 
 impl Decision {
@@ -60,6 +62,11 @@ impl Decision {
             .str("coordinator", &self.coordinator)
             .num("time_ms", self.time_ms)
             .str("reason", &self.reason);
+        let o = if self.begun_ms > 0 {
+            o.num("begun_ms", self.begun_ms)
+        } else {
+            o
+        };
         if self.trace.is_empty() {
             o.build()
         } else {
@@ -393,10 +400,11 @@ mod tests {
             time_ms: 5,
             reason: "ok".into(),
             trace: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            begun_ms: 2,
         };
-        assert!(d
-            .to_json()
-            .ends_with(r#""reason":"ok","trace":"4bf92f3577b34da6a3ce929d0e0e4736"}"#));
+        assert!(d.to_json().ends_with(
+            r#""reason":"ok","begun_ms":2,"trace":"4bf92f3577b34da6a3ce929d0e0e4736"}"#
+        ));
         assert_eq!(outcome_of(d.to_json().as_bytes()), Some(Outcome::Committed));
         assert_eq!(
             decision_key(&d.txn),
