@@ -589,8 +589,7 @@ impl RouterEngine {
         bump(h, e.m.picks, 1);
         let (slot, id) = (e.slot, e.id.clone());
         let counted = track
-            && match self.update_stats(h, slot, &id, |st| st.pending = st.pending.saturating_add(1))
-            {
+            && match self.update_stats(h, slot, &id, |st| st.start(now)) {
                 Some((st, ())) => {
                     if let Some(e) = self.services.get_mut(si).and_then(|s| s.eps.get_mut(ei)) {
                         e.stats = st;

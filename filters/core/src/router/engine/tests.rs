@@ -583,3 +583,24 @@ fn invalid_registry_entries_are_skipped_and_logged() {
         Some("10.0.0.1:80")
     );
 }
+
+#[test]
+fn in_flight_requests_carry_their_start_time() {
+    let h = Fake::new();
+    let mut e = engine(&h, r#"{"services":{"payment":{"strategy":"peak_ewma"}}}"#);
+    load(&h, &mut e, &[("payment", "10.0.0.1:80", "")]);
+    let at = h.now.get();
+    request(&h, "payment", &[]);
+    let r = e.on_request_headers(&h, 1).0.unwrap();
+    let slot = |h: &Fake| {
+        EpStats::decode_for(
+            "payment/10.0.0.1:80",
+            h.base.shared_get("txmesh.router.router.ep.0").0.as_deref(),
+        )
+    };
+    assert_eq!((slot(&h).pending, slot(&h).pending_since_sum_ms), (1, at));
+    h.advance(40);
+    h.log_phase(200, 0, 40);
+    e.on_log(&h, &r);
+    assert_eq!((slot(&h).pending, slot(&h).pending_since_sum_ms), (0, 0));
+}
