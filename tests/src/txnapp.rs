@@ -288,3 +288,49 @@ fn handle(
         Reply::status(status).json(serde_json::json!({"service": name, "txn": txn}))
     }
 }
+
+/// The checkout call graph: `order` calls `payment` and `inventory` through
+/// its sidecar's outbound listener; each app sits behind the sidecar `side`
+/// builds for it (name, app).
+pub struct Checkout {
+    pub order: TxnApp,
+    pub payment: TxnApp,
+    pub inventory: TxnApp,
+    pub order_sc: crate::envoy::Envoy,
+    pub pay_sc: crate::envoy::Envoy,
+    pub inv_sc: crate::envoy::Envoy,
+}
+
+impl Checkout {
+    pub fn start(
+        payment_vote: Vote,
+        inventory_vote: Vote,
+        side: impl Fn(&str, &TxnApp) -> crate::Sidecar,
+    ) -> Self {
+        let calls = Arc::new(RwLock::new(Vec::new()));
+        let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+        let payment = TxnApp::start("payment", payment_vote);
+        let inventory = TxnApp::start("inventory", inventory_vote);
+        let pay_sc = side("payment", &payment).start();
+        let inv_sc = side("inventory", &inventory).start();
+        let order_sc = side("order", &order)
+            .route("payment", &[pay_sc.inbound_addr()])
+            .route("inventory", &[inv_sc.inbound_addr()])
+            .start();
+        *calls.write().unwrap_or_else(|e| e.into_inner()) = ["payment", "inventory"]
+            .iter()
+            .map(|h| Downstream {
+                host: h.to_string(),
+                outbound_port: order_sc.ports.outbound,
+            })
+            .collect();
+        Self {
+            order,
+            payment,
+            inventory,
+            order_sc,
+            pay_sc,
+            inv_sc,
+        }
+    }
+}

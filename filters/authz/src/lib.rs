@@ -7,13 +7,15 @@
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::rc::Rc;
-use txmesh_core::authz::{AuthzConfig, AuthzEngine, Verdict};
-use txmesh_host::{raw, WasmHost};
+use txmesh_core::authz::{denial_body, AuthzConfig, AuthzEngine, Verdict};
+use txmesh_host::{plugin_config, raw, WasmHost};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { engine: None }) });
 }}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
 
 struct Root {
     engine: Option<Rc<AuthzEngine>>,
@@ -23,25 +25,12 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let raw_cfg = raw::get_buffer(raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
-        let cfg = match AuthzConfig::parse(&raw_cfg) {
-            Ok(c) => c,
-            Err(e) => {
-                raw::log(4, &format!("invalid plugin configuration {e}"));
-                return false;
-            }
+        let Some(cfg) = plugin_config(size, AuthzConfig::parse) else {
+            return false;
         };
         match AuthzEngine::new(cfg, &WasmHost::default()) {
             Ok(e) => {
-                raw::log(
-                    2,
-                    &format!(
-                        "configured ({} rules, default {}, {} coordinator patterns)",
-                        e.config().rules.len(),
-                        e.config().default.as_str(),
-                        e.config().coordinators.len()
-                    ),
-                );
+                raw::log(2, &format!("configured ({})", e.describe()));
                 self.engine = Some(Rc::new(e));
                 true
             }
@@ -71,20 +60,16 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let Some(engine) = &self.engine else {
-            // Not configured: on_configure failed and Envoy refused the
-            // config; nothing reaches here. Deny to be sure.
-            raw::send_local_response(
-                403,
-                &[("content-type", "application/json")],
-                br#"{"error":"forbidden","principal":"unknown"}"#,
-            );
-            return Action::Pause;
+        let verdict = match &self.engine {
+            Some(engine) => engine.on_request_headers(&WasmHost::default()),
+            // Not configured (Envoy refuses a failed configuration, so this
+            // should not happen): deny rather than guess.
+            None => Verdict::Deny(denial_body(b"unknown")),
         };
-        match engine.on_request_headers(&WasmHost::default()) {
+        match verdict {
             Verdict::Allow => Action::Continue,
             Verdict::Deny(body) => {
-                raw::send_local_response(403, &[("content-type", "application/json")], &body);
+                raw::send_local_response(403, &[JSON], &body);
                 Action::Pause
             }
         }

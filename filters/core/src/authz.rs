@@ -419,6 +419,15 @@ pub fn principal_of(h: &impl Properties) -> Vec<u8> {
     }
 }
 
+/// The body of a 403: `{"error": "forbidden", "principal": ...}`.
+pub fn denial_body(principal: &[u8]) -> Vec<u8> {
+    Obj::new()
+        .str("error", "forbidden")
+        .str("principal", &String::from_utf8_lossy(principal))
+        .build()
+        .into_bytes()
+}
+
 /// A decision to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -453,6 +462,16 @@ impl AuthzEngine {
         &self.cfg
     }
 
+    /// One line for the log at configure time.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} rules, default {}, {} coordinator patterns",
+            self.cfg.rules.len(),
+            self.cfg.default.as_str(),
+            self.cfg.coordinators.len()
+        )
+    }
+
     /// Sanitizes (at the edge), decides the current request and counts the
     /// decision.
     pub fn on_request_headers(&self, h: &(impl RequestHeaders + Properties + Metrics)) -> Verdict {
@@ -472,13 +491,7 @@ impl AuthzEngine {
         }
         match action {
             Action::Allow => Verdict::Allow,
-            Action::Deny => Verdict::Deny(
-                Obj::new()
-                    .str("error", "forbidden")
-                    .str("principal", &String::from_utf8_lossy(&principal))
-                    .build()
-                    .into_bytes(),
-            ),
+            Action::Deny => Verdict::Deny(denial_body(&principal)),
         }
     }
 }

@@ -40,6 +40,33 @@ impl WasmHost {
     }
 }
 
+/// The plugin configuration of `size` bytes, parsed by `parse`. An error is
+/// logged as `invalid plugin configuration <error>` (`on_configure` then
+/// returns false and Envoy refuses the configuration).
+pub fn plugin_config<T, E: std::fmt::Display>(
+    size: usize,
+    parse: impl FnOnce(&[u8]) -> Result<T, E>,
+) -> Option<T> {
+    let bytes = raw::get_buffer(raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
+    match parse(&bytes) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            raw::log(4, &format!("invalid plugin configuration {e}"));
+            None
+        }
+    }
+}
+
+/// Runs `f` on an engine shared by a root context and its HTTP contexts;
+/// nothing when there is none or it is busy (a re-entrant callback).
+pub fn with_engine<E, R>(
+    engine: &Option<std::rc::Rc<std::cell::RefCell<E>>>,
+    f: impl FnOnce(&mut E) -> R,
+) -> Option<R> {
+    let mut e = engine.as_ref()?.try_borrow_mut().ok()?;
+    Some(f(&mut e))
+}
+
 /// Reads the answer of a callout inside `on_http_call_response`. No headers
 /// means no HTTP answer (timeout, reset, no upstream).
 pub fn callout_response(num_headers: usize, body_size: usize) -> CalloutResponse {

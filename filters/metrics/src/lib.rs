@@ -21,14 +21,8 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let raw =
-            txmesh_host::raw::get_buffer(txmesh_host::raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
-        let config = match MetricsConfig::parse(&raw) {
-            Ok(c) => c,
-            Err(e) => {
-                error!("invalid plugin configuration {e}");
-                return false;
-            }
+        let Some(config) = txmesh_host::plugin_config(size, MetricsConfig::parse) else {
+            return false;
         };
         match MetricsEngine::new(config, &WasmHost::default()) {
             Ok(engine) => {

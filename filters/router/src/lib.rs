@@ -12,69 +12,45 @@ use std::time::Duration;
 use txmesh_core::router::config::RouterConfig;
 use txmesh_core::router::engine::{Routed, RouterEngine, TICK_MS};
 use txmesh_core::txn::engine::Verdict;
-use txmesh_host::{callout_response, raw, WasmHost};
+use txmesh_host::{callout_response, plugin_config, raw, with_engine, WasmHost};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { id, engine: None }) });
 }}
 
-type Shared = Rc<RefCell<RouterEngine>>;
+type Shared = Option<Rc<RefCell<RouterEngine>>>;
 
 struct Root {
     id: u32,
-    engine: Option<Shared>,
+    engine: Shared,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
         let resp = callout_response(headers, body);
-        if let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) {
-            e.on_callout(&WasmHost::on(self.id), token, resp);
-        }
+        with_engine(&self.engine, |e| {
+            e.on_callout(&WasmHost::on(self.id), token, resp)
+        });
     }
 }
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let raw_cfg = raw::get_buffer(raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
-        let cfg = match RouterConfig::parse(&raw_cfg) {
-            Ok(c) => c,
-            Err(e) => {
-                raw::log(4, &format!("invalid plugin configuration {e}"));
-                return false;
-            }
+        let Some(cfg) = plugin_config(size, RouterConfig::parse) else {
+            return false;
         };
         let host = WasmHost::on(self.id);
         let mut engine = RouterEngine::new(cfg, &host);
         engine.define_metrics(&host);
-        let services: Vec<String> = engine
-            .config()
-            .services
-            .iter()
-            .map(|(n, s)| format!("{n}={}", s.strategy.as_str()))
-            .collect();
-        raw::log(
-            2,
-            &format!(
-                "configured (registry {} via cluster {}, every {} ms; zone {}; header {}; services {})",
-                engine.config().registry_prefix,
-                engine.config().etcd_cluster,
-                engine.config().poll_interval_ms,
-                engine.zone().unwrap_or("none"),
-                engine.config().endpoint_header,
-                services.join(",")
-            ),
-        );
+        raw::log(2, &format!("configured ({})", engine.describe()));
         self.engine = Some(Rc::new(RefCell::new(engine)));
         self.set_tick_period(Duration::from_millis(TICK_MS));
         true
     }
 
     fn on_tick(&mut self) {
-        if let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) {
-            e.on_tick(&WasmHost::on(self.id));
-        }
+        with_engine(&self.engine, |e| e.on_tick(&WasmHost::on(self.id)));
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -92,7 +68,7 @@ impl RootContext for Root {
 
 struct Http {
     id: u32,
-    engine: Option<Shared>,
+    engine: Shared,
     routed: Option<Routed>,
 }
 
@@ -100,10 +76,12 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) else {
+        let id = self.id;
+        let Some((routed, verdict)) = with_engine(&self.engine, |e| {
+            e.on_request_headers(&WasmHost::on(id), id)
+        }) else {
             return Action::Continue;
         };
-        let (routed, verdict) = e.on_request_headers(&WasmHost::on(self.id), self.id);
         self.routed = routed;
         match verdict {
             Verdict::Continue => Action::Continue,
@@ -113,8 +91,6 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         let Some(r) = self.routed.take() else { return };
-        if let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) {
-            e.on_log(&WasmHost::on(self.id), &r);
-        }
+        with_engine(&self.engine, |e| e.on_log(&WasmHost::on(self.id), &r));
     }
 }

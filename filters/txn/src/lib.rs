@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::Duration;
 use txmesh_core::txn::config::TxnConfig;
 use txmesh_core::txn::engine::{Stream, TxnEngine, Verdict, TICK_MS};
-use txmesh_host::{callout_response, raw, WasmHost};
+use txmesh_host::{callout_response, plugin_config, raw, with_engine, WasmHost};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -28,9 +28,7 @@ struct Root {
 /// Hands a callout's answer to the engine, acting as context `id`.
 fn callout_answered(engine: &Option<Shared>, id: u32, token: u32, headers: usize, body: usize) {
     let resp = callout_response(headers, body);
-    if let Some(Ok(mut e)) = engine.as_ref().map(|e| e.try_borrow_mut()) {
-        e.on_callout(&WasmHost::on(id), token, resp);
-    }
+    with_engine(engine, |e| e.on_callout(&WasmHost::on(id), token, resp));
 }
 
 impl Context for Root {
@@ -41,13 +39,8 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let raw_cfg = raw::get_buffer(raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
-        let cfg = match TxnConfig::parse(&raw_cfg) {
-            Ok(c) => c,
-            Err(e) => {
-                raw::log(4, &format!("invalid plugin configuration {e}"));
-                return false;
-            }
+        let Some(cfg) = plugin_config(size, TxnConfig::parse) else {
+            return false;
         };
         let host = WasmHost::on(self.id);
         let mut engine = TxnEngine::new(cfg, &host);
@@ -68,9 +61,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) {
-            e.on_tick(&WasmHost::on(self.id));
-        }
+        with_engine(&self.engine, |e| e.on_tick(&WasmHost::on(self.id)));
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -107,25 +98,28 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) else {
+        let id = self.id;
+        let Some((stream, verdict)) = with_engine(&self.engine, |e| {
+            e.on_request_headers(&WasmHost::on(id), id)
+        }) else {
             return Action::Continue;
         };
-        let (stream, verdict) = e.on_request_headers(&WasmHost::on(self.id), self.id);
         self.stream = stream;
         action(verdict)
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) else {
-            return Action::Continue;
-        };
-        let verdict = e.on_response_headers(&WasmHost::on(self.id), self.id, &self.stream);
-        action(verdict)
+        let (id, stream) = (self.id, &self.stream);
+        with_engine(&self.engine, |e| {
+            action(e.on_response_headers(&WasmHost::on(id), id, stream))
+        })
+        .unwrap_or(Action::Continue)
     }
 
     fn on_log(&mut self) {
-        if let Some(Ok(mut e)) = self.engine.as_ref().map(|e| e.try_borrow_mut()) {
-            e.on_stream_done(&WasmHost::on(self.id), self.id, &self.stream);
-        }
+        let (id, stream) = (self.id, &self.stream);
+        with_engine(&self.engine, |e| {
+            e.on_stream_done(&WasmHost::on(id), id, stream)
+        });
     }
 }

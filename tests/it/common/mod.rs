@@ -3,10 +3,9 @@
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use txmesh_tests::envoy::Envoy;
-use txmesh_tests::{Client, Downstream, Etcd, Filter, Resp, Sidecar, TxnApp, Vote};
+use txmesh_tests::{Checkout, Client, Etcd, Filter, Resp, Sidecar, TxnApp, Vote};
 
 pub fn txn_cfg(node: &str) -> Value {
     json!({
@@ -58,32 +57,17 @@ impl Shop {
     /// With extra txn filter settings merged into every sidecar's config.
     pub fn start_with(payment_vote: Vote, inventory_vote: Vote, extra: &Value) -> Self {
         let etcd = Etcd::start();
-        let sidecar = |name: &str, app: &TxnApp, addr| sidecar_with(name, app, addr, extra);
-        let calls = Arc::new(RwLock::new(Vec::new()));
-        let order = TxnApp::calling("order", Vote::Commit, calls.clone());
-        let payment = TxnApp::start("payment", payment_vote);
-        let inventory = TxnApp::start("inventory", inventory_vote);
-        let payment_sc = sidecar("payment", &payment, etcd.addr()).start();
-        let inventory_sc = sidecar("inventory", &inventory, etcd.addr()).start();
-        let order_sc = sidecar("order", &order, etcd.addr())
-            .route("payment", &[payment_sc.inbound_addr()])
-            .route("inventory", &[inventory_sc.inbound_addr()])
-            .start();
-        *calls.write().unwrap() = ["payment", "inventory"]
-            .iter()
-            .map(|h| Downstream {
-                host: h.to_string(),
-                outbound_port: order_sc.ports.outbound,
-            })
-            .collect();
+        let g = Checkout::start(payment_vote, inventory_vote, |name, app| {
+            sidecar_with(name, app, etcd.addr(), extra)
+        });
         Shop {
             etcd,
-            order,
-            payment,
-            inventory,
-            order_sc,
-            payment_sc,
-            inventory_sc,
+            order: g.order,
+            payment: g.payment,
+            inventory: g.inventory,
+            order_sc: g.order_sc,
+            payment_sc: g.pay_sc,
+            inventory_sc: g.inv_sc,
             client: Client::new(),
         }
     }

@@ -8,9 +8,9 @@
 
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use txmesh_tests::{Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+use txmesh_tests::{Checkout, Client, Etcd, Filter, Sidecar, Vote};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -36,30 +36,21 @@ fn main() {
         json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": node,
                "default_timeout_ms": 5000, "max_in_flight": 4096})
     };
-    let calls = Arc::new(RwLock::new(Vec::new()));
-    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
-    let payment = TxnApp::start("payment", Vote::Commit);
-    let inventory = TxnApp::start("inventory", Vote::Commit);
-    let side = |n: &str, app: &TxnApp| {
+    let g = Checkout::start(Vote::Commit, Vote::Commit, |n, app| {
         Sidecar::new(n)
             .app(&app.server)
             .etcd(&etcd)
             .filter(Filter::txn(cfg(n)))
             .filter(Filter::metrics(json!({"workload": n})))
-    };
-    let pay_sc = side("payment", &payment).start();
-    let inv_sc = side("inventory", &inventory).start();
-    let order_sc = side("order", &order)
-        .route("payment", &[pay_sc.inbound_addr()])
-        .route("inventory", &[inv_sc.inbound_addr()])
-        .start();
-    *calls.write().unwrap() = ["payment", "inventory"]
-        .iter()
-        .map(|h| Downstream {
-            host: h.to_string(),
-            outbound_port: order_sc.ports.outbound,
-        })
-        .collect();
+    });
+    let Checkout {
+        order,
+        payment,
+        inventory,
+        order_sc,
+        pay_sc,
+        inv_sc,
+    } = &g;
     let pids = [
         ("order (root)", order_sc.guard.pid()),
         ("payment", pay_sc.guard.pid()),

@@ -9,7 +9,7 @@
 use serde_json::json;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use txmesh_tests::{median, Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+use txmesh_tests::{median, Checkout, Client, Etcd, Filter, Sidecar, TxnApp, Vote};
 
 struct Run {
     rps: f64,
@@ -121,29 +121,14 @@ fn main() {
         json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": node,
                "default_timeout_ms": 5000, "max_in_flight": 4096})
     };
-    let calls = Arc::new(RwLock::new(Vec::new()));
-    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
-    let payment = TxnApp::start("payment", Vote::Commit);
-    let inventory = TxnApp::start("inventory", Vote::Commit);
     let side = |n: &str, app: &TxnApp| {
         Sidecar::new(n)
             .app(&app.server)
             .etcd(&etcd)
             .filter(Filter::txn(cfg(n)))
     };
-    let pay_sc = side("payment", &payment).start();
-    let inv_sc = side("inventory", &inventory).start();
-    let order_sc = side("order", &order)
-        .route("payment", &[pay_sc.inbound_addr()])
-        .route("inventory", &[inv_sc.inbound_addr()])
-        .start();
-    *calls.write().unwrap() = ["payment", "inventory"]
-        .iter()
-        .map(|h| Downstream {
-            host: h.to_string(),
-            outbound_port: order_sc.ports.outbound,
-        })
-        .collect();
+    let g = Checkout::start(Vote::Commit, Vote::Commit, side);
+    let order_sc = &g.order_sc;
     // The limit to compare with: one prepare round (a call through two
     // sidecars to a participant) plus one durable etcd write.
     let c = Client::keep_alive();
@@ -194,7 +179,7 @@ fn main() {
     );
     for (graph, sc) in [
         ("1 participant (initiator only, one-phase commit)", &solo_sc),
-        ("3 participants (order -> payment, inventory)", &order_sc),
+        ("3 participants (order -> payment, inventory)", order_sc),
     ] {
         let plain = sc.inbound_url("/plain");
         let txn = sc.inbound_url("/checkout");

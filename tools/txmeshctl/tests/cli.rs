@@ -1,10 +1,11 @@
 //! txmeshctl against a running stack: etcd, two sidecars with the txn
 //! filter, participant apps.
 
+mod common;
+
 use serde_json::{json, Value};
 use std::process::Command;
-use std::sync::{Arc, RwLock};
-use txmesh_tests::{Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+use txmesh_tests::Client;
 
 fn ctl(etcd: &str, sidecars: &[String], args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_txmeshctl"))
@@ -26,31 +27,16 @@ fn ctl(etcd: &str, sidecars: &[String], args: &[&str]) -> (i32, String, String) 
 
 #[test]
 fn every_command_against_a_running_stack() {
-    let mut etcd = Etcd::start();
-    let cfg =
-        |n: &str| json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": n});
-    let payment = TxnApp::start("payment", Vote::Commit);
-    let pay_sc = Sidecar::new("payment")
-        .app(&payment.server)
-        .etcd(&etcd)
-        .filter(Filter::txn(cfg("payment")))
-        .start();
-    let calls = Arc::new(RwLock::new(Vec::new()));
-    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
-    let order_sc = Sidecar::new("order")
-        .app(&order.server)
-        .etcd(&etcd)
-        .filter(Filter::txn(cfg("order")))
-        .route("payment", &[pay_sc.inbound_addr()])
-        .start();
-    *calls.write().unwrap() = vec![Downstream {
-        host: "payment".into(),
-        outbound_port: order_sc.ports.outbound,
-    }];
-    let sidecars = vec![
-        format!("http://{}", order_sc.inbound_addr()),
-        format!("http://{}", pay_sc.inbound_addr()),
-    ];
+    let stack = common::Stack::start();
+    let sidecars = stack.sidecars();
+    // Named, not `..`: the payment sidecar and the order app must live on.
+    let common::Stack {
+        mut etcd,
+        payment,
+        pay_sc: _pay_sc,
+        order: _order,
+        order_sc,
+    } = stack;
     let url = etcd.url();
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let r = Client::new().must(

@@ -2,11 +2,11 @@
 //! after real transactions: the rendered DOM shows each one, its outcome,
 //! the trace id and one latency bar per transaction.
 
-use serde_json::json;
+mod common;
+
 use std::process::Command;
-use std::sync::{Arc, RwLock};
 use txmesh_tests::process::ChildGuard;
-use txmesh_tests::{Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+use txmesh_tests::Client;
 
 fn chromium() -> String {
     std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "chromium".to_string())
@@ -14,27 +14,8 @@ fn chromium() -> String {
 
 #[test]
 fn the_page_shows_recent_transactions_in_headless_chromium() {
-    let etcd = Etcd::start();
-    let cfg =
-        |n: &str| json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": n});
-    let payment = TxnApp::start("payment", Vote::Commit);
-    let pay_sc = Sidecar::new("payment")
-        .app(&payment.server)
-        .etcd(&etcd)
-        .filter(Filter::txn(cfg("payment")))
-        .start();
-    let calls = Arc::new(RwLock::new(Vec::new()));
-    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
-    let order_sc = Sidecar::new("order")
-        .app(&order.server)
-        .etcd(&etcd)
-        .filter(Filter::txn(cfg("order")))
-        .route("payment", &[pay_sc.inbound_addr()])
-        .start();
-    *calls.write().unwrap() = vec![Downstream {
-        host: "payment".into(),
-        outbound_port: order_sc.ports.outbound,
-    }];
+    let stack = common::Stack::start();
+    let (etcd, order_sc) = (&stack.etcd, &stack.order_sc);
     let c = Client::new();
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut ids = Vec::new();
@@ -54,11 +35,7 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
     let dir = txmesh_tests::scratch_dir("txmeshctl-serve");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_txmeshctl"));
     cmd.args(["--etcd", &etcd.url(), "--sidecar"])
-        .arg(format!(
-            "http://{},http://{}",
-            order_sc.inbound_addr(),
-            pay_sc.inbound_addr()
-        ))
+        .arg(stack.sidecars().join(","))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
     let _serve = ChildGuard::spawn("txmeshctl-serve", cmd, &dir, vec![]);
     let url = format!("http://127.0.0.1:{port}/");

@@ -175,6 +175,40 @@ fn json_error(error: &str, service: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The endpoints a pick may choose from: registered with weight > 0 and not
+/// ejected; with zone preference the unsaturated local ones first, then the
+/// other zones', then the saturated local ones; when every endpoint is
+/// ejected, all of them (Envoy's panic mode: better any endpoint than none).
+fn candidates(s: &Service, zone: Option<&str>, now: u64) -> Vec<usize> {
+    let select = |keep: &dyn Fn(&Ep) -> bool| -> Vec<usize> {
+        s.eps
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| keep(e))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let live = |e: &Ep| e.weight > 0;
+    let up = |e: &Ep| live(e) && !e.stats.ejected(now);
+    if let (true, Some(z)) = (s.cfg.zone_preference, zone) {
+        let local = select(&|e| {
+            up(e) && e.zone == z && s.cfg.spill_over_pending.is_none_or(|m| e.stats.pending < m)
+        });
+        if !local.is_empty() {
+            return local;
+        }
+        let others = select(&|e| up(e) && e.zone != z);
+        if !others.is_empty() {
+            return others;
+        }
+    }
+    let available = select(&up);
+    if !available.is_empty() {
+        return available;
+    }
+    select(&live)
+}
+
 impl RouterEngine {
     pub fn new(cfg: RouterConfig, h: &impl Host) -> Self {
         let zone = cfg.local_zone.clone().or_else(|| {
@@ -231,6 +265,25 @@ impl RouterEngine {
 
     pub fn config(&self) -> &RouterConfig {
         &self.cfg
+    }
+
+    /// One line for the log at configure time.
+    pub fn describe(&self) -> String {
+        let services: Vec<String> = self
+            .cfg
+            .services
+            .iter()
+            .map(|(n, s)| format!("{n}={}", s.strategy.as_str()))
+            .collect();
+        format!(
+            "registry {} via cluster {}, every {} ms; zone {}; header {}; services {}",
+            self.cfg.registry_prefix,
+            self.cfg.etcd_cluster,
+            self.cfg.poll_interval_ms,
+            self.zone().unwrap_or("none"),
+            self.cfg.endpoint_header,
+            services.join(",")
+        )
     }
     pub fn zone(&self) -> Option<&str> {
         self.zone.as_deref()
@@ -549,9 +602,8 @@ impl RouterEngine {
     /// service has no endpoint. Requests to services the router does not
     /// route lose any client-supplied endpoint header.
     pub fn on_request_headers(&mut self, h: &impl Host, ctx: u32) -> (Option<Routed>, Verdict) {
-        let header = self.cfg.endpoint_header.clone();
         let Some(si) = self.service_of(h) else {
-            h.set_request_header(&header, None);
+            h.set_request_header(&self.cfg.endpoint_header, None);
             return (None, Verdict::Continue);
         };
         let now = h.now_ms();
@@ -585,7 +637,7 @@ impl RouterEngine {
         let Some(e) = s.eps.get(ei) else {
             return (None, Verdict::Continue);
         };
-        h.set_request_header(&header, Some(&e.address));
+        h.set_request_header(&self.cfg.endpoint_header, Some(&e.address));
         bump(h, e.m.picks, 1);
         let (slot, id) = (e.slot, e.id.clone());
         let counted = track
@@ -613,48 +665,8 @@ impl RouterEngine {
     /// The endpoint to use, by the service's strategy, among the available
     /// ones (not ejected, weight > 0; local zone first when preferred).
     fn pick(&mut self, h: &impl Host, si: usize, now: u64) -> Option<usize> {
-        let zone = self.zone.clone();
         let s = self.services.get(si)?;
-        let live: Vec<usize> = (0..s.eps.len())
-            .filter(|&i| s.eps.get(i).is_some_and(|e| e.weight > 0))
-            .collect();
-        let mut cands: Vec<usize> = live
-            .iter()
-            .copied()
-            .filter(|&i| s.eps.get(i).is_some_and(|e| !e.stats.ejected(now)))
-            .collect();
-        if s.cfg.zone_preference {
-            if let Some(z) = &zone {
-                let local: Vec<usize> = cands
-                    .iter()
-                    .copied()
-                    .filter(|&i| {
-                        s.eps.get(i).is_some_and(|e| {
-                            e.zone == *z
-                                && s.cfg
-                                    .spill_over_pending
-                                    .is_none_or(|max| e.stats.pending < max)
-                        })
-                    })
-                    .collect();
-                let others: Vec<usize> = cands
-                    .iter()
-                    .copied()
-                    .filter(|&i| s.eps.get(i).is_some_and(|e| e.zone != *z))
-                    .collect();
-                // Local first; then the other zones; then whatever is left
-                // (saturated local endpoints).
-                if !local.is_empty() {
-                    cands = local;
-                } else if !others.is_empty() {
-                    cands = others;
-                }
-            }
-        }
-        if cands.is_empty() {
-            // Everything ejected: better any endpoint than none (Envoy's panic mode).
-            cands = live;
-        }
+        let cands = candidates(s, self.zone.as_deref(), now);
         if cands.is_empty() {
             return None;
         }
@@ -765,7 +777,6 @@ impl RouterEngine {
         let Some(s) = self.services.get_mut(r.service) else {
             return;
         };
-        let name = s.name.clone();
         let Some(e) = s.eps.iter_mut().find(|e| e.slot == r.slot && e.id == r.id) else {
             return; // Left the registry meanwhile: no metrics for it any more.
         };
@@ -781,7 +792,8 @@ impl RouterEngine {
             h.log(
                 LogLevel::Info,
                 &format!(
-                    "ejected {name} endpoint {} for {} ms (ejection {} in a row) after {} consecutive failures",
+                    "ejected {} endpoint {} for {} ms (ejection {} in a row) after {} consecutive failures",
+                    s.name,
                     e.address,
                     until.saturating_sub(now),
                     st.ejections,
