@@ -2,76 +2,57 @@
 //!
 //! One engine per root context; each request is decided at its headers:
 //! allowed requests continue, denied ones get a 403 JSON answer and never
-//! reach the app.
+//! reach the app. Exports only context create and request headers
+//! (`txmesh_host::rt`): two calls into the VM per stream.
 
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
-use std::rc::Rc;
+use std::cell::RefCell;
 use txmesh_core::authz::{denial_body, AuthzConfig, AuthzEngine, Verdict};
-use txmesh_host::{plugin_config, raw, WasmHost};
-
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { engine: None }) });
-}}
+use txmesh_host::rt::Contexts;
+use txmesh_host::{plugin_config, raw, with_contexts, WasmHost};
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
-struct Root {
-    engine: Option<Rc<AuthzEngine>>,
+thread_local! {
+    static CONTEXTS: RefCell<Contexts<AuthzEngine, ()>> = RefCell::new(Contexts::default());
 }
 
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, size: usize) -> bool {
-        let Some(cfg) = plugin_config(size, AuthzConfig::parse) else {
-            return false;
-        };
-        match AuthzEngine::new(cfg, &WasmHost::default()) {
-            Ok(e) => {
-                raw::log(2, &format!("configured ({})", e.describe()));
-                self.engine = Some(Rc::new(e));
-                true
-            }
-            Err(e) => {
-                raw::log(4, &format!("cannot define metrics: {e}"));
-                false
-            }
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
+    let Some(cfg) = plugin_config(size, AuthzConfig::parse) else {
+        return 0;
+    };
+    match AuthzEngine::new(cfg, &WasmHost::default()) {
+        Ok(e) => {
+            raw::log(2, &format!("configured ({})", e.describe()));
+            with_contexts(&CONTEXTS, |c| c.set_root(root, e)).map_or(0, |()| 1)
+        }
+        Err(e) => {
+            raw::log(4, &format!("cannot define metrics: {e}"));
+            0
         }
     }
-
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http {
-            engine: self.engine.clone(),
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
 }
 
-struct Http {
-    engine: Option<Rc<AuthzEngine>>,
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
+    with_contexts(&CONTEXTS, |c| c.note(ctx, root));
 }
 
-impl Context for Http {}
-
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let verdict = match &self.engine {
-            Some(engine) => engine.on_request_headers(&WasmHost::default()),
-            // Not configured (Envoy refuses a failed configuration, so this
-            // should not happen): deny rather than guess.
-            None => Verdict::Deny(denial_body(b"unknown")),
-        };
-        match verdict {
-            Verdict::Allow => Action::Continue,
-            Verdict::Deny(body) => {
-                raw::send_local_response(403, &[JSON], &body);
-                Action::Pause
-            }
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, _eos: u32) -> u32 {
+    let verdict = with_contexts(&CONTEXTS, |c| {
+        c.noted_engine(ctx)
+            .map(|engine| engine.on_request_headers(&WasmHost::default()))
+    })
+    .flatten()
+    // No engine for this stream (should not happen: Envoy refuses a failed
+    // configuration): deny rather than guess.
+    .unwrap_or_else(|| Verdict::Deny(denial_body(b"unknown")));
+    match verdict {
+        Verdict::Allow => 0, // Continue
+        Verdict::Deny(body) => {
+            raw::send_local_response(403, &[JSON], &body);
+            1 // StopIteration
         }
     }
 }

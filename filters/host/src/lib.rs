@@ -7,22 +7,30 @@
 //! to it and back.
 
 pub mod raw;
+pub mod rt;
 
-use std::time::Duration;
 use txmesh_core::host::{
     HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
 };
 use txmesh_core::txn::engine::{Callout, CalloutResponse, LogLevel, TxnHost};
 
-#[derive(Debug, Default, Clone, Copy)]
+/// Lives for one callback (build one per call into the VM).
+#[derive(Debug, Default)]
 pub struct WasmHost {
     /// The context whose callback is running (0: unknown / not needed).
     pub current: u32,
+    /// The current stream's request headers, all read in one host call at
+    /// the first lookup (one call instead of one per header; each call into
+    /// the host costs about half a microsecond, BENCHMARKS.md).
+    request_headers: std::cell::RefCell<Option<raw::Pairs>>,
 }
 
 impl WasmHost {
     pub fn on(current: u32) -> Self {
-        Self { current }
+        Self {
+            current,
+            ..Self::default()
+        }
     }
 
     /// Runs `f` with `ctx` as the effective context, then switches back.
@@ -57,14 +65,13 @@ pub fn plugin_config<T, E: std::fmt::Display>(
     }
 }
 
-/// Runs `f` on an engine shared by a root context and its HTTP contexts;
-/// nothing when there is none or it is busy (a re-entrant callback).
-pub fn with_engine<E, R>(
-    engine: &Option<std::rc::Rc<std::cell::RefCell<E>>>,
-    f: impl FnOnce(&mut E) -> R,
-) -> Option<R> {
-    let mut e = engine.as_ref()?.try_borrow_mut().ok()?;
-    Some(f(&mut e))
+/// Runs `f` on a filter's context table; nothing when it is busy (a
+/// re-entrant callback, which Envoy should never make).
+pub fn with_contexts<R, S, T>(
+    table: &'static std::thread::LocalKey<std::cell::RefCell<rt::Contexts<R, S>>>,
+    f: impl FnOnce(&mut rt::Contexts<R, S>) -> T,
+) -> Option<T> {
+    table.with(|t| t.try_borrow_mut().ok().map(|mut t| f(&mut t)))
 }
 
 /// Reads the answer of a callout inside `on_http_call_response`. No headers
@@ -124,10 +131,31 @@ impl SharedData for WasmHost {
 
 impl RequestHeaders for WasmHost {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        raw::get_header(raw::MAP_REQUEST_HEADERS, name)
+        let Ok(mut cache) = self.request_headers.try_borrow_mut() else {
+            return raw::get_header(raw::MAP_REQUEST_HEADERS, name);
+        };
+        if cache.is_none() {
+            *cache = raw::get_header_pairs(raw::MAP_REQUEST_HEADERS);
+        }
+        match cache.as_ref() {
+            Some(pairs) => pairs
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v.clone()),
+            // The host refused the pairs: ask for the one header.
+            None => raw::get_header(raw::MAP_REQUEST_HEADERS, name),
+        }
     }
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         raw::set_header(raw::MAP_REQUEST_HEADERS, name, value.map(str::as_bytes));
+        if let Ok(mut cache) = self.request_headers.try_borrow_mut() {
+            if let Some(pairs) = cache.as_mut() {
+                pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name.as_bytes()));
+                if let Some(v) = value {
+                    pairs.push((name.as_bytes().to_vec(), v.as_bytes().to_vec()));
+                }
+            }
+        }
     }
 }
 
@@ -159,15 +187,8 @@ impl TxnHost for WasmHost {
             (":authority", &c.cluster),
         ];
         headers.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let body = (!c.body.is_empty()).then_some(c.body.as_slice());
-        proxy_wasm::hostcalls::dispatch_http_call(
-            &c.cluster,
-            headers,
-            body,
-            vec![],
-            Duration::from_millis(c.timeout_ms),
-        )
-        .map_err(|s| HostError(format!("dispatch to {}: {s:?}", c.cluster)))
+        raw::http_call(&c.cluster, &headers, &c.body, c.timeout_ms)
+            .map_err(|s| HostError(format!("dispatch to {}: status {s}", c.cluster)))
     }
 
     fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {

@@ -3,8 +3,8 @@
 //! The SDK's `hostcalls` wrappers `panic!` on any status they do not expect
 //! (and on non-UTF-8 header values in the string getters); a panic traps the
 //! VM and takes every stream on it down. These wrappers return `Option`/`bool`
-//! for every status instead. (Callouts still go through the SDK: its
-//! dispatcher must register each callout token.)
+//! for every status instead. txmesh does not use the SDK at all: `rt` is its
+//! runtime.
 
 #![allow(unsafe_code)]
 
@@ -28,6 +28,11 @@ extern "C" {
         key_size: usize,
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
     ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
@@ -86,10 +91,23 @@ extern "C" {
     fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 /// Takes ownership of a buffer the host allocated through
-/// `proxy_on_memory_allocate` (the SDK's allocator).
+/// `proxy_on_memory_allocate` (`rt`: a boxed slice of exactly `size` bytes).
 unsafe fn take(ptr: *mut u8, size: usize) -> Vec<u8> {
     if ptr.is_null() {
         Vec::new()
@@ -104,6 +122,48 @@ pub fn get_header(map: u32, name: &str) -> Option<Vec<u8>> {
     let status =
         unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut p, &mut n) };
     (status == STATUS_OK).then(|| unsafe { take(p, n) })
+}
+
+/// Header names and values, in order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// All headers of a map in one host call, in order (`None` when the host
+/// refuses, e.g. no such map in this callback).
+pub fn get_header_pairs(map: u32) -> Option<Pairs> {
+    let (mut p, mut n) = (null_mut(), 0usize);
+    // SAFETY: pointers are valid for the call; the host fills p/n on Ok.
+    let status = unsafe { proxy_get_header_map_pairs(map, &mut p, &mut n) };
+    if status != STATUS_OK {
+        return None;
+    }
+    let bytes = unsafe { take(p, n) };
+    parse_pairs(&bytes)
+}
+
+/// The proxy-wasm map encoding: count, (key length, value length) per pair,
+/// then each key and value followed by a NUL. `None` if malformed.
+pub fn parse_pairs(bytes: &[u8]) -> Option<Pairs> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        Some(u32::from_le_bytes(b) as usize)
+    };
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let count = u32_at(0)?;
+    let mut sizes = 4usize;
+    let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
+    let mut out = Vec::with_capacity(count.min(256));
+    for _ in 0..count {
+        let (klen, vlen) = (u32_at(sizes)?, u32_at(sizes + 4)?);
+        sizes += 8;
+        let key = bytes.get(data..data.checked_add(klen)?)?.to_vec();
+        data = data.checked_add(klen + 1)?;
+        let value = bytes.get(data..data.checked_add(vlen)?)?.to_vec();
+        data = data.checked_add(vlen + 1)?;
+        out.push((key, value));
+    }
+    Some(out)
 }
 
 pub fn set_header(map: u32, name: &str, value: Option<&[u8]>) -> bool {
@@ -198,7 +258,7 @@ pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Vec<u8> {
     unsafe { take(p, n) }
 }
 
-fn serialize_map(map: &[(&str, &str)]) -> Vec<u8> {
+pub fn serialize_map(map: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(map.len() as u32).to_le_bytes());
     for (k, v) in map {
@@ -232,6 +292,45 @@ pub fn send_local_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -
     s == STATUS_OK
 }
 
+/// Starts an HTTP callout to `cluster`; the answer arrives in
+/// `proxy_on_http_call_response` of the current context. `Err(status)` when
+/// the host refuses it (unknown cluster, bad headers).
+pub fn http_call(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, u32> {
+    let h = serialize_map(headers);
+    let mut token = 0u32;
+    // SAFETY: pointers and lengths describe live slices; token is written on Ok.
+    let status = unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            h.as_ptr(),
+            h.len(),
+            body.as_ptr(),
+            body.len(),
+            null(),
+            0,
+            u32::try_from(timeout_ms).unwrap_or(u32::MAX),
+            &mut token,
+        )
+    };
+    if status == STATUS_OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
+/// Calls `proxy_on_tick` of the current (root) context every `ms` milliseconds.
+pub fn set_tick_period(ms: u32) -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_set_tick_period_milliseconds(ms) == STATUS_OK }
+}
+
 pub fn continue_response() -> bool {
     // SAFETY: plain value.
     unsafe { proxy_continue_stream(STREAM_RESPONSE) == STATUS_OK }
@@ -256,5 +355,29 @@ pub fn log(level: u32, msg: &str) {
     // SAFETY: as above.
     unsafe {
         proxy_log(level, msg.as_ptr(), msg.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_round_trip_and_malformed_input_is_refused() {
+        let bytes = serialize_map(&[(":path", "/a"), ("x-empty", ""), ("k", "v")]);
+        let pairs = parse_pairs(&bytes).unwrap();
+        assert_eq!(
+            pairs,
+            vec![
+                (b":path".to_vec(), b"/a".to_vec()),
+                (b"x-empty".to_vec(), Vec::new()),
+                (b"k".to_vec(), b"v".to_vec()),
+            ]
+        );
+        assert_eq!(parse_pairs(&[]), Some(Vec::new()));
+        for cut in 1..bytes.len() - 1 {
+            assert_eq!(parse_pairs(&bytes[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(parse_pairs(&[0xff, 0xff, 0xff, 0xff]), None, "huge count");
     }
 }

@@ -1,83 +1,67 @@
 //! txmesh_metrics.wasm: proxy-wasm glue for `txmesh_core::metrics`.
+//!
+//! Exports only the callbacks it uses (`txmesh_host::rt`): a stream costs
+//! three calls into the VM — context create, request headers, log.
 
-use log::{error, info, warn};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
-use std::rc::Rc;
 use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
-use txmesh_host::WasmHost;
+use txmesh_host::rt::Contexts;
+use txmesh_host::{plugin_config, raw, with_contexts, WasmHost};
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { engine: None }) });
-}}
-
-struct Root {
-    engine: Option<Rc<RefCell<MetricsEngine>>>,
+thread_local! {
+    static CONTEXTS: RefCell<Contexts<MetricsEngine, Option<MetricsStream>>> =
+        RefCell::new(Contexts::default());
 }
 
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, size: usize) -> bool {
-        let Some(config) = txmesh_host::plugin_config(size, MetricsConfig::parse) else {
-            return false;
-        };
-        match MetricsEngine::new(config, &WasmHost::default()) {
-            Ok(engine) => {
-                info!(
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
+    let Some(config) = plugin_config(size, MetricsConfig::parse) else {
+        return 0;
+    };
+    match MetricsEngine::new(config, &WasmHost::default()) {
+        Ok(engine) => {
+            raw::log(
+                2,
+                &format!(
                     "configured (workload {}, max_label_tuples {})",
                     engine.workload(),
                     engine.config().max_label_tuples
-                );
-                self.engine = Some(Rc::new(RefCell::new(engine)));
-                true
-            }
-            Err(e) => {
-                error!("cannot define metrics: {e}");
-                false
-            }
+                ),
+            );
+            with_contexts(&CONTEXTS, |c| c.set_root(root, engine)).map_or(0, |()| 1)
         }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream {
-            engine: self.engine.clone(),
-            state: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        Err(e) => {
+            raw::log(4, &format!("cannot define metrics: {e}"));
+            0
+        }
     }
 }
 
-struct Stream {
-    engine: Option<Rc<RefCell<MetricsEngine>>>,
-    state: Option<MetricsStream>,
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
+    with_contexts(&CONTEXTS, |c| c.create(ctx, root, None));
 }
 
-impl Context for Stream {}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        if let Some(Ok(engine)) = self.engine.as_ref().map(|e| e.try_borrow()) {
-            self.state = MetricsStream::on_request_headers(&engine, &WasmHost::default());
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, _eos: u32) -> u32 {
+    with_contexts(&CONTEXTS, |c| {
+        if let Some((engine, state)) = c.stream_mut(ctx) {
+            *state = MetricsStream::on_request_headers(engine, &WasmHost::default());
         }
-        Action::Continue
-    }
+    });
+    0 // Continue
+}
 
-    fn on_log(&mut self) {
-        let (Some(engine), Some(state)) = (&self.engine, &self.state) else {
+#[no_mangle]
+pub extern "C" fn proxy_on_log(ctx: u32) {
+    with_contexts(&CONTEXTS, |c| {
+        let Some((engine, Some(state))) = c.finish(ctx) else {
             return;
         };
-        let Ok(mut engine) = engine.try_borrow_mut() else {
-            return;
-        };
-        let obs = state.observe(&engine, &WasmHost::default());
-        if let Err(e) = engine.record(&WasmHost::default(), &obs) {
-            warn!("cannot record metrics: {e}");
+        let host = WasmHost::default();
+        let obs = state.observe(engine, &host);
+        if let Err(e) = engine.record(&host, &obs) {
+            raw::log(3, &format!("cannot record metrics: {e}"));
         }
-    }
+    });
 }

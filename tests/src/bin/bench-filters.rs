@@ -131,8 +131,13 @@ fn main() {
     let configs: Vec<(&str, Sidecar)> = vec![
         ("no filter (baseline)", Sidecar::new("base")),
         (
-            "trivial wasm (sets one header)",
+            "trivial wasm on the SDK (sets one header)",
             Sidecar::new("trivial").inbound_filter(Filter::wasm("txmesh_trivial", json!({}))),
+        ),
+        (
+            "trivial wasm, txmesh runtime (no SDK)",
+            Sidecar::new("trivialraw")
+                .inbound_filter(Filter::wasm("txmesh_trivial_raw", json!({}))),
         ),
         (
             "txmesh_metrics",
@@ -170,6 +175,24 @@ fn main() {
                 .inbound_filter(metrics()),
         ),
     ];
+    // BENCH_ONLY=metrics,lua keeps the baseline and the configurations whose
+    // names contain one of the words (for quick comparisons).
+    let only: Vec<String> = std::env::var("BENCH_ONLY")
+        .map(|v| {
+            v.split(',')
+                .map(|w| w.trim().to_lowercase())
+                .filter(|w| !w.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let configs: Vec<(&str, Sidecar)> = configs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (name, _))| {
+            *i == 0 || only.is_empty() || only.iter().any(|w| name.to_lowercase().contains(w))
+        })
+        .map(|(_, c)| c)
+        .collect();
     // Load time: Envoy start to ready (admin /ready), median of 3 starts per
     // configuration; the difference to the baseline is loading and compiling
     // the wasm modules (V8) and configuring the filters.
