@@ -71,3 +71,89 @@ fn validation_catches_a_broken_config() {
     let (ok, out) = validate(&p);
     assert!(!ok, "a broken config validated:\n{out}");
 }
+
+/// The function names a wasm module exports (its export section).
+fn wasm_exports(bytes: &[u8]) -> Vec<String> {
+    fn leb(b: &[u8], i: &mut usize) -> usize {
+        let (mut r, mut shift) = (0usize, 0);
+        loop {
+            let x = b[*i];
+            *i += 1;
+            r |= usize::from(x & 0x7f) << shift;
+            shift += 7;
+            if x < 0x80 {
+                return r;
+            }
+        }
+    }
+    assert_eq!(&bytes[..4], b"\0asm", "not a wasm module");
+    let mut i = 8;
+    let mut out = Vec::new();
+    while i < bytes.len() {
+        let id = bytes[i];
+        i += 1;
+        let len = leb(bytes, &mut i);
+        let end = i + len;
+        if id == 7 {
+            for _ in 0..leb(bytes, &mut i) {
+                let n = leb(bytes, &mut i);
+                let name = String::from_utf8(bytes[i..i + n].to_vec()).unwrap();
+                i += n;
+                let kind = bytes[i];
+                i += 1;
+                leb(bytes, &mut i);
+                if kind == 0 {
+                    out.push(name);
+                }
+            }
+        }
+        i = end;
+    }
+    out.sort();
+    out
+}
+
+/// Envoy calls into the VM only for the callbacks a module exports, and each
+/// call costs (BENCHMARKS.md): each filter exports exactly the ones it uses
+/// (docs/architecture.md, "The runtime").
+#[test]
+fn each_filter_exports_only_the_callbacks_it_uses() {
+    let common = [
+        "proxy_abi_version_0_2_1",
+        "proxy_on_memory_allocate",
+        "proxy_on_configure",
+        "proxy_on_context_create",
+    ];
+    let cases: [(&str, &[&str]); 4] = [
+        (
+            "txmesh_metrics",
+            &["proxy_on_request_headers", "proxy_on_log"],
+        ),
+        ("txmesh_authz", &["proxy_on_request_headers"]),
+        (
+            "txmesh_router",
+            &[
+                "proxy_on_request_headers",
+                "proxy_on_log",
+                "proxy_on_tick",
+                "proxy_on_http_call_response",
+            ],
+        ),
+        (
+            "txmesh_txn",
+            &[
+                "proxy_on_request_headers",
+                "proxy_on_response_headers",
+                "proxy_on_log",
+                "proxy_on_tick",
+                "proxy_on_http_call_response",
+            ],
+        ),
+    ];
+    for (module, own) in cases {
+        let bytes = std::fs::read(txmesh_tests::wasm(module)).unwrap();
+        let mut want: Vec<String> = common.iter().chain(own).map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(wasm_exports(&bytes), want, "{module}.wasm exports");
+    }
+}

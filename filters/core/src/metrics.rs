@@ -361,6 +361,9 @@ pub struct MetricsStream {
     reporter: Reporter,
     source_workload: String,
     grpc: bool,
+    /// The request ended with its headers: its body size is 0, no need to
+    /// ask the host (one call fewer per bodyless request).
+    bodyless: bool,
 }
 
 impl MetricsStream {
@@ -405,7 +408,15 @@ impl MetricsStream {
             reporter,
             source_workload,
             grpc,
+            bodyless: false,
         })
+    }
+
+    /// Marks a request that ended with its headers (`end_of_stream` at
+    /// request headers): recorded with 0 request bytes.
+    pub fn bodyless(mut self) -> Self {
+        self.bodyless = true;
+        self
     }
 
     /// At the log phase: builds the observation from stream attributes.
@@ -446,7 +457,11 @@ impl MetricsStream {
                 .as_deref()
                 .and_then(props::duration_ms)
                 .unwrap_or(0),
-            request_bytes: prop_u64(&["request", "size"]),
+            request_bytes: if self.bodyless {
+                0
+            } else {
+                prop_u64(&["request", "size"])
+            },
             response_bytes: prop_u64(&["response", "size"]),
         }
     }

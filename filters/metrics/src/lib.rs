@@ -43,10 +43,16 @@ pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, _eos: u32) -> u32 {
+pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, eos: u32) -> u32 {
     with_contexts(&CONTEXTS, |c| {
         if let Some((engine, state)) = c.stream_mut(ctx) {
-            *state = MetricsStream::on_request_headers(engine, &WasmHost::default());
+            *state = MetricsStream::on_request_headers(engine, &WasmHost::default()).map(|s| {
+                if eos != 0 {
+                    s.bodyless()
+                } else {
+                    s
+                }
+            });
         }
     });
     0 // Continue

@@ -43,6 +43,27 @@ struct Run {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Envoy's CPU time (user + system, all threads) per request served.
+    cpu_us: f64,
+}
+
+/// User + system CPU time of a process so far, in clock ticks (/proc/<pid>/stat).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces): state is
+    // field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn ms(v: &str) -> Option<f64> {
@@ -56,7 +77,8 @@ fn ms(v: &str) -> Option<f64> {
     })
 }
 
-fn wrk(url: &str, secs: u64, conns: u32) -> Run {
+fn wrk(url: &str, secs: u64, conns: u32, envoy_pid: u32, tck: f64) -> Run {
+    let cpu_before = cpu_ticks(envoy_pid);
     let out = Command::new("taskset")
         .args([
             "-c",
@@ -77,7 +99,19 @@ fn wrk(url: &str, secs: u64, conns: u32) -> Run {
             .find_map(|l| l.strip_prefix(prefix))
             .map(|v| v.trim().to_string())
     };
+    let cpu = cpu_before
+        .zip(cpu_ticks(envoy_pid))
+        .map(|(a, b)| (b - a) as f64 / tck * 1e6);
+    // "  123456 requests in 5.00s, 12.3MB read"
+    let requests: Option<f64> = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok());
     Run {
+        cpu_us: match (cpu, requests) {
+            (Some(c), Some(n)) if n > 0.0 => c / n,
+            _ => f64::NAN,
+        },
         rps: field("Requests/sec:")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0),
@@ -219,40 +253,53 @@ fn main() {
     } else {
         println!("# Envoy 1.40 --concurrency {concurrency} on both CPUs (not pinned: they share with wrk and the upstream); wrk -t1 -c{conns} -d{secs}s; {rounds} rounds, configurations alternating");
     }
-    println!(
-        "{:<6} {:<36} {:>10} {:>8} {:>8}",
-        "round", "config", "req/s", "p50 ms", "p99 ms"
-    );
+    let tck = clock_ticks_per_sec();
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); envoys.len()];
     for (_, e) in &envoys {
-        wrk(&e.inbound_url("/"), 1, conns); // warm-up
+        wrk(&e.inbound_url("/"), 1, conns, e.guard.pid(), tck); // warm-up
     }
+    println!(
+        "{:<6} {:<44} {:>8} {:>8} {:>8} {:>12}",
+        "round", "config", "req/s", "p50 ms", "p99 ms", "CPU us/req"
+    );
     for r in 0..rounds {
         for (i, (name, e)) in envoys.iter().enumerate() {
-            let run = wrk(&e.inbound_url("/"), secs, conns);
+            let run = wrk(&e.inbound_url("/"), secs, conns, e.guard.pid(), tck);
             println!(
-                "{:<6} {:<36} {:>10.0} {:>8.3} {:>8.3}",
+                "{:<6} {:<44} {:>8.0} {:>8.3} {:>8.3} {:>12.2}",
                 r + 1,
                 name,
                 run.rps,
                 run.p50_ms,
-                run.p99_ms
+                run.p99_ms,
+                run.cpu_us
             );
             runs[i].push(run);
         }
     }
-    let base_rps = median(runs[0].iter().map(|r| r.rps).collect());
     let base_p50 = median(runs[0].iter().map(|r| r.p50_ms).collect());
+    let base_cpu = median(runs[0].iter().map(|r| r.cpu_us).collect());
     println!();
-    println!("| configuration (median of {rounds}) | req/s | p50 ms | p99 ms | throughput / baseline | added p50 | start to ready ms (added) |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("# throughput / baseline: the median over rounds of (this configuration's req/s / the baseline's in the same round);");
+    println!("# CPU: Envoy's user + system time per request (/proc/<pid>/stat), median of rounds; CPU ratio = baseline CPU / this CPU");
+    println!("| configuration (median of {rounds}) | req/s | p50 ms | p99 ms | throughput / baseline | Envoy CPU µs/req (added) | CPU ratio | added p50 | start to ready ms (added) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, (name, _)) in envoys.iter().enumerate() {
         let rps = median(runs[i].iter().map(|r| r.rps).collect());
         let p50 = median(runs[i].iter().map(|r| r.p50_ms).collect());
         let p99 = median(runs[i].iter().map(|r| r.p99_ms).collect());
+        let cpu = median(runs[i].iter().map(|r| r.cpu_us).collect());
+        let ratio = median(
+            runs[i]
+                .iter()
+                .zip(&runs[0])
+                .map(|(a, b)| a.rps / b.rps)
+                .collect(),
+        );
         println!(
-            "| {name} | {rps:.0} | {p50:.3} | {p99:.3} | {:.3} | {:+.3} ms | {:.0} ({:+.0}) |",
-            rps / base_rps,
+            "| {name} | {rps:.0} | {p50:.3} | {p99:.3} | {ratio:.3} | {cpu:.1} ({:+.1}) | {:.3} | {:+.3} ms | {:.0} ({:+.0}) |",
+            cpu - base_cpu,
+            base_cpu / cpu,
             p50 - base_p50,
             startup[i],
             startup[i] - startup[0]

@@ -11,6 +11,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use txmesh_tests::{median, Checkout, Client, Etcd, Filter, Sidecar, TxnApp, Vote};
 
+/// The pause of the paced single client: longer than phase 2 takes.
+const THINK_MS: u64 = 20;
+
 struct Run {
     rps: f64,
     p50: f64,
@@ -19,7 +22,9 @@ struct Run {
     errors: usize,
 }
 
-fn load(url: &str, secs: u64, clients: usize) -> Run {
+/// `clients` closed-loop clients for `secs`; each waits `think` after each
+/// answer (zero: back to back).
+fn load(url: &str, secs: u64, clients: usize, think: Duration) -> Run {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients)
@@ -34,6 +39,9 @@ fn load(url: &str, secs: u64, clients: usize) -> Run {
                         {
                             Ok(r) if r.status == 200 => lat.push(t.elapsed().as_secs_f64() * 1e3),
                             _ => errors += 1,
+                        }
+                        if !think.is_zero() {
+                            std::thread::sleep(think);
                         }
                     }
                     (lat, errors)
@@ -54,6 +62,7 @@ fn load(url: &str, secs: u64, clients: usize) -> Run {
             .unwrap_or(f64::NAN)
     };
     Run {
+        // Throughput of the closed loop, think time included.
         rps: lat.len() as f64 / secs as f64,
         p50: pct(0.50),
         p99: pct(0.99),
@@ -62,8 +71,20 @@ fn load(url: &str, secs: u64, clients: usize) -> Run {
     }
 }
 
-fn measure(graph: &str, plain: &str, txn: &str, secs: u64, rounds: usize, level: usize) {
-    println!("\n## {graph}: {level} closed-loop client(s)\n");
+fn measure(
+    graph: &str,
+    (plain, txn): (&str, &str),
+    secs: u64,
+    rounds: usize,
+    level: usize,
+    think: Duration,
+) {
+    let pace = if think.is_zero() {
+        String::new()
+    } else {
+        format!(", {} ms between requests", think.as_millis())
+    };
+    println!("\n## {graph}: {level} closed-loop client(s){pace}\n");
     println!(
         "{:<6} {:<6} {:>9} {:>8} {:>8} {:>7} {:>6}",
         "round", "config", "req/s", "p50 ms", "p99 ms", "ok", "errors"
@@ -71,7 +92,7 @@ fn measure(graph: &str, plain: &str, txn: &str, secs: u64, rounds: usize, level:
     let (mut a, mut b): (Vec<Run>, Vec<Run>) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         for (name, url, dst) in [("plain", plain, &mut a), ("txn", txn, &mut b)] {
-            let run = load(url, secs, level);
+            let run = load(url, secs, level, think);
             println!(
                 "{:<6} {:<6} {:>9.1} {:>8.2} {:>8.2} {:>7} {:>6}",
                 r + 1,
@@ -90,7 +111,7 @@ fn measure(graph: &str, plain: &str, txn: &str, secs: u64, rounds: usize, level:
     let (a50, b50) = (m(&a, |r| r.p50), m(&b, |r| r.p50));
     let (a99, b99) = (m(&a, |r| r.p99), m(&b, |r| r.p99));
     println!();
-    println!("| {graph}, {level} client(s), median of {rounds} | no transaction | txmesh transaction | ratio txn/plain |");
+    println!("| {graph}, {level} client(s){pace}, median of {rounds} | no transaction | txmesh transaction | ratio txn/plain |");
     println!("| --- | ---: | ---: | ---: |");
     println!(
         "| throughput (checkouts/s) | {arps:.1} | {brps:.1} | {:.2} |",
@@ -222,10 +243,17 @@ fn main() {
         let plain = sc.inbound_url("/plain");
         let txn = sc.inbound_url("/checkout");
         // Warm up both paths.
-        load(&plain, 1, clients);
-        load(&txn, 1, clients);
-        for level in [1usize, clients] {
-            measure(graph, &plain, &txn, secs, rounds, level);
+        load(&plain, 1, clients, Duration::ZERO);
+        load(&txn, 1, clients, Duration::ZERO);
+        // One client back to back, one client with a pause after each answer
+        // (phase 2 of the previous transaction is over before the next one
+        // begins), and `clients` back to back.
+        for (level, think) in [
+            (1usize, Duration::ZERO),
+            (1, Duration::from_millis(THINK_MS)),
+            (clients, Duration::ZERO),
+        ] {
+            measure(graph, (&plain, &txn), secs, rounds, level, think);
         }
     }
     // Where the time goes, from the root's decision log lines (all txn runs).

@@ -196,3 +196,20 @@ fn cas_contention_retries_then_admits() {
     *root.cas_failures.borrow_mut() = 1000;
     assert!(record_to(&mut engine, &root, "b"));
 }
+
+#[test]
+fn a_bodyless_request_records_zero_request_bytes() {
+    let engine = MetricsEngine::new(
+        cfg(r#"{"reporter":"inbound","workload":"payment"}"#),
+        &FakeHost::new(),
+    )
+    .unwrap();
+    // The host claims 10 request bytes; a request that ended with its
+    // headers has none, and its size is not read.
+    let s = stream_host("local_app", 200, 0);
+    let st = MetricsStream::on_request_headers(&engine, &s).unwrap();
+    assert_eq!(st.observe(&engine, &s).request_bytes, 10);
+    let st = st.bodyless();
+    assert_eq!(st.observe(&engine, &s).request_bytes, 0);
+    assert_eq!(st.observe(&engine, &s).response_bytes, 2048);
+}

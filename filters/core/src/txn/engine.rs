@@ -319,7 +319,18 @@ pub struct TxnEngine {
     token: u64,
     next_scan_ms: u64,
     recovery_inflight: bool,
+    /// Pending-work keys of finished transactions, deleted together (one
+    /// etcd write per [`UNPEND_INTERVAL_MS`] instead of one per transaction).
+    unpend: Vec<String>,
+    next_unpend_ms: u64,
 }
+
+/// How often finished transactions' pending-work keys are deleted, in one
+/// etcd request. Far below `recovery_after_ms`: the recovery loop never sees
+/// a finished transaction's key as pending work.
+pub const UNPEND_INTERVAL_MS: u64 = 100;
+/// Keys per delete request: etcd's default `--max-txn-ops`.
+pub const UNPEND_BATCH: usize = 128;
 
 const LEADER_KEY: &str = "txmesh.txn.leader";
 
@@ -416,6 +427,8 @@ impl TxnEngine {
             }),
             next_scan_ms: 0,
             recovery_inflight: false,
+            unpend: Vec::new(),
+            next_unpend_ms: 0,
         }
     }
 
@@ -433,7 +446,7 @@ impl TxnEngine {
 
     /// Whether anything is waiting on ticks (the glue may tick slower when idle).
     pub fn busy(&self) -> bool {
-        !self.ops.is_empty() || !self.jobs.is_empty()
+        !self.ops.is_empty() || !self.jobs.is_empty() || !self.unpend.is_empty()
     }
 
     // ----- request headers -------------------------------------------------
@@ -2158,6 +2171,32 @@ impl TxnEngine {
             }
         }
         self.drive_jobs(h, now);
+        if now >= self.next_unpend_ms && !self.unpend.is_empty() {
+            self.flush_unpend(h, now);
+        }
+    }
+
+    /// Deletes finished transactions' pending-work keys, up to
+    /// [`UNPEND_BATCH`] in one request. Fire and forget: if it is lost, the
+    /// recovery loop re-sends the (idempotent) commits and deletes the keys.
+    fn flush_unpend(&mut self, h: &impl TxnHost, now: u64) {
+        self.next_unpend_ms = now.saturating_add(UNPEND_INTERVAL_MS);
+        while !self.unpend.is_empty() {
+            let n = self.unpend.len().min(UNPEND_BATCH);
+            let keys: Vec<String> = self.unpend.drain(..n).collect();
+            let (path, body) = match keys.as_slice() {
+                [one] => ("/v3/kv/deleterange", etcd::delete_body(one)),
+                many => ("/v3/kv/txn", etcd::delete_many_body(many)),
+            };
+            let _ = h.dispatch(&Callout {
+                cluster: self.cfg.etcd_cluster.clone(),
+                method: "POST",
+                path: path.to_string(),
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: body.into_bytes(),
+                timeout_ms: self.cfg.etcd_timeout_ms,
+            });
+        }
     }
 
     /// One engine per sidecar (all workers and listeners share the VM's
@@ -2470,17 +2509,10 @@ impl TxnEngine {
             }) && job.record == Record::Done;
             if all_acked {
                 if job.unpend {
-                    // Fire and forget: if it is lost, the recovery loop
-                    // re-sends the (idempotent) commits and deletes it then.
-                    let call = Callout {
-                        cluster: self.cfg.etcd_cluster.clone(),
-                        method: "POST",
-                        path: "/v3/kv/deleterange".to_string(),
-                        headers: vec![("content-type".into(), "application/json".into())],
-                        body: etcd::delete_body(&etcd::pending_key(&self.node, &txn)).into_bytes(),
-                        timeout_ms: self.cfg.etcd_timeout_ms,
-                    };
-                    let _ = h.dispatch(&call);
+                    self.unpend.push(etcd::pending_key(&self.node, &txn));
+                    if self.unpend.len() >= UNPEND_BATCH {
+                        self.flush_unpend(h, now);
+                    }
                 }
                 self.jobs.remove(&txn);
                 self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));

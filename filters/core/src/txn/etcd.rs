@@ -160,6 +160,24 @@ pub fn delete_body(key: &str) -> String {
     Obj::new().str("key", &b64::encode(key.as_bytes())).build()
 }
 
+/// Body of `POST /v3/kv/txn` deleting several keys in one write.
+pub fn delete_many_body(keys: &[String]) -> String {
+    let ops: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            Obj::new()
+                .raw(
+                    "request_delete_range",
+                    &Obj::new().str("key", &b64::encode(k.as_bytes())).build(),
+                )
+                .build()
+        })
+        .collect();
+    Obj::new()
+        .raw("success", &format!("[{}]", ops.join(",")))
+        .build()
+}
+
 /// Every value in an answer to [`range_prefix_body`].
 pub fn parse_range_values(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     let v: RangeResponse =

@@ -1236,3 +1236,77 @@ fn a_routed_participant_is_pinned_to_its_instance() {
         "{logs:?}"
     );
 }
+
+/// Runs a 2-participant transaction (payment + the root's own app) to the
+/// point where every commit is acknowledged.
+fn commit_and_ack(h: &Host, inb: &mut TxnEngine, out: &mut TxnEngine) -> TxnId {
+    let (txn, stream) = begin_with(h, inb, out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(h, 1, &stream);
+    let calls = h.take_calls();
+    answer(h, inb, &calls, "payment", vote("commit"));
+    answer(h, inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    answer(h, inb, &calls, "etcd", ok(CREATED));
+    inb.on_tick(h);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["local_app /txmesh/commit", "payment /txmesh/commit"]
+    );
+    answer(h, inb, &calls, "local_app", ok(""));
+    answer(h, inb, &calls, "payment", ok(""));
+    txn
+}
+
+#[test]
+fn finished_transactions_pending_keys_are_deleted_together() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let first = commit_and_ack(&h, &mut inb, &mut out);
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["etcd /v3/kv/deleterange"],
+        "the first at once"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
+    let key = crate::b64::decode(body["key"].as_str().unwrap()).unwrap();
+    assert_eq!(key, format!("txmesh/pending/order/{first}").into_bytes());
+    // Two more finish within UNPEND_INTERVAL_MS: nothing until it has passed,
+    // then one write deletes both.
+    let b = commit_and_ack(&h, &mut inb, &mut out);
+    let c = commit_and_ack(&h, &mut inb, &mut out);
+    inb.on_tick(&h);
+    assert!(
+        h.take_calls().is_empty(),
+        "batched until the interval passes"
+    );
+    h.advance(UNPEND_INTERVAL_MS);
+    inb.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
+    let keys: Vec<String> = body["success"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| {
+            let k = op["request_delete_range"]["key"].as_str().unwrap();
+            String::from_utf8(crate::b64::decode(k).unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            format!("txmesh/pending/order/{b}"),
+            format!("txmesh/pending/order/{c}")
+        ]
+    );
+    assert!(!inb.busy());
+    h.advance(UNPEND_INTERVAL_MS);
+    inb.on_tick(&h);
+    assert!(h.take_calls().is_empty(), "nothing left to delete");
+}
