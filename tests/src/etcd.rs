@@ -29,7 +29,8 @@ impl Drop for Etcd {
     }
 }
 
-fn b64(s: &[u8]) -> String {
+/// Base64 (standard, padded), as etcd's JSON gateway wants keys and values.
+pub fn b64(s: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 

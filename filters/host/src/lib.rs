@@ -170,6 +170,10 @@ impl TxnHost for WasmHost {
         raw::now_nanos() / 1_000_000
     }
 
+    fn now_us(&self) -> u64 {
+        raw::now_nanos() / 1_000
+    }
+
     fn random_id(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         if getrandom::getrandom(&mut b).is_err() {

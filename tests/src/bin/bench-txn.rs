@@ -128,6 +128,40 @@ fn measure(
     println!("| added p50 (ms) | | {:.2} | |", b50 - a50);
 }
 
+/// Where the time goes, from the root's decision log lines of one
+/// measurement (`app_us`: begin to the app's answer; `prepare_us`: the app's
+/// answer to the last vote; `record_us`: the last vote to the answer — the
+/// etcd write, or the one-phase commit).
+fn breakdown(log: &str) {
+    let field = |line: &str, key: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    let (mut app, mut prep, mut rec) = (Vec::new(), Vec::new(), Vec::new());
+    for l in log.lines().filter(|l| l.contains(" committed reason=ok ")) {
+        if let (Some(a), Some(p), Some(r)) = (
+            field(l, "app_us="),
+            field(l, "prepare_us="),
+            field(l, "record_us="),
+        ) {
+            app.push(a / 1000.0);
+            prep.push(p / 1000.0);
+            rec.push(r / 1000.0);
+        }
+    }
+    if prep.is_empty() {
+        return;
+    }
+    println!(
+        "# where the time goes (the root's decision log, {} committed txns, medians): the app's work (begin to its answer, downstream calls included) {:.2} ms, the prepare round {:.2} ms, the record write + answer {:.2} ms",
+        prep.len(),
+        median(app),
+        median(prep),
+        median(rec)
+    );
+}
+
 fn main() {
     let args: Vec<u64> = std::env::args()
         .skip(1)
@@ -214,12 +248,42 @@ fn main() {
             br#"{"key":"YmVuY2g=","value":"eA=="}"#,
         );
     });
+    // The decision record's own shape: a compare-and-swap on the record key
+    // (create revision 0) that puts the record and the pending-work key.
+    let n = std::cell::Cell::new(0u64);
+    let cas = timed(&|| {
+        n.set(n.get() + 1);
+        let b = |s: &str| txmesh_tests::etcd::b64(s.as_bytes());
+        let key = format!("txmesh/txns/bench-{}", n.get());
+        let pending = format!("txmesh/pending/bench/{}", n.get());
+        let record =
+            json!({"outcome": "committed", "participants": ["payment", "inventory", "order"],
+                            "coordinator": "order", "reason": "ok", "time_ms": 1})
+            .to_string();
+        let body = json!({
+            "compare": [{"key": b(&key), "target": "CREATE", "create_revision": "0"}],
+            "success": [
+                {"request_put": {"key": b(&key), "value": b(&record)}},
+                {"request_put": {"key": b(&pending), "value": b(&record)}},
+            ],
+            "failure": [{"request_range": {"key": b(&key)}}],
+        });
+        c.must(
+            "POST",
+            &format!("{}/v3/kv/txn", etcd.url()),
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+    });
     println!(
-        "# one call through two sidecars: median {hop:.2} ms; one prepare round (two such calls in parallel): median {round:.2} ms; one durable etcd write: median {put:.2} ms"
+        "# one call through two sidecars: median {hop:.2} ms; one prepare round (two such calls in parallel): median {round:.2} ms"
     );
     println!(
-        "# the limit: one prepare round + one durable etcd write = {:.2} ms (with a single call for the round: {:.2} ms)",
-        round + put,
+        "# one durable etcd write: a put, median {put:.2} ms; the decision record's compare-and-swap (record + pending key), median {cas:.2} ms"
+    );
+    println!(
+        "# the limit: one prepare round + the decision record's write = {:.2} ms (with a single call and a plain put: {:.2} ms)",
+        round + cas,
         hop + put
     );
     if secs == 0 {
@@ -253,35 +317,10 @@ fn main() {
             (1, Duration::from_millis(THINK_MS)),
             (clients, Duration::ZERO),
         ] {
+            let seen = sc.log().len();
             measure(graph, (&plain, &txn), secs, rounds, level, think);
+            breakdown(sc.log().get(seen..).unwrap_or(""));
         }
-    }
-    // Where the time goes, from the root's decision log lines (all txn runs).
-    let log = order_sc.log();
-    let field = |line: &str, key: &str| -> Option<f64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-    };
-    let mut prep = Vec::new();
-    let mut dec = Vec::new();
-    for l in log.lines().filter(|l| l.contains(" committed reason=ok ")) {
-        if let (Some(p), Some(d)) = (field(l, "prepare_ms="), field(l, "decide_ms=")) {
-            prep.push(p);
-            dec.push(d);
-        }
-    }
-    if !prep.is_empty() {
-        let p50 = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            v[v.len() / 2]
-        };
-        println!(
-            "\n# root log, {} committed txns: median begin->all votes (app work + prepare round) {:.0} ms, median record write + answer {:.0} ms",
-            prep.len(),
-            p50(&mut prep),
-            p50(&mut dec)
-        );
     }
     let committed = order_sc
         .scrape()

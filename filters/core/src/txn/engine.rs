@@ -81,6 +81,10 @@ pub struct CalloutResponse {
 /// and metrics.
 pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties {
     fn now_ms(&self) -> u64;
+    /// Microseconds, for the decision log's timings (same clock as `now_ms`).
+    fn now_us(&self) -> u64 {
+        self.now_ms().saturating_mul(1000)
+    }
     fn random_id(&self) -> [u8; 16];
     /// Dispatches from the current context; answers come back to it.
     fn dispatch(&self, c: &Callout) -> Result<u32, HostError>;
@@ -114,6 +118,8 @@ pub enum Stream {
         txn: TxnId,
         deadline_ms: u64,
         started_ms: u64,
+        /// The begin, in µs (the decision log's `app_us`).
+        started_us: u64,
         trace: Option<String>,
     },
     /// A commit/abort passing through to a leaf participant's app: free the
@@ -184,6 +190,11 @@ struct Op {
     /// When the current stage's callout (etcd, commit) must have answered.
     stage_deadline_ms: u64,
     voted_ms: Option<u64>,
+    /// When the app answered and when the last vote arrived (µs), for the
+    /// decision log's `prepare_us` and `record_us`.
+    started_us: u64,
+    responded_us: u64,
+    voted_us: Option<u64>,
     /// The decision-record write in flight, kept to retry it when Envoy could
     /// not connect (another etcd member may answer).
     last_call: Option<Callout>,
@@ -216,6 +227,9 @@ impl Op {
             stage,
             stage_deadline_ms,
             voted_ms: None,
+            started_us: 0,
+            responded_us: 0,
+            voted_us: None,
             last_call: None,
             retries: 0,
             client_error: false,
@@ -587,6 +601,7 @@ impl TxnEngine {
                 txn,
                 deadline_ms: deadline,
                 started_ms: now,
+                started_us: h.now_us(),
                 trace,
             },
             Verdict::Continue,
@@ -898,8 +913,15 @@ impl TxnEngine {
                 txn,
                 deadline_ms,
                 started_ms,
+                started_us,
                 trace,
-            } => self.root_respond(h, ctx, *txn, *deadline_ms, *started_ms, trace.clone()),
+            } => {
+                let v = self.root_respond(h, ctx, *txn, *deadline_ms, *started_ms, trace.clone());
+                if let Some(op) = self.ops.get_mut(&ctx) {
+                    op.started_us = *started_us;
+                }
+                v
+            }
             Stream::LeafFinish { txn } => {
                 let status = h
                     .response_header(":status")
@@ -948,6 +970,7 @@ impl TxnEngine {
         let targets = self.root_targets(&entry);
         let mut op = Op {
             trace,
+            responded_us: h.now_us(),
             ..Op::new(
                 OpKind::RootPrepare,
                 ctx,
@@ -1418,8 +1441,10 @@ impl TxnEngine {
                     .count();
                 let n_targets = op.targets.len();
                 let now = h.now_ms();
+                let now_us = h.now_us();
                 if let Some(op) = self.ops.get_mut(&ctx) {
                     op.voted_ms = Some(now);
+                    op.voted_us = Some(now_us);
                 }
                 if commits == 0 {
                     // Everyone read-only: committed, nothing to do in phase 2.
@@ -1978,6 +2003,21 @@ impl TxnEngine {
             votes.join(","),
             now.saturating_sub(op.started_ms),
         );
+        // The app's work (begin to its answer, downstream calls included),
+        // the prepare round (its answer to the last vote) and the decision
+        // (the last vote to now: the record write and the answer), in µs:
+        // where a transaction's added latency goes.
+        if let Some(v) = op.voted_us.filter(|_| op.responded_us > 0) {
+            if op.started_us > 0 {
+                let app = op.responded_us.saturating_sub(op.started_us);
+                line.push_str(&format!(" app_us={app}"));
+            }
+            line.push_str(&format!(
+                " prepare_us={} record_us={}",
+                v.saturating_sub(op.responded_us),
+                h.now_us().saturating_sub(v)
+            ));
+        }
         if !why.is_empty() {
             line.push_str(&format!(" why=\"{why}\" by={participant}"));
         }

@@ -1310,3 +1310,32 @@ fn finished_transactions_pending_keys_are_deleted_together() {
     inb.on_tick(&h);
     assert!(h.take_calls().is_empty(), "nothing left to delete");
 }
+
+#[test]
+fn the_decision_line_times_the_prepare_round_and_the_record_write() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (_, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.advance(3); // the app works
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    h.advance(5); // the prepare round
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let calls = h.take_calls();
+    h.advance(2); // the record write
+    answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    let logs = h.logs.borrow();
+    let line = logs
+        .iter()
+        .find(|l| l.contains(" committed reason=ok "))
+        .unwrap();
+    assert!(
+        line.contains(
+            " prepare_ms=8 decide_ms=2 total_ms=10 app_us=3000 prepare_us=5000 record_us=2000"
+        ),
+        "{line}"
+    );
+}
