@@ -326,4 +326,12 @@ fn main() {
         .scrape()
         .sum("txmesh_txn_total", &[("outcome", "committed")]);
     println!("\n# transactions committed by the root during the run: {committed}");
+    // The callouts' connection reuse: requests per connection, per cluster.
+    let scrape = order_sc.scrape();
+    for cluster in ["etcd", "local_app", "payment", "inventory"] {
+        let l = [("envoy_cluster_name", cluster)];
+        let rq = scrape.sum("envoy_cluster_upstream_rq_total", &l);
+        let cx = scrape.sum("envoy_cluster_upstream_cx_total", &l);
+        println!("# root sidecar, cluster {cluster}: {rq} requests over {cx} connections");
+    }
 }
