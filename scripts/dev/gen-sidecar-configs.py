@@ -21,6 +21,48 @@ def upstream_tls(me, peer, indent):
     return "".join(indent + l + "\n" for l in t.rstrip().split("\n"))
 AUTHZ_POLICY = ('{"default": "allow", "coordinators": [' +
     ", ".join('{"exact": "%s%s"}' % (SPIFFE, n) for n in ("order", "payment", "inventory")) + ']}')
+# The txn and metrics filters, per listener: the direction is set in each
+# configuration (it saves a lookup of the listener's direction per request).
+TXN_FILTER = Template("""          - $anchor
+            name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_txn
+                root_id: txmesh_txn
+                # A transaction filter never fails open: without it a request
+                # could run outside its transaction.
+                failure_policy: FAIL_CLOSED
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: |
+                    {${begin_json}"direction": "$direction", "node": "$name", "default_timeout_ms": 5000, "max_timeout_ms": 30000,
+                     "max_in_flight": 1024, "app_cluster": "local_app", "etcd_cluster": "etcd"}
+                vm_config:
+                  vm_id: txmesh_txn
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_txn.wasm}}
+""")
+METRICS_FILTER = Template("""          - $anchor
+            name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: txmesh_metrics
+                root_id: txmesh_metrics
+                failure_policy: FAIL_OPEN
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{"workload": "$name", "reporter": "$direction"}'
+                vm_config:
+                  vm_id: txmesh_metrics
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_metrics.wasm}}
+""")
+def txn_filter(name, begin_json, direction, anchor):
+    return TXN_FILTER.substitute(name=name, begin_json=begin_json, direction=direction, anchor=anchor).rstrip("\n")
+def metrics_filter(name, direction, anchor):
+    return METRICS_FILTER.substitute(name=name, direction=direction, anchor=anchor).rstrip("\n")
 def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
     vhosts = ""
     clusters = ""
@@ -86,12 +128,14 @@ $vhosts
                   vm_id: txmesh_router
                   runtime: envoy.wasm.runtime.v8
                   code: {local: {filename: target/wasm32-wasip1/release/txmesh_router.wasm}}
-          - *txn
-          - *metrics
+$txn_out
+$metrics_out
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 """).substitute(name=name, outbound=outbound, vhosts=vhosts.rstrip(), router_services=", ".join(
-            '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes))
+            '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes),
+            txn_out=txn_filter(name, "", "outbound", "&txn_outbound"),
+            metrics_out=metrics_filter(name, "outbound", "&metrics_outbound"))
     return Template("""# txmesh sidecar of "$name", the $role.
 #   inbound  127.0.0.1:$inbound (mTLS, SPIFFE id $spiffe$name) -> the app at 127.0.0.1:$app_port$out_comment
 #   status   127.0.0.1:$status (plain, for the app: GET /txmesh/txns/<id> only)
@@ -167,40 +211,8 @@ static_resources:
                   vm_id: txmesh_authz
                   runtime: envoy.wasm.runtime.v8
                   code: {local: {filename: target/wasm32-wasip1/release/txmesh_authz.wasm}}
-          - &txn
-            name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_txn
-                root_id: txmesh_txn
-                # A transaction filter never fails open: without it a request
-                # could run outside its transaction.
-                failure_policy: FAIL_CLOSED
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: |
-                    {${begin_json}"node": "$name", "default_timeout_ms": 5000, "max_timeout_ms": 30000,
-                     "max_in_flight": 1024, "app_cluster": "local_app", "etcd_cluster": "etcd"}
-                vm_config:
-                  vm_id: txmesh_txn
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_txn.wasm}}
-          - &metrics
-            name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_metrics
-                root_id: txmesh_metrics
-                failure_policy: FAIL_OPEN
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{"workload": "$name"}'
-                vm_config:
-                  vm_id: txmesh_metrics
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_metrics.wasm}}
+$txn_in
+$metrics_in
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
       # mTLS: only callers with a certificate from the mesh CA get in.
@@ -272,7 +284,8 @@ $outbound_block
 $clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
         status=inbound + 2, certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz=AUTHZ_POLICY,
         admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
-        clusters=clusters.rstrip())
+        clusters=clusters.rstrip(), txn_in=txn_filter(name, begin_json, "inbound", "&txn"),
+        metrics_in=metrics_filter(name, "inbound", "&metrics"))
 open('envoy/order-sidecar.yaml','w').write(sidecar("order",15000,15006,15001,18080,[("payment",15106),("inventory",15206)],True).rstrip()+"\n")
 open('envoy/payment-sidecar.yaml','w').write(sidecar("payment",15100,15106,15101,18081,[],False).rstrip()+"\n")
 open('envoy/inventory-sidecar.yaml','w').write(sidecar("inventory",15200,15206,15201,18082,[],False).rstrip()+"\n")
