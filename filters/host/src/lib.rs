@@ -74,6 +74,30 @@ pub fn with_contexts<R, S, T>(
     table.with(|t| t.try_borrow_mut().ok().map(|mut t| f(&mut t)))
 }
 
+/// `proxy_on_context_create` for a filter that keeps per-stream state: the
+/// stream's entry in its table, or a warning (now and then) when the table
+/// is full and the stream goes untracked.
+pub fn create_stream<R, S>(
+    table: &'static std::thread::LocalKey<std::cell::RefCell<rt::Contexts<R, S>>>,
+    filter: &str,
+    ctx: u32,
+    root: u32,
+    state: S,
+) {
+    with_contexts(table, |c| {
+        if !c.create(ctx, root, state) && c.refusal_worth_logging() {
+            raw::log(
+                3,
+                &format!(
+                    "{filter}: {} streams in flight in this worker, the most it tracks: new streams are not tracked ({} so far)",
+                    c.streams(),
+                    c.refused
+                ),
+            );
+        }
+    });
+}
+
 /// Reads the answer of a callout inside `on_http_call_response`. No headers
 /// means no HTTP answer (timeout, reset, no upstream).
 pub fn callout_response(num_headers: usize, body_size: usize) -> CalloutResponse {

@@ -110,6 +110,12 @@ impl<R, S> Contexts<R, S> {
         self.roots.get_mut(&root)
     }
 
+    /// Whether the latest refusal should be logged: the 1st, 2nd, 4th, 8th …
+    /// (a full table is worth knowing about, not worth a log line per stream).
+    pub fn refusal_worth_logging(&self) -> bool {
+        self.refused.is_power_of_two()
+    }
+
     /// The engine and the state of stream `ctx`.
     pub fn stream_mut(&mut self, ctx: u32) -> Option<(&mut R, &mut S)> {
         let (root, state) = self.streams.get_mut(&ctx)?;
@@ -183,6 +189,11 @@ mod tests {
         }
         assert!(!c.create(u32::MAX, 1, ()));
         assert_eq!(c.refused, 1);
+        assert!(c.refusal_worth_logging());
+        assert!(!c.create(u32::MAX - 1, 1, ()));
+        assert!(c.refusal_worth_logging(), "the 2nd");
+        assert!(!c.create(u32::MAX - 2, 1, ()));
+        assert!(!c.refusal_worth_logging(), "not the 3rd");
         assert!(c.stream_mut(u32::MAX).is_none());
         c.finish(2);
         assert!(c.create(u32::MAX, 1, ()), "room again after a stream ends");

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
 use txmesh_host::rt::Contexts;
-use txmesh_host::{plugin_config, raw, with_contexts, WasmHost};
+use txmesh_host::{create_stream, plugin_config, raw, with_contexts, WasmHost};
 
 thread_local! {
     static CONTEXTS: RefCell<Contexts<MetricsEngine, Option<MetricsStream>>> =
@@ -39,7 +39,7 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
 
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
-    with_contexts(&CONTEXTS, |c| c.create(ctx, root, None));
+    create_stream(&CONTEXTS, "txmesh_metrics", ctx, root, None);
 }
 
 #[no_mangle]

@@ -11,7 +11,7 @@ use txmesh_core::router::config::RouterConfig;
 use txmesh_core::router::engine::{Routed, RouterEngine, TICK_MS};
 use txmesh_core::txn::engine::Verdict;
 use txmesh_host::rt::Contexts;
-use txmesh_host::{callout_response, plugin_config, raw, with_contexts, WasmHost};
+use txmesh_host::{callout_response, create_stream, plugin_config, raw, with_contexts, WasmHost};
 
 thread_local! {
     static CONTEXTS: RefCell<Contexts<RouterEngine, Option<Routed>>> =
@@ -61,7 +61,7 @@ pub extern "C" fn proxy_on_http_call_response(
 
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
-    with_contexts(&CONTEXTS, |c| c.create(ctx, root, None));
+    create_stream(&CONTEXTS, "txmesh_router", ctx, root, None);
 }
 
 #[no_mangle]

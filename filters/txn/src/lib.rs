@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use txmesh_core::txn::config::TxnConfig;
 use txmesh_core::txn::engine::{Stream, TxnEngine, Verdict, TICK_MS};
 use txmesh_host::rt::Contexts;
-use txmesh_host::{callout_response, plugin_config, raw, with_contexts, WasmHost};
+use txmesh_host::{callout_response, create_stream, plugin_config, raw, with_contexts, WasmHost};
 
 thread_local! {
     static CONTEXTS: RefCell<Contexts<TxnEngine, Stream>> = RefCell::new(Contexts::default());
@@ -88,7 +88,7 @@ pub extern "C" fn proxy_on_http_call_response(
 
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
-    with_contexts(&CONTEXTS, |c| c.create(ctx, root, Stream::Pass));
+    create_stream(&CONTEXTS, "txmesh_txn", ctx, root, Stream::Pass);
 }
 
 #[no_mangle]
