@@ -506,13 +506,7 @@ fn transactions_follow_the_routed_instance() {
         .route_cluster(original_dst_cluster("payment", HDR))
         .route("inventory", &[inv_sc.inbound_addr()])
         .start();
-    *calls.write().unwrap() = ["payment", "inventory"]
-        .iter()
-        .map(|h| Downstream {
-            host: h.to_string(),
-            outbound_port: order_sc.ports.outbound,
-        })
-        .collect();
+    *calls.write().unwrap() = Downstream::each(&["payment", "inventory"], order_sc.ports.outbound);
     let c = Client::new();
     let checkout = || {
         c.must(

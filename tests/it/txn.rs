@@ -319,14 +319,8 @@ impl Chain {
         let a_sc = sidecar("a", &a, etcd.addr())
             .route("b", &[b_sc.inbound_addr()])
             .start();
-        *a_calls.write().unwrap() = vec![Downstream {
-            host: "b".into(),
-            outbound_port: a_sc.ports.outbound,
-        }];
-        *b_calls.write().unwrap() = vec![Downstream {
-            host: "c".into(),
-            outbound_port: b_sc.ports.outbound,
-        }];
+        *a_calls.write().unwrap() = Downstream::each(&["b"], a_sc.ports.outbound);
+        *b_calls.write().unwrap() = Downstream::each(&["c"], b_sc.ports.outbound);
         Chain {
             etcd,
             a,

@@ -76,6 +76,19 @@ pub struct Downstream {
     pub outbound_port: u16,
 }
 
+impl Downstream {
+    /// One call per host, each through the outbound listener at `outbound_port`.
+    pub fn each(hosts: &[&str], outbound_port: u16) -> Vec<Self> {
+        hosts
+            .iter()
+            .map(|h| Self {
+                host: h.to_string(),
+                outbound_port,
+            })
+            .collect()
+    }
+}
+
 impl TxnApp {
     pub fn start(name: &str, vote: Vote) -> Self {
         Self::calling(name, vote, Arc::new(RwLock::new(Vec::new())))
@@ -317,13 +330,8 @@ impl Checkout {
             .route("payment", &[pay_sc.inbound_addr()])
             .route("inventory", &[inv_sc.inbound_addr()])
             .start();
-        *calls.write().unwrap_or_else(|e| e.into_inner()) = ["payment", "inventory"]
-            .iter()
-            .map(|h| Downstream {
-                host: h.to_string(),
-                outbound_port: order_sc.ports.outbound,
-            })
-            .collect();
+        *calls.write().unwrap_or_else(|e| e.into_inner()) =
+            Downstream::each(&["payment", "inventory"], order_sc.ports.outbound);
         Self {
             order,
             payment,

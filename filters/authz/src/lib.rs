@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use txmesh_core::authz::{denial_body, AuthzConfig, AuthzEngine, Verdict};
 use txmesh_host::rt::Contexts;
-use txmesh_host::{plugin_config, raw, with_contexts, WasmHost};
+use txmesh_host::{install_root, plugin_config, raw, with_contexts, WasmHost};
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
@@ -24,7 +24,7 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
     match AuthzEngine::new(cfg, &WasmHost::default()) {
         Ok(e) => {
             raw::log(2, &format!("configured ({})", e.describe()));
-            with_contexts(&CONTEXTS, |c| c.set_root(root, e)).map_or(0, |()| 1)
+            install_root(&CONTEXTS, root, e, None)
         }
         Err(e) => {
             raw::log(4, &format!("cannot define metrics: {e}"));

@@ -419,6 +419,16 @@ impl MetricsStream {
         self
     }
 
+    /// [`MetricsStream::bodyless`] when the request headers came with
+    /// `end_of_stream`.
+    pub fn ended_at_headers(self, end_of_stream: bool) -> Self {
+        if end_of_stream {
+            self.bodyless()
+        } else {
+            self
+        }
+    }
+
     /// At the log phase: builds the observation from stream attributes.
     pub fn observe(&self, engine: &MetricsEngine, host: &impl Properties) -> Observation {
         let prop_u64 = |path: &[&str]| {

@@ -12,7 +12,7 @@ pub mod rt;
 use txmesh_core::host::{
     HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
 };
-use txmesh_core::txn::engine::{Callout, CalloutResponse, LogLevel, TxnHost};
+use txmesh_core::txn::engine::{Callout, CalloutResponse, LogLevel, TxnHost, Verdict};
 
 /// Lives for one callback (build one per call into the VM).
 #[derive(Debug, Default)]
@@ -72,6 +72,58 @@ pub fn with_contexts<R, S, T>(
     f: impl FnOnce(&mut rt::Contexts<R, S>) -> T,
 ) -> Option<T> {
     table.with(|t| t.try_borrow_mut().ok().map(|mut t| f(&mut t)))
+}
+
+/// `proxy_on_configure`'s tail: installs root `root`'s engine and, for
+/// filters with periodic work, starts its tick. The ABI's answer (1 = ok).
+pub fn install_root<R, S>(
+    table: &'static std::thread::LocalKey<std::cell::RefCell<rt::Contexts<R, S>>>,
+    root: u32,
+    engine: R,
+    tick_ms: Option<u64>,
+) -> u32 {
+    if with_contexts(table, |c| c.set_root(root, engine)).is_none() {
+        return 0;
+    }
+    if let Some(ms) = tick_ms {
+        raw::set_tick_period(u32::try_from(ms).unwrap_or(u32::MAX));
+    }
+    1
+}
+
+/// Runs `f` on root `root`'s engine (`proxy_on_tick`).
+pub fn with_root<R, S>(
+    table: &'static std::thread::LocalKey<std::cell::RefCell<rt::Contexts<R, S>>>,
+    root: u32,
+    f: impl FnOnce(&mut R, &WasmHost),
+) {
+    with_contexts(table, |c| {
+        if let Some(e) = c.root_mut(root) {
+            f(e, &WasmHost::on(root));
+        }
+    });
+}
+
+/// `proxy_on_http_call_response`: reads the answer and hands it to the
+/// engine that must see it ([`rt::Contexts::for_callout`]).
+pub fn deliver_callout<R, S>(
+    table: &'static std::thread::LocalKey<std::cell::RefCell<rt::Contexts<R, S>>>,
+    ctx: u32,
+    num_headers: usize,
+    body_size: usize,
+    mut f: impl FnMut(&mut R, &WasmHost, CalloutResponse),
+) {
+    let resp = callout_response(num_headers, body_size);
+    let host = WasmHost::on(ctx);
+    with_contexts(table, |c| c.for_callout(ctx, |e| f(e, &host, resp.clone())));
+}
+
+/// The ABI's filter status for an engine's verdict (0 Continue, 1 Pause).
+pub fn action(v: Verdict) -> u32 {
+    match v {
+        Verdict::Continue => 0,
+        Verdict::Pause => 1,
+    }
 }
 
 /// `proxy_on_context_create` for a filter that keeps per-stream state: the

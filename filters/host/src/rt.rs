@@ -66,11 +66,6 @@ impl<R, S> Contexts<R, S> {
         self.roots.get_mut(&id)
     }
 
-    /// All roots (a callout's answer goes to the engine that owns its token).
-    pub fn roots_mut(&mut self) -> impl Iterator<Item = (u32, &mut R)> {
-        self.roots.iter_mut().map(|(id, r)| (*id, r))
-    }
-
     /// `proxy_on_context_create`: a stream context `ctx` of root `root`
     /// (root contexts themselves, `root == 0`, are installed by
     /// [`Contexts::set_root`] at configure time). False when the table is
@@ -132,6 +127,17 @@ impl<R, S> Contexts<R, S> {
         self.roots.get_mut(&root)
     }
 
+    /// Runs `f` on the engine that must see a callout answered on context
+    /// `ctx`: the context's own engine, or, when the stream that made the
+    /// call has ended, every engine (callout tokens are unique in a VM, and
+    /// an engine ignores tokens it does not own).
+    pub fn for_callout(&mut self, ctx: u32, mut f: impl FnMut(&mut R)) {
+        match self.engine_of(ctx) {
+            Some(e) => f(e),
+            None => self.roots.values_mut().for_each(f),
+        }
+    }
+
     /// Removes stream `ctx` (at `proxy_on_log`), returning its engine and state.
     pub fn finish(&mut self, ctx: u32) -> Option<(&mut R, S)> {
         let (root, state) = self.streams.remove(&ctx)?;
@@ -166,6 +172,20 @@ mod tests {
         assert_eq!((*engine, state), ("inbound", 7));
         assert!(c.finish(10).is_none(), "finished once");
         assert_eq!(c.streams(), 1);
+    }
+
+    #[test]
+    fn a_callout_goes_to_its_contexts_engine_or_to_all_once_the_stream_ended() {
+        let mut c: Contexts<Vec<u32>, ()> = Contexts::default();
+        c.set_root(1, Vec::new());
+        c.set_root(2, Vec::new());
+        c.create(10, 2, ());
+        c.for_callout(10, |e| e.push(10));
+        c.for_callout(1, |e| e.push(1));
+        c.finish(10);
+        c.for_callout(10, |e| e.push(99));
+        assert_eq!(c.root_mut(1).cloned(), Some(vec![1, 99]));
+        assert_eq!(c.root_mut(2).cloned(), Some(vec![10, 99]));
     }
 
     #[test]

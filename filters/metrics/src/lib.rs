@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
 use txmesh_host::rt::Contexts;
-use txmesh_host::{create_stream, plugin_config, raw, with_contexts, WasmHost};
+use txmesh_host::{create_stream, install_root, plugin_config, raw, with_contexts, WasmHost};
 
 thread_local! {
     static CONTEXTS: RefCell<Contexts<MetricsEngine, Option<MetricsStream>>> =
@@ -28,7 +28,7 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
                     engine.config().max_label_tuples
                 ),
             );
-            with_contexts(&CONTEXTS, |c| c.set_root(root, engine)).map_or(0, |()| 1)
+            install_root(&CONTEXTS, root, engine, None)
         }
         Err(e) => {
             raw::log(4, &format!("cannot define metrics: {e}"));
@@ -46,13 +46,8 @@ pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
 pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, eos: u32) -> u32 {
     with_contexts(&CONTEXTS, |c| {
         if let Some((engine, state)) = c.stream_mut(ctx) {
-            *state = MetricsStream::on_request_headers(engine, &WasmHost::default()).map(|s| {
-                if eos != 0 {
-                    s.bodyless()
-                } else {
-                    s
-                }
-            });
+            *state = MetricsStream::on_request_headers(engine, &WasmHost::default())
+                .map(|s| s.ended_at_headers(eos != 0));
         }
     });
     0 // Continue

@@ -9,9 +9,11 @@
 use std::cell::RefCell;
 use txmesh_core::router::config::RouterConfig;
 use txmesh_core::router::engine::{Routed, RouterEngine, TICK_MS};
-use txmesh_core::txn::engine::Verdict;
 use txmesh_host::rt::Contexts;
-use txmesh_host::{callout_response, create_stream, plugin_config, raw, with_contexts, WasmHost};
+use txmesh_host::{
+    action, create_stream, deliver_callout, install_root, plugin_config, raw, with_contexts,
+    with_root, WasmHost,
+};
 
 thread_local! {
     static CONTEXTS: RefCell<Contexts<RouterEngine, Option<Routed>>> =
@@ -27,20 +29,12 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
     let mut engine = RouterEngine::new(cfg, &host);
     engine.define_metrics(&host);
     raw::log(2, &format!("configured ({})", engine.describe()));
-    if with_contexts(&CONTEXTS, |c| c.set_root(root, engine)).is_none() {
-        return 0;
-    }
-    raw::set_tick_period(TICK_MS as u32);
-    1
+    install_root(&CONTEXTS, root, engine, Some(TICK_MS))
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_tick(root: u32) {
-    with_contexts(&CONTEXTS, |c| {
-        if let Some(e) = c.root_mut(root) {
-            e.on_tick(&WasmHost::on(root));
-        }
-    });
+    with_root(&CONTEXTS, root, |e, h| e.on_tick(h));
 }
 
 #[no_mangle]
@@ -51,11 +45,8 @@ pub extern "C" fn proxy_on_http_call_response(
     body: usize,
     _trailers: usize,
 ) {
-    let resp = callout_response(headers, body);
-    with_contexts(&CONTEXTS, |c| {
-        if let Some(e) = c.engine_of(ctx) {
-            e.on_callout(&WasmHost::on(ctx), token, resp);
-        }
+    deliver_callout(&CONTEXTS, ctx, headers, body, |e, h, resp| {
+        e.on_callout(h, token, resp)
     });
 }
 
@@ -73,10 +64,7 @@ pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, _eos: u32)
         Some(verdict)
     })
     .flatten();
-    match verdict {
-        Some(Verdict::Pause) => 1,
-        Some(Verdict::Continue) | None => 0,
-    }
+    verdict.map_or(0, action)
 }
 
 #[no_mangle]

@@ -9,22 +9,15 @@
 
 use std::cell::RefCell;
 use txmesh_core::txn::config::TxnConfig;
-use txmesh_core::txn::engine::{Stream, TxnEngine, Verdict, TICK_MS};
+use txmesh_core::txn::engine::{untracked_reply, Stream, TxnEngine, Verdict, TICK_MS};
 use txmesh_host::rt::Contexts;
-use txmesh_host::{callout_response, create_stream, plugin_config, raw, with_contexts, WasmHost};
+use txmesh_host::{
+    action, create_stream, deliver_callout, install_root, plugin_config, raw, with_contexts,
+    with_root, WasmHost,
+};
 
 thread_local! {
     static CONTEXTS: RefCell<Contexts<TxnEngine, Stream>> = RefCell::new(Contexts::default());
-}
-
-const CONTINUE: u32 = 0;
-const PAUSE: u32 = 1;
-
-fn action(v: Verdict) -> u32 {
-    match v {
-        Verdict::Continue => CONTINUE,
-        Verdict::Pause => PAUSE,
-    }
 }
 
 #[no_mangle]
@@ -35,35 +28,17 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
     let host = WasmHost::on(root);
     let mut engine = TxnEngine::new(cfg, &host);
     engine.define_metrics(&host);
-    raw::log(
-        2,
-        &format!(
-            "configured (node {}, max_in_flight {}, etcd cluster {}, app cluster {})",
-            engine.node(),
-            engine.config().max_in_flight,
-            engine.config().etcd_cluster,
-            engine.config().app_cluster
-        ),
-    );
-    if with_contexts(&CONTEXTS, |c| c.set_root(root, engine)).is_none() {
-        return 0;
-    }
-    raw::set_tick_period(TICK_MS as u32);
-    1
+    raw::log(2, &format!("configured ({})", engine.describe()));
+    install_root(&CONTEXTS, root, engine, Some(TICK_MS))
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_tick(root: u32) {
-    with_contexts(&CONTEXTS, |c| {
-        if let Some(e) = c.root_mut(root) {
-            e.on_tick(&WasmHost::on(root));
-        }
-    });
+    with_root(&CONTEXTS, root, |e, h| e.on_tick(h));
 }
 
-/// A callout's answer goes to the engine of the context that made it; if
-/// that stream has ended, to every engine (tokens are unique in a VM and an
-/// engine ignores tokens it does not own).
+/// A callout's answer goes to the engine of the context that made it, or to
+/// every engine once that stream has ended (`rt::Contexts::for_callout`).
 #[no_mangle]
 pub extern "C" fn proxy_on_http_call_response(
     ctx: u32,
@@ -72,17 +47,8 @@ pub extern "C" fn proxy_on_http_call_response(
     body: usize,
     _trailers: usize,
 ) {
-    let resp = callout_response(headers, body);
-    with_contexts(&CONTEXTS, |c| {
-        let host = WasmHost::on(ctx);
-        match c.engine_of(ctx) {
-            Some(e) => e.on_callout(&host, token, resp),
-            None => {
-                for (_, e) in c.roots_mut() {
-                    e.on_callout(&host, token, resp.clone());
-                }
-            }
-        }
+    deliver_callout(&CONTEXTS, ctx, headers, body, |e, h, resp| {
+        e.on_callout(h, token, resp)
     });
 }
 
@@ -100,33 +66,25 @@ pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, _eos: u32)
         Some(verdict)
     })
     .flatten();
-    match verdict {
-        Some(v) => action(v),
-        // Not tracked (the stream table is full): the txn filter never fails
-        // open, whether or not this request is transactional.
-        None => {
-            raw::send_local_response(
-                503,
-                &[("content-type", "application/json")],
-                br#"{"error":"txmesh: too many streams in this sidecar"}"#,
-            );
-            PAUSE
-        }
-    }
+    verdict.map_or_else(
+        || {
+            // Not tracked (the stream table is full).
+            let (status, headers, body) = untracked_reply();
+            raw::send_local_response(status, &headers, &body);
+            action(Verdict::Pause)
+        },
+        action,
+    )
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_response_headers(ctx: u32, _headers: usize, _eos: u32) -> u32 {
     with_contexts(&CONTEXTS, |c| {
         let (engine, stream) = c.stream_mut(ctx)?;
-        Some(action(engine.on_response_headers(
-            &WasmHost::on(ctx),
-            ctx,
-            stream,
-        )))
+        Some(engine.on_response_headers(&WasmHost::on(ctx), ctx, stream))
     })
     .flatten()
-    .unwrap_or(CONTINUE)
+    .map_or(action(Verdict::Continue), action)
 }
 
 #[no_mangle]

@@ -354,6 +354,17 @@ fn json_error(msg: &str) -> Vec<u8> {
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
+/// The answer to a stream the glue cannot track (its stream table is full):
+/// status, headers, body. The txn filter never fails open, whether or not
+/// the request is transactional.
+pub fn untracked_reply() -> (u16, [(&'static str, &'static str); 1], Vec<u8>) {
+    (
+        503,
+        [JSON],
+        json_error("txmesh: too many streams in this sidecar"),
+    )
+}
+
 fn is_2xx(s: Option<u16>) -> bool {
     matches!(s, Some(200..=299))
 }
@@ -448,6 +459,14 @@ impl TxnEngine {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// One line for the log at configure time.
+    pub fn describe(&self) -> String {
+        format!(
+            "node {}, max_in_flight {}, etcd cluster {}, app cluster {}",
+            self.node, self.cfg.max_in_flight, self.cfg.etcd_cluster, self.cfg.app_cluster
+        )
     }
 
     pub fn config(&self) -> &TxnConfig {
