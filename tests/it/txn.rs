@@ -60,6 +60,10 @@ fn three_participants_commit() {
         b"",
     );
     assert_eq!(s.json(), json!({"txn": txn, "outcome": "committed"}));
+    // Phase 2 went out from the root context (it outlives the client's
+    // stream) without a failed dispatch.
+    let log = shop.order_sc.log();
+    assert!(!log.contains("dispatch to"), "{log}");
 }
 
 #[test]

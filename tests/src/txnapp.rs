@@ -53,6 +53,11 @@ impl TxnRecord {
 #[derive(Default)]
 struct State {
     txns: BTreeMap<String, TxnRecord>,
+    /// When each transaction's commit vote was answered (until its commit).
+    prepared_at: std::collections::HashMap<String, std::time::Instant>,
+    /// How long each committed transaction held its prepared state: from
+    /// the commit vote to the commit, µs (read by the benchmarks).
+    held_us: Vec<u64>,
     /// Calls to control paths without a transaction header, or other oddities.
     errors: Vec<String>,
 }
@@ -167,6 +172,7 @@ impl TxnApp {
             .unwrap_or_else(|e| e.into_inner())
             .txns
             .clear();
+        self.take_held_us();
         self.server.clear();
     }
 
@@ -176,6 +182,14 @@ impl TxnApp {
             .unwrap_or_else(|e| e.into_inner())
             .txns
             .clone()
+    }
+
+    /// How long committed transactions held their prepared state (the
+    /// commit vote to the commit), µs, since the last call; forgets them.
+    pub fn take_held_us(&self) -> Vec<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.prepared_at.clear();
+        std::mem::take(&mut st.held_us)
     }
 
     pub fn errors(&self) -> Vec<String> {
@@ -238,7 +252,7 @@ fn handle(
                     Vote::Fail(s) => (Reply::status(s), "fail"),
                 };
                 let mut st = lock();
-                let rec = st.txns.entry(txn).or_default();
+                let rec = st.txns.entry(txn.clone()).or_default();
                 rec.prepares += 1;
                 // A prepare that arrives after an abort is refused (no hanging reservation).
                 if rec.aborts > 0 {
@@ -247,6 +261,9 @@ fn handle(
                         .json(serde_json::json!({"vote": "abort", "reason": "already aborted"}));
                 }
                 rec.voted = Some(voted.into());
+                if voted == "commit" {
+                    st.prepared_at.insert(txn, std::time::Instant::now());
+                }
                 reply
             }
             "/txmesh/commit" => {
@@ -257,12 +274,18 @@ fn handle(
                     st.errors
                         .push(format!("{name}: commit after abort for {txn}"));
                 }
+                if let Some(t) = st.prepared_at.remove(&txn) {
+                    st.held_us
+                        .push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                }
                 Reply::ok()
             }
             "/txmesh/abort" => {
                 let mut st = lock();
                 let rec = st.txns.entry(txn.clone()).or_default();
                 rec.aborts += 1;
+                st.prepared_at.remove(&txn);
+                let rec = st.txns.entry(txn.clone()).or_default();
                 if rec.commits > 0 {
                     st.errors
                         .push(format!("{name}: abort after commit for {txn}"));

@@ -17,6 +17,8 @@ pub struct Host {
     pub next_token: Cell<u32>,
     pub rand: Cell<u8>,
     pub calls: RefCell<Vec<(u32, Callout)>>,
+    /// Tokens of the calls dispatched from another context, with it.
+    pub dispatched_in: RefCell<Vec<(u32, u32)>>,
     pub replies: RefCell<Vec<(u32, u16, Vec<(String, String)>, String)>>,
     pub resumed: RefCell<Vec<(u32, Vec<(String, String)>)>>,
     pub response: RefCell<Vec<(String, Vec<u8>)>>,
@@ -74,6 +76,11 @@ impl TxnHost for Host {
         let t = self.next_token.get() + 1;
         self.next_token.set(t);
         self.calls.borrow_mut().push((t, c.clone()));
+        Ok(t)
+    }
+    fn dispatch_in(&self, ctx: u32, c: &Callout) -> Result<u32, HostError> {
+        let t = self.dispatch(c)?;
+        self.dispatched_in.borrow_mut().push((t, ctx));
         Ok(t)
     }
     fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {

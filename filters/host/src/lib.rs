@@ -271,6 +271,18 @@ impl TxnHost for WasmHost {
             .map_err(|s| HostError(format!("dispatch to {}: status {s}", c.cluster)))
     }
 
+    fn dispatch_in(&self, ctx: u32, c: &Callout) -> Result<u32, HostError> {
+        let mut out = Err(HostError(format!(
+            "dispatch to {}: no context {ctx}",
+            c.cluster
+        )));
+        self.with_context(ctx, || out = self.dispatch(c));
+        if let Err(e) = &out {
+            raw::log(3, &e.0);
+        }
+        out
+    }
+
     fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         self.with_context(ctx, || {
             raw::send_local_response(status, headers, body);

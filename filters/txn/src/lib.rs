@@ -27,6 +27,7 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
     };
     let host = WasmHost::on(root);
     let mut engine = TxnEngine::new(cfg, &host);
+    engine.set_root_context(root);
     engine.define_metrics(&host);
     raw::log(2, &format!("configured ({})", engine.describe()));
     install_root(&CONTEXTS, root, engine, Some(TICK_MS))

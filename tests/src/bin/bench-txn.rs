@@ -162,6 +162,22 @@ fn breakdown(log: &str) {
     );
 }
 
+/// How long a participant held its prepared state (locks, reservations):
+/// from its commit vote to the commit, as its app saw it.
+fn held(app: &str, mut us: Vec<u64>) {
+    if us.is_empty() {
+        return;
+    }
+    us.sort_unstable();
+    let q = |p: f64| us[((us.len() - 1) as f64 * p) as usize] as f64 / 1e3;
+    println!(
+        "# {app}'s prepared state held (its commit vote to the commit, {} txns): median {:.2} ms, p99 {:.2} ms",
+        us.len(),
+        q(0.5),
+        q(0.99)
+    );
+}
+
 fn main() {
     let args: Vec<u64> = std::env::args()
         .skip(1)
@@ -180,6 +196,7 @@ fn main() {
         Sidecar::new(n)
             .app(&app.server)
             .etcd(&etcd)
+            .route("etcdgw", &[etcd.addr()])
             .filter(Filter::txn(cfg(n)))
     };
     let g = Checkout::start(Vote::Commit, Vote::Commit, side);
@@ -251,35 +268,41 @@ fn main() {
     // The decision record's own shape: a compare-and-swap on the record key
     // (create revision 0) that puts the record and the pending-work key.
     let n = std::cell::Cell::new(0u64);
-    let cas = timed(&|| {
-        n.set(n.get() + 1);
-        let b = |s: &str| txmesh_tests::etcd::b64(s.as_bytes());
-        let key = format!("txmesh/txns/bench-{}", n.get());
-        let pending = format!("txmesh/pending/bench/{}", n.get());
-        let record =
-            json!({"outcome": "committed", "participants": ["payment", "inventory", "order"],
-                            "coordinator": "order", "reason": "ok", "time_ms": 1})
-            .to_string();
-        let body = json!({
-            "compare": [{"key": b(&key), "target": "CREATE", "create_revision": "0"}],
-            "success": [
-                {"request_put": {"key": b(&key), "value": b(&record)}},
-                {"request_put": {"key": b(&pending), "value": b(&record)}},
-            ],
-            "failure": [{"request_range": {"key": b(&key)}}],
-        });
-        c.must(
-            "POST",
-            &format!("{}/v3/kv/txn", etcd.url()),
-            &[("content-type", "application/json")],
-            body.to_string().as_bytes(),
-        );
-    });
+    let cas_at = |url: &str, host: &str| {
+        timed(&|| {
+            n.set(n.get() + 1);
+            let b = |s: &str| txmesh_tests::etcd::b64(s.as_bytes());
+            let key = format!("txmesh/txns/bench-{}", n.get());
+            let pending = format!("txmesh/pending/bench/{}", n.get());
+            let record =
+                json!({"outcome": "committed", "participants": ["payment", "inventory", "order"],
+                                "coordinator": "order", "reason": "ok", "time_ms": 1})
+                .to_string();
+            let body = json!({
+                "compare": [{"key": b(&key), "target": "CREATE", "create_revision": "0"}],
+                "success": [
+                    {"request_put": {"key": b(&key), "value": b(&record)}},
+                    {"request_put": {"key": b(&pending), "value": b(&record)}},
+                ],
+                "failure": [{"request_range": {"key": b(&key)}}],
+            });
+            c.must(
+                "POST",
+                url,
+                &[("content-type", "application/json"), ("host", host)],
+                body.to_string().as_bytes(),
+            );
+        })
+    };
+    let cas = cas_at(&format!("{}/v3/kv/txn", etcd.url()), "etcd");
+    // The same write through one Envoy (the root sidecar's outbound listener,
+    // a route to etcd): a sidecar reaches etcd only through Envoy.
+    let cas_envoy = cas_at(&order_sc.outbound_url("/v3/kv/txn"), "etcdgw");
     println!(
         "# one call through two sidecars: median {hop:.2} ms; one prepare round (two such calls in parallel): median {round:.2} ms"
     );
     println!(
-        "# one durable etcd write: a put, median {put:.2} ms; the decision record's compare-and-swap (record + pending key), median {cas:.2} ms"
+        "# one durable etcd write: a put, median {put:.2} ms; the decision record's compare-and-swap (record + pending key), median {cas:.2} ms (through one Envoy, as a sidecar sends it: {cas_envoy:.2} ms)"
     );
     println!(
         "# the limit: one prepare round + the decision record's write = {:.2} ms (with a single call and a plain put: {:.2} ms)",
@@ -300,9 +323,17 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    for (graph, sc) in [
-        ("1 participant (initiator only, one-phase commit)", &solo_sc),
-        ("3 participants (order -> payment, inventory)", order_sc),
+    for (graph, sc, app) in [
+        (
+            "1 participant (initiator only, one-phase commit)",
+            &solo_sc,
+            &solo,
+        ),
+        (
+            "3 participants (order -> payment, inventory)",
+            order_sc,
+            &g.payment,
+        ),
     ] {
         let plain = sc.inbound_url("/plain");
         let txn = sc.inbound_url("/checkout");
@@ -318,8 +349,10 @@ fn main() {
             (clients, Duration::ZERO),
         ] {
             let seen = sc.log().len();
+            app.take_held_us();
             measure(graph, (&plain, &txn), secs, rounds, level, think);
             breakdown(sc.log().get(seen..).unwrap_or(""));
+            held(&app.name, app.take_held_us());
         }
     }
     let committed = order_sc

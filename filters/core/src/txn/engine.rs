@@ -88,6 +88,12 @@ pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties {
     fn random_id(&self) -> [u8; 16];
     /// Dispatches from the current context; answers come back to it.
     fn dispatch(&self, c: &Callout) -> Result<u32, HostError>;
+    /// Dispatches from context `ctx` (the root context: the call outlives
+    /// the current stream, whose callouts Envoy cancels when it ends).
+    fn dispatch_in(&self, ctx: u32, c: &Callout) -> Result<u32, HostError> {
+        let _ = ctx;
+        self.dispatch(c)
+    }
     /// A local reply on stream `ctx` (paused in its request or response).
     fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]);
     /// Resumes the paused response of stream `ctx` with extra headers.
@@ -337,6 +343,8 @@ pub struct TxnEngine {
     /// etcd write per [`UNPEND_INTERVAL_MS`] instead of one per transaction).
     unpend: Vec<String>,
     next_unpend_ms: u64,
+    /// See [`TxnEngine::set_root_context`].
+    root_ctx: u32,
 }
 
 /// How often finished transactions' pending-work keys are deleted, in one
@@ -454,6 +462,23 @@ impl TxnEngine {
             recovery_inflight: false,
             unpend: Vec::new(),
             next_unpend_ms: 0,
+            root_ctx: 0,
+        }
+    }
+
+    /// The root context this engine belongs to: phase 2, recovery and the
+    /// pending-work deletes are dispatched from it, so they survive the
+    /// stream that started them (0: dispatch from the current context).
+    pub fn set_root_context(&mut self, ctx: u32) {
+        self.root_ctx = ctx;
+    }
+
+    /// Dispatches work that outlives streams from root context `root`.
+    fn detached(root: u32, h: &impl TxnHost, c: &Callout) -> Result<u32, HostError> {
+        if root == 0 {
+            h.dispatch(c)
+        } else {
+            h.dispatch_in(root, c)
         }
     }
 
@@ -2082,6 +2107,9 @@ impl TxnEngine {
             degraded: false,
         };
         self.jobs.insert(op.txn, job);
+        // Phase 2 starts now, not at the next tick: participants hold their
+        // prepared state (locks) until it arrives.
+        self.drive_job(h, op.txn, now);
     }
 
     fn wants(outcome: Outcome, vote: &Option<Vote>) -> bool {
@@ -2125,7 +2153,7 @@ impl TxnEngine {
                     body: etcd::put_body(&key, &value).into_bytes(),
                     timeout_ms: self.cfg.etcd_timeout_ms,
                 };
-                let _ = h.dispatch(&call);
+                let _ = Self::detached(self.root_ctx, h, &call);
             }
         } else {
             job.degraded = true;
@@ -2247,14 +2275,18 @@ impl TxnEngine {
                 [one] => ("/v3/kv/deleterange", etcd::delete_body(one)),
                 many => ("/v3/kv/txn", etcd::delete_many_body(many)),
             };
-            let _ = h.dispatch(&Callout {
-                cluster: self.cfg.etcd_cluster.clone(),
-                method: "POST",
-                path: path.to_string(),
-                headers: vec![("content-type".into(), "application/json".into())],
-                body: body.into_bytes(),
-                timeout_ms: self.cfg.etcd_timeout_ms,
-            });
+            let _ = Self::detached(
+                self.root_ctx,
+                h,
+                &Callout {
+                    cluster: self.cfg.etcd_cluster.clone(),
+                    method: "POST",
+                    path: path.to_string(),
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: body.into_bytes(),
+                    timeout_ms: self.cfg.etcd_timeout_ms,
+                },
+            );
         }
     }
 
@@ -2360,7 +2392,7 @@ impl TxnEngine {
             body: etcd::range_prefix_body(&prefix, 64).into_bytes(),
             timeout_ms: self.cfg.etcd_timeout_ms,
         };
-        if let Ok(token) = h.dispatch(&call) {
+        if let Ok(token) = Self::detached(self.root_ctx, h, &call) {
             self.recovery_inflight = true;
             self.calls.insert(token, Call::Recovery);
         }
@@ -2468,8 +2500,16 @@ impl TxnEngine {
     fn drive_jobs(&mut self, h: &impl TxnHost, now: u64) {
         let txns: Vec<TxnId> = self.jobs.keys().copied().collect();
         for txn in txns {
+            self.drive_job(h, txn, now);
+        }
+    }
+
+    /// One step of `txn`'s phase-2 job: the record it owes, the commits or
+    /// aborts that are due, and its end. Dispatches from the root context.
+    fn drive_job(&mut self, h: &impl TxnHost, txn: TxnId, now: u64) {
+        {
             let Some(job) = self.jobs.get_mut(&txn) else {
-                continue;
+                return;
             };
             // 1. The record, if one is owed.
             if job.record != Record::Done && !job.record_inflight && now >= job.record_next_ms {
@@ -2498,7 +2538,7 @@ impl TxnEngine {
                     job.unpend = true;
                 }
                 let call = Self::record_call(&self.cfg, &d, pending);
-                if let Ok(token) = h.dispatch(&call) {
+                if let Ok(token) = Self::detached(self.root_ctx, h, &call) {
                     job.record_inflight = true;
                     self.calls.insert(token, Call::JobRecord { txn });
                 } else {
@@ -2507,7 +2547,7 @@ impl TxnEngine {
                 }
             }
             let Some(job) = self.jobs.get_mut(&txn) else {
-                continue;
+                return;
             };
             // A commit is sent only once its record is durable; an unknown
             // outcome waits for etcd.
@@ -2541,7 +2581,7 @@ impl TxnEngine {
                             job.deadline_ms,
                             self.cfg.control_timeout_ms,
                         );
-                        let dispatched = h.dispatch(&call);
+                        let dispatched = Self::detached(self.root_ctx, h, &call);
                         if let Some(t) = job.targets.get_mut(idx) {
                             match dispatched {
                                 Ok(token) => {
@@ -2559,7 +2599,7 @@ impl TxnEngine {
             }
             // 2. Done, or given up?
             let Some(job) = self.jobs.get(&txn) else {
-                continue;
+                return;
             };
             let all_acked = job.outcome.is_some_and(|o| {
                 job.targets

@@ -64,8 +64,22 @@ fn status(s: u16) -> CalloutResponse {
 }
 const CREATED: &str = r#"{"header":{"revision":"2"},"succeeded":true}"#;
 
+/// The root context the test engines belong to.
+const ROOT: u32 = 900;
+
 fn engine(h: &Host, cfg: &str) -> TxnEngine {
-    TxnEngine::new(TxnConfig::parse(cfg.as_bytes()).unwrap(), h)
+    let mut e = TxnEngine::new(TxnConfig::parse(cfg.as_bytes()).unwrap(), h);
+    e.set_root_context(ROOT);
+    e
+}
+
+/// Whether every one of `calls` was dispatched from the root context (so
+/// it outlives the stream that started it).
+fn from_root(h: &Host, calls: &[(u32, Callout)]) -> bool {
+    let d = h.dispatched_in.borrow();
+    calls
+        .iter()
+        .all(|(t, _)| d.iter().any(|(dt, ctx)| dt == t && *ctx == ROOT))
 }
 
 const CFG: &str = r#"{"begin":[{"method":"POST","path_prefix":"/checkout"}],"node":"order","default_timeout_ms":5000}"#;
@@ -177,8 +191,8 @@ fn commit_with_three_participants() {
             ]
         )]
     );
-    // Phase 2 from the tick.
-    inb.on_tick(&h);
+    // Phase 2 at once (not at the next tick), from the root context: the
+    // commits outlive the client's stream.
     let calls = h.take_calls();
     assert_eq!(
         paths(&calls),
@@ -188,6 +202,9 @@ fn commit_with_three_participants() {
             "payment /txmesh/commit"
         ]
     );
+    assert!(from_root(&h, &calls));
+    inb.on_tick(&h);
+    assert!(h.take_calls().is_empty(), "each commit is sent once");
     answer(&h, &mut inb, &calls, "payment", ok(""));
     answer(&h, &mut inb, &calls, "inventory", status(503));
     answer(&h, &mut inb, &calls, "local_app", ok(""));
@@ -358,7 +375,13 @@ fn app_error_aborts_without_prepare() {
     let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
     h.status("503");
     assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Pause);
-    assert!(h.take_calls().is_empty(), "no prepare");
+    // No prepare, no record (nobody prepared): the aborts go out at once.
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["local_app /txmesh/abort", "payment /txmesh/abort"]
+    );
+    assert!(from_root(&h, &calls));
     let (_, st, _, body) = h.replies.borrow()[0].clone();
     assert_eq!(st, 409);
     assert!(
@@ -367,11 +390,7 @@ fn app_error_aborts_without_prepare() {
     );
     assert!(body.contains(r#""participant":"order""#), "{body}");
     inb.on_tick(&h);
-    assert_eq!(
-        paths(&h.take_calls()),
-        ["local_app /txmesh/abort", "payment /txmesh/abort"],
-        "abort, and no record: nobody prepared"
-    );
+    assert!(h.take_calls().is_empty(), "each abort is sent once");
 }
 
 #[test]
