@@ -78,6 +78,8 @@ pub mod fake {
         pub define_calls: RefCell<u32>,
         /// When set, every CAS write fails this many times first.
         pub cas_failures: RefCell<u32>,
+        /// Shared-data reads and writes made so far.
+        pub shared_calls: RefCell<u32>,
     }
 
     impl FakeHost {
@@ -146,6 +148,7 @@ pub mod fake {
 
     impl SharedData for FakeHost {
         fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            *self.shared_calls.borrow_mut() += 1;
             match self.shared.borrow().get(key) {
                 Some((v, cas)) => (Some(v.clone()), Some(*cas)),
                 None => (None, None),
@@ -157,6 +160,7 @@ pub mod fake {
             value: &[u8],
             cas: Option<u32>,
         ) -> Result<(), SharedSetError> {
+            *self.shared_calls.borrow_mut() += 1;
             {
                 let mut fails = self.cas_failures.borrow_mut();
                 if cas.is_some() && *fails > 0 {

@@ -1,86 +1,26 @@
-//! Load-balancing arithmetic: the per-endpoint stats record shared by all
-//! workers, peak-EWMA latency, outlier ejection and the pickers. Pure
-//! functions over plain values; the engine does the host calls.
+//! Load-balancing arithmetic: one worker's load record per endpoint,
+//! peak-EWMA latency, the health record shared by all workers, outlier
+//! ejection and the pickers. Pure functions over plain values; the engine
+//! does the host calls.
 
-/// What every worker knows about one endpoint, kept in the endpoint's
-/// shared-data slot. `id` (`service/address`) tells whether the record
-/// belongs to the endpoint now in the slot: a record left by an endpoint that
-/// has gone reads as a fresh one.
+/// One worker's view of an endpoint's load: its own requests in flight and
+/// its own latency estimate. Kept in the worker's memory, as Envoy's own
+/// load balancers keep theirs: picking and finishing a request cost no host
+/// call.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct EpStats {
-    pub id: String,
-    /// Requests in flight (picked, not yet logged), all workers.
+pub struct Load {
+    /// Requests in flight (picked, not yet logged) from this worker.
     pub pending: u32,
     /// Peak-EWMA latency estimate in microseconds; 0 = no sample yet.
     pub ewma_us: u64,
     /// When `ewma_us` was last updated.
     pub stamp_ms: u64,
-    /// Consecutive failures.
-    pub fails: u32,
-    /// Ejected while `now < ejected_until_ms`.
-    pub ejected_until_ms: u64,
-    /// Ejections in a row (the next lasts `base × (ejections + 1)`).
-    pub ejections: u32,
-    /// Healthy since (for forgetting past ejections).
-    pub healthy_since_ms: u64,
     /// Sum of the start times of the requests in flight (their mean age
     /// counts as a latency sample before they finish).
     pub pending_since_sum_ms: u64,
 }
 
-impl EpStats {
-    pub fn fresh(id: &str) -> Self {
-        Self {
-            id: id.to_string(),
-            ..Self::default()
-        }
-    }
-
-    pub fn encode(&self) -> String {
-        format!(
-            "{} {} {} {} {} {} {} {} {}",
-            self.id,
-            self.pending,
-            self.ewma_us,
-            self.stamp_ms,
-            self.fails,
-            self.ejected_until_ms,
-            self.ejections,
-            self.healthy_since_ms,
-            self.pending_since_sum_ms
-        )
-    }
-
-    /// The record for endpoint `id` from a slot's bytes: fresh when the slot
-    /// is empty, unreadable, or holds another endpoint's record.
-    pub fn decode_for(id: &str, bytes: Option<&[u8]>) -> Self {
-        bytes
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|t| {
-                let mut f = t.split(' ');
-                if f.next()? != id {
-                    return None;
-                }
-                let mut n = || f.next()?.parse::<u64>().ok();
-                Some(Self {
-                    id: id.to_string(),
-                    pending: u32::try_from(n()?).ok()?,
-                    ewma_us: n()?,
-                    stamp_ms: n()?,
-                    fails: u32::try_from(n()?).ok()?,
-                    ejected_until_ms: n()?,
-                    ejections: u32::try_from(n()?).ok()?,
-                    healthy_since_ms: n()?,
-                    pending_since_sum_ms: n()?,
-                })
-            })
-            .unwrap_or_else(|| Self::fresh(id))
-    }
-
-    pub fn ejected(&self, now_ms: u64) -> bool {
-        now_ms < self.ejected_until_ms
-    }
-
+impl Load {
     /// The latency estimate at `now` without a new sample, in microseconds:
     /// the default for an endpoint never measured, otherwise the estimate
     /// decayed towards zero (`w = exp(-elapsed / decay)`), so that an endpoint
@@ -113,7 +53,7 @@ impl EpStats {
         self.pending_since_sum_ms = self.pending_since_sum_ms.saturating_add(now_ms);
     }
 
-    /// A request counted by [`EpStats::start`] at `started_ms` ends.
+    /// A request counted by [`Load::start`] at `started_ms` ends.
     pub fn finish(&mut self, started_ms: u64) {
         self.pending = self.pending.saturating_sub(1);
         self.pending_since_sum_ms = if self.pending == 0 {
@@ -146,6 +86,74 @@ impl EpStats {
     }
 }
 
+/// What every worker knows about one endpoint's health, kept in the
+/// endpoint's shared-data slot (written on failures and while an ejection
+/// is being forgiven, read on tick). `id` (`service/address`) tells whether
+/// the record belongs to the endpoint now in the slot: a record left by an
+/// endpoint that has gone reads as a fresh one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EpHealth {
+    pub id: String,
+    /// Consecutive failures (all workers).
+    pub fails: u32,
+    /// Ejected while `now < ejected_until_ms`.
+    pub ejected_until_ms: u64,
+    /// Ejections in a row (the next lasts `base × (ejections + 1)`).
+    pub ejections: u32,
+    /// Healthy since (for forgetting past ejections).
+    pub healthy_since_ms: u64,
+}
+
+impl EpHealth {
+    pub fn fresh(id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            ..Self::default()
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        format!(
+            "{} {} {} {} {}",
+            self.id, self.fails, self.ejected_until_ms, self.ejections, self.healthy_since_ms
+        )
+    }
+
+    /// The record for endpoint `id` from a slot's bytes: fresh when the slot
+    /// is empty, unreadable (a record of another shape included), or holds
+    /// another endpoint's record.
+    pub fn decode_for(id: &str, bytes: Option<&[u8]>) -> Self {
+        bytes
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|t| {
+                let mut f = t.split(' ');
+                if f.next()? != id {
+                    return None;
+                }
+                let mut n = || f.next()?.parse::<u64>().ok();
+                let h = Self {
+                    id: id.to_string(),
+                    fails: u32::try_from(n()?).ok()?,
+                    ejected_until_ms: n()?,
+                    ejections: u32::try_from(n()?).ok()?,
+                    healthy_since_ms: n()?,
+                };
+                f.next().is_none().then_some(h)
+            })
+            .unwrap_or_else(|| Self::fresh(id))
+    }
+
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        now_ms < self.ejected_until_ms
+    }
+
+    /// Whether a success must be written back: a failure count to reset or
+    /// a past ejection to forgive.
+    pub fn needs_success(&self) -> bool {
+        self.fails > 0 || self.ejections > 0
+    }
+}
+
 /// Outlier-ejection settings (from the service's config).
 #[derive(Debug, Clone, Copy)]
 pub struct Ejection {
@@ -166,7 +174,7 @@ pub enum Health {
 /// Records a success or failure. `may_eject` says whether the service's
 /// ejection cap leaves room for one more ejected endpoint.
 pub fn record_health(
-    s: &mut EpStats,
+    s: &mut EpHealth,
     now_ms: u64,
     failed: bool,
     e: Ejection,
@@ -280,34 +288,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stats_round_trip_and_foreign_records() {
-        let s = EpStats {
+    fn health_round_trip_and_foreign_records() {
+        let s = EpHealth {
             id: "p/1.2.3.4:5".into(),
-            pending: 3,
-            ewma_us: 1234,
-            stamp_ms: 99,
             fails: 2,
             ejected_until_ms: 7,
             ejections: 1,
             healthy_since_ms: 5,
-            pending_since_sum_ms: 11,
         };
         let b = s.encode();
-        assert_eq!(EpStats::decode_for("p/1.2.3.4:5", Some(b.as_bytes())), s);
+        assert_eq!(b, "p/1.2.3.4:5 2 7 1 5");
+        assert_eq!(EpHealth::decode_for("p/1.2.3.4:5", Some(b.as_bytes())), s);
         assert_eq!(
-            EpStats::decode_for("p/9.9.9.9:9", Some(b.as_bytes())),
-            EpStats::fresh("p/9.9.9.9:9")
+            EpHealth::decode_for("p/9.9.9.9:9", Some(b.as_bytes())),
+            EpHealth::fresh("p/9.9.9.9:9")
         );
-        assert_eq!(EpStats::decode_for("x", None), EpStats::fresh("x"));
+        assert_eq!(EpHealth::decode_for("x", None), EpHealth::fresh("x"));
         assert_eq!(
-            EpStats::decode_for("x", Some(b"x 1 2")),
-            EpStats::fresh("x")
+            EpHealth::decode_for("x", Some(b"x 1 2")),
+            EpHealth::fresh("x")
         );
+        // A record of the earlier, longer shape reads as fresh.
+        assert_eq!(
+            EpHealth::decode_for("x", Some(b"x 1 2 3 4 5 6 7 8")),
+            EpHealth::fresh("x")
+        );
+        assert!(!EpHealth::fresh("x").needs_success());
+        assert!(s.needs_success());
     }
 
     #[test]
     fn peak_ewma_like_tower() {
-        let mut s = EpStats::fresh("e");
+        let mut s = Load::default();
         // Never measured: the default rtt.
         assert_eq!(s.rtt_us(1000, 10_000, 30), 30_000.0);
         assert_eq!(s.cost(1000, 10_000, 30), 30_000.0);
@@ -335,7 +347,7 @@ mod tests {
 
     #[test]
     fn requests_stuck_in_flight_raise_the_cost() {
-        let mut s = EpStats::fresh("e");
+        let mut s = Load::default();
         (s.ewma_us, s.stamp_ms) = (2_000, 1000);
         assert_eq!(s.cost(1000, 10_000, 30), 2_000.0);
         // Two requests start at 1000 and 1100 and hang.
@@ -357,7 +369,7 @@ mod tests {
             base_ms: 1000,
             max_ms: 2500,
         };
-        let mut s = EpStats::fresh("e");
+        let mut s = EpHealth::fresh("e");
         assert_eq!(record_health(&mut s, 10, true, e, true), Health::Failed);
         assert_eq!(record_health(&mut s, 10, false, e, true), Health::Ok);
         assert_eq!(s.fails, 0);
@@ -398,7 +410,7 @@ mod tests {
             consecutive_failures: 0,
             ..e
         };
-        let mut s = EpStats::fresh("e");
+        let mut s = EpHealth::fresh("e");
         for _ in 0..10 {
             assert_eq!(record_health(&mut s, 1, true, off, true), Health::Failed);
         }

@@ -13,7 +13,8 @@
 //!   `override_host`), always overwritten.
 
 use super::balance::{
-    ejection_cap, record_health, smooth_weighted, two_choices, Ejection, EpStats, Health, Rng,
+    ejection_cap, record_health, smooth_weighted, two_choices, Ejection, EpHealth, Health, Load,
+    Rng,
 };
 use super::config::{RouterConfig, ServiceConfig, ServiceFrom, Strategy};
 use super::registry::{parse_record, Table};
@@ -77,7 +78,10 @@ struct Ep {
     address: String,
     zone: String,
     weight: u32,
-    stats: EpStats,
+    /// This worker's requests in flight and latency estimate.
+    load: Load,
+    /// The shared health record, as last read or written by this worker.
+    health: EpHealth,
     m: EpMetrics,
 }
 
@@ -189,10 +193,10 @@ fn candidates(s: &Service, zone: Option<&str>, now: u64) -> Vec<usize> {
             .collect()
     };
     let live = |e: &Ep| e.weight > 0;
-    let up = |e: &Ep| live(e) && !e.stats.ejected(now);
+    let up = |e: &Ep| live(e) && !e.health.ejected(now);
     if let (true, Some(z)) = (s.cfg.zone_preference, zone) {
         let local = select(&|e| {
-            up(e) && e.zone == z && s.cfg.spill_over_pending.is_none_or(|m| e.stats.pending < m)
+            up(e) && e.zone == z && s.cfg.spill_over_pending.is_none_or(|m| e.load.pending < m)
         });
         if !local.is_empty() {
             return local;
@@ -304,25 +308,19 @@ impl RouterEngine {
         format!("{}{slot}", self.key_slot)
     }
 
-    fn read_stats(&self, h: &impl Host, slot: u32, id: &str) -> (EpStats, Option<u32>) {
-        let (v, cas) = h.shared_get(&self.slot_key(slot));
-        (EpStats::decode_for(id, v.as_deref()), cas)
-    }
-
-    /// Applies `f` to a slot's record with CAS; returns the record written.
-    fn update_stats<R>(
-        &self,
+    /// Applies `f` to the health record in slot `key` with CAS; returns the
+    /// record written.
+    fn update_health<R>(
         h: &impl Host,
-        slot: u32,
+        key: &str,
         id: &str,
-        mut f: impl FnMut(&mut EpStats) -> R,
-    ) -> Option<(EpStats, R)> {
-        let key = self.slot_key(slot);
+        mut f: impl FnMut(&mut EpHealth) -> R,
+    ) -> Option<(EpHealth, R)> {
         for _ in 0..CAS_ATTEMPTS {
-            let (v, cas) = h.shared_get(&key);
-            let mut s = EpStats::decode_for(id, v.as_deref());
+            let (v, cas) = h.shared_get(key);
+            let mut s = EpHealth::decode_for(id, v.as_deref());
             let r = f(&mut s);
-            match h.shared_set(&key, s.encode().as_bytes(), cas) {
+            match h.shared_set(key, s.encode().as_bytes(), cas) {
                 Ok(()) => return Some((s, r)),
                 Err(SharedSetError::CasMismatch) => continue,
                 Err(SharedSetError::Other(e)) => {
@@ -355,7 +353,7 @@ impl RouterEngine {
             self.start_poll(h, now);
         }
         self.refresh_table(h);
-        self.refresh_stats(h);
+        self.refresh_health(h);
     }
 
     /// Whether this engine holds (or now takes) the poller lease.
@@ -520,37 +518,36 @@ impl RouterEngine {
             let mut eps = Vec::new();
             for e in table.endpoints.iter().filter(|e| e.service == s.name) {
                 let id = e.id();
-                let m = s
-                    .eps
-                    .iter()
-                    .find(|o| o.id == id && o.zone == e.zone)
-                    .map(|o| o.m)
-                    .unwrap_or_else(|| {
-                        let zone = if e.zone.is_empty() { "none" } else { &e.zone };
-                        let l = [
-                            ("service", s.name.as_str()),
-                            ("endpoint", e.address.as_str()),
-                            ("zone", zone),
-                        ];
-                        EpMetrics {
-                            picks: define(h, MetricKind::Counter, &metric_name(&l, PICKS_TOTAL)),
-                            requests: define(
-                                h,
-                                MetricKind::Counter,
-                                &metric_name(&l, REQUESTS_TOTAL),
-                            ),
-                            errors: define(h, MetricKind::Counter, &metric_name(&l, ERRORS_TOTAL)),
-                            ejections: define(
-                                h,
-                                MetricKind::Counter,
-                                &metric_name(&l, EJECTIONS_TOTAL),
-                            ),
-                            ewma: define(h, MetricKind::Gauge, &metric_name(&l, EWMA_GAUGE)),
-                        }
-                    });
+                let old = s.eps.iter().find(|o| o.id == id && o.zone == e.zone);
+                // An endpoint that stays keeps its requests in flight and
+                // its latency estimate.
+                let (load, health) = old.map_or_else(
+                    || (Load::default(), EpHealth::fresh(&id)),
+                    |o| (o.load.clone(), o.health.clone()),
+                );
+                let m = old.map(|o| o.m).unwrap_or_else(|| {
+                    let zone = if e.zone.is_empty() { "none" } else { &e.zone };
+                    let l = [
+                        ("service", s.name.as_str()),
+                        ("endpoint", e.address.as_str()),
+                        ("zone", zone),
+                    ];
+                    EpMetrics {
+                        picks: define(h, MetricKind::Counter, &metric_name(&l, PICKS_TOTAL)),
+                        requests: define(h, MetricKind::Counter, &metric_name(&l, REQUESTS_TOTAL)),
+                        errors: define(h, MetricKind::Counter, &metric_name(&l, ERRORS_TOTAL)),
+                        ejections: define(
+                            h,
+                            MetricKind::Counter,
+                            &metric_name(&l, EJECTIONS_TOTAL),
+                        ),
+                        ewma: define(h, MetricKind::Gauge, &metric_name(&l, EWMA_GAUGE)),
+                    }
+                });
                 eps.push(Ep {
                     slot: e.slot,
-                    stats: EpStats::fresh(&id),
+                    load,
+                    health,
                     id,
                     address: e.address.clone(),
                     zone: e.zone.clone(),
@@ -568,12 +565,17 @@ impl RouterEngine {
         self.loaded = true;
     }
 
-    fn refresh_stats(&mut self, h: &impl Host) {
+    /// Every tick: the shared health records (failures and ejections seen
+    /// by other workers), and this worker's latency estimates as gauges.
+    fn refresh_health(&mut self, h: &impl Host) {
         let key = self.key_slot.clone();
         for s in &mut self.services {
             for e in &mut s.eps {
                 let v = h.shared_get(&format!("{key}{}", e.slot)).0;
-                e.stats = EpStats::decode_for(&e.id, v.as_deref());
+                e.health = EpHealth::decode_for(&e.id, v.as_deref());
+                if let (Some(g), true) = (e.m.ewma, e.load.ewma_us > 0) {
+                    let _ = h.record_metric(g, e.load.ewma_us / 1000);
+                }
             }
         }
     }
@@ -608,7 +610,7 @@ impl RouterEngine {
         };
         let now = h.now_ms();
         let picked = if self.loaded {
-            self.pick(h, si, now)
+            self.pick(si, now)
         } else {
             None
         };
@@ -633,23 +635,16 @@ impl RouterEngine {
             );
             return (None, Verdict::Pause);
         };
-        let track = s.tracks_pending();
-        let Some(e) = s.eps.get(ei) else {
+        let counted = s.tracks_pending();
+        let Some(e) = s.eps.get_mut(ei) else {
             return (None, Verdict::Continue);
         };
         h.set_request_header(&self.cfg.endpoint_header, Some(&e.address));
         bump(h, e.m.picks, 1);
+        if counted {
+            e.load.start(now);
+        }
         let (slot, id) = (e.slot, e.id.clone());
-        let counted = track
-            && match self.update_stats(h, slot, &id, |st| st.start(now)) {
-                Some((st, ())) => {
-                    if let Some(e) = self.services.get_mut(si).and_then(|s| s.eps.get_mut(ei)) {
-                        e.stats = st;
-                    }
-                    true
-                }
-                None => false,
-            };
         (
             Some(Routed {
                 service: si,
@@ -664,7 +659,7 @@ impl RouterEngine {
 
     /// The endpoint to use, by the service's strategy, among the available
     /// ones (not ejected, weight > 0; local zone first when preferred).
-    fn pick(&mut self, h: &impl Host, si: usize, now: u64) -> Option<usize> {
+    fn pick(&mut self, si: usize, now: u64) -> Option<usize> {
         let s = self.services.get(si)?;
         let cands = candidates(s, self.zone.as_deref(), now);
         if cands.is_empty() {
@@ -697,8 +692,8 @@ impl RouterEngine {
                 if a == b {
                     a
                 } else {
-                    let sa = self.fresh(h, si, a)?;
-                    let sb = self.fresh(h, si, b)?;
+                    let s = self.services.get(si)?;
+                    let (sa, sb) = (&s.eps.get(a)?.load, &s.eps.get(b)?.load);
                     let better_b = if strategy == Strategy::LeastRequest {
                         sb.pending < sa.pending
                     } else {
@@ -713,19 +708,6 @@ impl RouterEngine {
             }
         };
         Some(pick)
-    }
-
-    /// Reads an endpoint's stats afresh (and caches them).
-    fn fresh(&mut self, h: &impl Host, si: usize, ei: usize) -> Option<EpStats> {
-        let (slot, id) = {
-            let e = self.services.get(si)?.eps.get(ei)?;
-            (e.slot, e.id.clone())
-        };
-        let (st, _) = self.read_stats(h, slot, &id);
-        if let Some(e) = self.services.get_mut(si).and_then(|s| s.eps.get_mut(ei)) {
-            e.stats = st.clone();
-        }
-        Some(st)
     }
 
     /// The log phase of a routed stream: in-flight count, latency, health,
@@ -751,7 +733,8 @@ impl RouterEngine {
         } else {
             None
         };
-        let Some(s) = self.services.get(r.service) else {
+        let key = self.slot_key(r.slot);
+        let Some(s) = self.services.get_mut(r.service) else {
             return;
         };
         let ej = s.ejection();
@@ -760,40 +743,42 @@ impl RouterEngine {
         let ejected_others = s
             .eps
             .iter()
-            .filter(|e| e.slot != r.slot && e.stats.ejected(now))
+            .filter(|e| e.slot != r.slot && e.health.ejected(now))
             .count();
         let may_eject = ejected_others < cap;
-        let Some((st, health)) = self.update_stats(h, r.slot, &r.id, |st| {
-            if r.counted_pending {
-                st.finish(r.started_ms);
-            }
-            if let Some(us) = sample_us {
-                st.observe_rtt(now, us, decay, rtt);
-            }
-            record_health(st, now, failed, ej, may_eject)
-        }) else {
-            return;
-        };
-        let Some(s) = self.services.get_mut(r.service) else {
-            return;
-        };
+        let name = s.name.clone();
         let Some(e) = s.eps.iter_mut().find(|e| e.slot == r.slot && e.id == r.id) else {
-            return; // Left the registry meanwhile: no metrics for it any more.
+            return; // Left the registry meanwhile: nothing to account for.
         };
+        // This worker's load: no host call.
+        if r.counted_pending {
+            e.load.finish(r.started_ms);
+        }
+        if let Some(us) = sample_us {
+            e.load.observe_rtt(now, us, decay, rtt);
+        }
         bump(h, e.m.requests, 1);
         if failed {
             bump(h, e.m.errors, 1);
         }
-        if let Some(g) = e.m.ewma {
-            let _ = h.record_metric(g, st.ewma_us / 1000);
+        // The shared health record: written on a failure, and on a success
+        // only when there is a failure count to reset or an ejection to
+        // forgive (as far as this worker knows: its copy is re-read every
+        // tick and after each of its writes).
+        if !failed && !e.health.needs_success() {
+            return;
         }
+        let Some((st, health)) = Self::update_health(h, &key, &r.id, |st| {
+            record_health(st, now, failed, ej, may_eject)
+        }) else {
+            return;
+        };
         if let Health::Ejected(until) = health {
             bump(h, e.m.ejections, 1);
             h.log(
                 LogLevel::Info,
                 &format!(
-                    "ejected {} endpoint {} for {} ms (ejection {} in a row) after {} consecutive failures",
-                    s.name,
+                    "ejected {name} endpoint {} for {} ms (ejection {} in a row) after {} consecutive failures",
                     e.address,
                     until.saturating_sub(now),
                     st.ejections,
@@ -801,7 +786,7 @@ impl RouterEngine {
                 ),
             );
         }
-        e.stats = st;
+        e.health = st;
     }
 }
 

@@ -547,6 +547,8 @@ fn peak_ewma_starves_the_slow_endpoint() {
     let c = counts(picks);
     let slow = c["10.0.0.1:80"];
     assert!(slow < 40, "slow endpoint got {slow} of 1000: {c:?}");
+    // The estimate is published as a gauge every tick.
+    e.on_tick(&h);
     let g = "router_service=.=payment;.;router_endpoint=.=10.0.0.1:80;.;router_zone=.=none;.;txmesh_router_ewma_latency_milliseconds";
     assert!(h.base.histogram(g).unwrap().last().copied().unwrap() >= 40);
 }
@@ -592,15 +594,52 @@ fn in_flight_requests_carry_their_start_time() {
     let at = h.now.get();
     request(&h, "payment", &[]);
     let r = e.on_request_headers(&h, 1).0.unwrap();
-    let slot = |h: &Fake| {
-        EpStats::decode_for(
-            "payment/10.0.0.1:80",
-            h.base.shared_get("txmesh.router.router.ep.0").0.as_deref(),
-        )
-    };
-    assert_eq!((slot(&h).pending, slot(&h).pending_since_sum_ms), (1, at));
+    let ep = |e: &RouterEngine| e.services[0].eps[0].load.clone();
+    assert_eq!((ep(&e).pending, ep(&e).pending_since_sum_ms), (1, at));
     h.advance(40);
     h.log_phase(200, 0, 40);
     e.on_log(&h, &r);
-    assert_eq!((slot(&h).pending, slot(&h).pending_since_sum_ms), (0, 0));
+    assert_eq!((ep(&e).pending, ep(&e).pending_since_sum_ms), (0, 0));
+    assert_eq!(ep(&e).ewma_us, 40_000);
+}
+
+#[test]
+fn healthy_requests_make_no_shared_data_calls() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"services":{"payment":{"strategy":"peak_ewma","outlier":{"consecutive_failures":2}}}}"#,
+    );
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+        ],
+    );
+    let before = *h.base.shared_calls.borrow();
+    for _ in 0..100 {
+        assert!(route(&h, &mut e, "payment", 200, 3).is_some());
+    }
+    assert_eq!(
+        *h.base.shared_calls.borrow(),
+        before,
+        "picks and logs stay in the worker"
+    );
+    // A failure is shared (read + CAS write), and so is the success that
+    // resets its count; after that, nothing again.
+    let mut calls = Vec::new();
+    for status in [503, 200, 200] {
+        let n = *h.base.shared_calls.borrow();
+        // Route to .1 only: make it the cheaper one by far.
+        e.services[0].eps[1].load.ewma_us = 1_000_000;
+        e.services[0].eps[1].load.stamp_ms = h.now.get();
+        assert_eq!(
+            route(&h, &mut e, "payment", status, 3).as_deref(),
+            Some("10.0.0.1:80")
+        );
+        calls.push(*h.base.shared_calls.borrow() - n);
+    }
+    assert_eq!(calls, [2, 2, 0]);
 }
