@@ -148,8 +148,11 @@ fn main() {
         &format!("txmesh/services/local_app/{}", up.addr()),
         &json!({"address": up.addr().to_string()}).to_string(),
     );
-    let txn = || Filter::txn(json!({"node": "bench"}));
-    let metrics = || Filter::metrics(json!({"workload": "bench"}));
+    // Configured as the shop's sidecars are (docs/metrics.md, docs/protocol.md):
+    // the listener's role in the config, which saves a listener-direction
+    // lookup per request (the Lua script below hard-codes it too).
+    let txn = || Filter::txn(json!({"node": "bench", "direction": "inbound"}));
+    let metrics = || Filter::metrics(json!({"workload": "bench", "reporter": "inbound"}));
     let router = || Filter::router(json!({"services": {"local_app": {"strategy": "peak_ewma"}}}));
     let authz = || {
         Filter::authz(json!({
