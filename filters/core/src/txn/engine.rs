@@ -2507,123 +2507,118 @@ impl TxnEngine {
     /// One step of `txn`'s phase-2 job: the record it owes, the commits or
     /// aborts that are due, and its end. Dispatches from the root context.
     fn drive_job(&mut self, h: &impl TxnHost, txn: TxnId, now: u64) {
-        {
-            let Some(job) = self.jobs.get_mut(&txn) else {
-                return;
+        let Some(job) = self.jobs.get_mut(&txn) else {
+            return;
+        };
+        // 1. The record, if one is owed.
+        if job.record != Record::Done && !job.record_inflight && now >= job.record_next_ms {
+            let outcome = match job.record {
+                Record::WriteCommit => Outcome::Committed,
+                _ => Outcome::Aborted,
             };
-            // 1. The record, if one is owed.
-            if job.record != Record::Done && !job.record_inflight && now >= job.record_next_ms {
-                let outcome = match job.record {
-                    Record::WriteCommit => Outcome::Committed,
-                    _ => Outcome::Aborted,
-                };
-                let d = Decision {
-                    txn,
-                    outcome,
-                    participants: job.targets.iter().map(|t| t.name.clone()).collect(),
-                    coordinator: self.node.clone(),
-                    time_ms: now,
-                    reason: job.reason.clone(),
-                    trace: job.trace.clone(),
-                    begun_ms: 0,
-                };
-                let pending = (outcome == Outcome::Committed).then(|| {
-                    let parts = job
-                        .targets
-                        .iter()
-                        .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, false)));
-                    Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts)
-                });
-                if pending.is_some() {
-                    job.unpend = true;
-                }
-                let call = Self::record_call(&self.cfg, &d, pending);
-                if let Ok(token) = Self::detached(self.root_ctx, h, &call) {
-                    job.record_inflight = true;
-                    self.calls.insert(token, Call::JobRecord { txn });
-                } else {
-                    job.record_attempts += 1;
-                    job.record_next_ms = now + backoff_ms(job.record_attempts);
-                }
+            let d = Decision {
+                txn,
+                outcome,
+                participants: job.targets.iter().map(|t| t.name.clone()).collect(),
+                coordinator: self.node.clone(),
+                time_ms: now,
+                reason: job.reason.clone(),
+                trace: job.trace.clone(),
+                begun_ms: 0,
+            };
+            let pending = (outcome == Outcome::Committed).then(|| {
+                let parts = job
+                    .targets
+                    .iter()
+                    .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, false)));
+                Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts)
+            });
+            if pending.is_some() {
+                job.unpend = true;
             }
-            let Some(job) = self.jobs.get_mut(&txn) else {
-                return;
-            };
-            // A commit is sent only once its record is durable; an unknown
-            // outcome waits for etcd.
-            let ready = match (job.outcome, job.record) {
-                (None, _) => false,
-                (Some(Outcome::Committed), r) => r == Record::Done,
-                (Some(Outcome::Aborted), Record::Resolve) => false,
-                (Some(Outcome::Aborted), _) => true,
-            };
-            if ready {
-                if let Some(outcome) = job.outcome {
-                    let path = match outcome {
-                        Outcome::Committed => COMMIT_PATH,
-                        Outcome::Aborted => ABORT_PATH,
+            let call = Self::record_call(&self.cfg, &d, pending);
+            if let Ok(token) = Self::detached(self.root_ctx, h, &call) {
+                job.record_inflight = true;
+                self.calls.insert(token, Call::JobRecord { txn });
+            } else {
+                job.record_attempts += 1;
+                job.record_next_ms = now + backoff_ms(job.record_attempts);
+            }
+        }
+        let Some(job) = self.jobs.get_mut(&txn) else {
+            return;
+        };
+        // A commit is sent only once its record is durable; an unknown
+        // outcome waits for etcd.
+        let ready = match (job.outcome, job.record) {
+            (None, _) => false,
+            (Some(Outcome::Committed), r) => r == Record::Done,
+            (Some(Outcome::Aborted), Record::Resolve) => false,
+            (Some(Outcome::Aborted), _) => true,
+        };
+        if ready {
+            if let Some(outcome) = job.outcome {
+                let path = match outcome {
+                    Outcome::Committed => COMMIT_PATH,
+                    Outcome::Aborted => ABORT_PATH,
+                };
+                for idx in 0..job.targets.len() {
+                    let Some(t) = job.targets.get(idx) else {
+                        continue;
                     };
-                    for idx in 0..job.targets.len() {
-                        let Some(t) = job.targets.get(idx) else {
-                            continue;
-                        };
-                        if t.acked
-                            || t.inflight
-                            || now < t.next_ms
-                            || !Self::wants(outcome, &t.vote)
-                        {
-                            continue;
-                        }
-                        let call = Self::control_call(
-                            &t.cluster,
-                            path,
-                            &txn,
-                            job.deadline_ms,
-                            self.cfg.control_timeout_ms,
-                        );
-                        let dispatched = Self::detached(self.root_ctx, h, &call);
-                        if let Some(t) = job.targets.get_mut(idx) {
-                            match dispatched {
-                                Ok(token) => {
-                                    t.inflight = true;
-                                    self.calls.insert(token, Call::JobTarget { txn, idx });
-                                }
-                                Err(_) => {
-                                    t.attempts += 1;
-                                    t.next_ms = now + backoff_ms(t.attempts);
-                                }
+                    if t.acked || t.inflight || now < t.next_ms || !Self::wants(outcome, &t.vote) {
+                        continue;
+                    }
+                    let call = Self::control_call(
+                        &t.cluster,
+                        path,
+                        &txn,
+                        job.deadline_ms,
+                        self.cfg.control_timeout_ms,
+                    );
+                    let dispatched = Self::detached(self.root_ctx, h, &call);
+                    if let Some(t) = job.targets.get_mut(idx) {
+                        match dispatched {
+                            Ok(token) => {
+                                t.inflight = true;
+                                self.calls.insert(token, Call::JobTarget { txn, idx });
+                            }
+                            Err(_) => {
+                                t.attempts += 1;
+                                t.next_ms = now + backoff_ms(t.attempts);
                             }
                         }
                     }
                 }
             }
-            // 2. Done, or given up?
-            let Some(job) = self.jobs.get(&txn) else {
-                return;
-            };
-            let all_acked = job.outcome.is_some_and(|o| {
-                job.targets
-                    .iter()
-                    .all(|t| t.acked || !Self::wants(o, &t.vote))
-            }) && job.record == Record::Done;
-            if all_acked {
-                if job.unpend {
-                    self.unpend.push(etcd::pending_key(&self.node, &txn));
-                    if self.unpend.len() >= UNPEND_BATCH {
-                        self.flush_unpend(h, now);
-                    }
+        }
+        // 2. Done, or given up?
+        let Some(job) = self.jobs.get(&txn) else {
+            return;
+        };
+        let all_acked = job.outcome.is_some_and(|o| {
+            job.targets
+                .iter()
+                .all(|t| t.acked || !Self::wants(o, &t.vote))
+        }) && job.record == Record::Done;
+        if all_acked {
+            if job.unpend {
+                self.unpend.push(etcd::pending_key(&self.node, &txn));
+                if self.unpend.len() >= UNPEND_BATCH {
+                    self.flush_unpend(h, now);
                 }
-                self.jobs.remove(&txn);
-                self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
-                self.table.remove(h, &txn);
-            } else if now >= job.give_up_ms {
-                let missing: Vec<&str> = job
-                    .targets
-                    .iter()
-                    .filter(|t| !t.acked)
-                    .map(|t| t.name.as_str())
-                    .collect();
-                h.log(
+            }
+            self.jobs.remove(&txn);
+            self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
+            self.table.remove(h, &txn);
+        } else if now >= job.give_up_ms {
+            let missing: Vec<&str> = job
+                .targets
+                .iter()
+                .filter(|t| !t.acked)
+                .map(|t| t.name.as_str())
+                .collect();
+            h.log(
                     LogLevel::Error,
                     &format!(
                         "txn {txn}: phase 2 ({}) abandoned after {} ms; unacknowledged: {}; record pending: {}",
@@ -2633,11 +2628,10 @@ impl TxnEngine {
                         job.record != Record::Done
                     ),
                 );
-                self.jobs.remove(&txn);
-                self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
-                self.table.remove(h, &txn);
-                self.gauge(h, "txmesh_txn_phase2_abandoned_total", 1);
-            }
+            self.jobs.remove(&txn);
+            self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
+            self.table.remove(h, &txn);
+            self.gauge(h, "txmesh_txn_phase2_abandoned_total", 1);
         }
     }
 
