@@ -59,6 +59,24 @@ fn shipped_configs_extract_every_label() {
     }
 }
 
+/// The gated example's matcher is what `TxnConfig::gate_matcher` (and so
+/// `txmeshctl gate`) computes from the filter config next to it.
+#[test]
+fn the_gated_example_matches_its_filter_config() {
+    let path = workspace_root().join("envoy/txn-gated-sidecar.yaml");
+    let doc: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let f = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"][0]["typed_config"];
+    let config = f["extension_config"]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let want = txmesh_core::txn::config::TxnConfig::parse(config.as_bytes())
+        .unwrap()
+        .gate_matcher();
+    assert_eq!(f["xds_matcher"], want, "regenerate with `txmeshctl gate`");
+}
+
 #[test]
 fn validation_catches_a_broken_config() {
     let dir = txmesh_tests::scratch_dir("broken");

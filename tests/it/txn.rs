@@ -561,3 +561,63 @@ fn decisions_are_logged_with_the_trace_id() {
     );
     assert!(line.contains("prepare_ms="), "{line}");
 }
+
+/// The txn filter behind the gate `TxnConfig::gate_matcher` builds (Envoy's
+/// match_delegate skips it for other traffic): transactions work exactly
+/// as without it, control endpoints included, and other requests pass.
+#[test]
+fn a_gated_txn_filter_still_runs_every_transaction() {
+    let etcd = Etcd::start();
+    let gate = txmesh_core::txn::config::TxnConfig::parse(txn_cfg("x").to_string().as_bytes())
+        .unwrap()
+        .gate_matcher();
+    let g = txmesh_tests::Checkout::start(Vote::Commit, Vote::Commit, |name, app| {
+        Sidecar::new(name)
+            .app(&app.server)
+            .etcd(&etcd)
+            .filter(Filter::txn(txn_cfg(name)).gated(gate.clone()))
+    });
+    let c = Client::new();
+    let r = c.must(
+        "POST",
+        &g.order_sc.inbound_url("/checkout"),
+        &[("content-type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+    let txn = txn_of(&r);
+    assert_eq!(decision(&etcd, &txn).unwrap()["outcome"], "committed");
+    for app in [&g.order, &g.payment, &g.inventory] {
+        wait_for(10, &format!("{} commit", app.name), || {
+            (app.record(&txn).commits == 1).then_some(())
+        });
+        let rec = app.record(&txn);
+        assert_eq!(
+            (rec.business, rec.prepares, rec.commits, rec.aborts),
+            (1, 1, 1, 0),
+            "{}: {rec:?}",
+            app.name
+        );
+    }
+    // A control endpoint through the gate.
+    let s = c.must(
+        "GET",
+        &g.order_sc.inbound_url(&format!("/txmesh/txns/{txn}")),
+        &[],
+        b"",
+    );
+    assert_eq!(s.json(), json!({"txn": txn, "outcome": "committed"}));
+    // A malformed transaction header still meets the filter (400)...
+    let bad = c.must(
+        "GET",
+        &g.pay_sc.inbound_url("/work"),
+        &[("x-txmesh-txn", "not-an-id")],
+        b"",
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    // ...and a request without one passes untouched.
+    let plain = c.must("POST", &g.order_sc.inbound_url("/plain"), &[], b"{}");
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert_eq!(plain.header("x-txmesh-outcome"), None);
+}

@@ -131,6 +131,19 @@ impl Filter {
         Self::wasm("txmesh_txn", config)
     }
 
+    /// This filter behind Envoy's `match_delegate`: `xds_matcher` (whose
+    /// action is `SkipFilter`) decides per request whether it runs.
+    pub fn gated(self, xds_matcher: Value) -> Self {
+        Filter(json!({
+            "name": self.0["name"].clone(),
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+                "extension_config": self.0,
+                "xds_matcher": xds_matcher,
+            }
+        }))
+    }
+
     /// Sets `failure_policy` (FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD) of a wasm filter.
     pub fn failure_policy(mut self, policy: &str) -> Self {
         if let Some(cfg) = self.0.pointer_mut("/typed_config/config") {

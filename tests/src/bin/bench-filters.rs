@@ -151,7 +151,13 @@ fn main() {
     // Configured as the shop's sidecars are (docs/metrics.md, docs/protocol.md):
     // the listener's role in the config, which saves a listener-direction
     // lookup per request (the Lua script below hard-codes it too).
-    let txn = || Filter::txn(json!({"node": "bench", "direction": "inbound"}));
+    let txn_config = json!({"node": "bench", "direction": "inbound"});
+    let txn = || Filter::txn(txn_config.clone());
+    // The gate `txmeshctl gate` prints for that config (Envoy's
+    // match_delegate skips the filter for requests it would pass).
+    let gate = txmesh_core::txn::config::TxnConfig::parse(txn_config.to_string().as_bytes())
+        .map(|c| c.gate_matcher())
+        .unwrap_or_else(|e| panic!("bench txn config: {e}"));
     let metrics = || Filter::metrics(json!({"workload": "bench", "reporter": "inbound"}));
     let router = || Filter::router(json!({"services": {"local_app": {"strategy": "peak_ewma"}}}));
     let authz = || {
@@ -193,6 +199,10 @@ fn main() {
         (
             "txmesh_txn, non-txn traffic",
             Sidecar::new("txn").inbound_filter(txn()),
+        ),
+        (
+            "txmesh_txn behind its gate, non-txn traffic",
+            Sidecar::new("txngated").inbound_filter(txn().gated(gate)),
         ),
         (
             "txmesh_router (peak_ewma)",

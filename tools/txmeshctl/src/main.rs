@@ -18,6 +18,8 @@ const EXAMPLES: &str = "Examples:
   txmeshctl top                           live rates per sidecar, refreshed every 2 s (Ctrl-C to stop)
   txmeshctl top --iterations 3 --output json
   txmeshctl serve                         the transactions page on http://127.0.0.1:8099
+  txmeshctl gate txn.json                 the match_delegate matcher that keeps other traffic
+                                          out of the txn filter (txn.json: the filter's config)
 
 Addresses default to the loopback stack of `make up`: etcd at
 http://127.0.0.1:2379 and the sidecars' status listeners (:15008, :15108,
@@ -106,6 +108,10 @@ enum Cmd {
         #[arg(long)]
         iterations: Option<u64>,
     },
+    /// Prints the `xds_matcher` that keeps traffic the txn filter would pass
+    /// untouched out of the VM (Envoy's match_delegate around the filter;
+    /// docs/protocol.md), for the filter's own JSON config (a file, or `-`).
+    Gate { config: String },
 }
 
 /// A failure the user can act on: what failed, where, what to check. Exit 2.
@@ -832,6 +838,26 @@ fn serve(cli: &Cli, listen: &str) -> Res<()> {
     Ok(())
 }
 
+/// `txmeshctl gate <config.json|->`: the txn filter's gate, from the very
+/// config the filter runs with (so the two cannot disagree).
+fn gate(path: &str) -> Res<()> {
+    let bytes = if path == "-" {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+            .map_err(|e| Fail(format!("cannot read the config from stdin: {e}")))?;
+        b
+    } else {
+        std::fs::read(path).map_err(|e| Fail(format!("cannot read {path}: {e}")))?
+    };
+    let cfg = txmesh_core::txn::config::TxnConfig::parse(&bytes)
+        .map_err(|e| Fail(format!("{path}: invalid txn filter config {e}")))?;
+    let text =
+        serde_json::to_string_pretty(&cfg.gate_matcher()).map_err(|e| Fail(e.to_string()))?;
+    // A closed pipe (`| head`) is not an error worth a message.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), format!("{text}\n").as_bytes());
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match &cli.cmd {
@@ -848,6 +874,7 @@ fn main() {
         },
         Cmd::Services { name } => services(&cli, name.as_deref()),
         Cmd::Serve { listen } => serve(&cli, listen),
+        Cmd::Gate { config } => gate(config),
         Cmd::Top {
             admins,
             interval,

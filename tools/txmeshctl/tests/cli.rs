@@ -242,3 +242,28 @@ fn help_has_examples() {
     assert!(text.contains("txmeshctl txn abort"), "{text}");
     assert!(text.contains("--output"), "{text}");
 }
+
+#[test]
+fn gate_prints_the_matcher_for_a_txn_config_and_names_config_errors() {
+    let dir = std::env::temp_dir().join(format!("txmeshctl-gate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("txn.json");
+    let config = r#"{"begin":[{"method":"POST","path_prefix":"/checkout"}],"node":"order"}"#;
+    std::fs::write(&good, config).unwrap();
+    let (code, out, err) = ctl("http://127.0.0.1:1", &[], &["gate", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let printed: Value = serde_json::from_str(&out).unwrap();
+    let want = txmesh_core::txn::config::TxnConfig::parse(config.as_bytes())
+        .unwrap()
+        .gate_matcher();
+    assert_eq!(printed, want);
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"begin":[{"methd":"POST","path_prefix":"/x"}]}"#).unwrap();
+    let (code, out, err) = ctl("http://127.0.0.1:1", &[], &["gate", bad.to_str().unwrap()]);
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert!(
+        err.contains("invalid txn filter config at `begin[0].methd`: unknown field `methd`"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -239,6 +239,51 @@ impl TxnConfig {
     pub fn begins(&self, method: &[u8], path: &[u8]) -> bool {
         self.begin.iter().any(|r| r.matches(method, path))
     }
+
+    /// An Envoy `xds_matcher` for `envoy.filters.http.match_delegate`
+    /// (`ExtensionWithMatcher` around the wasm filter) that **skips** the
+    /// filter for every request it would pass through untouched, so that
+    /// non-transactional traffic does not enter the VM for its request and
+    /// response headers. The filter runs for: a request carrying
+    /// `x-txmesh-txn`, a `baggage` header naming `txmesh.txn`, a control
+    /// path (`/txmesh/`), and every begin rule. Conservative: a request it
+    /// lets through that needed nothing is passed by the filter as before.
+    pub fn gate_matcher(&self) -> serde_json::Value {
+        use serde_json::json;
+        let header = |name: &str, value_match: serde_json::Value| {
+            json!({"single_predicate": {
+                "input": {"name": "request-header", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                    "header_name": name}},
+                "value_match": value_match}})
+        };
+        let mut needs = vec![
+            header(
+                super::id::TXN_HEADER,
+                json!({"safe_regex": {"google_re2": {}, "regex": ".*"}}),
+            ),
+            header(
+                super::id::BAGGAGE_HEADER,
+                json!({"contains": super::id::BAGGAGE_KEY}),
+            ),
+            header(":path", json!({"prefix": "/txmesh/"})),
+        ];
+        for r in &self.begin {
+            let path = header(":path", json!({"prefix": r.path_prefix}));
+            needs.push(match &r.method {
+                Some(m) => json!({"and_matcher": {"predicate": [
+                    header(":method", json!({"exact": m})),
+                    path,
+                ]}}),
+                None => path,
+            });
+        }
+        json!({"matcher_list": {"matchers": [{
+            "predicate": {"not_matcher": {"or_matcher": {"predicate": needs}}},
+            "on_match": {"action": {"name": "skip", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
+        }]}})
+    }
 }
 
 /// A cluster name usable in the table encoding: non-empty, printable, no whitespace.
@@ -249,6 +294,111 @@ pub fn is_cluster_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Evaluates the subset of Envoy's xds matcher that `gate_matcher`
+    /// emits: whether the filter runs for a request (`headers` as sent).
+    fn gate_runs(m: &serde_json::Value, headers: &[(&str, &str)]) -> bool {
+        fn pred(p: &serde_json::Value, headers: &[(&str, &str)]) -> bool {
+            if let Some(sp) = p.get("single_predicate") {
+                let name = sp["input"]["typed_config"]["header_name"].as_str().unwrap();
+                let Some(v) = headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v) else {
+                    return false;
+                };
+                let vm = &sp["value_match"];
+                return if let Some(x) = vm.get("exact") {
+                    v == x.as_str().unwrap()
+                } else if let Some(x) = vm.get("prefix") {
+                    v.starts_with(x.as_str().unwrap())
+                } else if let Some(x) = vm.get("contains") {
+                    v.contains(x.as_str().unwrap())
+                } else {
+                    assert_eq!(vm["safe_regex"]["regex"], ".*");
+                    true
+                };
+            }
+            if let Some(o) = p.get("or_matcher") {
+                return o["predicate"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|q| pred(q, headers));
+            }
+            if let Some(a) = p.get("and_matcher") {
+                return a["predicate"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|q| pred(q, headers));
+            }
+            !pred(&p["not_matcher"], headers)
+        }
+        let [rule] = m["matcher_list"]["matchers"].as_array().unwrap().as_slice() else {
+            panic!("one rule");
+        };
+        assert!(rule["on_match"]["action"]["typed_config"]["@type"]
+            .as_str()
+            .unwrap()
+            .ends_with("SkipFilter"));
+        !pred(&rule["predicate"], headers)
+    }
+
+    #[test]
+    fn the_gate_lets_through_every_request_the_filter_acts_on() {
+        let cfg = TxnConfig::parse(
+            br#"{"begin":[{"method":"POST","path_prefix":"/checkout"},{"path_prefix":"/orders/"}]}"#,
+        )
+        .unwrap();
+        let m = cfg.gate_matcher();
+        const ID: &str = "0123456789abcdef0123456789abcdef";
+        let runs: Vec<(&[(&str, &str)], bool)> = vec![
+            // Nothing for the filter: skipped.
+            (&[(":method", "GET"), (":path", "/products")], false),
+            (&[(":method", "GET"), (":path", "/checkout")], false),
+            (&[(":method", "POST"), (":path", "/txmeshx")], false),
+            (
+                &[(":method", "GET"), (":path", "/"), ("baggage", "user=1")],
+                false,
+            ),
+            // A transaction, by header or baggage: the filter runs.
+            (
+                &[(":method", "GET"), (":path", "/p"), ("x-txmesh-txn", ID)],
+                true,
+            ),
+            (
+                &[(":method", "GET"), (":path", "/p"), ("x-txmesh-txn", "")],
+                true,
+            ),
+            (
+                &[
+                    (":method", "GET"),
+                    (":path", "/p"),
+                    ("baggage", "a=1, txmesh.txn=x"),
+                ],
+                true,
+            ),
+            // Control endpoints and begin rules.
+            (&[(":method", "POST"), (":path", "/txmesh/prepare")], true),
+            (&[(":method", "GET"), (":path", "/txmesh/txns/x")], true),
+            (&[(":method", "POST"), (":path", "/checkout?x=1")], true),
+            (&[(":method", "DELETE"), (":path", "/orders/7")], true),
+        ];
+        for (headers, want) in runs {
+            assert_eq!(gate_runs(&m, headers), want, "{headers:?}");
+            // Whatever the filter would act on, the gate lets through.
+            let h = |n: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.as_bytes())
+            };
+            let acts = !matches!(
+                super::super::id::read_txn(h("x-txmesh-txn"), h("baggage")),
+                Ok(super::super::id::TxnHeader::Absent)
+            ) || h(":path").unwrap().starts_with(b"/txmesh/")
+                || cfg.begins(h(":method").unwrap(), h(":path").unwrap());
+            assert!(!acts || want, "{headers:?}");
+        }
+    }
 
     #[test]
     fn defaults() {
