@@ -304,10 +304,6 @@ impl RouterEngine {
         }
     }
 
-    fn slot_key(&self, slot: u32) -> String {
-        format!("{}{slot}", self.key_slot)
-    }
-
     /// Applies `f` to the health record in slot `key` with CAS; returns the
     /// record written.
     fn update_health<R>(
@@ -733,7 +729,7 @@ impl RouterEngine {
         } else {
             None
         };
-        let key = self.slot_key(r.slot);
+        let key_slot = &self.key_slot;
         let Some(s) = self.services.get_mut(r.service) else {
             return;
         };
@@ -768,6 +764,7 @@ impl RouterEngine {
         if !failed && !e.health.needs_success() {
             return;
         }
+        let key = format!("{key_slot}{}", r.slot);
         let Some((st, health)) = Self::update_health(h, &key, &r.id, |st| {
             record_health(st, now, failed, ej, may_eject)
         }) else {
