@@ -31,19 +31,7 @@ fn three_participants_commit() {
     names.sort();
     assert_eq!(names, ["inventory", "order", "payment"]);
     // Each participant: one business call, exactly one prepare, then one commit.
-    for app in shop.apps() {
-        wait_for(10, &format!("{} commit", app.name), || {
-            (app.record(&txn).commits == 1).then_some(())
-        });
-        let rec = app.record(&txn);
-        assert_eq!(
-            (rec.business, rec.prepares, rec.commits, rec.aborts),
-            (1, 1, 1, 0),
-            "{}: {rec:?}",
-            app.name
-        );
-        assert!(app.errors().is_empty(), "{:?}", app.errors());
-    }
+    assert_committed_once(&shop.apps(), &txn);
     // The order app saw the transaction headers the sidecar minted.
     let first = &shop.order.server.requests_to("/checkout")[0];
     assert_eq!(first.header("x-txmesh-txn").as_deref(), Some(txn.as_str()));
@@ -343,18 +331,7 @@ fn depth_three_commits() {
     let r = Client::new().must("POST", &chain.a_sc.inbound_url("/checkout"), &[], b"{}");
     assert_eq!(r.status, 200, "{}", r.text());
     let txn = txn_of(&r);
-    for app in [&chain.a, &chain.b, &chain.c] {
-        wait_for(10, &format!("{} commit", app.name), || {
-            (app.record(&txn).commits == 1).then_some(())
-        });
-        let rec = app.record(&txn);
-        assert_eq!(
-            (rec.business, rec.prepares, rec.commits, rec.aborts),
-            (1, 1, 1, 0),
-            "{}: {rec:?}",
-            app.name
-        );
-    }
+    assert_committed_once(&[&chain.a, &chain.b, &chain.c], &txn);
     // The root knows only its direct participant; b answered for c.
     let d = decision(&chain.etcd, &txn).unwrap();
     assert_eq!(d["participants"], json!(["b", "a"]));
@@ -588,18 +565,7 @@ fn a_gated_txn_filter_still_runs_every_transaction() {
     assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
     let txn = txn_of(&r);
     assert_eq!(decision(&etcd, &txn).unwrap()["outcome"], "committed");
-    for app in [&g.order, &g.payment, &g.inventory] {
-        wait_for(10, &format!("{} commit", app.name), || {
-            (app.record(&txn).commits == 1).then_some(())
-        });
-        let rec = app.record(&txn);
-        assert_eq!(
-            (rec.business, rec.prepares, rec.commits, rec.aborts),
-            (1, 1, 1, 0),
-            "{}: {rec:?}",
-            app.name
-        );
-    }
+    assert_committed_once(&[&g.order, &g.payment, &g.inventory], &txn);
     // A control endpoint through the gate.
     let s = c.must(
         "GET",

@@ -107,3 +107,21 @@ pub fn decision(etcd: &Etcd, txn: &str) -> Option<Value> {
     etcd.get(&format!("txmesh/decisions/{txn}"))
         .map(|v| serde_json::from_str(&v).unwrap())
 }
+
+/// Each app: one business call, exactly one prepare, then one commit (waits
+/// up to 10 s for the commit: phase 2 runs after the answer).
+pub fn assert_committed_once(apps: &[&TxnApp], txn: &str) {
+    for app in apps {
+        txmesh_tests::wait_for(10, &format!("{} commit", app.name), || {
+            (app.record(txn).commits == 1).then_some(())
+        });
+        let rec = app.record(txn);
+        assert_eq!(
+            (rec.business, rec.prepares, rec.commits, rec.aborts),
+            (1, 1, 1, 0),
+            "{}: {rec:?}",
+            app.name
+        );
+        assert!(app.errors().is_empty(), "{}: {:?}", app.name, app.errors());
+    }
+}
