@@ -89,8 +89,8 @@ pub struct ServiceConfig {
     /// endpoint is available (all ejected, drained or saturated).
     #[serde(default)]
     pub zone_preference: bool,
-    /// A local endpoint with this many requests in flight counts as saturated
-    /// for zone preference. Absent: never saturated.
+    /// A local endpoint with this many requests in flight (from this worker)
+    /// counts as saturated for zone preference. Absent: never saturated.
     #[serde(default)]
     pub spill_over_pending: Option<u32>,
     #[serde(default)]
