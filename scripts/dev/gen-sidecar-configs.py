@@ -21,48 +21,39 @@ def upstream_tls(me, peer, indent):
     return "".join(indent + l + "\n" for l in t.rstrip().split("\n"))
 AUTHZ_POLICY = ('{"default": "allow", "coordinators": [' +
     ", ".join('{"exact": "%s%s"}' % (SPIFFE, n) for n in ("order", "payment", "inventory")) + ']}')
+def wasm_filter(artifact, policy, value, anchor=None, why=None, block=False):
+    """One txmesh wasm filter of a listener's http_filters: `artifact` is the
+    module (also plugin name, root id and vm id), `value` its JSON config,
+    quoted on one line or (`block`) as a YAML block scalar; `why` a comment
+    above the failure policy; `anchor` a YAML anchor for the entry."""
+    head = "          - %s\n            name: envoy.filters.http.wasm" % anchor if anchor \
+        else "          - name: envoy.filters.http.wasm"
+    why = "".join("                # %s\n" % l for l in why.split("\n")) if why else ""
+    value = ("|\n" + "\n".join(" " * 20 + l for l in value.split("\n"))) if block else "'%s'" % value
+    return Template("""$head
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: $artifact
+                root_id: $artifact
+${why}                failure_policy: $policy
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: $value
+                vm_config:
+                  vm_id: $artifact
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: target/wasm32-wasip1/release/$artifact.wasm}}""").substitute(
+        head=head, artifact=artifact, why=why, policy=policy, value=value)
 # The txn and metrics filters, per listener: the direction is set in each
 # configuration (it saves a lookup of the listener's direction per request).
-TXN_FILTER = Template("""          - $anchor
-            name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_txn
-                root_id: txmesh_txn
-                # A transaction filter never fails open: without it a request
-                # could run outside its transaction.
-                failure_policy: FAIL_CLOSED
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: |
-                    {${begin_json}"direction": "$direction", "node": "$name", "default_timeout_ms": 5000, "max_timeout_ms": 30000,
-                     "max_in_flight": 1024, "app_cluster": "local_app", "etcd_cluster": "etcd"}
-                vm_config:
-                  vm_id: txmesh_txn
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_txn.wasm}}
-""")
-METRICS_FILTER = Template("""          - $anchor
-            name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_metrics
-                root_id: txmesh_metrics
-                failure_policy: FAIL_OPEN
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{"workload": "$name", "reporter": "$direction"}'
-                vm_config:
-                  vm_id: txmesh_metrics
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_metrics.wasm}}
-""")
 def txn_filter(name, begin_json, direction, anchor):
-    return TXN_FILTER.substitute(name=name, begin_json=begin_json, direction=direction, anchor=anchor).rstrip("\n")
+    return wasm_filter("txmesh_txn", "FAIL_CLOSED",
+        '{%s"direction": "%s", "node": "%s", "default_timeout_ms": 5000, "max_timeout_ms": 30000,\n'
+        ' "max_in_flight": 1024, "app_cluster": "local_app", "etcd_cluster": "etcd"}' % (begin_json, direction, name),
+        anchor, "A transaction filter never fails open: without it a request\ncould run outside its transaction.", block=True)
 def metrics_filter(name, direction, anchor):
-    return METRICS_FILTER.substitute(name=name, direction=direction, anchor=anchor).rstrip("\n")
+    return wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "%s", "reporter": "%s"}' % (name, direction), anchor)
 def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
     vhosts = ""
     clusters = ""
@@ -112,28 +103,15 @@ $vhosts
           http_filters:
           # The router first: it picks the instance (x-txmesh-endpoint), and
           # the txn filter pins the participant to it.
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_router
-                root_id: txmesh_router
-                # Fails closed: without it the pick header could come from anyone.
-                failure_policy: FAIL_CLOSED
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: |
-                    {"etcd_cluster": "etcd", "poll_interval_ms": 500, "services": {$router_services}}
-                vm_config:
-                  vm_id: txmesh_router
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_router.wasm}}
+$router
 $txn_out
 $metrics_out
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-""").substitute(name=name, outbound=outbound, vhosts=vhosts.rstrip(), router_services=", ".join(
+""").substitute(name=name, outbound=outbound, vhosts=vhosts.rstrip(), router=wasm_filter("txmesh_router", "FAIL_CLOSED",
+            '{"etcd_cluster": "etcd", "poll_interval_ms": 500, "services": {%s}}' % ", ".join(
             '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes),
+            why="Fails closed: without it the pick header could come from anyone.", block=True),
             txn_out=txn_filter(name, "", "outbound", "&txn_outbound"),
             metrics_out=metrics_filter(name, "outbound", "&metrics_outbound"))
     return Template("""# txmesh sidecar of "$name", the $role.
@@ -197,20 +175,7 @@ static_resources:
                 route: {cluster: local_app, timeout: 15s}
           http_filters:
           # Who may call what: /txmesh/* only from the mesh's sidecars.
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_authz
-                root_id: txmesh_authz
-                failure_policy: FAIL_CLOSED
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '$authz'
-                vm_config:
-                  vm_id: txmesh_authz
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_authz.wasm}}
+$authz_filter
 $txn_in
 $metrics_in
           - name: envoy.filters.http.router
@@ -282,7 +247,7 @@ $outbound_block
       cluster_name: etcd
       endpoints: $etcd_ep
 $clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
-        status=inbound + 2, certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz=AUTHZ_POLICY,
+        status=inbound + 2, certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", AUTHZ_POLICY),
         admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip(), txn_in=txn_filter(name, begin_json, "inbound", "&txn"),
         metrics_in=metrics_filter(name, "inbound", "&metrics"))
@@ -351,34 +316,8 @@ static_resources:
                 route: {cluster: inventory, timeout: 10s}
           http_filters:
           # Edge sanitizing before anything else acts on the request.
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_authz
-                root_id: txmesh_authz
-                failure_policy: FAIL_CLOSED
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{"default": "allow", "edge": {"allow_txn_begin": false}}'
-                vm_config:
-                  vm_id: txmesh_authz
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_authz.wasm}}
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: txmesh_metrics
-                root_id: txmesh_metrics
-                failure_policy: FAIL_OPEN
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{"workload": "ingress"}'
-                vm_config:
-                  vm_id: txmesh_metrics
-                  runtime: envoy.wasm.runtime.v8
-                  code: {local: {filename: target/wasm32-wasip1/release/txmesh_metrics.wasm}}
+$edge_authz
+$ingress_metrics
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 
@@ -415,6 +354,9 @@ $payment_tls  - name: inventory
       cluster_name: inventory
       endpoints: $inventory
 $inventory_tls''')
-open('envoy/ingress.yaml','w').write(INGRESS.substitute(otel=ep(4317), order=ep(15006), payment=ep(15106), inventory=ep(15206),
+open('envoy/ingress.yaml','w').write(INGRESS.substitute(
+    edge_authz=wasm_filter("txmesh_authz", "FAIL_CLOSED", '{"default": "allow", "edge": {"allow_txn_begin": false}}'),
+    ingress_metrics=wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "ingress"}'),
+    otel=ep(4317), order=ep(15006), payment=ep(15106), inventory=ep(15206),
     order_tls=upstream_tls("ingress", "order", "    "), payment_tls=upstream_tls("ingress", "payment", "    "),
     inventory_tls=upstream_tls("ingress", "inventory", "    ")).rstrip() + "\n")
