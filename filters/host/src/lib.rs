@@ -35,7 +35,8 @@ impl WasmHost {
 
     /// Runs `f` with `ctx` as the effective context, then switches back.
     fn with_context(&self, ctx: u32, f: impl FnOnce()) {
-        if ctx == self.current {
+        // 0: no context named (an engine not told its root): the current one.
+        if ctx == self.current || ctx == 0 {
             f();
             return;
         }

@@ -733,18 +733,12 @@ impl RouterEngine {
         let Some(s) = self.services.get_mut(r.service) else {
             return;
         };
-        let ej = s.ejection();
         let (decay, rtt) = (s.cfg.ewma_decay_ms, s.cfg.default_rtt_ms);
-        let cap = ejection_cap(s.eps.len(), s.cfg.outlier.max_ejection_percent);
-        let ejected_others = s
-            .eps
-            .iter()
-            .filter(|e| e.slot != r.slot && e.health.ejected(now))
-            .count();
-        let may_eject = ejected_others < cap;
-        let name = s.name.clone();
-        let Some(e) = s.eps.iter_mut().find(|e| e.slot == r.slot && e.id == r.id) else {
+        let Some(ei) = s.eps.iter().position(|e| e.slot == r.slot && e.id == r.id) else {
             return; // Left the registry meanwhile: nothing to account for.
+        };
+        let Some(e) = s.eps.get_mut(ei) else {
+            return;
         };
         // This worker's load: no host call.
         if r.counted_pending {
@@ -764,6 +758,17 @@ impl RouterEngine {
         if !failed && !e.health.needs_success() {
             return;
         }
+        let ej = s.ejection();
+        let cap = ejection_cap(s.eps.len(), s.cfg.outlier.max_ejection_percent);
+        let ejected_others = s
+            .eps
+            .iter()
+            .filter(|o| o.slot != r.slot && o.health.ejected(now))
+            .count();
+        let may_eject = ejected_others < cap;
+        let Some(e) = s.eps.get_mut(ei) else {
+            return;
+        };
         let key = format!("{key_slot}{}", r.slot);
         let Some((st, health)) = Self::update_health(h, &key, &r.id, |st| {
             record_health(st, now, failed, ej, may_eject)
@@ -775,7 +780,8 @@ impl RouterEngine {
             h.log(
                 LogLevel::Info,
                 &format!(
-                    "ejected {name} endpoint {} for {} ms (ejection {} in a row) after {} consecutive failures",
+                    "ejected {} endpoint {} for {} ms (ejection {} in a row) after {} consecutive failures",
+                    s.name,
                     e.address,
                     until.saturating_sub(now),
                     st.ejections,

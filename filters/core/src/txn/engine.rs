@@ -89,7 +89,8 @@ pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties {
     /// Dispatches from the current context; answers come back to it.
     fn dispatch(&self, c: &Callout) -> Result<u32, HostError>;
     /// Dispatches from context `ctx` (the root context: the call outlives
-    /// the current stream, whose callouts Envoy cancels when it ends).
+    /// the current stream, whose callouts Envoy cancels when it ends); 0:
+    /// from the current context.
     fn dispatch_in(&self, ctx: u32, c: &Callout) -> Result<u32, HostError> {
         let _ = ctx;
         self.dispatch(c)
@@ -471,15 +472,6 @@ impl TxnEngine {
     /// stream that started them (0: dispatch from the current context).
     pub fn set_root_context(&mut self, ctx: u32) {
         self.root_ctx = ctx;
-    }
-
-    /// Dispatches work that outlives streams from root context `root`.
-    fn detached(root: u32, h: &impl TxnHost, c: &Callout) -> Result<u32, HostError> {
-        if root == 0 {
-            h.dispatch(c)
-        } else {
-            h.dispatch_in(root, c)
-        }
     }
 
     pub fn node(&self) -> &str {
@@ -2153,7 +2145,7 @@ impl TxnEngine {
                     body: etcd::put_body(&key, &value).into_bytes(),
                     timeout_ms: self.cfg.etcd_timeout_ms,
                 };
-                let _ = Self::detached(self.root_ctx, h, &call);
+                let _ = h.dispatch_in(self.root_ctx, &call);
             }
         } else {
             job.degraded = true;
@@ -2275,9 +2267,8 @@ impl TxnEngine {
                 [one] => ("/v3/kv/deleterange", etcd::delete_body(one)),
                 many => ("/v3/kv/txn", etcd::delete_many_body(many)),
             };
-            let _ = Self::detached(
+            let _ = h.dispatch_in(
                 self.root_ctx,
-                h,
                 &Callout {
                     cluster: self.cfg.etcd_cluster.clone(),
                     method: "POST",
@@ -2392,7 +2383,7 @@ impl TxnEngine {
             body: etcd::range_prefix_body(&prefix, 64).into_bytes(),
             timeout_ms: self.cfg.etcd_timeout_ms,
         };
-        if let Ok(token) = Self::detached(self.root_ctx, h, &call) {
+        if let Ok(token) = h.dispatch_in(self.root_ctx, &call) {
             self.recovery_inflight = true;
             self.calls.insert(token, Call::Recovery);
         }
@@ -2537,7 +2528,7 @@ impl TxnEngine {
                 job.unpend = true;
             }
             let call = Self::record_call(&self.cfg, &d, pending);
-            if let Ok(token) = Self::detached(self.root_ctx, h, &call) {
+            if let Ok(token) = h.dispatch_in(self.root_ctx, &call) {
                 job.record_inflight = true;
                 self.calls.insert(token, Call::JobRecord { txn });
             } else {
@@ -2576,7 +2567,7 @@ impl TxnEngine {
                         job.deadline_ms,
                         self.cfg.control_timeout_ms,
                     );
-                    let dispatched = Self::detached(self.root_ctx, h, &call);
+                    let dispatched = h.dispatch_in(self.root_ctx, &call);
                     if let Some(t) = job.targets.get_mut(idx) {
                         match dispatched {
                             Ok(token) => {
