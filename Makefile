@@ -90,7 +90,7 @@ bench: bench-filters bench-txn bench-router
 FILTER_BENCH_ARGS ?= 5 16 7
 bench-filters: build
 	@scripts/setup.sh --bench >/dev/null
-	@scripts/build-wasm.sh txmesh-trivial txmesh-trivial-raw >/dev/null
+	@scripts/build-wasm.sh txmesh-trivial txmesh-trivial-raw txmesh-probe >/dev/null
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-filters
 	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS) 1
 	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS) 2

@@ -222,6 +222,16 @@ fn main() {
                 .inbound_filter(metrics()),
         ),
     ];
+    // BENCH_PROFILE=N: instead of the filters, what one host call of each
+    // kind costs: txmesh_probe with no call and with N calls of one kind
+    // per request (see `profile_configs`).
+    let probe_n: Option<u32> = std::env::var("BENCH_PROFILE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let configs = match probe_n {
+        Some(n) => profile_configs(n),
+        None => configs,
+    };
     // BENCH_ONLY=metrics,lua keeps the baseline and the configurations whose
     // names contain one of the words (for quick comparisons).
     let only: Vec<String> = std::env::var("BENCH_ONLY")
@@ -318,4 +328,81 @@ fn main() {
             startup[i] - startup[0]
         );
     }
+    if let Some(n) = probe_n {
+        // Row 1 is the probe making no call: the three callbacks.
+        let cpu = |i: usize| median(runs[i].iter().map(|r| r.cpu_us).collect());
+        println!();
+        println!("| what (BENCH_PROFILE={n}, median of {rounds}) | Envoy CPU µs |");
+        println!("| --- | ---: |");
+        println!(
+            "| three callbacks (create, request headers, log), no host call | {:.2} per request |",
+            cpu(1) - base_cpu
+        );
+        for (i, (name, _)) in envoys.iter().enumerate().skip(2) {
+            println!(
+                "| {} | {:.2} per call |",
+                name.trim_start_matches("probe: ")
+                    .trim_end_matches(&format!(" ×{n}")),
+                (cpu(i) - cpu(1)) / f64::from(n)
+            );
+        }
+    }
+}
+
+/// The configurations of `BENCH_PROFILE=n`: the baseline, txmesh_probe
+/// making no host call, and txmesh_probe making `n` calls of one kind per
+/// request — the kinds the filters use.
+fn profile_configs(n: u32) -> Vec<(&'static str, Sidecar)> {
+    let probe = |id: &str, cfg: serde_json::Value| {
+        Sidecar::new(id).inbound_filter(Filter::wasm("txmesh_probe", cfg))
+    };
+    let prop = |path: &[&str]| json!({"op": "property", "path": path, "n": n});
+    let op = |op: &str, name: &str| json!({"op": op, "name": name, "n": n});
+    // Names are leaked once per run: the table rows borrow them.
+    let name = |what: &str| -> &'static str { Box::leak(format!("probe: {what} ×{n}").into()) };
+    vec![
+        ("no filter (baseline)", Sidecar::new("base")),
+        ("probe: no host call", probe("none", json!({"op": "none"}))),
+        (
+            name("attribute response.code"),
+            probe("code", prop(&["response", "code"])),
+        ),
+        (
+            name("attribute response.flags"),
+            probe("flags", prop(&["response", "flags"])),
+        ),
+        (
+            name("attribute response.size"),
+            probe("size", prop(&["response", "size"])),
+        ),
+        (
+            name("attribute request.duration"),
+            probe("dur", prop(&["request", "duration"])),
+        ),
+        (
+            name("attribute xds.cluster_name"),
+            probe("cluster", prop(&["xds", "cluster_name"])),
+        ),
+        (
+            name("request header get (host)"),
+            probe("hget", op("get_header", "host")),
+        ),
+        (
+            name("request header set"),
+            probe("hset", op("set_header", "x-probe")),
+        ),
+        (
+            name("counter increment"),
+            probe("counter", op("counter", "")),
+        ),
+        (name("histogram record"), probe("hist", op("histogram", ""))),
+        (
+            name("clock (current time)"),
+            probe("clock", op("clock", "")),
+        ),
+        (
+            name("shared data get"),
+            probe("shared", op("shared_get", "txmesh.probe")),
+        ),
+    ]
 }

@@ -1,0 +1,120 @@
+//! txmesh_probe.wasm — benchmarks only (BENCHMARKS.md, "What a host call
+//! costs"). Exports the three callbacks a filter that sees the whole stream
+//! needs (context create, request headers, log) and, in one of them, repeats
+//! one kind of host call `n` times. `bench-filters` with `BENCH_PROFILE=1`
+//! runs it with `n = 0` and `n = N` for each kind: the difference in Envoy's
+//! CPU per request, divided by N, is what one such call costs.
+//!
+//! Config: `{"op": "property", "path": ["response", "code"], "n": 16}`;
+//! `op` one of `none`, `property` (`path`), `get_header` / `set_header`
+//! (`name`; request headers), `counter`, `histogram`, `clock`,
+//! `shared_get` (`name`: the key). `property` runs at the log phase (where
+//! the filters read attributes), the rest at request headers.
+
+use serde::Deserialize;
+use std::cell::RefCell;
+use txmesh_host::raw;
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct Probe {
+    op: String,
+    #[serde(default)]
+    n: u32,
+    #[serde(default)]
+    path: Vec<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(skip)]
+    metric: u32,
+}
+
+thread_local! {
+    static PROBE: RefCell<Probe> = RefCell::new(Probe::default());
+}
+
+const OPS: [&str; 8] = [
+    "none",
+    "property",
+    "get_header",
+    "set_header",
+    "counter",
+    "histogram",
+    "clock",
+    "shared_get",
+];
+
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(_root: u32, size: usize) -> u32 {
+    let bytes = raw::get_buffer(raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
+    let mut p: Probe = match serde_json::from_slice(&bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            raw::log(4, &format!("invalid plugin configuration {e}"));
+            return 0;
+        }
+    };
+    if !OPS.contains(&p.op.as_str()) {
+        raw::log(4, &format!("invalid plugin configuration: op {:?}", p.op));
+        return 0;
+    }
+    let kind = match p.op.as_str() {
+        "counter" => Some(0),
+        "histogram" => Some(2),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        match raw::define_metric(kind, &format!("txmesh_probe_{}", p.op)) {
+            Ok(id) => p.metric = id,
+            Err(_) => return 0,
+        }
+    }
+    if p.op == "shared_get" {
+        let _ = raw::set_shared(&p.name, b"12345678", None);
+    }
+    PROBE.with(|c| *c.borrow_mut() = p);
+    1
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(_ctx: u32, _root: u32) {}
+
+fn run(at_log: bool) {
+    PROBE.with(|c| {
+        let p = c.borrow();
+        if (p.op == "property") != at_log {
+            return;
+        }
+        let path: Vec<&str> = p.path.iter().map(String::as_str).collect();
+        let mut sink = 0usize;
+        for i in 0..p.n {
+            match p.op.as_str() {
+                "property" => sink += raw::get_property(&path).map_or(0, |v| v.len()),
+                "get_header" => {
+                    sink +=
+                        raw::get_header(raw::MAP_REQUEST_HEADERS, &p.name).map_or(0, |v| v.len())
+                }
+                "set_header" => {
+                    raw::set_header(raw::MAP_REQUEST_HEADERS, &p.name, Some(b"1"));
+                }
+                "counter" => sink += raw::increment_metric(p.metric, 1) as usize,
+                "histogram" => sink += raw::record_metric(p.metric, u64::from(i)) as usize,
+                "clock" => sink += raw::now_nanos() as usize & 1,
+                "shared_get" => sink += raw::get_shared(&p.name).0.map_or(0, |v| v.len()),
+                _ => {}
+            }
+        }
+        std::hint::black_box(sink);
+    });
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(_ctx: u32, _headers: usize, _eos: u32) -> u32 {
+    run(false);
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_log(_ctx: u32) {
+    run(true);
+}
