@@ -14,7 +14,7 @@
 use crate::config::{parse_json, ConfigError};
 use crate::flags;
 use crate::host::{
-    HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
 };
 use crate::labels::{encode, is_clean_value, sanitize_value};
 use crate::props;
@@ -361,6 +361,10 @@ pub struct MetricsStream {
     reporter: Reporter,
     source_workload: String,
     grpc: bool,
+    /// The clock at request headers (µs): the duration is measured from
+    /// here, which costs two clock readings instead of the
+    /// `request.duration` attribute (≈1 µs).
+    started_us: u64,
     /// The request ended with its headers: its body size is 0, no need to
     /// ask the host (one call fewer per bodyless request).
     bodyless: bool,
@@ -372,7 +376,7 @@ impl MetricsStream {
     /// config and no listener direction): the stream is then not recorded.
     pub fn on_request_headers(
         engine: &MetricsEngine,
-        host: &(impl RequestHeaders + Properties),
+        host: &(impl RequestHeaders + Properties + Clock),
     ) -> Option<Self> {
         let cfg = engine.config();
         let reporter = match cfg.reporter {
@@ -408,6 +412,7 @@ impl MetricsStream {
             reporter,
             source_workload,
             grpc,
+            started_us: host.now_us(),
             bodyless: false,
         })
     }
@@ -430,7 +435,7 @@ impl MetricsStream {
     }
 
     /// At the log phase: builds the observation from stream attributes.
-    pub fn observe(&self, engine: &MetricsEngine, host: &impl Properties) -> Observation {
+    pub fn observe(&self, engine: &MetricsEngine, host: &(impl Properties + Clock)) -> Observation {
         let prop_u64 = |path: &[&str]| {
             host.property(path)
                 .as_deref()
@@ -462,11 +467,7 @@ impl MetricsStream {
             response_code: u32::try_from(prop_u64(&["response", "code"])).unwrap_or(0),
             response_flags: flags::render(prop_u64(&["response", "flags"])),
             request_protocol: if self.grpc { "grpc" } else { "http" },
-            duration_ms: host
-                .property(&["request", "duration"])
-                .as_deref()
-                .and_then(props::duration_ms)
-                .unwrap_or(0),
+            duration_ms: host.now_us().saturating_sub(self.started_us) / 1000,
             request_bytes: if self.bodyless {
                 0
             } else {

@@ -5,7 +5,7 @@
 
 use crate::host::fake::FakeHost;
 use crate::host::{
-    HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
 };
 use crate::txn::engine::{Callout, LogLevel, TxnHost};
 use std::cell::{Cell, RefCell};
@@ -14,6 +14,10 @@ use std::cell::{Cell, RefCell};
 pub struct Host {
     pub base: FakeHost,
     pub now: Cell<u64>,
+    /// Time elapsed within the current stream, in µs, on top of `now`
+    /// (ms): lets a test give a stream a duration without moving the clock
+    /// every other timer sees.
+    pub stream_us: Cell<u64>,
     pub next_token: Cell<u32>,
     pub rand: Cell<u8>,
     pub calls: RefCell<Vec<(u32, Callout)>>,
@@ -56,6 +60,11 @@ impl RequestHeaders for Host {
 impl Properties for Host {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.base.property(path)
+    }
+}
+impl Clock for Host {
+    fn now_us(&self) -> u64 {
+        self.now.get() * 1000 + self.stream_us.get()
     }
 }
 impl TxnHost for Host {

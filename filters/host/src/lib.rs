@@ -10,7 +10,7 @@ pub mod raw;
 pub mod rt;
 
 use txmesh_core::host::{
-    HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
 };
 use txmesh_core::txn::engine::{Callout, CalloutResponse, LogLevel, TxnHost, Verdict};
 
@@ -242,13 +242,15 @@ impl Properties for WasmHost {
     }
 }
 
+impl Clock for WasmHost {
+    fn now_us(&self) -> u64 {
+        raw::now_nanos() / 1_000
+    }
+}
+
 impl TxnHost for WasmHost {
     fn now_ms(&self) -> u64 {
         raw::now_nanos() / 1_000_000
-    }
-
-    fn now_us(&self) -> u64 {
-        raw::now_nanos() / 1_000
     }
 
     fn random_id(&self) -> [u8; 16] {

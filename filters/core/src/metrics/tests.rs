@@ -10,7 +10,6 @@ fn stream_host(cluster: &str, code: u64, flags: u64) -> FakeHost {
         .prop(&["xds", "cluster_name"], cluster.as_bytes())
         .prop_u64(&["response", "code"], code)
         .prop_u64(&["response", "flags"], flags)
-        .prop_u64(&["request", "duration"], 12_345_678)
         .prop_u64(&["request", "size"], 10)
         .prop_u64(&["response", "size"], 2048)
 }
@@ -63,8 +62,11 @@ fn outbound_sets_peer_header_and_records_one_tuple() {
         MetricsEngine::new(cfg(r#"{"reporter":"outbound","workload":"order"}"#), &root).unwrap();
     for _ in 0..3 {
         let s = stream_host("payment", 200, 0).header(PEER_HEADER, b"forged");
+        s.clock_us.set(1_700_000_000_000_000);
         let st = MetricsStream::on_request_headers(&engine, &s).unwrap();
         assert_eq!(s.header_value(PEER_HEADER).unwrap(), b"order");
+        // The duration is the stream's own clock, in whole ms.
+        s.clock_us.set(1_700_000_000_012_999);
         let obs = st.observe(&engine, &s);
         assert_eq!(obs.duration_ms, 12);
         assert!(!engine.record(&root, &obs).unwrap());
@@ -135,7 +137,10 @@ fn no_cluster_outbound_is_unknown() {
     let s = FakeHost::new()
         .prop_u64(&["response", "code"], 404)
         .prop_u64(&["response", "flags"], 0x100);
+    s.clock_us.set(10_000_000);
     let st = MetricsStream::on_request_headers(&engine, &s).unwrap();
+    // A clock that went back (wall clock stepped) reads as 0, not a wrap.
+    s.clock_us.set(9_995_000);
     let obs = st.observe(&engine, &s);
     assert_eq!(obs.destination_service, "unknown");
     assert_eq!(obs.response_flags, "NR");

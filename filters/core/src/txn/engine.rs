@@ -14,7 +14,7 @@ use super::config::{Direction, TxnConfig};
 use super::etcd::{self, CasResult, Decision, Outcome};
 use super::id::{self, TxnHeader, TxnId};
 use super::table::{Entry, Mark, Phase, Role, Table, TableError};
-use crate::host::{HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData};
+use crate::host::{Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData};
 use crate::json::Obj;
 use crate::labels::encode;
 use serde::Deserialize;
@@ -79,12 +79,9 @@ pub struct CalloutResponse {
 
 /// What the engine needs from Envoy beyond headers, properties, shared data
 /// and metrics.
-pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties {
+pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties + Clock {
+    /// Milliseconds (same clock as [`Clock::now_us`]).
     fn now_ms(&self) -> u64;
-    /// Microseconds, for the decision log's timings (same clock as `now_ms`).
-    fn now_us(&self) -> u64 {
-        self.now_ms().saturating_mul(1000)
-    }
     fn random_id(&self) -> [u8; 16];
     /// Dispatches from the current context; answers come back to it.
     fn dispatch(&self, c: &Callout) -> Result<u32, HostError>;
