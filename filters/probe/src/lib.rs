@@ -7,13 +7,62 @@
 //!
 //! Config: `{"op": "property", "path": ["response", "code"], "n": 16}`;
 //! `op` one of `none`, `property` (`path`), `get_header` / `set_header`
-//! (`name`; request headers), `counter`, `histogram`, `clock`,
-//! `shared_get` (`name`: the key). `property` runs at the log phase (where
+//! (`name`; request headers), `get_headers` (all request headers in one
+//! call), `counter`, `histogram`, `clock`,
+//! `shared_get` (`name`: the key), `metrics_logic` (txmesh_metrics' own
+//! per-request work — request headers, observation, label tuple, stat-id
+//! lookup — against a host that answers at once: the filter's cost inside
+//! the VM, without its host calls). `property` runs at the log phase (where
 //! the filters read attributes), the rest at request headers.
 
 use serde::Deserialize;
 use std::cell::RefCell;
+use txmesh_core::host::{
+    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+};
+use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
 use txmesh_host::raw;
+
+/// A host that answers every call at once, with the values of a `200` to a
+/// bodyless GET from an unknown peer.
+struct Instant;
+
+impl Metrics for Instant {
+    fn define_metric(&self, _: MetricKind, _: &str) -> Result<u32, HostError> {
+        Ok(1)
+    }
+    fn increment_metric(&self, _: u32, _: i64) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn record_metric(&self, _: u32, _: u64) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+impl SharedData for Instant {
+    fn shared_get(&self, _: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        (Some(b"1".to_vec()), Some(1))
+    }
+    fn shared_set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<(), SharedSetError> {
+        Ok(())
+    }
+}
+impl RequestHeaders for Instant {
+    fn request_header(&self, _: &str) -> Option<Vec<u8>> {
+        None
+    }
+    fn set_request_header(&self, _: &str, _: Option<&str>) {}
+}
+impl Properties for Instant {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let v: u64 = if path == ["response", "code"] { 200 } else { 0 };
+        Some(v.to_le_bytes().to_vec())
+    }
+}
+impl Clock for Instant {
+    fn now_us(&self) -> u64 {
+        1_700_000_000_000_000
+    }
+}
 
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -31,12 +80,15 @@ struct Probe {
 
 thread_local! {
     static PROBE: RefCell<Probe> = RefCell::new(Probe::default());
+    static METRICS: RefCell<Option<MetricsEngine>> = const { RefCell::new(None) };
 }
 
-const OPS: [&str; 8] = [
+const OPS: [&str; 10] = [
+    "metrics_logic",
     "none",
     "property",
     "get_header",
+    "get_headers",
     "set_header",
     "counter",
     "histogram",
@@ -69,6 +121,12 @@ pub extern "C" fn proxy_on_configure(_root: u32, size: usize) -> u32 {
             Err(_) => return 0,
         }
     }
+    if p.op == "metrics_logic" {
+        let engine = MetricsConfig::parse(br#"{"workload":"bench","reporter":"inbound"}"#)
+            .ok()
+            .and_then(|c| MetricsEngine::new(c, &Instant).ok());
+        METRICS.with(|m| *m.borrow_mut() = engine);
+    }
     if p.op == "shared_get" {
         let _ = raw::set_shared(&p.name, b"12345678", None);
     }
@@ -82,7 +140,7 @@ pub extern "C" fn proxy_on_context_create(_ctx: u32, _root: u32) {}
 fn run(at_log: bool) {
     PROBE.with(|c| {
         let p = c.borrow();
-        if (p.op == "property") != at_log {
+        if (matches!(p.op.as_str(), "property" | "metrics_logic")) != at_log {
             return;
         }
         let path: Vec<&str> = p.path.iter().map(String::as_str).collect();
@@ -94,6 +152,9 @@ fn run(at_log: bool) {
                     sink +=
                         raw::get_header(raw::MAP_REQUEST_HEADERS, &p.name).map_or(0, |v| v.len())
                 }
+                "get_headers" => {
+                    sink += raw::get_header_pairs(raw::MAP_REQUEST_HEADERS).map_or(0, |v| v.len())
+                }
                 "set_header" => {
                     raw::set_header(raw::MAP_REQUEST_HEADERS, &p.name, Some(b"1"));
                 }
@@ -101,6 +162,14 @@ fn run(at_log: bool) {
                 "histogram" => sink += raw::record_metric(p.metric, u64::from(i)) as usize,
                 "clock" => sink += raw::now_nanos() as usize & 1,
                 "shared_get" => sink += raw::get_shared(&p.name).0.map_or(0, |v| v.len()),
+                "metrics_logic" => METRICS.with(|m| {
+                    if let Some(engine) = m.borrow_mut().as_mut() {
+                        if let Some(s) = MetricsStream::on_request_headers(engine, &Instant) {
+                            let obs = s.ended_at_headers(true).observe(engine, &Instant);
+                            sink += usize::from(engine.record(&Instant, &obs).unwrap_or(false));
+                        }
+                    }
+                }),
                 _ => {}
             }
         }

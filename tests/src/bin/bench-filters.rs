@@ -388,6 +388,14 @@ fn profile_configs(n: u32) -> Vec<(&'static str, Sidecar)> {
             probe("hget", op("get_header", "host")),
         ),
         (
+            name("txmesh_metrics' own work in the VM (no host call)"),
+            probe("mlogic", json!({"op": "metrics_logic", "n": n})),
+        ),
+        (
+            name("request headers, all in one call"),
+            probe("hall", op("get_headers", "")),
+        ),
+        (
             name("request header set"),
             probe("hset", op("set_header", "x-probe")),
         ),
