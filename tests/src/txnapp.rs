@@ -58,6 +58,9 @@ struct State {
     /// How long each committed transaction held its prepared state: from
     /// the commit vote to the commit, µs (read by the benchmarks).
     held_us: Vec<u64>,
+    /// How long each business request took the app (its downstream calls
+    /// included), µs, and whether it carried a transaction (benchmarks).
+    work_us: Vec<(bool, u64)>,
     /// Calls to control paths without a transaction header, or other oddities.
     errors: Vec<String>,
 }
@@ -173,6 +176,7 @@ impl TxnApp {
             .txns
             .clear();
         self.take_held_us();
+        self.take_work_us();
         self.server.clear();
     }
 
@@ -190,6 +194,19 @@ impl TxnApp {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.prepared_at.clear();
         std::mem::take(&mut st.held_us)
+    }
+
+    /// How long business requests took the app (downstream calls
+    /// included), µs, without and with a transaction, since the last call;
+    /// forgets them.
+    pub fn take_work_us(&self) -> (Vec<u64>, Vec<u64>) {
+        let work =
+            std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).work_us);
+        let (txn, plain): (Vec<_>, Vec<_>) = work.into_iter().partition(|(t, _)| *t);
+        (
+            plain.into_iter().map(|(_, us)| us).collect(),
+            txn.into_iter().map(|(_, us)| us).collect(),
+        )
     }
 
     pub fn errors(&self) -> Vec<String> {
@@ -298,6 +315,7 @@ fn handle(
         if let Some(t) = &txn {
             lock().txns.entry(t.clone()).or_default().business += 1;
         }
+        let started = std::time::Instant::now();
         let calls = downstream.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut failed = Vec::new();
         for d in calls {
@@ -321,6 +339,8 @@ fn handle(
             return Reply::status(502).body(failed.join("; "));
         }
         let status = *business_status.read().unwrap_or_else(|e| e.into_inner());
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        lock().work_us.push((txn.is_some(), us));
         Reply::status(status).json(serde_json::json!({"service": name, "txn": txn}))
     }
 }
