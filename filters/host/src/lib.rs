@@ -20,8 +20,8 @@ pub struct WasmHost {
     /// The context whose callback is running (0: unknown / not needed).
     pub current: u32,
     /// The current stream's request headers, all read in one host call at
-    /// the first lookup (one call instead of one per header; each call into
-    /// the host costs about half a microsecond, BENCHMARKS.md).
+    /// the first lookup: one call (≈1.3 µs) instead of one per header
+    /// (≈0.7 µs each; BENCHMARKS.md "What a host call costs").
     request_headers: std::cell::RefCell<Option<raw::Pairs>>,
 }
 
