@@ -361,8 +361,8 @@ pub struct MetricsStream {
     reporter: Reporter,
     source_workload: String,
     grpc: bool,
-    /// The clock at request headers (µs): the duration is measured from
-    /// here, which costs two clock readings instead of the
+    /// The monotonic clock at request headers (µs): the duration is
+    /// measured from here, which costs two clock readings instead of the
     /// `request.duration` attribute (≈1 µs).
     started_us: u64,
     /// The request ended with its headers: its body size is 0, no need to
@@ -412,7 +412,7 @@ impl MetricsStream {
             reporter,
             source_workload,
             grpc,
-            started_us: host.now_us(),
+            started_us: host.monotonic_us(),
             bodyless: false,
         })
     }
@@ -467,7 +467,7 @@ impl MetricsStream {
             response_code: u32::try_from(prop_u64(&["response", "code"])).unwrap_or(0),
             response_flags: flags::render(prop_u64(&["response", "flags"])),
             request_protocol: if self.grpc { "grpc" } else { "http" },
-            duration_ms: host.now_us().saturating_sub(self.started_us) / 1000,
+            duration_ms: host.monotonic_us().saturating_sub(self.started_us) / 1000,
             request_bytes: if self.bodyless {
                 0
             } else {

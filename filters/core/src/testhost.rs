@@ -14,10 +14,6 @@ use std::cell::{Cell, RefCell};
 pub struct Host {
     pub base: FakeHost,
     pub now: Cell<u64>,
-    /// Time elapsed within the current stream, in µs, on top of `now`
-    /// (ms): lets a test give a stream a duration without moving the clock
-    /// every other timer sees.
-    pub stream_us: Cell<u64>,
     pub next_token: Cell<u32>,
     pub rand: Cell<u8>,
     pub calls: RefCell<Vec<(u32, Callout)>>,
@@ -64,7 +60,7 @@ impl Properties for Host {
 }
 impl Clock for Host {
     fn now_us(&self) -> u64 {
-        self.now.get() * 1000 + self.stream_us.get()
+        self.now.get() * 1000
     }
 }
 impl TxnHost for Host {

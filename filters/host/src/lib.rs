@@ -246,6 +246,9 @@ impl Clock for WasmHost {
     fn now_us(&self) -> u64 {
         raw::now_nanos() / 1_000
     }
+    fn monotonic_us(&self) -> u64 {
+        raw::monotonic_nanos() / 1_000
+    }
 }
 
 impl TxnHost for WasmHost {

@@ -8,7 +8,7 @@
 //! Config: `{"op": "property", "path": ["response", "code"], "n": 16}`;
 //! `op` one of `none`, `property` (`path`), `get_header` / `set_header`
 //! (`name`; request headers), `get_headers` (all request headers in one
-//! call), `counter`, `histogram`, `clock`,
+//! call), `counter`, `histogram`, `clock` (wall), `monotonic_clock`,
 //! `shared_get` (`name`: the key), `metrics_logic` (txmesh_metrics' own
 //! per-request work — request headers, observation, label tuple, stat-id
 //! lookup — against a host that answers at once: the filter's cost inside
@@ -83,7 +83,8 @@ thread_local! {
     static METRICS: RefCell<Option<MetricsEngine>> = const { RefCell::new(None) };
 }
 
-const OPS: [&str; 10] = [
+const OPS: [&str; 11] = [
+    "monotonic_clock",
     "metrics_logic",
     "none",
     "property",
@@ -161,6 +162,7 @@ fn run(at_log: bool) {
                 "counter" => sink += raw::increment_metric(p.metric, 1) as usize,
                 "histogram" => sink += raw::record_metric(p.metric, u64::from(i)) as usize,
                 "clock" => sink += raw::now_nanos() as usize & 1,
+                "monotonic_clock" => sink += raw::monotonic_nanos() as usize & 1,
                 "shared_get" => sink += raw::get_shared(&p.name).0.map_or(0, |v| v.len()),
                 "metrics_logic" => METRICS.with(|m| {
                     if let Some(engine) = m.borrow_mut().as_mut() {

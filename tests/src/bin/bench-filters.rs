@@ -409,6 +409,10 @@ fn profile_configs(n: u32) -> Vec<(&'static str, Sidecar)> {
             probe("clock", op("clock", "")),
         ),
         (
+            name("monotonic clock (WASI)"),
+            probe("mclock", op("monotonic_clock", "")),
+        ),
+        (
             name("shared data get"),
             probe("shared", op("shared_get", "txmesh.probe")),
         ),

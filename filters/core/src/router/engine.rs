@@ -59,10 +59,7 @@ pub struct Routed {
     slot: u32,
     id: String,
     counted_pending: bool,
-    /// The clock at request headers, µs: the latency sample at the log
-    /// phase is measured from here (two clock readings cost less than the
-    /// `request.duration` attribute).
-    started_us: u64,
+    started_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -607,8 +604,7 @@ impl RouterEngine {
             h.set_request_header(&self.cfg.endpoint_header, None);
             return (None, Verdict::Continue);
         };
-        let started_us = h.now_us();
-        let now = started_us / 1000;
+        let now = h.now_ms();
         let picked = if self.loaded {
             self.pick(si, now)
         } else {
@@ -651,7 +647,7 @@ impl RouterEngine {
                 slot,
                 id,
                 counted_pending: counted,
-                started_us,
+                started_ms: now,
             }),
             Verdict::Continue,
         )
@@ -725,8 +721,14 @@ impl RouterEngine {
             .and_then(props::as_u64)
             .unwrap_or(0);
         let failed = (500..600).contains(&code) || flags & FAILURE_FLAGS != 0;
-        let sample_us = (code > 0 && flags & FAILURE_FLAGS == 0)
-            .then(|| h.now_us().saturating_sub(r.started_us));
+        let sample_us = if code > 0 && flags & FAILURE_FLAGS == 0 {
+            h.property(&["request", "duration"])
+                .as_deref()
+                .and_then(props::as_i64_clamped)
+                .map(|ns| ns / 1000)
+        } else {
+            None
+        };
         let key_slot = &self.key_slot;
         let Some(s) = self.services.get_mut(r.service) else {
             return;
@@ -740,7 +742,7 @@ impl RouterEngine {
         };
         // This worker's load: no host call.
         if r.counted_pending {
-            e.load.finish(r.started_us / 1000);
+            e.load.finish(r.started_ms);
         }
         if let Some(us) = sample_us {
             e.load.observe_rtt(now, us, decay, rtt);

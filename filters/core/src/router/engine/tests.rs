@@ -62,7 +62,6 @@ fn load(h: &Fake, e: &mut RouterEngine, eps: &[(&str, &str, &str)]) {
 
 fn request(h: &Fake, cluster: &str, headers: &[(&str, &str)]) {
     h.base.clear_stream();
-    h.stream_us.set(0);
     h.cluster_name(cluster);
     for (k, v) in headers {
         h.base.set_request_header(k, Some(v));
@@ -100,13 +99,14 @@ impl Fake {
             .borrow_mut()
             .insert("xds.cluster_name".into(), c.as_bytes().to_vec());
     }
-    /// The stream ends with this status and flags, `ms` after its request
-    /// headers (the stream's own clock; the one other timers see stays).
     fn log_phase(&self, status: u64, flags: u64, ms: u64) {
         let mut p = self.base.properties.borrow_mut();
         p.insert("response.code".into(), status.to_le_bytes().to_vec());
         p.insert("response.flags".into(), flags.to_le_bytes().to_vec());
-        self.stream_us.set(ms * 1000);
+        p.insert(
+            "request.duration".into(),
+            ((ms * 1_000_000) as i64).to_le_bytes().to_vec(),
+        );
     }
 }
 
@@ -596,9 +596,8 @@ fn in_flight_requests_carry_their_start_time() {
     let r = e.on_request_headers(&h, 1).0.unwrap();
     let ep = |e: &RouterEngine| e.services[0].eps[0].load.clone();
     assert_eq!((ep(&e).pending, ep(&e).pending_since_sum_ms), (1, at));
-    // 40 ms pass on the clock every timer sees: that is the latency sample.
     h.advance(40);
-    h.log_phase(200, 0, 0);
+    h.log_phase(200, 0, 40);
     e.on_log(&h, &r);
     assert_eq!((ep(&e).pending, ep(&e).pending_since_sum_ms), (0, 0));
     assert_eq!(ep(&e).ewma_us, 40_000);
