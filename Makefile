@@ -86,7 +86,8 @@ chaos: build
 bench: bench-filters bench-txn bench-router
 
 # What each filter costs against no filter (wrk), Envoy --concurrency 1 then 2.
-# FILTER_BENCH_ARGS: seconds, connections, rounds (BENCH_ONLY=metrics,lua runs only those and the baseline).
+# FILTER_BENCH_ARGS: seconds, connections, rounds (BENCH_ONLY=metrics,lua runs only those and the baseline;
+# BENCH_PROFILE=N measures host calls of each kind with filters/probe instead).
 FILTER_BENCH_ARGS ?= 5 16 7
 bench-filters: build
 	@scripts/setup.sh --bench >/dev/null
