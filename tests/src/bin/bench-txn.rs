@@ -196,7 +196,7 @@ fn work(app: &str, (plain, txn): (Vec<u64>, Vec<u64>)) {
     }
     let ms = |v: Vec<u64>| median(v.into_iter().map(|us| us as f64 / 1e3).collect());
     println!(
-        "# {app}'s own time per request (downstream calls included), medians: plain {:.2} ms, txn {:.2} ms",
+        "# {app}'s own time per request (downstream calls included), medians: plain {:.3} ms, txn {:.3} ms",
         ms(plain),
         ms(txn)
     );
