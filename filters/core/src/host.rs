@@ -96,8 +96,10 @@ pub mod fake {
         pub cas_failures: RefCell<u32>,
         /// Shared-data reads and writes made so far.
         pub shared_calls: RefCell<u32>,
-        /// The clock, in µs ([`Clock`]); tests move it.
+        /// The wall clock and the monotonic clock, in µs ([`Clock`]);
+        /// tests move them.
         pub clock_us: std::cell::Cell<u64>,
+        pub monotonic_us: std::cell::Cell<u64>,
     }
 
     impl FakeHost {
@@ -146,6 +148,9 @@ pub mod fake {
     impl Clock for FakeHost {
         fn now_us(&self) -> u64 {
             self.clock_us.get()
+        }
+        fn monotonic_us(&self) -> u64 {
+            self.monotonic_us.get()
         }
     }
 

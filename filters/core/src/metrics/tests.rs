@@ -63,10 +63,13 @@ fn outbound_sets_peer_header_and_records_one_tuple() {
     for _ in 0..3 {
         let s = stream_host("payment", 200, 0).header(PEER_HEADER, b"forged");
         s.clock_us.set(1_700_000_000_000_000);
+        s.monotonic_us.set(5_000_000);
         let st = MetricsStream::on_request_headers(&engine, &s).unwrap();
         assert_eq!(s.header_value(PEER_HEADER).unwrap(), b"order");
-        // The duration is the stream's own clock, in whole ms.
-        s.clock_us.set(1_700_000_000_012_999);
+        // The duration is the monotonic clock's, in whole ms: a wall clock
+        // stepped back an hour meanwhile changes nothing.
+        s.clock_us.set(1_700_000_000_000_000 - 3_600_000_000);
+        s.monotonic_us.set(5_012_999);
         let obs = st.observe(&engine, &s);
         assert_eq!(obs.duration_ms, 12);
         assert!(!engine.record(&root, &obs).unwrap());
@@ -137,10 +140,11 @@ fn no_cluster_outbound_is_unknown() {
     let s = FakeHost::new()
         .prop_u64(&["response", "code"], 404)
         .prop_u64(&["response", "flags"], 0x100);
-    s.clock_us.set(10_000_000);
+    s.monotonic_us.set(10_000_000);
     let st = MetricsStream::on_request_headers(&engine, &s).unwrap();
-    // A clock that went back (wall clock stepped) reads as 0, not a wrap.
-    s.clock_us.set(9_995_000);
+    // A clock reading earlier at the end (a host whose monotonic clock is
+    // not) gives 0, not a wrapped-around duration.
+    s.monotonic_us.set(9_995_000);
     let obs = st.observe(&engine, &s);
     assert_eq!(obs.destination_service, "unknown");
     assert_eq!(obs.response_flags, "NR");
