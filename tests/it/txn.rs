@@ -8,7 +8,7 @@ use serde_json::json;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use txmesh_tests::envoy::Envoy;
-use txmesh_tests::{wait_for, Client, Downstream, Etcd, Filter, Sidecar, TxnApp, Vote};
+use txmesh_tests::{wait_for, Client, Downstream, Etcd, Filter, Latch, Sidecar, TxnApp, Vote};
 
 #[test]
 fn three_participants_commit() {
@@ -474,9 +474,13 @@ fn two_hundred_concurrent_transactions_agree_with_etcd() {
 #[test]
 fn a_full_table_sheds_new_transactions_and_existing_ones_finish() {
     let etcd = Etcd::start();
-    let app = TxnApp::start("order", Vote::Stall(Duration::from_millis(800)));
+    // Both prepares are held until the third request has been shed (a
+    // fixed stall would race with a slow machine).
+    let held = Latch::default();
+    let app = TxnApp::start("order", Vote::Until(held.clone()));
     let mut cfg = txn_cfg("order");
     cfg["max_in_flight"] = json!(2);
+    cfg["default_timeout_ms"] = json!(15_000);
     let sc = Sidecar::new("order")
         .app(&app.server)
         .etcd(&etcd)
@@ -497,6 +501,7 @@ fn a_full_table_sheds_new_transactions_and_existing_ones_finish() {
             r.json()["error"],
             "transaction table full: 2 transactions in flight in this sidecar (max_in_flight); retry later"
         );
+        held.open();
         slow.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(results, [200, 200]);

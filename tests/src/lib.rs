@@ -28,7 +28,7 @@ pub use envoy::{Filter, Sidecar};
 pub use etcd::{Etcd, EtcdCluster};
 pub use http::{Client, Resp};
 pub use prom::Scrape;
-pub use txnapp::{Checkout, Downstream, TxnApp, TxnRecord, Vote};
+pub use txnapp::{Checkout, Downstream, Latch, TxnApp, TxnRecord, Vote};
 pub use upstream::{Recorded, Reply, Upstream};
 
 use std::path::PathBuf;

@@ -19,8 +19,34 @@ pub enum Vote {
     No(String),
     /// Answers commit after this long (past the deadline: a stall).
     Stall(Duration),
+    /// Answers commit once the test opens the latch (at most 10 s): a
+    /// prepare held for exactly as long as the test needs, on any machine.
+    Until(Latch),
     /// Answers with this HTTP status and no vote.
     Fail(u16),
+}
+
+/// A latch a test opens; prepares voting [`Vote::Until`] wait for it.
+#[derive(Clone, Debug, Default)]
+pub struct Latch(Arc<std::sync::atomic::AtomicBool>);
+
+impl Latch {
+    pub fn open(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn wait(&self, at_most: Duration) {
+        let until = std::time::Instant::now() + at_most;
+        while !self.0.load(std::sync::atomic::Ordering::SeqCst) && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl PartialEq for Latch {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 type VoteFn = Arc<dyn Fn(&str) -> Vote + Send + Sync>;
@@ -259,6 +285,13 @@ fn handle(
                         Reply::ok().json(serde_json::json!({"vote": "abort", "reason": reason})),
                         "abort",
                     ),
+                    Vote::Until(latch) => {
+                        latch.wait(Duration::from_secs(10));
+                        (
+                            Reply::ok().json(serde_json::json!({"vote": "commit"})),
+                            "commit",
+                        )
+                    }
                     Vote::Stall(d) => {
                         std::thread::sleep(d);
                         (
