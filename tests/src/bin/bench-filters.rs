@@ -356,65 +356,51 @@ fn profile_configs(n: u32) -> Vec<(&'static str, Sidecar)> {
     let probe = |id: &str, cfg: serde_json::Value| {
         Sidecar::new(id).inbound_filter(Filter::wasm("txmesh_probe", cfg))
     };
-    let prop = |path: &[&str]| json!({"op": "property", "path": path, "n": n});
-    let op = |op: &str, name: &str| json!({"op": op, "name": name, "n": n});
     // Names are leaked once per run: the table rows borrow them.
     let name = |what: &str| -> &'static str { Box::leak(format!("probe: {what} ×{n}").into()) };
-    vec![
+    let attributes: [(&str, &[&str]); 5] = [
+        ("code", &["response", "code"]),
+        ("flags", &["response", "flags"]),
+        ("size", &["response", "size"]),
+        ("dur", &["request", "duration"]),
+        ("cluster", &["xds", "cluster_name"]),
+    ];
+    // (what, sidecar id, op, header or key name)
+    let calls = [
+        ("request header get (host)", "hget", "get_header", "host"),
+        (
+            "request headers, all in one call",
+            "hall",
+            "get_headers",
+            "",
+        ),
+        ("request header set", "hset", "set_header", "x-probe"),
+        ("counter increment", "counter", "counter", ""),
+        ("histogram record", "hist", "histogram", ""),
+        ("clock (current time)", "clock", "clock", ""),
+        ("monotonic clock (WASI)", "mclock", "monotonic_clock", ""),
+        ("shared data get", "shared", "shared_get", "txmesh.probe"),
+        (
+            "txmesh_metrics' own work in the VM (no host call)",
+            "mlogic",
+            "metrics_logic",
+            "",
+        ),
+    ];
+    let mut configs = vec![
         ("no filter (baseline)", Sidecar::new("base")),
         ("probe: no host call", probe("none", json!({"op": "none"}))),
-        (
-            name("attribute response.code"),
-            probe("code", prop(&["response", "code"])),
-        ),
-        (
-            name("attribute response.flags"),
-            probe("flags", prop(&["response", "flags"])),
-        ),
-        (
-            name("attribute response.size"),
-            probe("size", prop(&["response", "size"])),
-        ),
-        (
-            name("attribute request.duration"),
-            probe("dur", prop(&["request", "duration"])),
-        ),
-        (
-            name("attribute xds.cluster_name"),
-            probe("cluster", prop(&["xds", "cluster_name"])),
-        ),
-        (
-            name("request header get (host)"),
-            probe("hget", op("get_header", "host")),
-        ),
-        (
-            name("txmesh_metrics' own work in the VM (no host call)"),
-            probe("mlogic", json!({"op": "metrics_logic", "n": n})),
-        ),
-        (
-            name("request headers, all in one call"),
-            probe("hall", op("get_headers", "")),
-        ),
-        (
-            name("request header set"),
-            probe("hset", op("set_header", "x-probe")),
-        ),
-        (
-            name("counter increment"),
-            probe("counter", op("counter", "")),
-        ),
-        (name("histogram record"), probe("hist", op("histogram", ""))),
-        (
-            name("clock (current time)"),
-            probe("clock", op("clock", "")),
-        ),
-        (
-            name("monotonic clock (WASI)"),
-            probe("mclock", op("monotonic_clock", "")),
-        ),
-        (
-            name("shared data get"),
-            probe("shared", op("shared_get", "txmesh.probe")),
-        ),
-    ]
+    ];
+    for (id, path) in attributes {
+        let cfg = json!({"op": "property", "path": path, "n": n});
+        configs.push((
+            name(&format!("attribute {}", path.join("."))),
+            probe(id, cfg),
+        ));
+    }
+    for (what, id, op, key) in calls {
+        let cfg = json!({"op": op, "name": key, "n": n});
+        configs.push((name(what), probe(id, cfg)));
+    }
+    configs
 }
