@@ -141,6 +141,11 @@ pub struct RouterEngine {
     key_slot: String,
 }
 
+/// The shared-data key of endpoint slot `slot` (its health record).
+fn slot_key(key_slot: &str, slot: u32) -> String {
+    format!("{key_slot}{slot}")
+}
+
 fn metric_name(pairs: &[(&str, &str)], metric: &str) -> String {
     let keyed: Vec<(&str, &str)> = pairs
         .iter()
@@ -564,10 +569,12 @@ impl RouterEngine {
     /// Every tick: the shared health records (failures and ejections seen
     /// by other workers), and this worker's latency estimates as gauges.
     fn refresh_health(&mut self, h: &impl Host) {
-        let key = self.key_slot.clone();
-        for s in &mut self.services {
+        let Self {
+            key_slot, services, ..
+        } = self;
+        for s in services.iter_mut() {
             for e in &mut s.eps {
-                let v = h.shared_get(&format!("{key}{}", e.slot)).0;
+                let v = h.shared_get(&slot_key(key_slot, e.slot)).0;
                 e.health = EpHealth::decode_for(&e.id, v.as_deref());
                 if let (Some(g), true) = (e.m.ewma, e.load.ewma_us > 0) {
                     let _ = h.record_metric(g, e.load.ewma_us / 1000);
@@ -769,7 +776,7 @@ impl RouterEngine {
         let Some(e) = s.eps.get_mut(ei) else {
             return;
         };
-        let key = format!("{key_slot}{}", r.slot);
+        let key = slot_key(key_slot, r.slot);
         let Some((st, health)) = Self::update_health(h, &key, &r.id, |st| {
             record_health(st, now, failed, ej, may_eject)
         }) else {

@@ -2596,9 +2596,7 @@ impl TxnEngine {
                     self.flush_unpend(h, now);
                 }
             }
-            self.jobs.remove(&txn);
-            self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
-            self.table.remove(h, &txn);
+            self.end_job(h, txn);
         } else if now >= job.give_up_ms {
             let missing: Vec<&str> = job
                 .targets
@@ -2607,20 +2605,28 @@ impl TxnEngine {
                 .map(|t| t.name.as_str())
                 .collect();
             h.log(
-                    LogLevel::Error,
-                    &format!(
-                        "txn {txn}: phase 2 ({}) abandoned after {} ms; unacknowledged: {}; record pending: {}",
-                        job.outcome.map_or("unknown", Outcome::as_str),
-                        self.cfg.phase2_give_up_ms,
-                        missing.join(","),
-                        job.record != Record::Done
-                    ),
-                );
-            self.jobs.remove(&txn);
-            self.calls.retain(|_, c| !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn));
-            self.table.remove(h, &txn);
+                LogLevel::Error,
+                &format!(
+                    "txn {txn}: phase 2 ({}) abandoned after {} ms; unacknowledged: {}; record pending: {}",
+                    job.outcome.map_or("unknown", Outcome::as_str),
+                    self.cfg.phase2_give_up_ms,
+                    missing.join(","),
+                    job.record != Record::Done
+                ),
+            );
+            self.end_job(h, txn);
             self.gauge(h, "txmesh_txn_phase2_abandoned_total", 1);
         }
+    }
+
+    /// Forgets `txn`'s phase-2 job: the job, its calls in flight (their
+    /// answers are then ignored) and its table entry.
+    fn end_job(&mut self, h: &impl TxnHost, txn: TxnId) {
+        self.jobs.remove(&txn);
+        self.calls.retain(|_, c| {
+            !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn)
+        });
+        self.table.remove(h, &txn);
     }
 
     /// The stream went away (client reset, or completed). Envoy cancels its
