@@ -13,7 +13,10 @@ use std::cell::{Cell, RefCell};
 #[derive(Default)]
 pub struct Host {
     pub base: FakeHost,
+    /// The monotonic clock, ms; the wall clock is `now + wall_step`.
     pub now: Cell<u64>,
+    /// How far the wall clock has been stepped ([`Host::step_wall`]).
+    pub wall_step: Cell<u64>,
     pub next_token: Cell<u32>,
     pub rand: Cell<u8>,
     pub calls: RefCell<Vec<(u32, Callout)>>,
@@ -60,12 +63,15 @@ impl Properties for Host {
 }
 impl Clock for Host {
     fn now_us(&self) -> u64 {
+        (self.now.get() + self.wall_step.get()) * 1000
+    }
+    fn monotonic_us(&self) -> u64 {
         self.now.get() * 1000
     }
 }
 impl TxnHost for Host {
     fn now_ms(&self) -> u64 {
-        self.now.get()
+        self.now.get() + self.wall_step.get()
     }
     fn random_id(&self) -> [u8; 16] {
         self.rand.set(self.rand.get() + 1);
@@ -131,7 +137,13 @@ impl Host {
         h.now.set(1_000_000);
         h
     }
+    /// Time passes: both clocks move.
     pub fn advance(&self, ms: u64) {
         self.now.set(self.now.get() + ms);
+    }
+    /// The wall clock is stepped forward (NTP, an operator): the monotonic
+    /// clock does not move.
+    pub fn step_wall(&self, ms: u64) {
+        self.wall_step.set(self.wall_step.get() + ms);
     }
 }

@@ -59,7 +59,8 @@ pub struct Routed {
     slot: u32,
     id: String,
     counted_pending: bool,
-    started_ms: u64,
+    /// The router's clock ([`clock_us`]) when it was routed.
+    started_us: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -142,6 +143,15 @@ pub struct RouterEngine {
 }
 
 /// The shared-data key of endpoint slot `slot` (its health record).
+/// The router's clock, µs: the host's monotonic clock. Every time the router
+/// keeps (in-flight starts, EWMA stamps, ejections, the poller lease — all
+/// read only within this Envoy process) is on it, so a stream is timed by two
+/// readings (≈0.2 µs each) rather than the `request.duration` attribute
+/// (≈1 µs), and a wall-clock step moves no ejection.
+fn clock_us(h: &impl Host) -> u64 {
+    h.monotonic_us()
+}
+
 fn slot_key(key_slot: &str, slot: u32) -> String {
     format!("{key_slot}{slot}")
 }
@@ -340,7 +350,7 @@ impl RouterEngine {
     // ---------------------------------------------------------------- tick
 
     pub fn on_tick(&mut self, h: &impl Host) {
-        let now = h.now_ms();
+        let now = clock_us(h) / 1000;
         if let Some(p) = &self.poll {
             if now >= p.deadline_ms {
                 self.poll = None;
@@ -611,7 +621,8 @@ impl RouterEngine {
             h.set_request_header(&self.cfg.endpoint_header, None);
             return (None, Verdict::Continue);
         };
-        let now = h.now_ms();
+        let now_us = clock_us(h);
+        let now = now_us / 1000;
         let picked = if self.loaded {
             self.pick(si, now)
         } else {
@@ -654,7 +665,7 @@ impl RouterEngine {
                 slot,
                 id,
                 counted_pending: counted,
-                started_ms: now,
+                started_us: now_us,
             }),
             Verdict::Continue,
         )
@@ -716,7 +727,8 @@ impl RouterEngine {
     /// The log phase of a routed stream: in-flight count, latency, health,
     /// ejection, metrics.
     pub fn on_log(&mut self, h: &impl Host, r: &Routed) {
-        let now = h.now_ms();
+        let now_us = clock_us(h);
+        let now = now_us / 1000;
         let code = h
             .property(&["response", "code"])
             .as_deref()
@@ -728,14 +740,8 @@ impl RouterEngine {
             .and_then(props::as_u64)
             .unwrap_or(0);
         let failed = (500..600).contains(&code) || flags & FAILURE_FLAGS != 0;
-        let sample_us = if code > 0 && flags & FAILURE_FLAGS == 0 {
-            h.property(&["request", "duration"])
-                .as_deref()
-                .and_then(props::as_i64_clamped)
-                .map(|ns| ns / 1000)
-        } else {
-            None
-        };
+        let sample_us =
+            (code > 0 && flags & FAILURE_FLAGS == 0).then(|| now_us.saturating_sub(r.started_us));
         let key_slot = &self.key_slot;
         let Some(s) = self.services.get_mut(r.service) else {
             return;
@@ -749,7 +755,7 @@ impl RouterEngine {
         };
         // This worker's load: no host call.
         if r.counted_pending {
-            e.load.finish(r.started_ms);
+            e.load.finish(r.started_us / 1000);
         }
         if let Some(us) = sample_us {
             e.load.observe_rtt(now, us, decay, rtt);

@@ -68,7 +68,7 @@ fn request(h: &Fake, cluster: &str, headers: &[(&str, &str)]) {
     }
 }
 
-/// One full request: route, then log with this status and duration.
+/// One full request: route, `ms` pass, then log with this status.
 fn route(h: &Fake, e: &mut RouterEngine, cluster: &str, status: u64, ms: u64) -> Option<String> {
     request(h, cluster, &[]);
     let (r, v) = e.on_request_headers(h, 7);
@@ -78,7 +78,8 @@ fn route(h: &Fake, e: &mut RouterEngine, cluster: &str, status: u64, ms: u64) ->
         .map(|b| String::from_utf8(b).unwrap());
     if let Some(r) = r {
         assert_eq!(v, Verdict::Continue);
-        h.log_phase(status, 0, ms);
+        h.advance(ms);
+        h.log_phase(status, 0);
         e.on_log(h, &r);
     }
     picked
@@ -99,14 +100,12 @@ impl Fake {
             .borrow_mut()
             .insert("xds.cluster_name".into(), c.as_bytes().to_vec());
     }
-    fn log_phase(&self, status: u64, flags: u64, ms: u64) {
+    /// The log phase's attributes. The stream's duration is the router's
+    /// clock between its two callbacks (`advance`), not an attribute.
+    fn log_phase(&self, status: u64, flags: u64) {
         let mut p = self.base.properties.borrow_mut();
         p.insert("response.code".into(), status.to_le_bytes().to_vec());
         p.insert("response.flags".into(), flags.to_le_bytes().to_vec());
-        p.insert(
-            "request.duration".into(),
-            ((ms * 1_000_000) as i64).to_le_bytes().to_vec(),
-        );
     }
 }
 
@@ -360,7 +359,8 @@ fn ejection_after_consecutive_failures_then_return() {
         let r = r.unwrap();
         let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
         let status = if ep == "10.0.0.1:80" { 503 } else { 200 };
-        h.log_phase(status, 0, 1);
+        h.advance(1);
+        h.log_phase(status, 0);
         e.on_log(&h, &r);
         seen.push(ep);
     }
@@ -539,8 +539,8 @@ fn peak_ewma_starves_the_slow_endpoint() {
         let r = r.unwrap();
         let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
         let ms = if ep == "10.0.0.1:80" { 55 } else { 5 };
-        h.advance(2);
-        h.log_phase(200, 0, ms);
+        h.advance(ms);
+        h.log_phase(200, 0);
         e.on_log(&h, &r);
         picks.push(Some(ep));
     }
@@ -597,10 +597,62 @@ fn in_flight_requests_carry_their_start_time() {
     let ep = |e: &RouterEngine| e.services[0].eps[0].load.clone();
     assert_eq!((ep(&e).pending, ep(&e).pending_since_sum_ms), (1, at));
     h.advance(40);
-    h.log_phase(200, 0, 40);
+    h.log_phase(200, 0);
     e.on_log(&h, &r);
     assert_eq!((ep(&e).pending, ep(&e).pending_since_sum_ms), (0, 0));
     assert_eq!(ep(&e).ewma_us, 40_000);
+}
+
+#[test]
+fn a_wall_clock_step_neither_skews_a_sample_nor_ends_an_ejection() {
+    let h = Fake::new();
+    let mut e = engine(
+        &h,
+        r#"{"services":{"payment":{"strategy":"peak_ewma","outlier":{"consecutive_failures":1}}}}"#,
+    );
+    load(
+        &h,
+        &mut e,
+        &[
+            ("payment", "10.0.0.1:80", ""),
+            ("payment", "10.0.0.2:80", ""),
+        ],
+    );
+    request(&h, "payment", &[]);
+    let r = e.on_request_headers(&h, 1).0.unwrap();
+    let first = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+    let i = e.services[0]
+        .eps
+        .iter()
+        .position(|p| p.address == first)
+        .unwrap();
+    // The wall clock jumps an hour while the request runs 40 ms.
+    h.step_wall(3_600_000);
+    h.advance(40);
+    h.log_phase(200, 0);
+    e.on_log(&h, &r);
+    assert_eq!(e.services[0].eps[i].load.ewma_us, 40_000);
+    // The other endpoint fails once: ejected; another hour's step on the
+    // wall clock does not end its ejection.
+    let other = if first == "10.0.0.1:80" {
+        "10.0.0.2:80"
+    } else {
+        "10.0.0.1:80"
+    };
+    loop {
+        request(&h, "payment", &[]);
+        let r = e.on_request_headers(&h, 1).0.unwrap();
+        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        h.advance(1);
+        h.log_phase(if ep == other { 503 } else { 200 }, 0);
+        e.on_log(&h, &r);
+        if ep == other {
+            break;
+        }
+    }
+    h.step_wall(3_600_000);
+    let c = counts((0..20).map(|_| route(&h, &mut e, "payment", 200, 1)));
+    assert_eq!(c, BTreeMap::from([(first, 20)]), "{other} stays ejected");
 }
 
 #[test]
