@@ -64,10 +64,35 @@ impl Clock for Instant {
     }
 }
 
+/// The kind of host call a probe repeats.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Op {
+    #[default]
+    None,
+    Property,
+    GetHeader,
+    GetHeaders,
+    SetHeader,
+    Counter,
+    Histogram,
+    Clock,
+    MonotonicClock,
+    SharedGet,
+    MetricsLogic,
+}
+
+impl Op {
+    /// Attributes are read where the filters read them: at the log phase.
+    fn at_log(self) -> bool {
+        matches!(self, Op::Property | Op::MetricsLogic)
+    }
+}
+
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct Probe {
-    op: String,
+    op: Op,
     #[serde(default)]
     n: u32,
     #[serde(default)]
@@ -83,20 +108,6 @@ thread_local! {
     static METRICS: RefCell<Option<MetricsEngine>> = const { RefCell::new(None) };
 }
 
-const OPS: [&str; 11] = [
-    "monotonic_clock",
-    "metrics_logic",
-    "none",
-    "property",
-    "get_header",
-    "get_headers",
-    "set_header",
-    "counter",
-    "histogram",
-    "clock",
-    "shared_get",
-];
-
 #[no_mangle]
 pub extern "C" fn proxy_on_configure(_root: u32, size: usize) -> u32 {
     let bytes = raw::get_buffer(raw::BUFFER_PLUGIN_CONFIGURATION, 0, size);
@@ -107,28 +118,24 @@ pub extern "C" fn proxy_on_configure(_root: u32, size: usize) -> u32 {
             return 0;
         }
     };
-    if !OPS.contains(&p.op.as_str()) {
-        raw::log(4, &format!("invalid plugin configuration: op {:?}", p.op));
-        return 0;
-    }
-    let kind = match p.op.as_str() {
-        "counter" => Some(0),
-        "histogram" => Some(2),
+    let kind = match p.op {
+        Op::Counter => Some((0, "counter")),
+        Op::Histogram => Some((2, "histogram")),
         _ => None,
     };
-    if let Some(kind) = kind {
-        match raw::define_metric(kind, &format!("txmesh_probe_{}", p.op)) {
+    if let Some((kind, name)) = kind {
+        match raw::define_metric(kind, &format!("txmesh_probe_{name}")) {
             Ok(id) => p.metric = id,
             Err(_) => return 0,
         }
     }
-    if p.op == "metrics_logic" {
+    if p.op == Op::MetricsLogic {
         let engine = MetricsConfig::parse(br#"{"workload":"bench","reporter":"inbound"}"#)
             .ok()
             .and_then(|c| MetricsEngine::new(c, &Instant).ok());
         METRICS.with(|m| *m.borrow_mut() = engine);
     }
-    if p.op == "shared_get" {
+    if p.op == Op::SharedGet {
         let _ = raw::set_shared(&p.name, b"12345678", None);
     }
     PROBE.with(|c| *c.borrow_mut() = p);
@@ -141,30 +148,30 @@ pub extern "C" fn proxy_on_context_create(_ctx: u32, _root: u32) {}
 fn run(at_log: bool) {
     PROBE.with(|c| {
         let p = c.borrow();
-        if (matches!(p.op.as_str(), "property" | "metrics_logic")) != at_log {
+        if p.op.at_log() != at_log {
             return;
         }
         let path: Vec<&str> = p.path.iter().map(String::as_str).collect();
         let mut sink = 0usize;
         for i in 0..p.n {
-            match p.op.as_str() {
-                "property" => sink += raw::get_property(&path).map_or(0, |v| v.len()),
-                "get_header" => {
+            match p.op {
+                Op::Property => sink += raw::get_property(&path).map_or(0, |v| v.len()),
+                Op::GetHeader => {
                     sink +=
                         raw::get_header(raw::MAP_REQUEST_HEADERS, &p.name).map_or(0, |v| v.len())
                 }
-                "get_headers" => {
+                Op::GetHeaders => {
                     sink += raw::get_header_pairs(raw::MAP_REQUEST_HEADERS).map_or(0, |v| v.len())
                 }
-                "set_header" => {
+                Op::SetHeader => {
                     raw::set_header(raw::MAP_REQUEST_HEADERS, &p.name, Some(b"1"));
                 }
-                "counter" => sink += raw::increment_metric(p.metric, 1) as usize,
-                "histogram" => sink += raw::record_metric(p.metric, u64::from(i)) as usize,
-                "clock" => sink += raw::now_nanos() as usize & 1,
-                "monotonic_clock" => sink += raw::monotonic_nanos() as usize & 1,
-                "shared_get" => sink += raw::get_shared(&p.name).0.map_or(0, |v| v.len()),
-                "metrics_logic" => METRICS.with(|m| {
+                Op::Counter => sink += raw::increment_metric(p.metric, 1) as usize,
+                Op::Histogram => sink += raw::record_metric(p.metric, u64::from(i)) as usize,
+                Op::Clock => sink += raw::now_nanos() as usize & 1,
+                Op::MonotonicClock => sink += raw::monotonic_nanos() as usize & 1,
+                Op::SharedGet => sink += raw::get_shared(&p.name).0.map_or(0, |v| v.len()),
+                Op::MetricsLogic => METRICS.with(|m| {
                     if let Some(engine) = m.borrow_mut().as_mut() {
                         if let Some(s) = MetricsStream::on_request_headers(engine, &Instant) {
                             let obs = s.ended_at_headers(true).observe(engine, &Instant);
@@ -172,7 +179,7 @@ fn run(at_log: bool) {
                         }
                     }
                 }),
-                _ => {}
+                Op::None => {}
             }
         }
         std::hint::black_box(sink);
