@@ -45,6 +45,17 @@ fn range_answer(eps: &[(&str, &str, &str)]) -> CalloutResponse {
     }
 }
 
+/// Two endpoints of `payment`.
+const TWO: &[(&str, &str, &str)] = &[
+    ("payment", "10.0.0.1:80", ""),
+    ("payment", "10.0.0.2:80", ""),
+];
+
+/// The endpoint the router picked for the current request.
+fn picked(h: &Fake) -> String {
+    String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap()
+}
+
 /// Ticks once, answers the registry read the tick made, ticks again so the
 /// table is picked up.
 fn load(h: &Fake, e: &mut RouterEngine, eps: &[(&str, &str, &str)]) {
@@ -223,14 +234,7 @@ fn membership_changes_follow_the_registry_and_reuse_slots() {
     let h = Fake::new();
     let mut e = engine(&h, RR);
     load(&h, &mut e, &[("payment", "10.0.0.1:80", "")]);
-    load(
-        &h,
-        &mut e,
-        &[
-            ("payment", "10.0.0.1:80", ""),
-            ("payment", "10.0.0.2:80", ""),
-        ],
-    );
+    load(&h, &mut e, TWO);
     let c = counts((0..10).map(|_| route(&h, &mut e, "payment", 200, 1)));
     assert_eq!(c.len(), 2);
     load(&h, &mut e, &[("payment", "10.0.0.2:80", "")]);
@@ -343,21 +347,14 @@ fn ejection_after_consecutive_failures_then_return() {
         &h,
         r#"{"services":{"payment":{"strategy":"round_robin","outlier":{"consecutive_failures":3,"base_ejection_ms":1000}}}}"#,
     );
-    load(
-        &h,
-        &mut e,
-        &[
-            ("payment", "10.0.0.1:80", ""),
-            ("payment", "10.0.0.2:80", ""),
-        ],
-    );
+    load(&h, &mut e, TWO);
     // .1 fails every time, .2 succeeds.
     let mut seen = Vec::new();
     for _ in 0..20 {
         request(&h, "payment", &[]);
         let (r, _) = e.on_request_headers(&h, 1);
         let r = r.unwrap();
-        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        let ep = picked(&h);
         let status = if ep == "10.0.0.1:80" { 503 } else { 200 };
         h.advance(1);
         h.log_phase(status, 0);
@@ -395,14 +392,7 @@ fn ejection_cap_and_panic_mode() {
         &h,
         r#"{"services":{"payment":{"strategy":"round_robin","outlier":{"consecutive_failures":1,"max_ejection_percent":50}}}}"#,
     );
-    load(
-        &h,
-        &mut e,
-        &[
-            ("payment", "10.0.0.1:80", ""),
-            ("payment", "10.0.0.2:80", ""),
-        ],
-    );
+    load(&h, &mut e, TWO);
     // Both fail: only one may be ejected (50% of 2).
     for _ in 0..10 {
         route(&h, &mut e, "payment", 503, 1);
@@ -480,7 +470,7 @@ fn zone_spill_over_when_local_is_saturated() {
     for _ in 0..3 {
         request(&h, "payment", &[]);
         e.on_request_headers(&h, 1).0.unwrap();
-        picks.push(String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap());
+        picks.push(picked(&h));
     }
     assert_eq!(picks, vec!["10.0.0.1:80", "10.0.0.1:80", "10.0.0.3:80"]);
 }
@@ -492,20 +482,13 @@ fn least_request_prefers_the_idle_endpoint() {
         &h,
         r#"{"services":{"payment":{"strategy":"least_request"}}}"#,
     );
-    load(
-        &h,
-        &mut e,
-        &[
-            ("payment", "10.0.0.1:80", ""),
-            ("payment", "10.0.0.2:80", ""),
-        ],
-    );
+    load(&h, &mut e, TWO);
     // Requests that never finish pile up: picks alternate, keeping both level.
     let mut inflight = BTreeMap::new();
     for _ in 0..10 {
         request(&h, "payment", &[]);
         e.on_request_headers(&h, 1).0.unwrap();
-        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        let ep = picked(&h);
         *inflight.entry(ep).or_insert(0) += 1;
     }
     assert_eq!(
@@ -537,7 +520,7 @@ fn peak_ewma_starves_the_slow_endpoint() {
         request(&h, "payment", &[]);
         let (r, _) = e.on_request_headers(&h, 1);
         let r = r.unwrap();
-        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        let ep = picked(&h);
         let ms = if ep == "10.0.0.1:80" { 55 } else { 5 };
         h.advance(ms);
         h.log_phase(200, 0);
@@ -610,17 +593,10 @@ fn a_wall_clock_step_neither_skews_a_sample_nor_ends_an_ejection() {
         &h,
         r#"{"services":{"payment":{"strategy":"peak_ewma","outlier":{"consecutive_failures":1}}}}"#,
     );
-    load(
-        &h,
-        &mut e,
-        &[
-            ("payment", "10.0.0.1:80", ""),
-            ("payment", "10.0.0.2:80", ""),
-        ],
-    );
+    load(&h, &mut e, TWO);
     request(&h, "payment", &[]);
     let r = e.on_request_headers(&h, 1).0.unwrap();
-    let first = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+    let first = picked(&h);
     let i = e.services[0]
         .eps
         .iter()
@@ -642,7 +618,7 @@ fn a_wall_clock_step_neither_skews_a_sample_nor_ends_an_ejection() {
     loop {
         request(&h, "payment", &[]);
         let r = e.on_request_headers(&h, 1).0.unwrap();
-        let ep = String::from_utf8(h.base.request_header("x-txmesh-endpoint").unwrap()).unwrap();
+        let ep = picked(&h);
         h.advance(1);
         h.log_phase(if ep == other { 503 } else { 200 }, 0);
         e.on_log(&h, &r);
@@ -662,14 +638,7 @@ fn healthy_requests_make_no_shared_data_calls() {
         &h,
         r#"{"services":{"payment":{"strategy":"peak_ewma","outlier":{"consecutive_failures":2}}}}"#,
     );
-    load(
-        &h,
-        &mut e,
-        &[
-            ("payment", "10.0.0.1:80", ""),
-            ("payment", "10.0.0.2:80", ""),
-        ],
-    );
+    load(&h, &mut e, TWO);
     let before = *h.base.shared_calls.borrow();
     for _ in 0..100 {
         assert!(route(&h, &mut e, "payment", 200, 3).is_some());
