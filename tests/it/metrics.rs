@@ -172,6 +172,53 @@ fn no_healthy_upstream_is_counted_with_uh() {
 }
 
 #[test]
+fn requests_an_earlier_filter_answers_are_counted_too() {
+    // As the shop's inbound sidecars run them: authz before metrics. A denial
+    // never reaches the metrics filter's request-headers callback; it is
+    // recorded at the log phase all the same.
+    let app = Upstream::start();
+    let payment = Sidecar::new("payment")
+        .app(&app)
+        .inbound_filter(Filter::authz(json!({
+            "default": "allow",
+            "rules": [{"name": "no-admin", "action": "deny", "paths": ["/admin"]}],
+        })))
+        .inbound_filter(Filter::metrics(
+            json!({"workload": "payment", "reporter": "inbound"}),
+        ))
+        .start();
+    let c = Client::new();
+    let peer = [("x-txmesh-source-workload", "order")];
+    for _ in 0..2 {
+        let r = c.must("GET", &payment.inbound_url("/admin/users"), &peer, b"");
+        assert_eq!(r.status, 403);
+    }
+    for _ in 0..3 {
+        let r = c.must("GET", &payment.inbound_url("/pay"), &peer, b"");
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(app.count(), 3);
+    // Histograms reach the admin endpoint at a stats flush.
+    let s = payment.scrape_until("five requests and their durations", |s| {
+        s.sum(REQ, &[]) == 5.0 && s.sum("txmesh_request_duration_milliseconds_count", &[]) == 5.0
+    });
+    assert_eq!(
+        s.value(REQ, &labels("inbound", "order", "payment", "403")),
+        2.0
+    );
+    assert_eq!(
+        s.value(REQ, &labels("inbound", "order", "payment", "200")),
+        3.0
+    );
+    assert_eq!(s.find(REQ, &[]).len(), 2, "{}", s.text_of(REQ));
+    let denied = labels("inbound", "order", "payment", "403");
+    assert_eq!(
+        s.value("txmesh_request_duration_milliseconds_count", &denied),
+        2.0
+    );
+}
+
+#[test]
 fn label_tuples_are_bounded_and_overflow_is_counted() {
     let apps: Vec<Upstream> = (0..5).map(|_| Upstream::start()).collect();
     let names = ["a", "b", "c", "d", "e"];

@@ -363,8 +363,9 @@ pub struct MetricsStream {
     grpc: bool,
     /// The monotonic clock at request headers (µs): the duration is
     /// measured from here, which costs two clock readings instead of the
-    /// `request.duration` attribute (≈1 µs).
-    started_us: u64,
+    /// `request.duration` attribute (≈1 µs). `None` for a stream first seen
+    /// at the log phase ([`MetricsStream::at_log`]): the attribute then.
+    started_us: Option<u64>,
     /// The request ended with its headers: its body size is 0, no need to
     /// ask the host (one call fewer per bodyless request).
     bodyless: bool,
@@ -412,7 +413,47 @@ impl MetricsStream {
             reporter,
             source_workload,
             grpc,
-            started_us: host.monotonic_us(),
+            started_us: Some(host.monotonic_us()),
+            bodyless: false,
+        })
+    }
+
+    /// At the log phase of a stream whose request headers this filter never
+    /// saw: a filter before it in the chain answered at request headers (an
+    /// authz denial, the router's 503, a txn rejection or shed) or the
+    /// stream ended before they were complete. Such a stream is still
+    /// recorded — a denial is a request the service answered — with the
+    /// labels read from the request headers as they are at the end (the peer
+    /// header left as it is) and the duration from `request.duration` (one
+    /// attribute, only on this path). `None` as for
+    /// [`MetricsStream::on_request_headers`].
+    pub fn at_log(
+        engine: &MetricsEngine,
+        host: &(impl RequestHeaders + Properties),
+    ) -> Option<Self> {
+        let cfg = engine.config();
+        let reporter = match cfg.reporter {
+            Some(r) => r,
+            None => {
+                Reporter::from_listener_direction(&host.property(&["xds", "listener_direction"])?)?
+            }
+        };
+        let source_workload = match reporter {
+            Reporter::Outbound => engine.workload().to_string(),
+            Reporter::Inbound if cfg.peer_header => host
+                .request_header(PEER_HEADER)
+                .map(|p| sanitize_value(&p))
+                .unwrap_or_else(|| "unknown".to_string()),
+            Reporter::Inbound => "unknown".to_string(),
+        };
+        let grpc = host
+            .request_header("content-type")
+            .is_some_and(|ct| ct.starts_with(b"application/grpc"));
+        Some(Self {
+            reporter,
+            source_workload,
+            grpc,
+            started_us: None,
             bodyless: false,
         })
     }
@@ -467,7 +508,16 @@ impl MetricsStream {
             response_code: u32::try_from(prop_u64(&["response", "code"])).unwrap_or(0),
             response_flags: flags::render(prop_u64(&["response", "flags"])),
             request_protocol: if self.grpc { "grpc" } else { "http" },
-            duration_ms: host.monotonic_us().saturating_sub(self.started_us) / 1000,
+            duration_ms: match self.started_us {
+                Some(t) => host.monotonic_us().saturating_sub(t) / 1000,
+                None => {
+                    host.property(&["request", "duration"])
+                        .as_deref()
+                        .and_then(props::as_i64_clamped)
+                        .unwrap_or(0)
+                        / 1_000_000
+                }
+            },
             request_bytes: if self.bodyless {
                 0
             } else {

@@ -1,7 +1,9 @@
 //! txmesh_metrics.wasm: proxy-wasm glue for `txmesh_core::metrics`.
 //!
 //! Exports only the callbacks it uses (`txmesh_host::rt`): a stream costs
-//! three calls into the VM — context create, request headers, log.
+//! three calls into the VM — context create, request headers, log. A stream
+//! another filter answered before its request headers reached this one is
+//! recorded at the log phase alone (`MetricsStream::at_log`).
 
 use std::cell::RefCell;
 use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
@@ -56,10 +58,15 @@ pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, eos: u32) 
 #[no_mangle]
 pub extern "C" fn proxy_on_log(ctx: u32) {
     with_contexts(&CONTEXTS, |c| {
-        let Some((engine, Some(state))) = c.finish(ctx) else {
+        let Some((engine, state)) = c.finish(ctx) else {
             return;
         };
         let host = WasmHost::default();
+        // No state: an earlier filter answered before the request headers
+        // reached this one (a denial, a shed): recorded all the same.
+        let Some(state) = state.or_else(|| MetricsStream::at_log(engine, &host)) else {
+            return;
+        };
         let obs = state.observe(engine, &host);
         if let Err(e) = engine.record(&host, &obs) {
             raw::log(3, &format!("cannot record metrics: {e}"));

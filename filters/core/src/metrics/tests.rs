@@ -116,6 +116,53 @@ fn inbound_reads_and_removes_peer_header_and_maps_cluster() {
 }
 
 #[test]
+fn a_stream_first_seen_at_the_log_phase_is_recorded() {
+    let engine = MetricsEngine::new(
+        cfg(r#"{"reporter":"inbound","workload":"payment"}"#),
+        &FakeHost::new(),
+    )
+    .unwrap();
+    // An earlier filter denied it: the request headers are as they came.
+    let s = stream_host("local_app", 403, 0)
+        .header(PEER_HEADER, b"intruder")
+        .prop(&["request", "duration"], &7_900_000i64.to_le_bytes());
+    s.monotonic_us.set(99_000_000);
+    let st = MetricsStream::at_log(&engine, &s).unwrap();
+    assert_eq!(
+        s.header_value(PEER_HEADER).as_deref(),
+        Some(&b"intruder"[..])
+    );
+    let obs = st.observe(&engine, &s);
+    assert_eq!(obs.source_workload, "intruder");
+    assert_eq!(obs.destination_service, "payment");
+    assert_eq!(obs.response_code, 403);
+    // The duration is the attribute's (7.9 ms), not the clock's.
+    assert_eq!(obs.duration_ms, 7);
+
+    // Outbound: this workload is the source, and nothing is set on a
+    // request that is over; no duration attribute (a reset before the
+    // headers were complete) is 0 ms.
+    let engine = MetricsEngine::new(
+        cfg(r#"{"reporter":"outbound","workload":"order"}"#),
+        &FakeHost::new(),
+    )
+    .unwrap();
+    let s = stream_host("payment", 0, 0);
+    let obs = MetricsStream::at_log(&engine, &s)
+        .unwrap()
+        .observe(&engine, &s);
+    assert_eq!(s.header_value(PEER_HEADER), None);
+    assert_eq!(
+        (
+            obs.source_workload.as_str(),
+            obs.response_code,
+            obs.duration_ms
+        ),
+        ("order", 0, 0)
+    );
+}
+
+#[test]
 fn reporter_from_listener_direction() {
     let engine = MetricsEngine::new(cfg("{}"), &FakeHost::new()).unwrap();
     let s = FakeHost::new().prop_u64(&["xds", "listener_direction"], 1);
