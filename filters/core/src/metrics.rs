@@ -379,6 +379,33 @@ impl MetricsStream {
         engine: &MetricsEngine,
         host: &(impl RequestHeaders + Properties + Clock),
     ) -> Option<Self> {
+        Self::from_request(engine, host, true)
+    }
+
+    /// At the log phase of a stream whose request headers this filter never
+    /// saw: a filter before it in the chain answered at request headers (an
+    /// authz denial, the router's 503, a txn rejection or shed) or the
+    /// stream ended before they were complete. Such a stream is still
+    /// recorded — a denial is a request the service answered — with the
+    /// labels read from the request headers as they are at the end (the peer
+    /// header left as it is) and the duration from `request.duration` (one
+    /// attribute, only on this path). `None` as for
+    /// [`MetricsStream::on_request_headers`].
+    pub fn at_log(
+        engine: &MetricsEngine,
+        host: &(impl RequestHeaders + Properties + Clock),
+    ) -> Option<Self> {
+        Self::from_request(engine, host, false)
+    }
+
+    /// The stream's labels from its request headers; `live`: at request
+    /// headers (exchange the peer header, start the clock), else at the log
+    /// phase (read only).
+    fn from_request(
+        engine: &MetricsEngine,
+        host: &(impl RequestHeaders + Properties + Clock),
+        live: bool,
+    ) -> Option<Self> {
         let cfg = engine.config();
         let reporter = match cfg.reporter {
             Some(r) => r,
@@ -388,7 +415,7 @@ impl MetricsStream {
         };
         let source_workload = match reporter {
             Reporter::Outbound => {
-                if cfg.peer_header {
+                if live && cfg.peer_header {
                     host.set_request_header(PEER_HEADER, Some(engine.workload()));
                 }
                 engine.workload().to_string()
@@ -396,7 +423,7 @@ impl MetricsStream {
             Reporter::Inbound => {
                 if cfg.peer_header {
                     let peer = host.request_header(PEER_HEADER);
-                    if peer.is_some() {
+                    if live && peer.is_some() {
                         host.set_request_header(PEER_HEADER, None);
                     }
                     peer.map(|p| sanitize_value(&p))
@@ -413,47 +440,7 @@ impl MetricsStream {
             reporter,
             source_workload,
             grpc,
-            started_us: Some(host.monotonic_us()),
-            bodyless: false,
-        })
-    }
-
-    /// At the log phase of a stream whose request headers this filter never
-    /// saw: a filter before it in the chain answered at request headers (an
-    /// authz denial, the router's 503, a txn rejection or shed) or the
-    /// stream ended before they were complete. Such a stream is still
-    /// recorded — a denial is a request the service answered — with the
-    /// labels read from the request headers as they are at the end (the peer
-    /// header left as it is) and the duration from `request.duration` (one
-    /// attribute, only on this path). `None` as for
-    /// [`MetricsStream::on_request_headers`].
-    pub fn at_log(
-        engine: &MetricsEngine,
-        host: &(impl RequestHeaders + Properties),
-    ) -> Option<Self> {
-        let cfg = engine.config();
-        let reporter = match cfg.reporter {
-            Some(r) => r,
-            None => {
-                Reporter::from_listener_direction(&host.property(&["xds", "listener_direction"])?)?
-            }
-        };
-        let source_workload = match reporter {
-            Reporter::Outbound => engine.workload().to_string(),
-            Reporter::Inbound if cfg.peer_header => host
-                .request_header(PEER_HEADER)
-                .map(|p| sanitize_value(&p))
-                .unwrap_or_else(|| "unknown".to_string()),
-            Reporter::Inbound => "unknown".to_string(),
-        };
-        let grpc = host
-            .request_header("content-type")
-            .is_some_and(|ct| ct.starts_with(b"application/grpc"));
-        Some(Self {
-            reporter,
-            source_workload,
-            grpc,
-            started_us: None,
+            started_us: live.then(|| host.monotonic_us()),
             bodyless: false,
         })
     }

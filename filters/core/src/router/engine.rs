@@ -142,7 +142,6 @@ pub struct RouterEngine {
     key_slot: String,
 }
 
-/// The shared-data key of endpoint slot `slot` (its health record).
 /// The router's clock, µs: the host's monotonic clock. Every time the router
 /// keeps (in-flight starts, EWMA stamps, ejections, the poller lease — all
 /// read only within this Envoy process) is on it, so a stream is timed by two
@@ -152,6 +151,7 @@ fn clock_us(h: &impl Host) -> u64 {
     h.monotonic_us()
 }
 
+/// The shared-data key of endpoint slot `slot` (its health record).
 fn slot_key(key_slot: &str, slot: u32) -> String {
     format!("{key_slot}{slot}")
 }
