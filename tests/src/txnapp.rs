@@ -87,6 +87,10 @@ struct State {
     /// How long each business request took the app (its downstream calls
     /// included), µs, and whether it carried a transaction (benchmarks).
     work_us: Vec<(bool, u64)>,
+    /// When each transaction's first commit arrived, once
+    /// [`TxnApp::keep_commit_times`] asked for it (benchmarks: phase 2's
+    /// delivery against the client's answer).
+    commit_times: Option<Vec<(String, std::time::Instant)>>,
     /// Calls to control paths without a transaction header, or other oddities.
     errors: Vec<String>,
 }
@@ -235,6 +239,23 @@ impl TxnApp {
         )
     }
 
+    /// From now on, note when each transaction's first commit arrives
+    /// ([`TxnApp::take_commit_times`]).
+    pub fn keep_commit_times(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.commit_times.get_or_insert_with(Vec::new);
+    }
+
+    /// When each transaction's first commit arrived since the last call;
+    /// forgets them. Empty unless [`TxnApp::keep_commit_times`] was called.
+    pub fn take_commit_times(&self) -> Vec<(String, std::time::Instant)> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.commit_times
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     pub fn errors(&self) -> Vec<String> {
         self.state
             .lock()
@@ -320,6 +341,7 @@ fn handle(
                 let mut st = lock();
                 let rec = st.txns.entry(txn.clone()).or_default();
                 rec.commits += 1;
+                let first = rec.commits == 1;
                 if rec.aborts > 0 {
                     st.errors
                         .push(format!("{name}: commit after abort for {txn}"));
@@ -327,6 +349,9 @@ fn handle(
                 if let Some(t) = st.prepared_at.remove(&txn) {
                     st.held_us
                         .push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                }
+                if let Some(times) = st.commit_times.as_mut().filter(|_| first) {
+                    times.push((txn, std::time::Instant::now()));
                 }
                 Reply::ok()
             }

@@ -22,6 +22,9 @@ struct Run {
     errors: usize,
     /// Every answered request's latency, ms, sorted.
     lat: Vec<f64>,
+    /// When the client had each transaction's answer (its id from
+    /// `x-txmesh-txn`).
+    answered: Vec<(String, Instant)>,
 }
 
 /// The `p` quantile of sorted values.
@@ -36,25 +39,32 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
 /// answer (zero: back to back).
 fn load(url: &str, secs: u64, clients: usize, think: Duration) -> Run {
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
+    let results: Vec<(Vec<f64>, usize, Vec<(String, Instant)>)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients)
             .map(|_| {
                 s.spawn(|| {
                     let c = Client::keep_alive();
                     let mut lat = Vec::new();
                     let mut errors = 0;
+                    let mut answered = Vec::new();
                     while Instant::now() < deadline {
                         let t = Instant::now();
                         match c.request("POST", url, &[("content-type", "application/json")], b"{}")
                         {
-                            Ok(r) if r.status == 200 => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                            Ok(r) if r.status == 200 => {
+                                let at = Instant::now();
+                                lat.push((at - t).as_secs_f64() * 1e3);
+                                if let Some(id) = r.header("x-txmesh-txn") {
+                                    answered.push((id.to_string(), at));
+                                }
+                            }
                             _ => errors += 1,
                         }
                         if !think.is_zero() {
                             std::thread::sleep(think);
                         }
                     }
-                    (lat, errors)
+                    (lat, errors, answered)
                 })
             })
             .collect();
@@ -62,9 +72,10 @@ fn load(url: &str, secs: u64, clients: usize, think: Duration) -> Run {
     });
     let mut lat: Vec<f64> = results
         .iter()
-        .flat_map(|(l, _)| l.iter().copied())
+        .flat_map(|(l, _, _)| l.iter().copied())
         .collect();
-    let errors = results.iter().map(|(_, e)| e).sum();
+    let errors = results.iter().map(|(_, e, _)| e).sum();
+    let answered = results.into_iter().flat_map(|(_, _, a)| a).collect();
     lat.sort_by(f64::total_cmp);
     Run {
         // Throughput of the closed loop, think time included.
@@ -74,6 +85,7 @@ fn load(url: &str, secs: u64, clients: usize, think: Duration) -> Run {
         ok: lat.len(),
         errors,
         lat,
+        answered,
     }
 }
 
@@ -84,7 +96,7 @@ fn measure(
     rounds: usize,
     level: usize,
     think: Duration,
-) {
+) -> Vec<(String, Instant)> {
     let pace = if think.is_zero() {
         String::new()
     } else {
@@ -144,6 +156,42 @@ fn measure(
         pooled(&a),
         pooled(&b),
         pooled(&b) - pooled(&a)
+    );
+    b.into_iter().flat_map(|r| r.answered).collect()
+}
+
+/// Phase 2 against the answer: for each transaction, when the last of its
+/// participants' first commit arrived, relative to when the client had the
+/// answer (both on this process's clock: the apps run in it). Negative: the
+/// commit came before the answer reached the client.
+fn phase2(answered: &[(String, Instant)], commits: Vec<(String, Instant)>) {
+    let mut last: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    for (txn, at) in commits {
+        let e = last.entry(txn).or_insert(at);
+        *e = (*e).max(at);
+    }
+    let mut d: Vec<f64> = answered
+        .iter()
+        .filter_map(|(txn, ans)| {
+            let c = *last.get(txn)?;
+            Some(if c >= *ans {
+                (c - *ans).as_secs_f64() * 1e3
+            } else {
+                -((*ans - c).as_secs_f64() * 1e3)
+            })
+        })
+        .collect();
+    if d.is_empty() {
+        return;
+    }
+    d.sort_by(f64::total_cmp);
+    let before = d.iter().filter(|v| **v < 0.0).count();
+    println!(
+        "# phase 2 after the answer ({} txns): the last participant's commit arrived a median {:.2} ms after the client had its answer (p99 {:.2} ms; {:.0}% before it)",
+        d.len(),
+        quantile(&d, 0.5),
+        quantile(&d, 0.99),
+        100.0 * before as f64 / d.len() as f64
     );
 }
 
@@ -363,20 +411,25 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    for (graph, sc, app, initiator) in [
+    for (graph, sc, app, initiator, parts) in [
         (
             "1 participant (initiator only, one-phase commit)",
             &solo_sc,
             &solo,
             &solo,
+            vec![&solo],
         ),
         (
             "3 participants (order -> payment, inventory)",
             order_sc,
             &g.payment,
             &g.order,
+            vec![&g.order, &g.payment, &g.inventory],
         ),
     ] {
+        for p in &parts {
+            p.keep_commit_times();
+        }
         let plain = sc.inbound_url("/plain");
         let txn = sc.inbound_url("/checkout");
         // Warm up both paths.
@@ -393,8 +446,15 @@ fn main() {
             let seen = sc.log().len();
             app.take_held_us();
             initiator.take_work_us();
-            measure(graph, (&plain, &txn), secs, rounds, level, think);
+            for p in &parts {
+                p.take_commit_times();
+            }
+            let answered = measure(graph, (&plain, &txn), secs, rounds, level, think);
             breakdown(sc.log().get(seen..).unwrap_or(""));
+            phase2(
+                &answered,
+                parts.iter().flat_map(|p| p.take_commit_times()).collect(),
+            );
             work(&initiator.name, initiator.take_work_us());
             held(&app.name, app.take_held_us());
         }
