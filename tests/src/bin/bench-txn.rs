@@ -11,6 +11,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use txmesh_tests::{median, Checkout, Client, Etcd, Filter, Sidecar, TxnApp, Vote};
 
+/// Transactions' ids with when the client had their answers.
+type Answers = Vec<(String, Instant)>;
+
 /// The pause of the paced single client: longer than phase 2 takes.
 const THINK_MS: u64 = 20;
 
@@ -24,7 +27,7 @@ struct Run {
     lat: Vec<f64>,
     /// When the client had each transaction's answer (its id from
     /// `x-txmesh-txn`).
-    answered: Vec<(String, Instant)>,
+    answered: Answers,
 }
 
 /// The `p` quantile of sorted values.
@@ -39,7 +42,7 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
 /// answer (zero: back to back).
 fn load(url: &str, secs: u64, clients: usize, think: Duration) -> Run {
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let results: Vec<(Vec<f64>, usize, Vec<(String, Instant)>)> = std::thread::scope(|s| {
+    let results: Vec<(Vec<f64>, usize, Answers)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients)
             .map(|_| {
                 s.spawn(|| {
@@ -96,7 +99,7 @@ fn measure(
     rounds: usize,
     level: usize,
     think: Duration,
-) -> Vec<(String, Instant)> {
+) -> Answers {
     let pace = if think.is_zero() {
         String::new()
     } else {
