@@ -21,6 +21,12 @@ fn labels<'a>(
     ]
 }
 
+/// `txmesh_requests_total` under (reporter, source, destination, code),
+/// no flags, HTTP.
+fn requests(s: &txmesh_tests::prom::Scrape, [r, src, dst, code]: [&str; 4]) -> f64 {
+    s.value(REQ, &labels(r, src, dst, code))
+}
+
 #[test]
 fn scripted_mix_is_counted_exactly_on_both_sidecars() {
     let app = Upstream::start();
@@ -78,18 +84,9 @@ fn scripted_mix_is_counted_exactly_on_both_sidecars() {
             &[("reporter", "outbound")],
         ) == 12.0
     });
-    assert_eq!(
-        out.value(REQ, &labels("outbound", "order", "payment", "200")),
-        7.0
-    );
-    assert_eq!(
-        out.value(REQ, &labels("outbound", "order", "payment", "503")),
-        3.0
-    );
-    assert_eq!(
-        out.value(REQ, &labels("outbound", "order", "payment", "404")),
-        2.0
-    );
+    assert_eq!(requests(&out, ["outbound", "order", "payment", "200"]), 7.0);
+    assert_eq!(requests(&out, ["outbound", "order", "payment", "503"]), 3.0);
+    assert_eq!(requests(&out, ["outbound", "order", "payment", "404"]), 2.0);
     assert_eq!(out.find(REQ, &[]).len(), 3, "{}", out.text_of(REQ));
     assert_eq!(out.value("txmesh_metrics_label_overflow_total", &[]), 0.0);
 
@@ -128,20 +125,11 @@ fn scripted_mix_is_counted_exactly_on_both_sidecars() {
     let inb = payment.scrape_until("inbound histograms", |s| {
         s.sum("txmesh_request_duration_milliseconds_count", &[]) == 14.0
     });
+    assert_eq!(requests(&inb, ["inbound", "order", "payment", "200"]), 7.0);
+    assert_eq!(requests(&inb, ["inbound", "order", "payment", "503"]), 3.0);
+    assert_eq!(requests(&inb, ["inbound", "order", "payment", "404"]), 2.0);
     assert_eq!(
-        inb.value(REQ, &labels("inbound", "order", "payment", "200")),
-        7.0
-    );
-    assert_eq!(
-        inb.value(REQ, &labels("inbound", "order", "payment", "503")),
-        3.0
-    );
-    assert_eq!(
-        inb.value(REQ, &labels("inbound", "order", "payment", "404")),
-        2.0
-    );
-    assert_eq!(
-        inb.value(REQ, &labels("inbound", "unknown", "payment", "200")),
+        requests(&inb, ["inbound", "unknown", "payment", "200"]),
         2.0
     );
     assert_eq!(inb.find(REQ, &[]).len(), 4, "{}", inb.text_of(REQ));
@@ -202,14 +190,8 @@ fn requests_an_earlier_filter_answers_are_counted_too() {
     let s = payment.scrape_until("five requests and their durations", |s| {
         s.sum(REQ, &[]) == 5.0 && s.sum("txmesh_request_duration_milliseconds_count", &[]) == 5.0
     });
-    assert_eq!(
-        s.value(REQ, &labels("inbound", "order", "payment", "403")),
-        2.0
-    );
-    assert_eq!(
-        s.value(REQ, &labels("inbound", "order", "payment", "200")),
-        3.0
-    );
+    assert_eq!(requests(&s, ["inbound", "order", "payment", "403"]), 2.0);
+    assert_eq!(requests(&s, ["inbound", "order", "payment", "200"]), 3.0);
     assert_eq!(s.find(REQ, &[]).len(), 2, "{}", s.text_of(REQ));
     let denied = labels("inbound", "order", "payment", "403");
     assert_eq!(
@@ -248,8 +230,8 @@ fn label_tuples_are_bounded_and_overflow_is_counted() {
     assert_eq!(s.value(REQ, &other), 3.0);
     assert_eq!(s.value("txmesh_metrics_label_overflow_total", &[]), 3.0);
     // The two admitted tuples are the first two destinations seen.
-    assert_eq!(s.value(REQ, &labels("outbound", "order", "a", "200")), 1.0);
-    assert_eq!(s.value(REQ, &labels("outbound", "order", "b", "200")), 1.0);
+    assert_eq!(requests(&s, ["outbound", "order", "a", "200"]), 1.0);
+    assert_eq!(requests(&s, ["outbound", "order", "b", "200"]), 1.0);
 }
 
 #[test]
