@@ -199,6 +199,10 @@ struct Op {
     started_us: u64,
     responded_us: u64,
     voted_us: Option<u64>,
+    /// When the decision record's last write went out and when etcd's answer
+    /// came back (µs), for the decision log's `etcd_us`.
+    record_sent_us: u64,
+    record_answered_us: u64,
     /// The decision-record write in flight, kept to retry it when Envoy could
     /// not connect (another etcd member may answer).
     last_call: Option<Callout>,
@@ -234,6 +238,8 @@ impl Op {
             started_us: 0,
             responded_us: 0,
             voted_us: None,
+            record_sent_us: 0,
+            record_answered_us: 0,
             last_call: None,
             retries: 0,
             client_error: false,
@@ -1648,6 +1654,7 @@ impl TxnEngine {
                     op.stage = Stage::WriteCommit;
                     op.stage_deadline_ms = now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS;
                     op.last_call = Some(call);
+                    op.record_sent_us = h.now_us();
                 }
             }
             Err(e) => {
@@ -1661,6 +1668,9 @@ impl TxnEngine {
     }
 
     fn commit_record_answer(&mut self, h: &impl TxnHost, ctx: u32, resp: CalloutResponse) {
+        if let Some(op) = self.ops.get_mut(&ctx) {
+            op.record_answered_us = h.now_us();
+        }
         let result = if resp.status == Some(200) {
             etcd::parse_cas_response(&resp.body)
         } else {
@@ -1688,6 +1698,9 @@ impl TxnEngine {
                     if let Some(call) = retry {
                         if let Ok(token) = h.dispatch(&call) {
                             self.calls.insert(token, Call::Op { ctx, target: None });
+                            if let Some(op) = self.ops.get_mut(&ctx) {
+                                op.record_sent_us = h.now_us();
+                            }
                             return;
                         }
                     }
@@ -2050,6 +2063,14 @@ impl TxnEngine {
                 v.saturating_sub(op.responded_us),
                 h.now_us().saturating_sub(v)
             ));
+            // Of the record step, etcd's round trip as the filter saw it
+            // (the write dispatched to its answer's callback).
+            if op.record_sent_us > 0 && op.record_answered_us >= op.record_sent_us {
+                line.push_str(&format!(
+                    " etcd_us={}",
+                    op.record_answered_us - op.record_sent_us
+                ));
+            }
         }
         if !why.is_empty() {
             line.push_str(&format!(" why=\"{why}\" by={participant}"));

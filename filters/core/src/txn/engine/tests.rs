@@ -180,7 +180,15 @@ fn commit_with_three_participants() {
         h.resumed.borrow().is_empty(),
         "no answer before the decision is durable"
     );
+    h.advance(3);
     answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
+    // The decision line times etcd's round trip apart from the rest.
+    let line = h.logs.borrow().last().cloned().unwrap();
+    assert!(
+        line.contains(&format!("txn {txn} committed reason=ok ")),
+        "{line}"
+    );
+    assert!(line.contains(" record_us=3000 etcd_us=3000"), "{line}");
     assert_eq!(
         h.resumed.borrow().as_slice(),
         &[(
