@@ -1,7 +1,7 @@
 //! txmesh_metrics.wasm on real Envoy: exact counts under exact labels.
 
 use serde_json::json;
-use txmesh_tests::{Client, Filter, Sidecar, Upstream};
+use txmesh_tests::{Client, Filter, Scrape, Sidecar, Upstream};
 
 const REQ: &str = "txmesh_requests_total";
 
@@ -23,7 +23,7 @@ fn labels<'a>(
 
 /// `txmesh_requests_total` under (reporter, source, destination, code),
 /// no flags, HTTP.
-fn requests(s: &txmesh_tests::prom::Scrape, [r, src, dst, code]: [&str; 4]) -> f64 {
+fn requests(s: &Scrape, [r, src, dst, code]: [&str; 4]) -> f64 {
     s.value(REQ, &labels(r, src, dst, code))
 }
 

@@ -264,6 +264,23 @@ impl MetricsEngine {
         &self.workload
     }
 
+    /// The log phase of a stream: observes and records it — from the state
+    /// kept at its request headers, or, when there is none (an earlier filter
+    /// answered first), from [`MetricsStream::at_log`]. `Ok(None)`: not
+    /// recorded (the reporter cannot be known); else whether it went to the
+    /// overflow tuple.
+    pub fn finish(
+        &mut self,
+        host: &(impl RequestHeaders + Properties + Clock + Metrics + SharedData),
+        state: Option<MetricsStream>,
+    ) -> Result<Option<bool>, HostError> {
+        let Some(state) = state.or_else(|| MetricsStream::at_log(self, host)) else {
+            return Ok(None);
+        };
+        let obs = state.observe(self, host);
+        self.record(host, &obs).map(Some)
+    }
+
     /// Records one finished request. Returns whether it went to the overflow tuple.
     pub fn record(
         &mut self,

@@ -61,14 +61,8 @@ pub extern "C" fn proxy_on_log(ctx: u32) {
         let Some((engine, state)) = c.finish(ctx) else {
             return;
         };
-        let host = WasmHost::default();
-        // No state: an earlier filter answered before the request headers
-        // reached this one (a denial, a shed): recorded all the same.
-        let Some(state) = state.or_else(|| MetricsStream::at_log(engine, &host)) else {
-            return;
-        };
-        let obs = state.observe(engine, &host);
-        if let Err(e) = engine.record(&host, &obs) {
+        // No state (an earlier filter answered first): recorded all the same.
+        if let Err(e) = engine.finish(&WasmHost::default(), state) {
             raw::log(3, &format!("cannot record metrics: {e}"));
         }
     });

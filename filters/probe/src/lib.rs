@@ -173,10 +173,9 @@ fn run(at_log: bool) {
                 Op::SharedGet => sink += raw::get_shared(&p.name).0.map_or(0, |v| v.len()),
                 Op::MetricsLogic => METRICS.with(|m| {
                     if let Some(engine) = m.borrow_mut().as_mut() {
-                        if let Some(s) = MetricsStream::on_request_headers(engine, &Instant) {
-                            let obs = s.ended_at_headers(true).observe(engine, &Instant);
-                            sink += usize::from(engine.record(&Instant, &obs).unwrap_or(false));
-                        }
+                        let s = MetricsStream::on_request_headers(engine, &Instant)
+                            .map(|s| s.ended_at_headers(true));
+                        sink += usize::from(engine.finish(&Instant, s).ok().flatten().is_some());
                     }
                 }),
                 Op::None => {}

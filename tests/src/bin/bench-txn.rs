@@ -265,17 +265,17 @@ fn work(app: &str, (plain, txn): (Vec<u64>, Vec<u64>)) {
 
 /// How long a participant held its prepared state (locks, reservations):
 /// from its commit vote to the commit, as its app saw it.
-fn held(app: &str, mut us: Vec<u64>) {
+fn held(app: &str, us: Vec<u64>) {
     if us.is_empty() {
         return;
     }
-    us.sort_unstable();
-    let q = |p: f64| us[((us.len() - 1) as f64 * p) as usize] as f64 / 1e3;
+    let mut ms: Vec<f64> = us.into_iter().map(|us| us as f64 / 1e3).collect();
+    ms.sort_by(f64::total_cmp);
     println!(
         "# {app}'s prepared state held (its commit vote to the commit, {} txns): median {:.2} ms, p99 {:.2} ms",
-        us.len(),
-        q(0.5),
-        q(0.99)
+        ms.len(),
+        quantile(&ms, 0.5),
+        quantile(&ms, 0.99)
     );
 }
 

@@ -163,6 +163,26 @@ fn a_stream_first_seen_at_the_log_phase_is_recorded() {
 }
 
 #[test]
+fn finish_records_a_stream_the_filter_first_sees_at_the_log_phase() {
+    let mut engine = MetricsEngine::new(
+        cfg(r#"{"reporter":"outbound","workload":"order"}"#),
+        &FakeHost::new(),
+    )
+    .unwrap();
+    let s =
+        stream_host("payment", 200, 0).prop(&["request", "duration"], &12_000_000i64.to_le_bytes());
+    assert_eq!(engine.finish(&s, None).unwrap(), Some(false));
+    assert_eq!(s.counter(&format!("{OUT_200}{REQUESTS_TOTAL}")), Some(1));
+    assert_eq!(
+        s.histogram(&format!("{OUT_200}{REQUEST_DURATION}")),
+        Some(vec![12])
+    );
+    // No reporter (no config, no listener direction): not recorded.
+    let mut engine = MetricsEngine::new(cfg("{}"), &FakeHost::new()).unwrap();
+    assert_eq!(engine.finish(&s, None).unwrap(), None);
+}
+
+#[test]
 fn reporter_from_listener_direction() {
     let engine = MetricsEngine::new(cfg("{}"), &FakeHost::new()).unwrap();
     let s = FakeHost::new().prop_u64(&["xds", "listener_direction"], 1);
