@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn txmesh-router txmesh-authz
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
+.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit model-deep model-known validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -17,6 +17,8 @@ help:
 	@echo "make bench   - benchmarks: filters vs no filter and Lua, transactions, load balancing (BENCHMARKS.md)"
 	@echo "make bench-memory - sidecar RSS over up to 1M transactions (20 min)"
 	@echo "make test-matrix  - the integration tests on Envoy 1.36 ... 1.40"
+	@echo "make model-deep   - the model check of the txn engine, deep scenarios (make test runs the short ones)"
+	@echo "make model-known  - the model scenarios today's protocol is known to fail, each with its counterexample"
 	@echo "make chaos   - the history checker: 1000 transactions under kills of sidecars, apps and etcd members"
 	@echo "make txmeshctl - build the operations CLI (target/release/txmeshctl; docs/operations.md)"
 
@@ -45,8 +47,19 @@ lint:
 	@$(CARGO) clippy --quiet --target $(WASM_TARGET) $(addprefix -p ,$(FILTERS)) -- -D warnings
 
 unit:
-	@echo "[unit] native unit tests"
+	@echo "[unit] native unit tests (the model check's short scenarios included)"
 	@$(CARGO) test --quiet --workspace --exclude txmesh-tests --exclude txmesh-shop --exclude txmeshctl
+	@echo "[unit] model check: every seeded bug is caught (txmesh-core --features seeded-bugs)"
+	@$(CARGO) test --quiet -p txmesh-core --features seeded-bugs --test model -- --nocapture
+
+# The model check of the txn engine (filters/core/tests/model/): the deep
+# scenarios, and the scenarios today's protocol is known to fail
+# (docs/protocol.md, "The model check"). MODEL_ONLY=name,name picks scenarios.
+model-deep:
+	@$(CARGO) test --quiet -p txmesh-core --test model deep -- --ignored --nocapture
+
+model-known:
+	@$(CARGO) test --quiet -p txmesh-core --test model known -- --ignored --nocapture
 
 validate: build
 	@scripts/validate-configs.sh

@@ -3,7 +3,7 @@
 use crate::config::{parse_json, ConfigError};
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Inbound,
@@ -22,7 +22,7 @@ impl Direction {
 }
 
 /// A request that begins a transaction on the initiator's inbound sidecar.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BeginRule {
     /// HTTP method, exact (e.g. `POST`); absent: any.
@@ -41,7 +41,7 @@ impl BeginRule {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TxnConfig {
     /// `inbound` or `outbound`; absent: the listener's traffic direction.

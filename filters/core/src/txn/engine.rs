@@ -13,12 +13,13 @@
 use super::config::{Direction, TxnConfig};
 use super::etcd::{self, CasResult, Decision, Outcome};
 use super::id::{self, TxnHeader, TxnId};
+use super::seeded::{self, Bug};
 use super::table::{Entry, Mark, Phase, Role, Table, TableError};
 use crate::host::{Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData};
 use crate::json::Obj;
 use crate::labels::encode;
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 pub const PREPARE_PATH: &str = "/txmesh/prepare";
 pub const COMMIT_PATH: &str = "/txmesh/commit";
@@ -59,7 +60,7 @@ pub fn split_pinned(participant: &str) -> (&str, Option<&str>) {
 }
 
 /// An HTTP callout.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Callout {
     pub cluster: String,
     pub method: &'static str,
@@ -71,7 +72,7 @@ pub struct Callout {
 
 /// The answer to a callout: `status` is `None` when there was no HTTP
 /// response (timeout, reset, cancelled).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct CalloutResponse {
     pub status: Option<u16>,
     pub body: Vec<u8>,
@@ -113,7 +114,7 @@ pub enum Verdict {
 }
 
 /// Per-stream state, kept by the glue's HTTP context.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Stream {
     #[default]
     Pass,
@@ -133,14 +134,14 @@ pub enum Stream {
     Owned,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Vote {
     Commit,
     ReadOnly,
     Abort { reason: String, participant: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Target {
     /// Name in votes, errors and logs: the cluster, or this node for its own app.
     name: String,
@@ -149,7 +150,7 @@ struct Target {
     token: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum OpKind {
     RootPrepare,
     SubPrepare,
@@ -157,7 +158,7 @@ enum OpKind {
     Status,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Stage {
     Voting,
     /// Single participant voted commit; its commit is in flight.
@@ -181,7 +182,7 @@ enum Stage {
     StatusResolve,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Op {
     kind: OpKind,
     ctx: u32,
@@ -247,7 +248,7 @@ impl Op {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Record {
     Done,
     /// Write an abort record (someone may be prepared).
@@ -258,7 +259,7 @@ enum Record {
     Resolve,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct JobTarget {
     name: String,
     cluster: String,
@@ -269,7 +270,7 @@ struct JobTarget {
     next_ms: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Job {
     outcome: Option<Outcome>,
     record: Record,
@@ -289,7 +290,7 @@ struct Job {
     degraded: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Call {
     Op {
         ctx: u32,
@@ -306,10 +307,10 @@ enum Call {
     Recovery,
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 struct TxnMetrics {
-    total: HashMap<(&'static str, &'static str), u32>,
-    duration: HashMap<&'static str, u32>,
+    total: BTreeMap<(&'static str, &'static str), u32>,
+    duration: BTreeMap<&'static str, u32>,
     participants: Option<u32>,
     in_flight: Option<u32>,
     in_doubt: Option<u32>,
@@ -330,13 +331,16 @@ pub mod reason {
     pub const UNKNOWN: &str = "unknown";
 }
 
+/// Clone, Eq and Hash so that the model check (`tests/model/`) can hold
+/// engines in its states.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TxnEngine {
     cfg: TxnConfig,
     node: String,
     table: Table,
-    ops: HashMap<u32, Op>,
-    jobs: HashMap<TxnId, Job>,
-    calls: HashMap<u32, Call>,
+    ops: BTreeMap<u32, Op>,
+    jobs: BTreeMap<TxnId, Job>,
+    calls: BTreeMap<u32, Call>,
     metrics: TxnMetrics,
     /// Random token of this engine in the leader election (one engine per
     /// sidecar runs the in-doubt scan and the recovery loop).
@@ -452,9 +456,9 @@ impl TxnEngine {
             cfg,
             node,
             table,
-            ops: HashMap::new(),
-            jobs: HashMap::new(),
-            calls: HashMap::new(),
+            ops: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            calls: BTreeMap::new(),
             metrics: TxnMetrics::default(),
             token: u64::from_le_bytes({
                 let r = host.random_id();
@@ -777,6 +781,10 @@ impl TxnEngine {
             (Some(_), None) => {
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
                 (Stream::LeafFinish { txn }, Verdict::Continue)
+            }
+            (None, None) if entry.is_none() && seeded::active(Bug::UnknownPrepareYes) => {
+                h.send_reply(ctx, 200, &[JSON], br#"{"vote":"commit"}"#);
+                (Stream::Pass, Verdict::Pause)
             }
             (None, None) => {
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
@@ -1148,9 +1156,11 @@ impl TxnEngine {
             Ok(())
         });
         let entry = updated.unwrap_or(entry);
+        let forget = seeded::active(Bug::SubForgetsChildren);
         let targets = entry
             .participants
             .iter()
+            .filter(|(c, _)| !forget || *c == app)
             .map(|(c, _)| Target {
                 name: if *c == app {
                     self.node.clone()
@@ -1470,7 +1480,9 @@ impl TxnEngine {
                     self.root_abort(h, &mut op, r, &why, &participant, Record::WriteAbort);
                     return;
                 }
-                if op.targets.iter().any(|t| t.vote.is_none()) {
+                let first_yes = seeded::active(Bug::FirstVoteDecides)
+                    && op.targets.iter().any(|t| t.vote == Some(Vote::Commit));
+                if op.targets.iter().any(|t| t.vote.is_none()) && !first_yes {
                     return;
                 }
                 let commits = op
@@ -1490,6 +1502,8 @@ impl TxnEngine {
                     self.root_committed(h, ctx, false);
                 } else if n_targets == 1 {
                     self.one_phase(h, ctx);
+                } else if seeded::active(Bug::CommitBeforeRecord) {
+                    self.root_committed(h, ctx, true);
                 } else {
                     self.write_record(h, ctx, Outcome::Committed);
                 }
@@ -1603,6 +1617,9 @@ impl TxnEngine {
         let value = d.to_json();
         let body = match &pending {
             Some((k, v)) => etcd::cas_create_with_body(&key, &value, (k, v)),
+            None if d.outcome == Outcome::Aborted && seeded::active(Bug::AbortWithoutCas) => {
+                seeded::unconditional_put_body(&key, &value)
+            }
             None => etcd::cas_create_body(&key, &value),
         };
         Callout {
@@ -1810,6 +1827,7 @@ impl TxnEngine {
     fn obey(&mut self, h: &impl TxnHost, ctx: u32, value: &[u8]) {
         match etcd::outcome_of(value) {
             Some(Outcome::Committed) => self.root_committed(h, ctx, true),
+            _ if seeded::active(Bug::ObeyIgnoresAbort) => self.root_committed(h, ctx, true),
             _ => {
                 let Some(mut op) = self.ops.remove(&ctx) else {
                     return;

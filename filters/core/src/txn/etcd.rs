@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 pub const DECISION_PREFIX: &str = "txmesh/decisions/";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Outcome {
     Committed,
     Aborted,

@@ -5,4 +5,5 @@ pub mod config;
 pub mod engine;
 pub mod etcd;
 pub mod id;
+pub mod seeded;
 pub mod table;

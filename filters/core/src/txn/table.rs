@@ -185,7 +185,7 @@ impl std::fmt::Display for TableError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Table {
     buckets: u32,
     max: u32,

@@ -1,0 +1,159 @@
+//! A modelled etcd: the four JSON-gateway calls the engine makes, answered
+//! as etcd 3.4 answers them, against one key space. Up or down: down, every
+//! call is refused before it is sent (Envoy's "no healthy upstream").
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use txmesh_core::b64;
+use txmesh_core::txn::engine::{Callout, CalloutResponse};
+use txmesh_core::txn::etcd::{outcome_of, Outcome, DECISION_PREFIX};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Etcd {
+    pub kv: BTreeMap<String, Vec<u8>>,
+    pub down: bool,
+}
+
+fn key_of(v: &Value) -> Option<String> {
+    let k = b64::decode(v.get("key")?.as_str()?)?;
+    String::from_utf8(k).ok()
+}
+
+fn kv_json(k: &str, v: &[u8]) -> String {
+    format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64::encode(k.as_bytes()),
+        b64::encode(v)
+    )
+}
+
+fn ok(body: String) -> CalloutResponse {
+    CalloutResponse {
+        status: Some(200),
+        body: body.into_bytes(),
+    }
+}
+
+impl Etcd {
+    /// The decision recorded for the one transaction of the model.
+    pub fn decision(&self) -> Option<(Outcome, String)> {
+        let (_, v) = self.kv.range(DECISION_PREFIX.to_string()..).next()?;
+        let reason = serde_json::from_slice::<Value>(v)
+            .ok()
+            .and_then(|j| j.get("reason")?.as_str().map(str::to_string))
+            .unwrap_or_default();
+        Some((outcome_of(v)?, reason))
+    }
+
+    /// Whether a call would be answered now (down: refused at once).
+    pub fn refused() -> CalloutResponse {
+        CalloutResponse {
+            status: Some(503),
+            body: b"no healthy upstream".to_vec(),
+        }
+    }
+
+    fn put(&mut self, op: &Value) -> Option<()> {
+        let k = key_of(op)?;
+        let v = b64::decode(op.get("value")?.as_str()?)?;
+        self.kv.insert(k, v);
+        Some(())
+    }
+
+    fn range(&self, req: &Value) -> String {
+        let Some(k) = key_of(req) else {
+            return r#"{"header":{}}"#.to_string();
+        };
+        let end = req
+            .get("range_end")
+            .and_then(|e| b64::decode(e.as_str()?))
+            .and_then(|e| String::from_utf8(e).ok());
+        let limit = req
+            .get("limit")
+            .and_then(|l| l.as_str()?.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        let kvs: Vec<String> = match end {
+            Some(end) => self
+                .kv
+                .range(k.clone()..end)
+                .take(limit)
+                .map(|(k, v)| kv_json(k, v))
+                .collect(),
+            None => self
+                .kv
+                .get(&k)
+                .map(|v| kv_json(&k, v))
+                .into_iter()
+                .collect(),
+        };
+        if kvs.is_empty() {
+            r#"{"header":{}}"#.to_string()
+        } else {
+            format!(r#"{{"header":{{}},"kvs":[{}]}}"#, kvs.join(","))
+        }
+    }
+
+    /// Applies one call and answers it as etcd would.
+    pub fn handle(&mut self, c: &Callout) -> CalloutResponse {
+        let Ok(req) = serde_json::from_slice::<Value>(&c.body) else {
+            return CalloutResponse {
+                status: Some(400),
+                body: Vec::new(),
+            };
+        };
+        match c.path.as_str() {
+            "/v3/kv/range" => ok(self.range(&req)),
+            "/v3/kv/put" => {
+                self.put(&req);
+                ok(r#"{"header":{}}"#.to_string())
+            }
+            "/v3/kv/deleterange" => {
+                if let Some(k) = key_of(&req) {
+                    self.kv.remove(&k);
+                }
+                ok(r#"{"header":{}}"#.to_string())
+            }
+            "/v3/kv/txn" => {
+                // Compares: only "key absent" (create_revision == 0) is used.
+                let holds = req
+                    .get("compare")
+                    .and_then(Value::as_array)
+                    .map(|cs| {
+                        cs.iter()
+                            .all(|c| key_of(c).is_some_and(|k| !self.kv.contains_key(&k)))
+                    })
+                    .unwrap_or(true);
+                let branch = if holds { "success" } else { "failure" };
+                let mut responses = Vec::new();
+                for op in req
+                    .get(branch)
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    if let Some(p) = op.get("request_put") {
+                        self.put(p);
+                        responses.push(r#"{"response_put":{}}"#.to_string());
+                    } else if let Some(d) = op.get("request_delete_range") {
+                        if let Some(k) = key_of(d) {
+                            self.kv.remove(&k);
+                        }
+                        responses.push(r#"{"response_delete_range":{}}"#.to_string());
+                    } else if let Some(r) = op.get("request_range") {
+                        responses.push(format!(r#"{{"response_range":{}}}"#, self.range(r)));
+                    }
+                }
+                // etcd omits `succeeded` when false.
+                let succeeded = if holds { r#","succeeded":true"# } else { "" };
+                ok(format!(
+                    r#"{{"header":{{}}{succeeded},"responses":[{}]}}"#,
+                    responses.join(",")
+                ))
+            }
+            _ => CalloutResponse {
+                status: Some(404),
+                body: Vec::new(),
+            },
+        }
+    }
+}
