@@ -75,6 +75,69 @@ pub trait Properties {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
 }
 
+/// Log levels of [`FilterHost::log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// An HTTP callout.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Callout {
+    pub cluster: String,
+    pub method: &'static str,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// The answer to a callout: `status` is `None` when there was no HTTP
+/// response (timeout, reset, cancelled).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct CalloutResponse {
+    pub status: Option<u16>,
+    pub body: Vec<u8>,
+}
+
+/// What a filter engine needs from Envoy beyond headers, properties, shared
+/// data and metrics: clocks, callouts, replies to paused streams, logs.
+pub trait FilterHost: SharedData + Metrics + RequestHeaders + Properties + Clock {
+    /// Milliseconds (same clock as [`Clock::now_us`]).
+    fn now_ms(&self) -> u64;
+    fn random_id(&self) -> [u8; 16];
+    /// Dispatches from the current context; answers come back to it.
+    fn dispatch(&self, c: &Callout) -> Result<u32, HostError>;
+    /// Dispatches from context `ctx` (the root context: the call outlives
+    /// the current stream, whose callouts Envoy cancels when it ends); 0:
+    /// from the current context.
+    fn dispatch_in(&self, ctx: u32, c: &Callout) -> Result<u32, HostError> {
+        let _ = ctx;
+        self.dispatch(c)
+    }
+    /// A local reply on stream `ctx` (paused in its request or response).
+    fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]);
+    /// Resumes the paused response of stream `ctx` with extra headers.
+    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]);
+    /// A header of the current stream's response.
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Sets a header on the current stream's response (during its headers callback).
+    fn set_response_header(&self, name: &str, value: &str);
+    fn log(&self, level: LogLevel, msg: &str);
+}
+
+/// What the glue does with the stream after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    /// Stop iteration: the engine resumes or answers the stream later, or
+    /// already sent a local reply.
+    Pause,
+}
+
 pub mod fake {
     //! In-memory host for unit tests, built builder-style.
     use super::*;

@@ -5,9 +5,9 @@
 
 use crate::host::fake::FakeHost;
 use crate::host::{
-    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Callout, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
+    RequestHeaders, SharedData, SharedSetError,
 };
-use crate::txn::engine::{Callout, LogLevel, TxnHost};
 use std::cell::{Cell, RefCell};
 
 #[derive(Default)]
@@ -69,7 +69,7 @@ impl Clock for Host {
         self.now.get() * 1000
     }
 }
-impl TxnHost for Host {
+impl FilterHost for Host {
     fn now_ms(&self) -> u64 {
         self.now.get() + self.wall_step.get()
     }

@@ -10,9 +10,9 @@ pub mod raw;
 pub mod rt;
 
 use txmesh_core::host::{
-    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Callout, CalloutResponse, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics,
+    Properties, RequestHeaders, SharedData, SharedSetError, Verdict,
 };
-use txmesh_core::txn::engine::{Callout, CalloutResponse, LogLevel, TxnHost, Verdict};
 
 /// Lives for one callback (build one per call into the VM).
 #[derive(Debug, Default)]
@@ -251,7 +251,7 @@ impl Clock for WasmHost {
     }
 }
 
-impl TxnHost for WasmHost {
+impl FilterHost for WasmHost {
     fn now_ms(&self) -> u64 {
         raw::now_nanos() / 1_000_000
     }

@@ -8,8 +8,9 @@
 //! busy) do nothing.
 
 use std::cell::RefCell;
+use txmesh_core::host::Verdict;
 use txmesh_core::txn::config::TxnConfig;
-use txmesh_core::txn::engine::{untracked_reply, Stream, TxnEngine, Verdict, TICK_MS};
+use txmesh_core::txn::engine::{untracked_reply, Stream, TxnEngine, TICK_MS};
 use txmesh_host::rt::Contexts;
 use txmesh_host::{
     action, create_stream, deliver_callout, install_root, plugin_config, raw, with_contexts,

@@ -18,11 +18,12 @@ use super::balance::{
 };
 use super::config::{RouterConfig, ServiceConfig, ServiceFrom, Strategy};
 use super::registry::{parse_record, Table};
-use crate::host::{MetricKind, SharedSetError};
+use crate::host::{
+    Callout, CalloutResponse, FilterHost as Host, LogLevel, MetricKind, SharedSetError, Verdict,
+};
 use crate::json::Obj;
 use crate::labels::{encode, sanitize_value};
 use crate::props;
-use crate::txn::engine::{Callout, CalloutResponse, LogLevel, TxnHost as Host, Verdict};
 use crate::txn::etcd::{parse_range_kvs, range_prefix_body};
 
 /// Root tick period (ms): table refresh, stats refresh, poll deadlines.

@@ -15,7 +15,7 @@ use super::etcd::{self, CasResult, Decision, Outcome};
 use super::id::{self, TxnHeader, TxnId};
 use super::seeded::{self, Bug};
 use super::table::{Entry, Mark, Phase, Role, Table, TableError};
-use crate::host::{Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData};
+use crate::host::{Callout, CalloutResponse, FilterHost, LogLevel, MetricKind, Verdict};
 use crate::json::Obj;
 use crate::labels::encode;
 use serde::Deserialize;
@@ -36,14 +36,6 @@ const RECORD_RETRIES: u8 = 2;
 /// Recently finished transactions remembered per process, for status queries.
 const RECENT_SLOTS: u64 = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warn,
-    Error,
-}
-
 /// The request header by which txmesh_router hands its pick (`ip:port`) to
 /// Envoy. A participant reached through a routed request is enlisted as
 /// `cluster@ip:port`, and its control calls carry the header again, so that
@@ -57,60 +49,6 @@ pub fn split_pinned(participant: &str) -> (&str, Option<&str>) {
         Some((c, ep)) if ep.parse::<std::net::SocketAddr>().is_ok() => (c, Some(ep)),
         _ => (participant, None),
     }
-}
-
-/// An HTTP callout.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Callout {
-    pub cluster: String,
-    pub method: &'static str,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub timeout_ms: u64,
-}
-
-/// The answer to a callout: `status` is `None` when there was no HTTP
-/// response (timeout, reset, cancelled).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct CalloutResponse {
-    pub status: Option<u16>,
-    pub body: Vec<u8>,
-}
-
-/// What the engine needs from Envoy beyond headers, properties, shared data
-/// and metrics.
-pub trait TxnHost: SharedData + Metrics + RequestHeaders + Properties + Clock {
-    /// Milliseconds (same clock as [`Clock::now_us`]).
-    fn now_ms(&self) -> u64;
-    fn random_id(&self) -> [u8; 16];
-    /// Dispatches from the current context; answers come back to it.
-    fn dispatch(&self, c: &Callout) -> Result<u32, HostError>;
-    /// Dispatches from context `ctx` (the root context: the call outlives
-    /// the current stream, whose callouts Envoy cancels when it ends); 0:
-    /// from the current context.
-    fn dispatch_in(&self, ctx: u32, c: &Callout) -> Result<u32, HostError> {
-        let _ = ctx;
-        self.dispatch(c)
-    }
-    /// A local reply on stream `ctx` (paused in its request or response).
-    fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]);
-    /// Resumes the paused response of stream `ctx` with extra headers.
-    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]);
-    /// A header of the current stream's response.
-    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
-    /// Sets a header on the current stream's response (during its headers callback).
-    fn set_response_header(&self, name: &str, value: &str);
-    fn log(&self, level: LogLevel, msg: &str);
-}
-
-/// What the glue does with the stream after an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Continue,
-    /// Stop iteration: the engine resumes or answers the stream later, or
-    /// already sent a local reply.
-    Pause,
 }
 
 /// Per-stream state, kept by the glue's HTTP context.
@@ -440,7 +378,7 @@ fn certainly_not_sent(resp: &CalloutResponse) -> bool {
 }
 
 impl TxnEngine {
-    pub fn new(cfg: TxnConfig, host: &impl TxnHost) -> Self {
+    pub fn new(cfg: TxnConfig, host: &impl FilterHost) -> Self {
         let node = match &cfg.node {
             Some(n) => n.clone(),
             None => host
@@ -508,7 +446,7 @@ impl TxnEngine {
 
     // ----- request headers -------------------------------------------------
 
-    pub fn on_request_headers(&mut self, h: &impl TxnHost, ctx: u32) -> (Stream, Verdict) {
+    pub fn on_request_headers(&mut self, h: &impl FilterHost, ctx: u32) -> (Stream, Verdict) {
         let direction = match self.cfg.direction {
             Some(d) => Some(d),
             None => h
@@ -540,12 +478,12 @@ impl TxnEngine {
         }
     }
 
-    fn reject(&self, h: &impl TxnHost, ctx: u32, status: u16, msg: &str) -> (Stream, Verdict) {
+    fn reject(&self, h: &impl FilterHost, ctx: u32, status: u16, msg: &str) -> (Stream, Verdict) {
         h.send_reply(ctx, status, &[JSON], &json_error(msg));
         (Stream::Pass, Verdict::Pause)
     }
 
-    fn deadline_from(&self, h: &impl TxnHost, now: u64) -> Result<u64, String> {
+    fn deadline_from(&self, h: &impl FilterHost, now: u64) -> Result<u64, String> {
         let default = now.saturating_add(self.cfg.default_timeout_ms);
         match h.request_header(id::DEADLINE_HEADER) {
             None => Ok(default),
@@ -564,7 +502,7 @@ impl TxnEngine {
 
     fn inbound(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         ctx: u32,
         path: &[u8],
         txn: Result<TxnHeader, String>,
@@ -609,7 +547,7 @@ impl TxnEngine {
         }
     }
 
-    fn begin(&mut self, h: &impl TxnHost, ctx: u32) -> (Stream, Verdict) {
+    fn begin(&mut self, h: &impl FilterHost, ctx: u32) -> (Stream, Verdict) {
         let now = h.now_ms();
         let deadline = match self.deadline_from(h, now) {
             Ok(d) => d,
@@ -653,7 +591,7 @@ impl TxnEngine {
 
     fn outbound(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         ctx: u32,
         path: &[u8],
         txn: Result<TxnHeader, String>,
@@ -723,7 +661,7 @@ impl TxnEngine {
 
     fn control(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         ctx: u32,
         path: &[u8],
         txn: TxnHeader,
@@ -813,7 +751,7 @@ impl TxnEngine {
 
     // ----- status ----------------------------------------------------------
 
-    fn status(&mut self, h: &impl TxnHost, ctx: u32, txn: TxnId) -> (Stream, Verdict) {
+    fn status(&mut self, h: &impl FilterHost, ctx: u32, txn: TxnId) -> (Stream, Verdict) {
         let now = h.now_ms();
         let grace = self.cfg.in_doubt_grace_ms;
         let entry = self.table.get(h, &txn);
@@ -876,7 +814,7 @@ impl TxnEngine {
     }
 
     /// `GET /txmesh/txns?state=in-doubt|active|all`: what this sidecar's table holds.
-    fn listing(&mut self, h: &impl TxnHost, ctx: u32, path: &[u8]) -> (Stream, Verdict) {
+    fn listing(&mut self, h: &impl FilterHost, ctx: u32, path: &[u8]) -> (Stream, Verdict) {
         let query = path.splitn(2, |&b| b == b'?').nth(1).unwrap_or_default();
         let mut state: &[u8] = b"all";
         for pair in query.split(|&b| b == b'&') {
@@ -928,7 +866,7 @@ impl TxnEngine {
         (Stream::Pass, Verdict::Pause)
     }
 
-    fn status_reply(h: &impl TxnHost, ctx: u32, txn: &TxnId, outcome: &str) {
+    fn status_reply(h: &impl FilterHost, ctx: u32, txn: &TxnId, outcome: &str) {
         let body = Obj::new()
             .str("txn", &txn.to_string())
             .str("outcome", outcome)
@@ -940,12 +878,12 @@ impl TxnEngine {
         format!("txmesh.txn.r.{}", txn.hashes().0 % RECENT_SLOTS)
     }
 
-    fn remember(h: &impl TxnHost, txn: &TxnId, outcome: Outcome) {
+    fn remember(h: &impl FilterHost, txn: &TxnId, outcome: Outcome) {
         let v = format!("{txn} {}", outcome.as_str());
         let _ = h.shared_set(&Self::recent_key(txn), v.as_bytes(), None);
     }
 
-    fn recent(&self, h: &impl TxnHost, txn: &TxnId) -> Option<Outcome> {
+    fn recent(&self, h: &impl FilterHost, txn: &TxnId) -> Option<Outcome> {
         let v = h.shared_get(&Self::recent_key(txn)).0?;
         let s = std::str::from_utf8(&v).ok()?;
         let (id, outcome) = s.split_once(' ')?;
@@ -954,7 +892,12 @@ impl TxnEngine {
 
     // ----- response headers ------------------------------------------------
 
-    pub fn on_response_headers(&mut self, h: &impl TxnHost, ctx: u32, stream: &Stream) -> Verdict {
+    pub fn on_response_headers(
+        &mut self,
+        h: &impl FilterHost,
+        ctx: u32,
+        stream: &Stream,
+    ) -> Verdict {
         match stream {
             Stream::Root {
                 txn,
@@ -988,7 +931,7 @@ impl TxnEngine {
 
     fn root_respond(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         ctx: u32,
         txn: TxnId,
         deadline_ms: u64,
@@ -1117,7 +1060,7 @@ impl TxnEngine {
         }
     }
 
-    fn dispatch_votes(&mut self, h: &impl TxnHost, op: &mut Op, now: u64) {
+    fn dispatch_votes(&mut self, h: &impl FilterHost, op: &mut Op, now: u64) {
         let timeout = op.deadline_ms.saturating_sub(now);
         for (i, t) in op.targets.iter_mut().enumerate() {
             let call =
@@ -1145,7 +1088,7 @@ impl TxnEngine {
 
     // ----- sub-coordinator -------------------------------------------------
 
-    fn sub_prepare(&mut self, h: &impl TxnHost, ctx: u32, entry: Entry) -> (Stream, Verdict) {
+    fn sub_prepare(&mut self, h: &impl FilterHost, ctx: u32, entry: Entry) -> (Stream, Verdict) {
         let now = h.now_ms();
         let app = self.cfg.app_cluster.clone();
         let updated = self.table.update(h, &entry.txn, |e| {
@@ -1190,7 +1133,7 @@ impl TxnEngine {
 
     fn sub_finish(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         ctx: u32,
         entry: Entry,
         outcome: Outcome,
@@ -1276,7 +1219,7 @@ impl TxnEngine {
 
     // ----- callouts --------------------------------------------------------
 
-    pub fn on_callout(&mut self, h: &impl TxnHost, token: u32, resp: CalloutResponse) {
+    pub fn on_callout(&mut self, h: &impl FilterHost, token: u32, resp: CalloutResponse) {
         let Some(call) = self.calls.remove(&token) else {
             return; // answered after its op ended: ignore
         };
@@ -1290,7 +1233,7 @@ impl TxnEngine {
 
     fn op_answer(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         ctx: u32,
         target: Option<usize>,
         resp: CalloutResponse,
@@ -1455,7 +1398,7 @@ impl TxnEngine {
     }
 
     /// Decides what an op can decide now.
-    fn evaluate(&mut self, h: &impl TxnHost, ctx: u32) {
+    fn evaluate(&mut self, h: &impl FilterHost, ctx: u32) {
         let Some(op) = self.ops.get(&ctx) else {
             return;
         };
@@ -1568,7 +1511,7 @@ impl TxnEngine {
             .retain(|_, c| !matches!(c, Call::Op { ctx: c_ctx, .. } if *c_ctx == ctx));
     }
 
-    fn one_phase(&mut self, h: &impl TxnHost, ctx: u32) {
+    fn one_phase(&mut self, h: &impl FilterHost, ctx: u32) {
         let Some(op) = self.ops.get_mut(&ctx) else {
             return;
         };
@@ -1651,7 +1594,7 @@ impl TxnEngine {
     }
 
     /// Writes the commit record (first write wins) before any commit is sent.
-    fn write_record(&mut self, h: &impl TxnHost, ctx: u32, outcome: Outcome) {
+    fn write_record(&mut self, h: &impl FilterHost, ctx: u32, outcome: Outcome) {
         let Some(op) = self.ops.get(&ctx) else { return };
         let now = h.now_ms();
         let mut d = self.decision(op, outcome, reason::OK);
@@ -1684,7 +1627,7 @@ impl TxnEngine {
         }
     }
 
-    fn commit_record_answer(&mut self, h: &impl TxnHost, ctx: u32, resp: CalloutResponse) {
+    fn commit_record_answer(&mut self, h: &impl FilterHost, ctx: u32, resp: CalloutResponse) {
         if let Some(op) = self.ops.get_mut(&ctx) {
             op.record_answered_us = h.now_us();
         }
@@ -1754,7 +1697,7 @@ impl TxnEngine {
         }
     }
 
-    fn abort_record_answer(&mut self, h: &impl TxnHost, ctx: u32, resp: CalloutResponse) {
+    fn abort_record_answer(&mut self, h: &impl FilterHost, ctx: u32, resp: CalloutResponse) {
         let Some(op) = self.ops.get(&ctx) else { return };
         let Stage::WriteAbort {
             maybe_applied,
@@ -1824,7 +1767,7 @@ impl TxnEngine {
     }
 
     /// Obeys a decision found in etcd.
-    fn obey(&mut self, h: &impl TxnHost, ctx: u32, value: &[u8]) {
+    fn obey(&mut self, h: &impl FilterHost, ctx: u32, value: &[u8]) {
         match etcd::outcome_of(value) {
             Some(Outcome::Committed) => self.root_committed(h, ctx, true),
             _ if seeded::active(Bug::ObeyIgnoresAbort) => self.root_committed(h, ctx, true),
@@ -1846,7 +1789,7 @@ impl TxnEngine {
         }
     }
 
-    fn root_committed(&mut self, h: &impl TxnHost, ctx: u32, phase2: bool) {
+    fn root_committed(&mut self, h: &impl FilterHost, ctx: u32, phase2: bool) {
         let Some(op) = self.ops.remove(&ctx) else {
             return;
         };
@@ -1873,7 +1816,7 @@ impl TxnEngine {
 
     fn root_abort(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         op: &mut Op,
         r: &'static str,
         why: &str,
@@ -1926,7 +1869,7 @@ impl TxnEngine {
 
     fn finish_metrics(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         op: &Op,
         outcome: Outcome,
         r: &'static str,
@@ -1962,7 +1905,7 @@ impl TxnEngine {
         }
     }
 
-    fn count_txn(&mut self, h: &impl TxnHost, outcome: &str, r: &'static str) {
+    fn count_txn(&mut self, h: &impl FilterHost, outcome: &str, r: &'static str) {
         let o: &'static str = match outcome {
             "committed" => "committed",
             "aborted" => "aborted",
@@ -1984,7 +1927,7 @@ impl TxnEngine {
         }
     }
 
-    fn gauge_in_flight(&mut self, h: &impl TxnHost, delta: i64) {
+    fn gauge_in_flight(&mut self, h: &impl FilterHost, delta: i64) {
         if self.metrics.in_flight.is_none() {
             self.metrics.in_flight = h
                 .define_metric(MetricKind::Gauge, "txmesh_txn_in_flight")
@@ -1995,7 +1938,7 @@ impl TxnEngine {
         }
     }
 
-    fn gauge(&mut self, h: &impl TxnHost, name: &'static str, delta: i64) {
+    fn gauge(&mut self, h: &impl FilterHost, name: &'static str, delta: i64) {
         let slot = match name {
             "txmesh_txn_in_doubt" => &mut self.metrics.in_doubt,
             _ => &mut self.metrics.abandoned,
@@ -2014,7 +1957,7 @@ impl TxnEngine {
     }
 
     /// Defines the transaction metrics up front so they show (at zero) from the start.
-    pub fn define_metrics(&mut self, h: &impl TxnHost) {
+    pub fn define_metrics(&mut self, h: &impl FilterHost) {
         self.gauge_in_flight(h, 0);
         self.gauge(h, "txmesh_txn_in_doubt", 0);
         self.gauge(h, "txmesh_txn_phase2_abandoned_total", 0);
@@ -2028,7 +1971,7 @@ impl TxnEngine {
     #[allow(clippy::too_many_arguments)]
     fn log_decision(
         &self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         op: &Op,
         outcome: Outcome,
         r: &str,
@@ -2100,7 +2043,7 @@ impl TxnEngine {
 
     fn start_job(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         op: &Op,
         outcome: Option<Outcome>,
         record: Record,
@@ -2149,7 +2092,7 @@ impl TxnEngine {
 
     fn job_target_answer(
         &mut self,
-        h: &impl TxnHost,
+        h: &impl FilterHost,
         txn: TxnId,
         idx: usize,
         resp: CalloutResponse,
@@ -2202,7 +2145,7 @@ impl TxnEngine {
         }
     }
 
-    fn job_record_answer(&mut self, h: &impl TxnHost, txn: TxnId, resp: CalloutResponse) {
+    fn job_record_answer(&mut self, h: &impl FilterHost, txn: TxnId, resp: CalloutResponse) {
         let now = h.now_ms();
         let Some(job) = self.jobs.get_mut(&txn) else {
             return;
@@ -2264,7 +2207,7 @@ impl TxnEngine {
 
     /// Called from the root context every [`TICK_MS`]: enforces deadlines the
     /// callout timeouts may miss, and drives phase-2 jobs.
-    pub fn on_tick(&mut self, h: &impl TxnHost) {
+    pub fn on_tick(&mut self, h: &impl FilterHost) {
         let now = h.now_ms();
         let expired: Vec<u32> = self
             .ops
@@ -2294,7 +2237,7 @@ impl TxnEngine {
     /// Deletes finished transactions' pending-work keys, up to
     /// [`UNPEND_BATCH`] in one request. Fire and forget: if it is lost, the
     /// recovery loop re-sends the (idempotent) commits and deletes the keys.
-    fn flush_unpend(&mut self, h: &impl TxnHost, now: u64) {
+    fn flush_unpend(&mut self, h: &impl FilterHost, now: u64) {
         self.next_unpend_ms = now.saturating_add(UNPEND_INTERVAL_MS);
         while !self.unpend.is_empty() {
             let n = self.unpend.len().min(UNPEND_BATCH);
@@ -2320,7 +2263,7 @@ impl TxnEngine {
     /// One engine per sidecar (all workers and listeners share the VM's
     /// shared data) holds the leader key; another takes over when it has not
     /// renewed it for three scan intervals.
-    fn elect(&mut self, h: &impl TxnHost, now: u64) -> bool {
+    fn elect(&mut self, h: &impl FilterHost, now: u64) -> bool {
         let (value, cas) = h.shared_get(LEADER_KEY);
         let current = value
             .as_deref()
@@ -2343,7 +2286,7 @@ impl TxnEngine {
     /// Participants (and sub-coordinators) prepared with no decision past
     /// deadline + grace: resolve from etcd, CAS-writing abort if there is no
     /// decision, then deliver the outcome. No one waits on a dead coordinator.
-    fn resolve_in_doubt(&mut self, h: &impl TxnHost, now: u64) {
+    fn resolve_in_doubt(&mut self, h: &impl FilterHost, now: u64) {
         let grace = self.cfg.in_doubt_grace_ms;
         for e in self.table.all(h) {
             if e.role == Role::Root
@@ -2406,7 +2349,7 @@ impl TxnEngine {
 
     /// Re-drives this node's commit decisions whose phase 2 has not finished
     /// (after a crash of this sidecar, or a participant down for long).
-    fn recover(&mut self, h: &impl TxnHost) {
+    fn recover(&mut self, h: &impl FilterHost) {
         if self.recovery_inflight {
             return;
         }
@@ -2425,7 +2368,7 @@ impl TxnEngine {
         }
     }
 
-    fn recovery_answer(&mut self, h: &impl TxnHost, resp: CalloutResponse) {
+    fn recovery_answer(&mut self, h: &impl FilterHost, resp: CalloutResponse) {
         self.recovery_inflight = false;
         if resp.status != Some(200) {
             return; // etcd unreachable: the next scan tries again
@@ -2482,7 +2425,7 @@ impl TxnEngine {
         }
     }
 
-    fn expire(&mut self, h: &impl TxnHost, ctx: u32) {
+    fn expire(&mut self, h: &impl FilterHost, ctx: u32) {
         let Some(op) = self.ops.get_mut(&ctx) else {
             return;
         };
@@ -2524,7 +2467,7 @@ impl TxnEngine {
         }
     }
 
-    fn drive_jobs(&mut self, h: &impl TxnHost, now: u64) {
+    fn drive_jobs(&mut self, h: &impl FilterHost, now: u64) {
         let txns: Vec<TxnId> = self.jobs.keys().copied().collect();
         for txn in txns {
             self.drive_job(h, txn, now);
@@ -2533,7 +2476,7 @@ impl TxnEngine {
 
     /// One step of `txn`'s phase-2 job: the record it owes, the commits or
     /// aborts that are due, and its end. Dispatches from the root context.
-    fn drive_job(&mut self, h: &impl TxnHost, txn: TxnId, now: u64) {
+    fn drive_job(&mut self, h: &impl FilterHost, txn: TxnId, now: u64) {
         let Some(job) = self.jobs.get_mut(&txn) else {
             return;
         };
@@ -2660,7 +2603,7 @@ impl TxnEngine {
 
     /// Forgets `txn`'s phase-2 job: the job, its calls in flight (their
     /// answers are then ignored) and its table entry.
-    fn end_job(&mut self, h: &impl TxnHost, txn: TxnId) {
+    fn end_job(&mut self, h: &impl FilterHost, txn: TxnId) {
         self.jobs.remove(&txn);
         self.calls.retain(|_, c| {
             !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn)
@@ -2670,7 +2613,7 @@ impl TxnEngine {
 
     /// The stream went away (client reset, or completed). Envoy cancels its
     /// callouts, so anything still running for it moves to a job.
-    pub fn on_stream_done(&mut self, h: &impl TxnHost, ctx: u32, stream: &Stream) {
+    pub fn on_stream_done(&mut self, h: &impl FilterHost, ctx: u32, stream: &Stream) {
         if let Stream::Root { txn, .. } = stream {
             if !self.ops.contains_key(&ctx) && !self.jobs.contains_key(txn) {
                 // The response never came (client left before the app

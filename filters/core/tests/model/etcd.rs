@@ -5,7 +5,7 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 use txmesh_core::b64;
-use txmesh_core::txn::engine::{Callout, CalloutResponse};
+use txmesh_core::host::{Callout, CalloutResponse};
 use txmesh_core::txn::etcd::{outcome_of, Outcome, DECISION_PREFIX};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]

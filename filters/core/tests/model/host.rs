@@ -6,9 +6,9 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use txmesh_core::host::{
-    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Callout, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
+    RequestHeaders, SharedData, SharedSetError,
 };
-use txmesh_core::txn::engine::{Callout, LogLevel, TxnHost};
 
 /// What one callback asked the host to do, in order.
 #[derive(Debug, Clone)]
@@ -149,7 +149,7 @@ impl Clock for ModelHost {
     }
 }
 
-impl TxnHost for ModelHost {
+impl FilterHost for ModelHost {
     fn now_ms(&self) -> u64 {
         self.now_ms
     }

@@ -8,8 +8,9 @@
 use crate::etcd::Etcd;
 use crate::host::{Effect, ModelHost};
 use std::collections::{BTreeMap, BTreeSet};
+use txmesh_core::host::{Callout, CalloutResponse, Verdict};
 use txmesh_core::txn::config::TxnConfig;
-use txmesh_core::txn::engine::{Callout, CalloutResponse, Stream, TxnEngine, Verdict};
+use txmesh_core::txn::engine::{Stream, TxnEngine};
 use txmesh_core::txn::etcd::Outcome;
 
 /// The model clock starts here (ms since the epoch) and moves in steps.
