@@ -10,6 +10,7 @@
 //!   abort retries, a decision record still to write): it belongs to the
 //!   engine and is dispatched from the root context's tick.
 
+use super::cause::Cause;
 use super::config::{Direction, TxnConfig};
 use super::etcd::{self, CasResult, Decision, Outcome};
 use super::id::{self, TxnHeader, TxnId};
@@ -76,7 +77,13 @@ pub enum Stream {
 enum Vote {
     Commit,
     ReadOnly,
-    Abort { reason: String, participant: String },
+    /// `cause`: [`Cause::VoteAbort`] (said no, failed) or [`Cause::Timeout`]
+    /// (no answer before the deadline, here or below a sub-coordinator).
+    Abort {
+        cause: Cause,
+        reason: String,
+        participant: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -218,7 +225,7 @@ struct Job {
     targets: Vec<JobTarget>,
     deadline_ms: u64,
     give_up_ms: u64,
-    reason: String,
+    cause: Cause,
     /// W3C trace id of the beginning request (empty: none).
     trace: String,
     /// Delete this coordinator's pending-work key in etcd when done.
@@ -245,6 +252,15 @@ enum Call {
     Recovery,
 }
 
+/// The transaction counters and gauges besides `txmesh_txn_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gauge {
+    /// `txmesh_txn_in_doubt`
+    InDoubt,
+    /// `txmesh_txn_phase2_abandoned_total`
+    Abandoned,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 struct TxnMetrics {
     total: BTreeMap<(&'static str, &'static str), u32>,
@@ -253,20 +269,6 @@ struct TxnMetrics {
     in_flight: Option<u32>,
     in_doubt: Option<u32>,
     abandoned: Option<u32>,
-}
-
-/// Low-cardinality reasons for `txmesh_txn_total{reason}`.
-pub mod reason {
-    pub const OK: &str = "ok";
-    pub const VOTE_ABORT: &str = "vote_abort";
-    pub const TIMEOUT: &str = "timeout";
-    pub const APP_ERROR: &str = "app_error";
-    pub const ETCD_UNAVAILABLE: &str = "etcd_unavailable";
-    pub const DECIDED_ELSEWHERE: &str = "decided_elsewhere";
-    pub const CLIENT_GONE: &str = "client_gone";
-    /// A participant resolving its own in-doubt transaction.
-    pub const IN_DOUBT: &str = "in_doubt";
-    pub const UNKNOWN: &str = "unknown";
 }
 
 /// Clone, Eq and Hash so that the model check (`tests/model/`) can hold
@@ -337,7 +339,18 @@ fn backoff_ms(attempts: u32) -> u64 {
     (100u64 << attempts.min(5)).min(2_000)
 }
 
+/// The reason of a vote that never came.
+const NO_ANSWER: &str = "no answer before the deadline";
+
 fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
+    /// A sub-coordinator relays a child's timeout as `"cause":"timeout"`.
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum WireCause {
+        Timeout,
+        #[serde(other)]
+        Other,
+    }
     #[derive(Deserialize)]
     struct V {
         vote: String,
@@ -345,23 +358,33 @@ fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
         reason: Option<String>,
         #[serde(default)]
         participant: Option<String>,
+        #[serde(default)]
+        cause: Option<WireCause>,
     }
-    let abort = |reason: String| Vote::Abort {
+    let abort = |cause: Cause, reason: String| Vote::Abort {
+        cause,
         reason,
         participant: name.to_string(),
     };
     match resp.status {
-        None => abort("no answer before the deadline".to_string()),
+        None => abort(Cause::Timeout, NO_ANSWER.to_string()),
         Some(200) => match serde_json::from_slice::<V>(&resp.body) {
             Ok(v) if v.vote == "commit" => Vote::Commit,
             Ok(v) if v.vote == "readonly" => Vote::ReadOnly,
             Ok(v) => Vote::Abort {
+                cause: match v.cause {
+                    Some(WireCause::Timeout) => Cause::Timeout,
+                    Some(WireCause::Other) | None => Cause::VoteAbort,
+                },
                 reason: v.reason.unwrap_or_else(|| format!("voted {}", v.vote)),
                 participant: v.participant.unwrap_or_else(|| name.to_string()),
             },
-            Err(_) => abort("prepare answered 200 without a vote".to_string()),
+            Err(_) => abort(
+                Cause::VoteAbort,
+                "prepare answered 200 without a vote".to_string(),
+            ),
         },
-        Some(s) => abort(format!("prepare answered {s}")),
+        Some(s) => abort(Cause::VoteAbort, format!("prepare answered {s}")),
     }
 }
 
@@ -984,7 +1007,7 @@ impl TxnEngine {
             self.root_abort(
                 h,
                 &mut op,
-                reason::APP_ERROR,
+                Cause::AppError,
                 &why,
                 &participant,
                 Record::Done,
@@ -1000,7 +1023,7 @@ impl TxnEngine {
             self.root_abort(
                 h,
                 &mut op,
-                reason::TIMEOUT,
+                Cause::Timeout,
                 "the deadline passed before the app answered",
                 &participant,
                 Record::Done,
@@ -1078,6 +1101,7 @@ impl TxnEngine {
                 }
                 Err(e) => {
                     t.vote = Some(Vote::Abort {
+                        cause: Cause::VoteAbort,
                         reason: format!("prepare could not be sent: {e}"),
                         participant: t.name.clone(),
                     })
@@ -1205,6 +1229,7 @@ impl TxnEngine {
                 }
                 Err(e) => {
                     t.vote = Some(Vote::Abort {
+                        cause: Cause::VoteAbort,
                         reason: format!("not sent: {e}"),
                         participant: t.name.clone(),
                     })
@@ -1252,7 +1277,8 @@ impl TxnEngine {
                     t.token = None;
                     let vote = if late {
                         Vote::Abort {
-                            reason: "no answer before the deadline".to_string(),
+                            cause: Cause::Timeout,
+                            reason: NO_ANSWER.to_string(),
                             participant: t.name.clone(),
                         }
                     } else {
@@ -1285,6 +1311,7 @@ impl TxnEngine {
                         Vote::Commit
                     } else {
                         Vote::Abort {
+                            cause: Cause::VoteAbort,
                             reason: match resp.status {
                                 Some(s) => format!("answered {s}"),
                                 None => "no answer".to_string(),
@@ -1405,17 +1432,13 @@ impl TxnEngine {
         match (op.kind, &op.stage) {
             (OpKind::RootPrepare, Stage::Voting) => {
                 if let Some(Vote::Abort {
+                    cause: r,
                     reason: why,
                     participant,
                 }) = op.targets.iter().find_map(|t| match &t.vote {
                     Some(v @ Vote::Abort { .. }) => Some(v.clone()),
                     _ => None,
                 }) {
-                    let r = if why.contains("deadline") {
-                        reason::TIMEOUT
-                    } else {
-                        reason::VOTE_ABORT
-                    };
                     let Some(mut op) = self.ops.remove(&ctx) else {
                         return;
                     };
@@ -1454,18 +1477,23 @@ impl TxnEngine {
             (OpKind::SubPrepare, Stage::Voting) => {
                 let abort = op.targets.iter().find_map(|t| match &t.vote {
                     Some(Vote::Abort {
+                        cause,
                         reason,
                         participant,
-                    }) => Some((reason.clone(), participant.clone())),
+                    }) => Some((*cause, reason.clone(), participant.clone())),
                     _ => None,
                 });
-                let body = if let Some((why, participant)) = abort {
-                    Obj::new()
+                let body = if let Some((cause, why, participant)) = abort {
+                    let o = Obj::new()
                         .str("vote", "abort")
                         .str("reason", &why)
                         // The service, not the instance, in answers.
-                        .str("participant", split_pinned(&participant).0)
-                        .build()
+                        .str("participant", split_pinned(&participant).0);
+                    if cause == Cause::Timeout {
+                        o.str("cause", "timeout").build()
+                    } else {
+                        o.build()
+                    }
                 } else if op.targets.iter().any(|t| t.vote.is_none()) {
                     return;
                 } else if op.targets.iter().any(|t| t.vote == Some(Vote::Commit)) {
@@ -1488,6 +1516,7 @@ impl TxnEngine {
                         Some(Vote::Abort {
                             reason,
                             participant,
+                            ..
                         }) => Some(format!("{participant} ({reason})")),
                         _ => None,
                     })
@@ -1540,14 +1569,14 @@ impl TxnEngine {
         }
     }
 
-    fn decision(&self, op: &Op, outcome: Outcome, why: &str) -> Decision {
+    fn decision(&self, op: &Op, outcome: Outcome, cause: Cause) -> Decision {
         Decision {
             txn: op.txn,
             outcome,
             participants: op.targets.iter().map(|t| t.name.clone()).collect(),
             coordinator: self.node.clone(),
             time_ms: 0,
-            reason: why.to_string(),
+            reason: cause.as_str().to_string(),
             trace: op.trace.clone().unwrap_or_default(),
             begun_ms: op.started_ms,
         }
@@ -1597,7 +1626,7 @@ impl TxnEngine {
     fn write_record(&mut self, h: &impl FilterHost, ctx: u32, outcome: Outcome) {
         let Some(op) = self.ops.get(&ctx) else { return };
         let now = h.now_ms();
-        let mut d = self.decision(op, outcome, reason::OK);
+        let mut d = self.decision(op, outcome, Cause::Ok);
         d.time_ms = now;
         let pending = (outcome == Outcome::Committed).then(|| {
             let parts = op
@@ -1669,7 +1698,7 @@ impl TxnEngine {
                 let maybe_applied = !certainly_not_sent(&resp);
                 let Some(op) = self.ops.get(&ctx) else { return };
                 let now = h.now_ms();
-                let mut d = self.decision(op, Outcome::Aborted, reason::ETCD_UNAVAILABLE);
+                let mut d = self.decision(op, Outcome::Aborted, Cause::EtcdUnavailable);
                 d.time_ms = now;
                 let call = Self::record_call(&self.cfg, &d, None);
                 match h.dispatch(&call) {
@@ -1719,14 +1748,7 @@ impl TxnEngine {
         match result {
             Ok(CasResult::Created) => {
                 let why = format!("the commit record could not be written ({error})");
-                self.root_abort(
-                    h,
-                    &mut op,
-                    reason::ETCD_UNAVAILABLE,
-                    &why,
-                    &me,
-                    Record::Done,
-                );
+                self.root_abort(h, &mut op, Cause::EtcdUnavailable, &why, &me, Record::Done);
             }
             Ok(CasResult::Exists(v)) => {
                 self.ops.insert(ctx, op);
@@ -1739,7 +1761,7 @@ impl TxnEngine {
                 self.root_abort(
                     h,
                     &mut op,
-                    reason::ETCD_UNAVAILABLE,
+                    Cause::EtcdUnavailable,
                     &why,
                     &me,
                     Record::WriteAbort,
@@ -1758,10 +1780,10 @@ impl TxnEngine {
                     .str("error", &msg)
                     .build();
                 h.send_reply(op.ctx, 503, &[JSON], body.as_bytes());
-                self.gauge(h, "txmesh_txn_in_doubt", 1);
+                self.gauge(h, Gauge::InDoubt, 1);
                 self.gauge_in_flight(h, -1);
-                self.count_txn(h, "unknown", reason::UNKNOWN);
-                self.start_job(h, &op, None, Record::Resolve, reason::UNKNOWN);
+                self.count_txn(h, None, Cause::Unknown);
+                self.start_job(h, &op, None, Record::Resolve, Cause::Unknown);
             }
         }
     }
@@ -1780,7 +1802,7 @@ impl TxnEngine {
                 self.root_abort(
                     h,
                     &mut op,
-                    reason::DECIDED_ELSEWHERE,
+                    Cause::DecidedElsewhere,
                     "an abort decision was already recorded in etcd (in-doubt resolution)",
                     &me,
                     Record::Done,
@@ -1804,11 +1826,11 @@ impl TxnEngine {
             op.ctx,
             &[(id::OUTCOME_HEADER, "committed"), (id::TXN_HEADER, &id)],
         );
-        self.finish_metrics(h, &op, Outcome::Committed, reason::OK, now);
-        self.log_decision(h, &op, Outcome::Committed, reason::OK, "", "", now);
+        self.finish_metrics(h, &op, Outcome::Committed, Cause::Ok, now);
+        self.log_decision(h, &op, Outcome::Committed, Cause::Ok, "", "", now);
         Self::remember(h, &op.txn, Outcome::Committed);
         if phase2 {
-            self.start_job(h, &op, Some(Outcome::Committed), Record::Done, reason::OK);
+            self.start_job(h, &op, Some(Outcome::Committed), Record::Done, Cause::Ok);
         } else {
             self.table.remove(h, &op.txn);
         }
@@ -1818,7 +1840,7 @@ impl TxnEngine {
         &mut self,
         h: &impl FilterHost,
         op: &mut Op,
-        r: &'static str,
+        r: Cause,
         why: &str,
         participant: &str,
         record: Record,
@@ -1872,13 +1894,13 @@ impl TxnEngine {
         h: &impl FilterHost,
         op: &Op,
         outcome: Outcome,
-        r: &'static str,
+        r: Cause,
         now: u64,
     ) {
         if op.kind != OpKind::RootPrepare {
             return;
         }
-        self.count_txn(h, outcome.as_str(), r);
+        self.count_txn(h, Some(outcome), r);
         self.gauge_in_flight(h, -1);
         let o = outcome.as_str();
         let id = match self.metrics.duration.get(o) {
@@ -1905,12 +1927,10 @@ impl TxnEngine {
         }
     }
 
-    fn count_txn(&mut self, h: &impl FilterHost, outcome: &str, r: &'static str) {
-        let o: &'static str = match outcome {
-            "committed" => "committed",
-            "aborted" => "aborted",
-            _ => "unknown",
-        };
+    /// `outcome` None: unknown (etcd did not confirm the decision).
+    fn count_txn(&mut self, h: &impl FilterHost, outcome: Option<Outcome>, cause: Cause) {
+        let o = outcome.map_or("unknown", Outcome::as_str);
+        let r = cause.as_str();
         let id = match self.metrics.total.get(&(o, r)) {
             Some(id) => Some(*id),
             None => {
@@ -1938,17 +1958,20 @@ impl TxnEngine {
         }
     }
 
-    fn gauge(&mut self, h: &impl FilterHost, name: &'static str, delta: i64) {
-        let slot = match name {
-            "txmesh_txn_in_doubt" => &mut self.metrics.in_doubt,
-            _ => &mut self.metrics.abandoned,
+    fn gauge(&mut self, h: &impl FilterHost, which: Gauge, delta: i64) {
+        let (slot, kind, name) = match which {
+            Gauge::InDoubt => (
+                &mut self.metrics.in_doubt,
+                MetricKind::Gauge,
+                "txmesh_txn_in_doubt",
+            ),
+            Gauge::Abandoned => (
+                &mut self.metrics.abandoned,
+                MetricKind::Counter,
+                "txmesh_txn_phase2_abandoned_total",
+            ),
         };
         if slot.is_none() {
-            let kind = if name.ends_with("_total") {
-                MetricKind::Counter
-            } else {
-                MetricKind::Gauge
-            };
             *slot = h.define_metric(kind, name).ok();
         }
         if let Some(id) = *slot {
@@ -1959,8 +1982,8 @@ impl TxnEngine {
     /// Defines the transaction metrics up front so they show (at zero) from the start.
     pub fn define_metrics(&mut self, h: &impl FilterHost) {
         self.gauge_in_flight(h, 0);
-        self.gauge(h, "txmesh_txn_in_doubt", 0);
-        self.gauge(h, "txmesh_txn_phase2_abandoned_total", 0);
+        self.gauge(h, Gauge::InDoubt, 0);
+        self.gauge(h, Gauge::Abandoned, 0);
         if self.metrics.participants.is_none() {
             self.metrics.participants = h
                 .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
@@ -1974,7 +1997,7 @@ impl TxnEngine {
         h: &impl FilterHost,
         op: &Op,
         outcome: Outcome,
-        r: &str,
+        r: Cause,
         why: &str,
         participant: &str,
         now: u64,
@@ -2003,9 +2026,10 @@ impl TxnEngine {
             .voted_ms
             .map_or("-".to_string(), |v| now.saturating_sub(v).to_string());
         let mut line = format!(
-            "txn {} {} reason={r} trace={} participants={} prepare_ms={prepare_ms} decide_ms={decide_ms} total_ms={}",
+            "txn {} {} reason={} trace={} participants={} prepare_ms={prepare_ms} decide_ms={decide_ms} total_ms={}",
             op.txn,
             outcome.as_str(),
+            r.as_str(),
             op.trace.as_deref().unwrap_or("-"),
             votes.join(","),
             now.saturating_sub(op.started_ms),
@@ -2047,7 +2071,7 @@ impl TxnEngine {
         op: &Op,
         outcome: Option<Outcome>,
         record: Record,
-        r: &str,
+        r: Cause,
     ) {
         let now = h.now_ms();
         let targets: Vec<JobTarget> = op
@@ -2072,7 +2096,7 @@ impl TxnEngine {
             targets,
             deadline_ms: op.deadline_ms,
             give_up_ms: now.saturating_add(self.cfg.phase2_give_up_ms),
-            reason: r.to_string(),
+            cause: r,
             trace: op.trace.clone().unwrap_or_default(),
             unpend: outcome == Some(Outcome::Committed) && record == Record::Done,
             degraded: false,
@@ -2187,18 +2211,18 @@ impl TxnEngine {
                 job.record_next_ms = now + backoff_ms(job.record_attempts);
             }
         }
-        if job.record == Record::Done
-            && (job.reason == reason::UNKNOWN || job.reason == reason::IN_DOUBT)
-        {
-            let was_root = job.reason == reason::UNKNOWN;
+        if job.record == Record::Done && job.cause.awaits_etcd() {
+            let was_root = job.cause == Cause::Unknown;
             let resolved = job.outcome.map_or("?", Outcome::as_str);
             h.log(
                 LogLevel::Warn,
                 &format!("txn {txn}: in-doubt outcome resolved from etcd: {resolved}"),
             );
-            job.reason = format!("resolved_{resolved}");
+            if let Some(o) = job.outcome {
+                job.cause = Cause::Resolved(o);
+            }
             if was_root {
-                self.gauge(h, "txmesh_txn_in_doubt", -1);
+                self.gauge(h, Gauge::InDoubt, -1);
             }
         }
     }
@@ -2310,6 +2334,7 @@ impl TxnEngine {
                     cluster: c.clone(),
                     vote: Some(match m {
                         Mark::Abort => Vote::Abort {
+                            cause: Cause::VoteAbort,
                             reason: String::new(),
                             participant: c.clone(),
                         },
@@ -2343,7 +2368,7 @@ impl TxnEngine {
                 Stage::Finishing,
                 now,
             );
-            self.start_job(h, &op, None, Record::Resolve, reason::IN_DOUBT);
+            self.start_job(h, &op, None, Record::Resolve, Cause::InDoubt);
         }
     }
 
@@ -2421,7 +2446,13 @@ impl TxnEngine {
                 Stage::Finishing,
                 now,
             );
-            self.start_job(h, &op, Some(Outcome::Committed), Record::Done, "recovered");
+            self.start_job(
+                h,
+                &op,
+                Some(Outcome::Committed),
+                Record::Done,
+                Cause::Recovered,
+            );
         }
     }
 
@@ -2434,7 +2465,8 @@ impl TxnEngine {
             Stage::Voting | Stage::Finishing => {
                 for t in op.targets.iter_mut().filter(|t| t.vote.is_none()) {
                     t.vote = Some(Vote::Abort {
-                        reason: "no answer before the deadline".to_string(),
+                        cause: Cause::Timeout,
+                        reason: NO_ANSWER.to_string(),
                         participant: t.name.clone(),
                     });
                     t.token = None;
@@ -2492,7 +2524,7 @@ impl TxnEngine {
                 participants: job.targets.iter().map(|t| t.name.clone()).collect(),
                 coordinator: self.node.clone(),
                 time_ms: now,
-                reason: job.reason.clone(),
+                reason: job.cause.as_str().to_string(),
                 trace: job.trace.clone(),
                 begun_ms: 0,
             };
@@ -2597,7 +2629,7 @@ impl TxnEngine {
                 ),
             );
             self.end_job(h, txn);
-            self.gauge(h, "txmesh_txn_phase2_abandoned_total", 1);
+            self.gauge(h, Gauge::Abandoned, 1);
         }
     }
 
@@ -2642,7 +2674,7 @@ impl TxnEngine {
                                 "txn {txn}: client went away before the app answered; aborting"
                             ),
                         );
-                        self.count_txn(h, "aborted", reason::CLIENT_GONE);
+                        self.count_txn(h, Some(Outcome::Aborted), Cause::ClientGone);
                         self.gauge_in_flight(h, -1);
                         Self::remember(h, txn, Outcome::Aborted);
                         self.start_job(
@@ -2650,7 +2682,7 @@ impl TxnEngine {
                             &op,
                             Some(Outcome::Aborted),
                             Record::Done,
-                            reason::CLIENT_GONE,
+                            Cause::ClientGone,
                         );
                     }
                 }
@@ -2671,7 +2703,7 @@ impl TxnEngine {
                     e.phase = Phase::Aborted;
                     Ok(())
                 });
-                self.count_txn(h, "aborted", reason::CLIENT_GONE);
+                self.count_txn(h, Some(Outcome::Aborted), Cause::ClientGone);
                 self.gauge_in_flight(h, -1);
                 Self::remember(h, &txn, Outcome::Aborted);
                 self.start_job(
@@ -2679,7 +2711,7 @@ impl TxnEngine {
                     &op,
                     Some(Outcome::Aborted),
                     Record::WriteAbort,
-                    reason::CLIENT_GONE,
+                    Cause::ClientGone,
                 );
             }
             (OpKind::RootPrepare, Stage::OnePhase) => {
@@ -2690,7 +2722,7 @@ impl TxnEngine {
                     &op,
                     Some(Outcome::Committed),
                     Record::WriteCommit,
-                    reason::OK,
+                    Cause::Ok,
                 );
             }
             (OpKind::RootPrepare, Stage::WriteCommit | Stage::WriteAbort { .. }) => {
@@ -2699,8 +2731,8 @@ impl TxnEngine {
                     &format!("txn {}: client went away while the decision was being written; resolving from etcd", op.txn),
                 );
                 self.gauge_in_flight(h, -1);
-                self.start_job(h, &op, None, Record::Resolve, reason::UNKNOWN);
-                self.gauge(h, "txmesh_txn_in_doubt", 1);
+                self.start_job(h, &op, None, Record::Resolve, Cause::Unknown);
+                self.gauge(h, Gauge::InDoubt, 1);
             }
             // A sub-coordinator's caller went away: its coordinator retries or
             // aborts; nothing to keep.

@@ -1366,3 +1366,74 @@ fn the_decision_line_times_the_prepare_round_and_the_record_write() {
         "{line}"
     );
 }
+
+/// The abort cause is typed: a sub-coordinator relays a child's timeout as
+/// `"cause":"timeout"` and the root counts it as one; a participant's own
+/// reason text is only text, whatever it says.
+#[test]
+fn a_relayed_timeout_counts_as_timeout_and_reason_text_decides_nothing() {
+    for (body, reason) in [
+        (
+            r#"{"vote":"abort","reason":"no answer before the deadline","participant":"c","cause":"timeout"}"#,
+            "timeout",
+        ),
+        (
+            r#"{"vote":"abort","reason":"the deadline of our promo passed"}"#,
+            "vote_abort",
+        ),
+        (
+            r#"{"vote":"abort","reason":"x","cause":"something-new"}"#,
+            "vote_abort",
+        ),
+    ] {
+        let h = Host::new();
+        let mut inb = engine(&h, CFG);
+        let mut out = engine(&h, CFG);
+        let (_, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+        h.status("200");
+        inb.on_response_headers(&h, 1, &stream);
+        let calls = h.take_calls();
+        answer(&h, &mut inb, &calls, "payment", ok(body));
+        assert_eq!(h.replies.borrow()[0].1, 409, "{body}");
+        let name = format!("outcome=.=aborted;.;reason=.={reason};.;txmesh_txn_total");
+        assert_eq!(h.base.counter(&name), Some(1), "{body}");
+    }
+}
+
+/// A sub-coordinator whose child did not answer by the deadline says so in
+/// its vote (`"cause":"timeout"`), so its coordinator counts a timeout.
+#[test]
+fn a_sub_coordinator_relays_its_childs_timeout() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"payment"}"#);
+    let mut out = engine(&h, r#"{"node":"payment"}"#);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    h.request(
+        1,
+        "POST",
+        "/pay",
+        &[("x-txmesh-txn", id), ("x-txmesh-deadline", "1003000")],
+    );
+    e.on_request_headers(&h, 1);
+    h.request(2, "POST", "/reserve", &[("x-txmesh-txn", id)]);
+    h.cluster("inventory");
+    out.on_request_headers(&h, 2);
+    h.request(
+        1,
+        "POST",
+        "/txmesh/prepare",
+        &[("x-txmesh-txn", id), ("x-txmesh-deadline", "1003000")],
+    );
+    let (_, v) = e.on_request_headers(&h, 3);
+    assert_eq!(v, Verdict::Pause);
+    let calls = h.take_calls();
+    answer(&h, &mut e, &calls, "local_app", vote("commit"));
+    h.advance(3_000);
+    e.on_tick(&h);
+    let (ctx, status, _, body) = h.replies.borrow()[0].clone();
+    assert_eq!((ctx, status), (3, 200));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["vote"], "abort");
+    assert_eq!(v["participant"], "inventory");
+    assert_eq!(v["cause"], "timeout", "{body}");
+}
