@@ -46,8 +46,8 @@ pub struct Service {
 
 /// Faults a scenario may inject, each kind with its own budget, all before
 /// `fault_steps`; from then on every crashed process is restarted and etcd
-/// is up.
-#[derive(Clone, Copy, Debug, Default)]
+/// is up. The same record counts the faults a path has used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Budget {
     pub total: u8,
     pub lose: u8,
@@ -299,18 +299,6 @@ pub enum Told {
     Unknown,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Used {
-    pub total: u8,
-    pub lose: u8,
-    pub duplicate: u8,
-    pub delay: u8,
-    pub crash: u8,
-    pub etcd_down: u8,
-    pub forge: u8,
-    pub forge_status: u8,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct World {
     pub step: u8,
@@ -323,7 +311,7 @@ pub struct World {
     pub late: BTreeSet<Msg>,
     pub client: Told,
     pub txn: Option<String>,
-    pub used: Used,
+    pub used: Budget,
     /// What an app saw that the protocol forbids.
     pub violations: BTreeSet<String>,
 }
@@ -417,7 +405,7 @@ impl World {
             late: BTreeSet::new(),
             client: Told::Nothing,
             txn: None,
-            used: Used::default(),
+            used: Budget::default(),
             violations: BTreeSet::new(),
         };
         w.net.insert(Msg::Call {
@@ -657,7 +645,7 @@ impl World {
         }
     }
 
-    fn fault(&mut self, kind: impl FnOnce(&mut Used) -> &mut u8) {
+    fn fault(&mut self, kind: impl FnOnce(&mut Budget) -> &mut u8) {
         self.used.total += 1;
         *kind(&mut self.used) += 1;
     }
