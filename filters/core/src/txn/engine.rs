@@ -20,7 +20,8 @@ use crate::host::{Callout, CalloutResponse, FilterHost, LogLevel, MetricKind, Ve
 use crate::json::Obj;
 use crate::labels::encode;
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 pub const PREPARE_PATH: &str = "/txmesh/prepare";
 pub const COMMIT_PATH: &str = "/txmesh/commit";
@@ -261,10 +262,10 @@ enum Gauge {
     Abandoned,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct TxnMetrics {
-    total: BTreeMap<(&'static str, &'static str), u32>,
-    duration: BTreeMap<&'static str, u32>,
+    total: HashMap<(&'static str, &'static str), u32>,
+    duration: HashMap<&'static str, u32>,
     participants: Option<u32>,
     in_flight: Option<u32>,
     in_doubt: Option<u32>,
@@ -272,15 +273,16 @@ struct TxnMetrics {
 }
 
 /// Clone, Eq and Hash so that the model check (`tests/model/`) can hold
-/// engines in its states.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// engines in its states (the maps stay `HashMap`s: smaller in the `.wasm`
+/// than `BTreeMap`s; [`Hash`] visits them in key order).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxnEngine {
     cfg: TxnConfig,
     node: String,
     table: Table,
-    ops: BTreeMap<u32, Op>,
-    jobs: BTreeMap<TxnId, Job>,
-    calls: BTreeMap<u32, Call>,
+    ops: HashMap<u32, Op>,
+    jobs: HashMap<TxnId, Job>,
+    calls: HashMap<u32, Call>,
     metrics: TxnMetrics,
     /// Random token of this engine in the leader election (one engine per
     /// sidecar runs the in-doubt scan and the recovery loop).
@@ -303,6 +305,41 @@ pub const UNPEND_INTERVAL_MS: u64 = 100;
 pub const UNPEND_BATCH: usize = 128;
 
 const LEADER_KEY: &str = "txmesh.txn.leader";
+
+/// Hashes a map in key order (its iteration order is arbitrary).
+fn hash_sorted<K: Ord + Hash, V: Hash, H: Hasher>(m: &HashMap<K, V>, state: &mut H) {
+    let mut entries: Vec<(&K, &V)> = m.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    entries.hash(state);
+}
+
+impl Hash for TxnMetrics {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        hash_sorted(&self.total, state);
+        hash_sorted(&self.duration, state);
+        (
+            self.participants,
+            self.in_flight,
+            self.in_doubt,
+            self.abandoned,
+        )
+            .hash(state);
+    }
+}
+
+impl Hash for TxnEngine {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.cfg.hash(state);
+        self.node.hash(state);
+        self.table.hash(state);
+        hash_sorted(&self.ops, state);
+        hash_sorted(&self.jobs, state);
+        hash_sorted(&self.calls, state);
+        self.metrics.hash(state);
+        (self.token, self.next_scan_ms, self.recovery_inflight).hash(state);
+        (&self.unpend, self.next_unpend_ms, self.root_ctx).hash(state);
+    }
+}
 
 fn json_error(msg: &str) -> Vec<u8> {
     Obj::new().str("error", msg).build().into_bytes()
@@ -417,9 +454,9 @@ impl TxnEngine {
             cfg,
             node,
             table,
-            ops: BTreeMap::new(),
-            jobs: BTreeMap::new(),
-            calls: BTreeMap::new(),
+            ops: HashMap::new(),
+            jobs: HashMap::new(),
+            calls: HashMap::new(),
             metrics: TxnMetrics::default(),
             token: u64::from_le_bytes({
                 let r = host.random_id();
@@ -773,145 +810,6 @@ impl TxnEngine {
     }
 
     // ----- status ----------------------------------------------------------
-
-    fn status(&mut self, h: &impl FilterHost, ctx: u32, txn: TxnId) -> (Stream, Verdict) {
-        let now = h.now_ms();
-        let grace = self.cfg.in_doubt_grace_ms;
-        let entry = self.table.get(h, &txn);
-        let local = match &entry {
-            Some(e) => match e.phase {
-                Phase::Committed => Some("committed"),
-                Phase::Aborted => Some("aborted"),
-                // Root: undecided while its own coordinator works on it.
-                Phase::Active | Phase::Preparing
-                    if e.role == Role::Root && now < e.deadline_ms.saturating_add(grace) =>
-                {
-                    Some("active")
-                }
-                Phase::Active if now < e.deadline_ms => Some("active"),
-                // A participant that may be prepared: the decision may
-                // already be in etcd; ask it (and resolve past deadline + grace).
-                _ => None,
-            },
-            None => self.recent(h, &txn).map(Outcome::as_str),
-        };
-        if let Some(outcome) = local {
-            Self::status_reply(h, ctx, &txn, outcome);
-            return (Stream::Pass, Verdict::Pause);
-        }
-        // The deadline, if anyone knows it: our table, or the asking app.
-        let deadline = entry.as_ref().map(|e| e.deadline_ms).or_else(|| {
-            h.request_header(id::DEADLINE_HEADER)
-                .and_then(|v| id::parse_deadline(&v).ok())
-        });
-        let resolve = deadline.is_some_and(|d| now >= d.saturating_add(grace));
-        let miss = if entry.is_some() { "active" } else { "unknown" };
-        let call = Callout {
-            cluster: self.cfg.etcd_cluster.clone(),
-            method: "POST",
-            path: "/v3/kv/range".to_string(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: etcd::range_body(&etcd::decision_key(&txn)).into_bytes(),
-            timeout_ms: self.cfg.etcd_timeout_ms,
-        };
-        match h.dispatch(&call) {
-            Ok(token) => {
-                self.calls.insert(token, Call::Op { ctx, target: None });
-                self.ops.insert(
-                    ctx,
-                    Op::new(
-                        OpKind::Status,
-                        ctx,
-                        txn,
-                        deadline.unwrap_or(0),
-                        now,
-                        Vec::new(),
-                        Stage::StatusRead { resolve, miss },
-                        now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
-                    ),
-                );
-                (Stream::Owned, Verdict::Pause)
-            }
-            Err(e) => self.reject(h, ctx, 503, &format!("etcd unreachable: {e}")),
-        }
-    }
-
-    /// `GET /txmesh/txns?state=in-doubt|active|all`: what this sidecar's table holds.
-    fn listing(&mut self, h: &impl FilterHost, ctx: u32, path: &[u8]) -> (Stream, Verdict) {
-        let query = path.splitn(2, |&b| b == b'?').nth(1).unwrap_or_default();
-        let mut state: &[u8] = b"all";
-        for pair in query.split(|&b| b == b'&') {
-            if let Some(v) = pair.strip_prefix(b"state=") {
-                state = v;
-            }
-        }
-        if !matches!(state, b"all" | b"active" | b"in-doubt") {
-            return self.reject(h, ctx, 400, "state must be one of in-doubt, active, all");
-        }
-        let now = h.now_ms();
-        let mut items = Vec::new();
-        for e in self.table.all(h) {
-            let in_doubt = match e.phase {
-                Phase::Active | Phase::Preparing => now > e.deadline_ms,
-                // Decided here, phase 2 not yet acknowledged by everyone.
-                Phase::Committed | Phase::Aborted => true,
-            };
-            let keep = match state {
-                b"in-doubt" => in_doubt,
-                b"active" => !in_doubt,
-                _ => true,
-            };
-            if !keep {
-                continue;
-            }
-            let role = match e.role {
-                Role::Root => "root",
-                Role::Sub => "sub",
-                Role::Participant => "participant",
-            };
-            let participants: Vec<String> = e.participants.iter().map(|(c, _)| c.clone()).collect();
-            items.push(
-                Obj::new()
-                    .str("txn", &e.txn.to_string())
-                    .str("role", role)
-                    .str("phase", e.phase.as_str())
-                    .bool("in_doubt", in_doubt)
-                    .num("deadline_ms", e.deadline_ms)
-                    .strs("participants", &participants)
-                    .build(),
-            );
-        }
-        let body = Obj::new()
-            .str("node", &self.node)
-            .raw("txns", &format!("[{}]", items.join(",")))
-            .build();
-        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
-        (Stream::Pass, Verdict::Pause)
-    }
-
-    fn status_reply(h: &impl FilterHost, ctx: u32, txn: &TxnId, outcome: &str) {
-        let body = Obj::new()
-            .str("txn", &txn.to_string())
-            .str("outcome", outcome)
-            .build();
-        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
-    }
-
-    fn recent_key(txn: &TxnId) -> String {
-        format!("txmesh.txn.r.{}", txn.hashes().0 % RECENT_SLOTS)
-    }
-
-    fn remember(h: &impl FilterHost, txn: &TxnId, outcome: Outcome) {
-        let v = format!("{txn} {}", outcome.as_str());
-        let _ = h.shared_set(&Self::recent_key(txn), v.as_bytes(), None);
-    }
-
-    fn recent(&self, h: &impl FilterHost, txn: &TxnId) -> Option<Outcome> {
-        let v = h.shared_get(&Self::recent_key(txn)).0?;
-        let s = std::str::from_utf8(&v).ok()?;
-        let (id, outcome) = s.split_once(' ')?;
-        (id == txn.to_string()).then(|| Outcome::parse(outcome))?
-    }
 
     // ----- response headers ------------------------------------------------
 
@@ -1889,343 +1787,7 @@ impl TxnEngine {
         self.start_job(h, op, Some(Outcome::Aborted), record, r);
     }
 
-    fn finish_metrics(
-        &mut self,
-        h: &impl FilterHost,
-        op: &Op,
-        outcome: Outcome,
-        r: Cause,
-        now: u64,
-    ) {
-        if op.kind != OpKind::RootPrepare {
-            return;
-        }
-        self.count_txn(h, Some(outcome), r);
-        self.gauge_in_flight(h, -1);
-        let o = outcome.as_str();
-        let id = match self.metrics.duration.get(o) {
-            Some(id) => Some(*id),
-            None => {
-                let name = encode(&[("outcome", o)], "txmesh_txn_duration_milliseconds");
-                let id = h.define_metric(MetricKind::Histogram, &name).ok();
-                if let Some(id) = id {
-                    self.metrics.duration.insert(o, id);
-                }
-                id
-            }
-        };
-        if let Some(id) = id {
-            let _ = h.record_metric(id, now.saturating_sub(op.started_ms));
-        }
-        if self.metrics.participants.is_none() {
-            self.metrics.participants = h
-                .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
-                .ok();
-        }
-        if let Some(id) = self.metrics.participants {
-            let _ = h.record_metric(id, op.targets.len() as u64);
-        }
-    }
-
-    /// `outcome` None: unknown (etcd did not confirm the decision).
-    fn count_txn(&mut self, h: &impl FilterHost, outcome: Option<Outcome>, cause: Cause) {
-        let o = outcome.map_or("unknown", Outcome::as_str);
-        let r = cause.as_str();
-        let id = match self.metrics.total.get(&(o, r)) {
-            Some(id) => Some(*id),
-            None => {
-                let name = encode(&[("outcome", o), ("reason", r)], "txmesh_txn_total");
-                let id = h.define_metric(MetricKind::Counter, &name).ok();
-                if let Some(id) = id {
-                    self.metrics.total.insert((o, r), id);
-                }
-                id
-            }
-        };
-        if let Some(id) = id {
-            let _ = h.increment_metric(id, 1);
-        }
-    }
-
-    fn gauge_in_flight(&mut self, h: &impl FilterHost, delta: i64) {
-        if self.metrics.in_flight.is_none() {
-            self.metrics.in_flight = h
-                .define_metric(MetricKind::Gauge, "txmesh_txn_in_flight")
-                .ok();
-        }
-        if let Some(id) = self.metrics.in_flight {
-            let _ = h.increment_metric(id, delta);
-        }
-    }
-
-    fn gauge(&mut self, h: &impl FilterHost, which: Gauge, delta: i64) {
-        let (slot, kind, name) = match which {
-            Gauge::InDoubt => (
-                &mut self.metrics.in_doubt,
-                MetricKind::Gauge,
-                "txmesh_txn_in_doubt",
-            ),
-            Gauge::Abandoned => (
-                &mut self.metrics.abandoned,
-                MetricKind::Counter,
-                "txmesh_txn_phase2_abandoned_total",
-            ),
-        };
-        if slot.is_none() {
-            *slot = h.define_metric(kind, name).ok();
-        }
-        if let Some(id) = *slot {
-            let _ = h.increment_metric(id, delta);
-        }
-    }
-
-    /// Defines the transaction metrics up front so they show (at zero) from the start.
-    pub fn define_metrics(&mut self, h: &impl FilterHost) {
-        self.gauge_in_flight(h, 0);
-        self.gauge(h, Gauge::InDoubt, 0);
-        self.gauge(h, Gauge::Abandoned, 0);
-        if self.metrics.participants.is_none() {
-            self.metrics.participants = h
-                .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
-                .ok();
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn log_decision(
-        &self,
-        h: &impl FilterHost,
-        op: &Op,
-        outcome: Outcome,
-        r: Cause,
-        why: &str,
-        participant: &str,
-        now: u64,
-    ) {
-        if op.kind != OpKind::RootPrepare {
-            return;
-        }
-        let votes: Vec<String> = op
-            .targets
-            .iter()
-            .map(|t| {
-                let v = match &t.vote {
-                    Some(Vote::Commit) => "commit",
-                    Some(Vote::ReadOnly) => "readonly",
-                    Some(Vote::Abort { .. }) => "abort",
-                    None if t.token.is_some() => "pending",
-                    None => "none",
-                };
-                format!("{}:{v}", t.name)
-            })
-            .collect();
-        let prepare_ms = op.voted_ms.map_or("-".to_string(), |v| {
-            v.saturating_sub(op.started_ms).to_string()
-        });
-        let decide_ms = op
-            .voted_ms
-            .map_or("-".to_string(), |v| now.saturating_sub(v).to_string());
-        let mut line = format!(
-            "txn {} {} reason={} trace={} participants={} prepare_ms={prepare_ms} decide_ms={decide_ms} total_ms={}",
-            op.txn,
-            outcome.as_str(),
-            r.as_str(),
-            op.trace.as_deref().unwrap_or("-"),
-            votes.join(","),
-            now.saturating_sub(op.started_ms),
-        );
-        // The app's work (begin to its answer, downstream calls included),
-        // the prepare round (its answer to the last vote) and the decision
-        // (the last vote to now: the record write and the answer), in µs:
-        // where a transaction's added latency goes.
-        if let Some(v) = op.voted_us.filter(|_| op.responded_us > 0) {
-            if op.started_us > 0 {
-                let app = op.responded_us.saturating_sub(op.started_us);
-                line.push_str(&format!(" app_us={app}"));
-            }
-            line.push_str(&format!(
-                " prepare_us={} record_us={}",
-                v.saturating_sub(op.responded_us),
-                h.now_us().saturating_sub(v)
-            ));
-            // Of the record step, etcd's round trip as the filter saw it
-            // (the write dispatched to its answer's callback).
-            if op.record_sent_us > 0 && op.record_answered_us >= op.record_sent_us {
-                line.push_str(&format!(
-                    " etcd_us={}",
-                    op.record_answered_us - op.record_sent_us
-                ));
-            }
-        }
-        if !why.is_empty() {
-            line.push_str(&format!(" why=\"{why}\" by={participant}"));
-        }
-        h.log(LogLevel::Info, &line);
-    }
-
     // ----- phase-2 jobs ----------------------------------------------------
-
-    fn start_job(
-        &mut self,
-        h: &impl FilterHost,
-        op: &Op,
-        outcome: Option<Outcome>,
-        record: Record,
-        r: Cause,
-    ) {
-        let now = h.now_ms();
-        let targets: Vec<JobTarget> = op
-            .targets
-            .iter()
-            .map(|t| JobTarget {
-                name: t.name.clone(),
-                cluster: t.cluster.clone(),
-                vote: t.vote.clone(),
-                acked: false,
-                inflight: false,
-                attempts: 0,
-                next_ms: now,
-            })
-            .collect();
-        let job = Job {
-            outcome,
-            record,
-            record_inflight: false,
-            record_attempts: 0,
-            record_next_ms: now,
-            targets,
-            deadline_ms: op.deadline_ms,
-            give_up_ms: now.saturating_add(self.cfg.phase2_give_up_ms),
-            cause: r,
-            trace: op.trace.clone().unwrap_or_default(),
-            unpend: outcome == Some(Outcome::Committed) && record == Record::Done,
-            degraded: false,
-        };
-        self.jobs.insert(op.txn, job);
-        // Phase 2 starts now, not at the next tick: participants hold their
-        // prepared state (locks) until it arrives.
-        self.drive_job(h, op.txn, now);
-    }
-
-    fn wants(outcome: Outcome, vote: &Option<Vote>) -> bool {
-        match outcome {
-            Outcome::Committed => *vote == Some(Vote::Commit),
-            Outcome::Aborted => *vote != Some(Vote::ReadOnly),
-        }
-    }
-
-    fn job_target_answer(
-        &mut self,
-        h: &impl FilterHost,
-        txn: TxnId,
-        idx: usize,
-        resp: CalloutResponse,
-    ) {
-        let now = h.now_ms();
-        let Some(job) = self.jobs.get_mut(&txn) else {
-            return;
-        };
-        let Some(t) = job.targets.get_mut(idx) else {
-            return;
-        };
-        t.inflight = false;
-        if is_2xx(resp.status) {
-            t.acked = true;
-            if job.unpend && job.degraded {
-                // Record who has acknowledged, so a recovery after a crash
-                // re-sends only to the others.
-                let parts = job
-                    .targets
-                    .iter()
-                    .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, t.acked)));
-                let (key, value) =
-                    Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts);
-                let call = Callout {
-                    cluster: self.cfg.etcd_cluster.clone(),
-                    method: "POST",
-                    path: "/v3/kv/put".to_string(),
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: etcd::put_body(&key, &value).into_bytes(),
-                    timeout_ms: self.cfg.etcd_timeout_ms,
-                };
-                let _ = h.dispatch_in(self.root_ctx, &call);
-            }
-        } else {
-            job.degraded = true;
-            t.attempts += 1;
-            t.next_ms = now + backoff_ms(t.attempts);
-            let outcome = job.outcome.map_or("?", Outcome::as_str);
-            h.log(
-                LogLevel::Warn,
-                &format!(
-                    "txn {txn}: {outcome} not acknowledged by {} ({}), retry {} in {} ms",
-                    t.name,
-                    resp.status
-                        .map_or("no answer".to_string(), |s| format!("answered {s}")),
-                    t.attempts,
-                    backoff_ms(t.attempts)
-                ),
-            );
-        }
-    }
-
-    fn job_record_answer(&mut self, h: &impl FilterHost, txn: TxnId, resp: CalloutResponse) {
-        let now = h.now_ms();
-        let Some(job) = self.jobs.get_mut(&txn) else {
-            return;
-        };
-        job.record_inflight = false;
-        let result = if resp.status == Some(200) {
-            etcd::parse_cas_response(&resp.body)
-        } else {
-            Err(format!("etcd answered {:?}", resp.status))
-        };
-        match result {
-            Ok(CasResult::Created) => {
-                if job.record == Record::Resolve {
-                    job.outcome = Some(Outcome::Aborted);
-                }
-                job.record = Record::Done;
-            }
-            Ok(CasResult::Exists(v)) => {
-                let found = etcd::outcome_of(&v);
-                match (job.record, found) {
-                    (Record::Resolve, Some(o)) => job.outcome = Some(o),
-                    (_, Some(o)) if Some(o) != job.outcome => {
-                        h.log(
-                            LogLevel::Error,
-                            &format!(
-                                "txn {txn}: etcd holds {} but this coordinator decided {}; obeying etcd",
-                                o.as_str(),
-                                job.outcome.map_or("?", Outcome::as_str)
-                            ),
-                        );
-                        job.outcome = Some(o);
-                    }
-                    _ => {}
-                }
-                job.record = Record::Done;
-            }
-            Err(_) => {
-                job.record_attempts += 1;
-                job.record_next_ms = now + backoff_ms(job.record_attempts);
-            }
-        }
-        if job.record == Record::Done && job.cause.awaits_etcd() {
-            let was_root = job.cause == Cause::Unknown;
-            let resolved = job.outcome.map_or("?", Outcome::as_str);
-            h.log(
-                LogLevel::Warn,
-                &format!("txn {txn}: in-doubt outcome resolved from etcd: {resolved}"),
-            );
-            if let Some(o) = job.outcome {
-                job.cause = Cause::Resolved(o);
-            }
-            if was_root {
-                self.gauge(h, Gauge::InDoubt, -1);
-            }
-        }
-    }
 
     // ----- ticks and stream end ---------------------------------------------
 
@@ -2255,204 +1817,6 @@ impl TxnEngine {
         self.drive_jobs(h, now);
         if now >= self.next_unpend_ms && !self.unpend.is_empty() {
             self.flush_unpend(h, now);
-        }
-    }
-
-    /// Deletes finished transactions' pending-work keys, up to
-    /// [`UNPEND_BATCH`] in one request. Fire and forget: if it is lost, the
-    /// recovery loop re-sends the (idempotent) commits and deletes the keys.
-    fn flush_unpend(&mut self, h: &impl FilterHost, now: u64) {
-        self.next_unpend_ms = now.saturating_add(UNPEND_INTERVAL_MS);
-        while !self.unpend.is_empty() {
-            let n = self.unpend.len().min(UNPEND_BATCH);
-            let keys: Vec<String> = self.unpend.drain(..n).collect();
-            let (path, body) = match keys.as_slice() {
-                [one] => ("/v3/kv/deleterange", etcd::delete_body(one)),
-                many => ("/v3/kv/txn", etcd::delete_many_body(many)),
-            };
-            let _ = h.dispatch_in(
-                self.root_ctx,
-                &Callout {
-                    cluster: self.cfg.etcd_cluster.clone(),
-                    method: "POST",
-                    path: path.to_string(),
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: body.into_bytes(),
-                    timeout_ms: self.cfg.etcd_timeout_ms,
-                },
-            );
-        }
-    }
-
-    /// One engine per sidecar (all workers and listeners share the VM's
-    /// shared data) holds the leader key; another takes over when it has not
-    /// renewed it for three scan intervals.
-    fn elect(&mut self, h: &impl FilterHost, now: u64) -> bool {
-        let (value, cas) = h.shared_get(LEADER_KEY);
-        let current = value
-            .as_deref()
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| {
-                let (t, at) = v.split_once(' ')?;
-                Some((t.parse::<u64>().ok()?, at.parse::<u64>().ok()?))
-            });
-        let stale = |at: u64| now > at.saturating_add(3 * self.cfg.recovery_interval_ms);
-        let mine = match current {
-            None => true,
-            Some((t, _)) if t == self.token => true,
-            Some((_, at)) => stale(at),
-        };
-        mine && h
-            .shared_set(LEADER_KEY, format!("{} {now}", self.token).as_bytes(), cas)
-            .is_ok()
-    }
-
-    /// Participants (and sub-coordinators) prepared with no decision past
-    /// deadline + grace: resolve from etcd, CAS-writing abort if there is no
-    /// decision, then deliver the outcome. No one waits on a dead coordinator.
-    fn resolve_in_doubt(&mut self, h: &impl FilterHost, now: u64) {
-        let grace = self.cfg.in_doubt_grace_ms;
-        for e in self.table.all(h) {
-            if e.role == Role::Root
-                || e.phase != Phase::Preparing
-                || now < e.deadline_ms.saturating_add(grace)
-                || self.jobs.contains_key(&e.txn)
-            {
-                continue;
-            }
-            let app = self.cfg.app_cluster.clone();
-            let mut targets: Vec<Target> = e
-                .participants
-                .iter()
-                .filter(|(_, m)| *m != Mark::ReadOnly)
-                .map(|(c, m)| Target {
-                    name: if *c == app {
-                        self.node.clone()
-                    } else {
-                        c.clone()
-                    },
-                    cluster: c.clone(),
-                    vote: Some(match m {
-                        Mark::Abort => Vote::Abort {
-                            cause: Cause::VoteAbort,
-                            reason: String::new(),
-                            participant: c.clone(),
-                        },
-                        _ => Vote::Commit,
-                    }),
-                    token: None,
-                })
-                .collect();
-            if !e.participants.iter().any(|(c, _)| *c == app) {
-                targets.push(Target {
-                    name: self.node.clone(),
-                    cluster: app,
-                    vote: Some(Vote::Commit),
-                    token: None,
-                });
-            }
-            h.log(
-                LogLevel::Warn,
-                &format!(
-                    "txn {}: in doubt (prepared, no decision {grace} ms past the deadline); resolving from etcd",
-                    e.txn
-                ),
-            );
-            let op = Op::new(
-                OpKind::SubPrepare,
-                0,
-                e.txn,
-                e.deadline_ms,
-                now,
-                targets,
-                Stage::Finishing,
-                now,
-            );
-            self.start_job(h, &op, None, Record::Resolve, Cause::InDoubt);
-        }
-    }
-
-    /// Re-drives this node's commit decisions whose phase 2 has not finished
-    /// (after a crash of this sidecar, or a participant down for long).
-    fn recover(&mut self, h: &impl FilterHost) {
-        if self.recovery_inflight {
-            return;
-        }
-        let prefix = format!("{}{}/", etcd::PENDING_PREFIX, self.node);
-        let call = Callout {
-            cluster: self.cfg.etcd_cluster.clone(),
-            method: "POST",
-            path: "/v3/kv/range".to_string(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: etcd::range_prefix_body(&prefix, 64).into_bytes(),
-            timeout_ms: self.cfg.etcd_timeout_ms,
-        };
-        if let Ok(token) = h.dispatch_in(self.root_ctx, &call) {
-            self.recovery_inflight = true;
-            self.calls.insert(token, Call::Recovery);
-        }
-    }
-
-    fn recovery_answer(&mut self, h: &impl FilterHost, resp: CalloutResponse) {
-        self.recovery_inflight = false;
-        if resp.status != Some(200) {
-            return; // etcd unreachable: the next scan tries again
-        }
-        let Ok(values) = etcd::parse_range_values(&resp.body) else {
-            return;
-        };
-        let now = h.now_ms();
-        for v in values {
-            let Ok(p) = serde_json::from_slice::<etcd::Pending>(&v) else {
-                continue;
-            };
-            let Ok(txn) = TxnId::parse(p.txn.as_bytes()) else {
-                continue;
-            };
-            if self.jobs.contains_key(&txn)
-                || now < p.time_ms.saturating_add(self.cfg.recovery_after_ms)
-                || Outcome::parse(&p.outcome) != Some(Outcome::Committed)
-            {
-                continue;
-            }
-            h.log(
-                LogLevel::Warn,
-                &format!(
-                    "txn {txn}: commit recorded {} ms ago and not acknowledged by everyone; re-driving phase 2",
-                    now.saturating_sub(p.time_ms)
-                ),
-            );
-            let targets = p
-                .targets
-                .iter()
-                .map(|t| Target {
-                    name: t.name.clone(),
-                    cluster: t.cluster.clone(),
-                    vote: Some(if t.vote == "commit" {
-                        Vote::Commit
-                    } else {
-                        Vote::ReadOnly
-                    }),
-                    token: None,
-                })
-                .collect();
-            let op = Op::new(
-                OpKind::RootPrepare,
-                0,
-                txn,
-                p.deadline_ms,
-                now,
-                targets,
-                Stage::Finishing,
-                now,
-            );
-            self.start_job(
-                h,
-                &op,
-                Some(Outcome::Committed),
-                Record::Done,
-                Cause::Recovered,
-            );
         }
     }
 
@@ -2497,150 +1861,6 @@ impl TxnEngine {
                 );
             }
         }
-    }
-
-    fn drive_jobs(&mut self, h: &impl FilterHost, now: u64) {
-        let txns: Vec<TxnId> = self.jobs.keys().copied().collect();
-        for txn in txns {
-            self.drive_job(h, txn, now);
-        }
-    }
-
-    /// One step of `txn`'s phase-2 job: the record it owes, the commits or
-    /// aborts that are due, and its end. Dispatches from the root context.
-    fn drive_job(&mut self, h: &impl FilterHost, txn: TxnId, now: u64) {
-        let Some(job) = self.jobs.get_mut(&txn) else {
-            return;
-        };
-        // 1. The record, if one is owed.
-        if job.record != Record::Done && !job.record_inflight && now >= job.record_next_ms {
-            let outcome = match job.record {
-                Record::WriteCommit => Outcome::Committed,
-                _ => Outcome::Aborted,
-            };
-            let d = Decision {
-                txn,
-                outcome,
-                participants: job.targets.iter().map(|t| t.name.clone()).collect(),
-                coordinator: self.node.clone(),
-                time_ms: now,
-                reason: job.cause.as_str().to_string(),
-                trace: job.trace.clone(),
-                begun_ms: 0,
-            };
-            let pending = (outcome == Outcome::Committed).then(|| {
-                let parts = job
-                    .targets
-                    .iter()
-                    .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, false)));
-                Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts)
-            });
-            if pending.is_some() {
-                job.unpend = true;
-            }
-            let call = Self::record_call(&self.cfg, &d, pending);
-            if let Ok(token) = h.dispatch_in(self.root_ctx, &call) {
-                job.record_inflight = true;
-                self.calls.insert(token, Call::JobRecord { txn });
-            } else {
-                job.record_attempts += 1;
-                job.record_next_ms = now + backoff_ms(job.record_attempts);
-            }
-        }
-        let Some(job) = self.jobs.get_mut(&txn) else {
-            return;
-        };
-        // A commit is sent only once its record is durable; an unknown
-        // outcome waits for etcd.
-        let ready = match (job.outcome, job.record) {
-            (None, _) => false,
-            (Some(Outcome::Committed), r) => r == Record::Done,
-            (Some(Outcome::Aborted), Record::Resolve) => false,
-            (Some(Outcome::Aborted), _) => true,
-        };
-        if ready {
-            if let Some(outcome) = job.outcome {
-                let path = match outcome {
-                    Outcome::Committed => COMMIT_PATH,
-                    Outcome::Aborted => ABORT_PATH,
-                };
-                for idx in 0..job.targets.len() {
-                    let Some(t) = job.targets.get(idx) else {
-                        continue;
-                    };
-                    if t.acked || t.inflight || now < t.next_ms || !Self::wants(outcome, &t.vote) {
-                        continue;
-                    }
-                    let call = Self::control_call(
-                        &t.cluster,
-                        path,
-                        &txn,
-                        job.deadline_ms,
-                        self.cfg.control_timeout_ms,
-                    );
-                    let dispatched = h.dispatch_in(self.root_ctx, &call);
-                    if let Some(t) = job.targets.get_mut(idx) {
-                        match dispatched {
-                            Ok(token) => {
-                                t.inflight = true;
-                                self.calls.insert(token, Call::JobTarget { txn, idx });
-                            }
-                            Err(_) => {
-                                t.attempts += 1;
-                                t.next_ms = now + backoff_ms(t.attempts);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // 2. Done, or given up?
-        let Some(job) = self.jobs.get(&txn) else {
-            return;
-        };
-        let all_acked = job.outcome.is_some_and(|o| {
-            job.targets
-                .iter()
-                .all(|t| t.acked || !Self::wants(o, &t.vote))
-        }) && job.record == Record::Done;
-        if all_acked {
-            if job.unpend {
-                self.unpend.push(etcd::pending_key(&self.node, &txn));
-                if self.unpend.len() >= UNPEND_BATCH {
-                    self.flush_unpend(h, now);
-                }
-            }
-            self.end_job(h, txn);
-        } else if now >= job.give_up_ms {
-            let missing: Vec<&str> = job
-                .targets
-                .iter()
-                .filter(|t| !t.acked)
-                .map(|t| t.name.as_str())
-                .collect();
-            h.log(
-                LogLevel::Error,
-                &format!(
-                    "txn {txn}: phase 2 ({}) abandoned after {} ms; unacknowledged: {}; record pending: {}",
-                    job.outcome.map_or("unknown", Outcome::as_str),
-                    self.cfg.phase2_give_up_ms,
-                    missing.join(","),
-                    job.record != Record::Done
-                ),
-            );
-            self.end_job(h, txn);
-            self.gauge(h, Gauge::Abandoned, 1);
-        }
-    }
-
-    /// Forgets `txn`'s phase-2 job: the job, its calls in flight (their
-    /// answers are then ignored) and its table entry.
-    fn end_job(&mut self, h: &impl FilterHost, txn: TxnId) {
-        self.jobs.remove(&txn);
-        self.calls.retain(|_, c| {
-            !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn)
-        });
-        self.table.remove(h, &txn);
     }
 
     /// The stream went away (client reset, or completed). Envoy cancels its
@@ -2740,6 +1960,11 @@ impl TxnEngine {
         }
     }
 }
+
+mod observe;
+mod phase2;
+mod recovery;
+mod status;
 
 #[cfg(test)]
 mod tests;
