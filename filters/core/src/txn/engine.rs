@@ -425,6 +425,15 @@ fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
     }
 }
 
+/// What a decision-record CAS came to; an answer other than 200 is an error.
+fn cas_answer(resp: &CalloutResponse) -> Result<CasResult, String> {
+    if resp.status == Some(200) {
+        etcd::parse_cas_response(&resp.body)
+    } else {
+        Err(format!("etcd answered {:?}", resp.status))
+    }
+}
+
 /// Whether a failed etcd call certainly never reached etcd (Envoy could not
 /// connect), so nothing it carried can have been applied.
 fn certainly_not_sent(resp: &CalloutResponse) -> bool {
@@ -1293,11 +1302,7 @@ impl TxnEngine {
             (Stage::StatusResolve, None) => {
                 let op_txn = op.txn;
                 self.ops.remove(&ctx);
-                let result = if resp.status == Some(200) {
-                    etcd::parse_cas_response(&resp.body)
-                } else {
-                    Err(format!("etcd answered {:?}", resp.status))
-                };
+                let result = cas_answer(&resp);
                 match result {
                     Ok(CasResult::Created) => {
                         h.log(
@@ -1633,11 +1638,7 @@ impl TxnEngine {
         else {
             return;
         };
-        let result = if resp.status == Some(200) {
-            etcd::parse_cas_response(&resp.body)
-        } else {
-            Err(format!("etcd answered {:?}", resp.status))
-        };
+        let result = cas_answer(&resp);
         let Some(mut op) = self.ops.remove(&ctx) else {
             return;
         };

@@ -815,13 +815,18 @@ impl World {
             return;
         }
         let stream = rec.stream.clone();
+        self.stream_done(sc, p, rec.engine as usize, ctx, &stream);
+    }
+
+    /// The engine's stream-done callback for stream `ctx`, and its effects.
+    fn stream_done(&mut self, sc: &Scenario, p: usize, engine: usize, ctx: u32, stream: &Stream) {
         let (_, host) = self.run(
             sc,
             p,
-            rec.engine as usize,
+            engine,
             ctx,
             |_| {},
-            |e, h| e.on_stream_done(h, ctx, &stream),
+            |e, h| e.on_stream_done(h, ctx, stream),
         );
         self.effects(sc, p, host);
     }
@@ -1164,15 +1169,7 @@ impl World {
                 },
             });
         }
-        let (_, host) = self.run(
-            sc,
-            p,
-            rec.engine as usize,
-            ctx,
-            |_| {},
-            |e, h| e.on_stream_done(h, ctx, &stream),
-        );
-        self.effects(sc, p, host);
+        self.stream_done(sc, p, rec.engine as usize, ctx, &stream);
     }
 
     /// A participant app's answer to a control call, by the contract in

@@ -120,11 +120,7 @@ impl TxnEngine {
             return;
         };
         job.record_inflight = false;
-        let result = if resp.status == Some(200) {
-            etcd::parse_cas_response(&resp.body)
-        } else {
-            Err(format!("etcd answered {:?}", resp.status))
-        };
+        let result = cas_answer(&resp);
         match result {
             Ok(CasResult::Created) => {
                 if job.record == Record::Resolve {
