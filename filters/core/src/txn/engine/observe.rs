@@ -1,21 +1,16 @@
-//! Metrics and the decision log line of a transaction the root decided.
+//! The transaction metrics (the decision log line is built by the root, see root.rs).
 
 use super::*;
 
 impl TxnEngine {
-    pub(super) fn finish_metrics(
+    /// A root decided: how long it took and how many took part.
+    pub(super) fn decided_metrics(
         &mut self,
         h: &impl FilterHost,
-        op: &Op,
         outcome: Outcome,
-        r: Cause,
-        now: u64,
+        duration_ms: u64,
+        participants: u64,
     ) {
-        if op.kind != OpKind::RootPrepare {
-            return;
-        }
-        self.count_txn(h, Some(outcome), r);
-        self.gauge_in_flight(h, -1);
         let o = outcome.as_str();
         let id = match self.metrics.duration.get(o) {
             Some(id) => Some(*id),
@@ -29,7 +24,7 @@ impl TxnEngine {
             }
         };
         if let Some(id) = id {
-            let _ = h.record_metric(id, now.saturating_sub(op.started_ms));
+            let _ = h.record_metric(id, duration_ms);
         }
         if self.metrics.participants.is_none() {
             self.metrics.participants = h
@@ -37,7 +32,7 @@ impl TxnEngine {
                 .ok();
         }
         if let Some(id) = self.metrics.participants {
-            let _ = h.record_metric(id, op.targets.len() as u64);
+            let _ = h.record_metric(id, participants);
         }
     }
 
@@ -89,6 +84,11 @@ impl TxnEngine {
                 MetricKind::Counter,
                 "txmesh_txn_phase2_abandoned_total",
             ),
+            Gauge::InternalErrors => (
+                &mut self.metrics.internal_errors,
+                MetricKind::Counter,
+                "txmesh_txn_internal_errors_total",
+            ),
         };
         if slot.is_none() {
             *slot = h.define_metric(kind, name).ok();
@@ -103,82 +103,11 @@ impl TxnEngine {
         self.gauge_in_flight(h, 0);
         self.gauge(h, Gauge::InDoubt, 0);
         self.gauge(h, Gauge::Abandoned, 0);
+        self.gauge(h, Gauge::InternalErrors, 0);
         if self.metrics.participants.is_none() {
             self.metrics.participants = h
                 .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
                 .ok();
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn log_decision(
-        &self,
-        h: &impl FilterHost,
-        op: &Op,
-        outcome: Outcome,
-        r: Cause,
-        why: &str,
-        participant: &str,
-        now: u64,
-    ) {
-        if op.kind != OpKind::RootPrepare {
-            return;
-        }
-        let votes: Vec<String> = op
-            .targets
-            .iter()
-            .map(|t| {
-                let v = match &t.vote {
-                    Some(Vote::Commit) => "commit",
-                    Some(Vote::ReadOnly) => "readonly",
-                    Some(Vote::Abort { .. }) => "abort",
-                    None if t.token.is_some() => "pending",
-                    None => "none",
-                };
-                format!("{}:{v}", t.name)
-            })
-            .collect();
-        let prepare_ms = op.voted_ms.map_or("-".to_string(), |v| {
-            v.saturating_sub(op.started_ms).to_string()
-        });
-        let decide_ms = op
-            .voted_ms
-            .map_or("-".to_string(), |v| now.saturating_sub(v).to_string());
-        let mut line = format!(
-            "txn {} {} reason={} trace={} participants={} prepare_ms={prepare_ms} decide_ms={decide_ms} total_ms={}",
-            op.txn,
-            outcome.as_str(),
-            r.as_str(),
-            op.trace.as_deref().unwrap_or("-"),
-            votes.join(","),
-            now.saturating_sub(op.started_ms),
-        );
-        // The app's work (begin to its answer, downstream calls included),
-        // the prepare round (its answer to the last vote) and the decision
-        // (the last vote to now: the record write and the answer), in µs:
-        // where a transaction's added latency goes.
-        if let Some(v) = op.voted_us.filter(|_| op.responded_us > 0) {
-            if op.started_us > 0 {
-                let app = op.responded_us.saturating_sub(op.started_us);
-                line.push_str(&format!(" app_us={app}"));
-            }
-            line.push_str(&format!(
-                " prepare_us={} record_us={}",
-                v.saturating_sub(op.responded_us),
-                h.now_us().saturating_sub(v)
-            ));
-            // Of the record step, etcd's round trip as the filter saw it
-            // (the write dispatched to its answer's callback).
-            if op.record_sent_us > 0 && op.record_answered_us >= op.record_sent_us {
-                line.push_str(&format!(
-                    " etcd_us={}",
-                    op.record_answered_us - op.record_sent_us
-                ));
-            }
-        }
-        if !why.is_empty() {
-            line.push_str(&format!(" why=\"{why}\" by={participant}"));
-        }
-        h.log(LogLevel::Info, &line);
     }
 }

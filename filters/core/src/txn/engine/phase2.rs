@@ -1,170 +1,467 @@
 //! Phase 2: jobs that outlive the client's stream — commit or abort sent
 //! to every participant until acknowledged, a decision record still owed,
-//! and the batched deletes of finished transactions' pending-work keys.
+//! an unknown outcome resolved from etcd — and the batched deletes of
+//! finished transactions' pending-work keys. A job is driven from the root
+//! context's tick; its transitions are pure.
 
+use super::effect::{Answer, Cx, Effect, Step, TableOp};
+use super::record::{cas_answer, etcd_call, pending_record, pending_state, record_call};
+use super::vote::{control_call, Vote};
 use super::*;
 
-impl TxnEngine {
-    pub(super) fn start_job(
-        &mut self,
-        h: &impl FilterHost,
-        op: &Op,
-        outcome: Option<Outcome>,
-        record: Record,
-        r: Cause,
-    ) {
-        let now = h.now_ms();
-        let targets: Vec<JobTarget> = op
-            .targets
-            .iter()
-            .map(|t| JobTarget {
-                name: t.name.clone(),
-                cluster: t.cluster.clone(),
-                vote: t.vote.clone(),
-                acked: false,
-                inflight: false,
-                attempts: 0,
-                next_ms: now,
-            })
-            .collect();
-        let job = Job {
-            outcome,
-            record,
-            record_inflight: false,
-            record_attempts: 0,
-            record_next_ms: now,
-            targets,
-            deadline_ms: op.deadline_ms,
-            give_up_ms: now.saturating_add(self.cfg.phase2_give_up_ms),
-            cause: r,
-            trace: op.trace.clone().unwrap_or_default(),
-            unpend: outcome == Some(Outcome::Committed) && record == Record::Done,
-            degraded: false,
-        };
-        self.jobs.insert(op.txn, job);
-        // Phase 2 starts now, not at the next tick: participants hold their
-        // prepared state (locks) until it arrives.
-        self.drive_job(h, op.txn, now);
-    }
+/// One send that is retried with backoff until it succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Send {
+    /// To (re)send at `at_ms`; `attempts` failed so far.
+    Due {
+        at_ms: u64,
+        attempts: u32,
+    },
+    InFlight {
+        attempts: u32,
+    },
+}
 
-    pub(super) fn wants(outcome: Outcome, vote: &Option<Vote>) -> bool {
-        match outcome {
-            Outcome::Committed => *vote == Some(Vote::Commit),
-            Outcome::Aborted => *vote != Some(Vote::ReadOnly),
+impl Send {
+    fn now() -> Self {
+        Send::Due {
+            at_ms: 0,
+            attempts: 0,
         }
     }
 
-    pub(super) fn job_target_answer(
-        &mut self,
-        h: &impl FilterHost,
+    fn due(&self, now: u64) -> Option<u32> {
+        match *self {
+            Send::Due { at_ms, attempts } if now >= at_ms => Some(attempts),
+            Send::Due { .. } | Send::InFlight { .. } => None,
+        }
+    }
+
+    /// It failed: again after a backoff.
+    fn failed(&self, now: u64) -> Self {
+        let attempts = match *self {
+            Send::Due { attempts, .. } | Send::InFlight { attempts } => attempts + 1,
+        };
+        Send::Due {
+            at_ms: now + backoff_ms(attempts),
+            attempts,
+        }
+    }
+}
+
+fn backoff_ms(attempts: u32) -> u64 {
+    (100u64 << attempts.min(5)).min(2_000)
+}
+
+/// What a job has to do about the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Duty {
+    /// The outcome is unknown: CAS-write abort, then deliver what etcd holds.
+    Resolve(Send),
+    /// Deliver `outcome`. `record`: a record still to write (a commit is
+    /// sent only once its record is durable; aborts go out meanwhile).
+    Deliver {
+        outcome: Outcome,
+        record: Option<Send>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Delivery {
+    Owed(Send),
+    Acked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct JobTarget {
+    pub name: String,
+    pub cluster: String,
+    /// Its vote, if known (decides what it is owed).
+    pub vote: Option<Vote>,
+    pub delivery: Delivery,
+}
+
+/// A participant handed to phase 2.
+pub(super) struct Participant {
+    pub name: String,
+    pub cluster: String,
+    pub vote: Option<Vote>,
+}
+
+/// How a job begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Start {
+    Resolve,
+    Deliver {
+        outcome: Outcome,
+        write_record: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Job {
+    pub txn: TxnId,
+    pub duty: Duty,
+    pub targets: Vec<JobTarget>,
+    pub deadline_ms: u64,
+    pub give_up_ms: u64,
+    pub cause: Cause,
+    /// W3C trace id of the beginning request (empty: none).
+    pub trace: String,
+    /// Delete this coordinator's pending-work key in etcd when done.
+    pub unpend: bool,
+    /// Some participant did not acknowledge at once: from then on each
+    /// acknowledgement is recorded in the pending-work key.
+    pub degraded: bool,
+}
+
+/// Whether a participant that voted `vote` is owed `outcome`.
+pub(super) fn wants(outcome: Outcome, vote: Option<&Vote>) -> bool {
+    match outcome {
+        Outcome::Committed => vote == Some(&Vote::Commit),
+        Outcome::Aborted => vote != Some(&Vote::ReadOnly),
+    }
+}
+
+impl Job {
+    pub fn new(
         txn: TxnId,
-        idx: usize,
-        resp: CalloutResponse,
-    ) {
-        let now = h.now_ms();
-        let Some(job) = self.jobs.get_mut(&txn) else {
-            return;
+        parts: Vec<Participant>,
+        deadline_ms: u64,
+        trace: String,
+        start: Start,
+        cause: Cause,
+        cx: &Cx,
+    ) -> Self {
+        let (duty, unpend) = match start {
+            Start::Resolve => (Duty::Resolve(Send::now()), false),
+            Start::Deliver {
+                outcome,
+                write_record,
+            } => (
+                Duty::Deliver {
+                    outcome,
+                    record: write_record.then(Send::now),
+                },
+                // A commit recorded by the root carries its pending-work key.
+                outcome == Outcome::Committed && !write_record,
+            ),
         };
-        let Some(t) = job.targets.get_mut(idx) else {
-            return;
+        Job {
+            txn,
+            duty,
+            targets: parts
+                .into_iter()
+                .map(|p| JobTarget {
+                    name: p.name,
+                    cluster: p.cluster,
+                    vote: p.vote,
+                    delivery: Delivery::Owed(Send::now()),
+                })
+                .collect(),
+            deadline_ms,
+            give_up_ms: cx.now_ms.saturating_add(cx.cfg.phase2_give_up_ms),
+            cause,
+            trace,
+            unpend,
+            degraded: false,
+        }
+    }
+
+    fn pending(&self, cx: &Cx) -> (String, String) {
+        let parts = self.targets.iter().map(|t| {
+            let acked = t.delivery == Delivery::Acked;
+            (&t.name, &t.cluster, pending_state(t.vote.as_ref(), acked))
+        });
+        pending_record(cx.node, &self.txn, cx.now_ms, self.deadline_ms, parts)
+    }
+
+    /// One step: the record it owes, the commits or aborts that are due,
+    /// and its end (all acknowledged, or given up).
+    pub fn drive(mut self, cx: &Cx) -> Step<Self> {
+        let now = cx.now_ms;
+        let txn = self.txn;
+        let mut effects = Vec::new();
+        // 1. The record, if one is owed.
+        let owed = match self.duty {
+            Duty::Resolve(send) => send.due(now).map(|a| (Outcome::Aborted, a)),
+            Duty::Deliver {
+                outcome,
+                record: Some(send),
+            } => send.due(now).map(|a| (outcome, a)),
+            Duty::Deliver { record: None, .. } => None,
         };
-        t.inflight = false;
-        if is_2xx(resp.status) {
-            t.acked = true;
-            if job.unpend && job.degraded {
+        if let Some((outcome, attempts)) = owed {
+            let d = Decision {
+                txn,
+                outcome,
+                participants: self.targets.iter().map(|t| t.name.clone()).collect(),
+                coordinator: cx.node.to_string(),
+                time_ms: now,
+                reason: self.cause.as_str().to_string(),
+                trace: self.trace.clone(),
+                begun_ms: 0,
+            };
+            let pending = (outcome == Outcome::Committed).then(|| self.pending(cx));
+            if pending.is_some() {
+                self.unpend = true;
+            }
+            let inflight = Send::InFlight { attempts };
+            self.duty = match self.duty {
+                Duty::Resolve(_) => Duty::Resolve(inflight),
+                Duty::Deliver { outcome, .. } => Duty::Deliver {
+                    outcome,
+                    record: Some(inflight),
+                },
+            };
+            effects.push(Effect::Dispatch {
+                call: record_call(cx.cfg, &d, pending),
+                route: Call::JobRecord { txn },
+            });
+        }
+        // 2. Deliveries: a commit only once its record is durable; an
+        // unknown outcome waits for etcd.
+        let deliver = match self.duty {
+            Duty::Resolve(_) => None,
+            Duty::Deliver {
+                outcome: Outcome::Committed,
+                record: Some(_),
+            } => None,
+            Duty::Deliver { outcome, .. } => Some(outcome),
+        };
+        if let Some(outcome) = deliver {
+            let path = match outcome {
+                Outcome::Committed => COMMIT_PATH,
+                Outcome::Aborted => ABORT_PATH,
+            };
+            for (idx, t) in self.targets.iter_mut().enumerate() {
+                let Delivery::Owed(send) = t.delivery else {
+                    continue;
+                };
+                let Some(attempts) = send.due(now) else {
+                    continue;
+                };
+                if !wants(outcome, t.vote.as_ref()) {
+                    continue;
+                }
+                let call = control_call(
+                    &t.cluster,
+                    path,
+                    &txn,
+                    self.deadline_ms,
+                    cx.cfg.control_timeout_ms,
+                );
+                t.delivery = Delivery::Owed(Send::InFlight { attempts });
+                effects.push(Effect::Dispatch {
+                    call,
+                    route: Call::JobTarget { txn, idx },
+                });
+            }
+        }
+        // 3. Done, or given up?
+        let done = match self.duty {
+            Duty::Deliver {
+                outcome,
+                record: None,
+            } => self
+                .targets
+                .iter()
+                .all(|t| t.delivery == Delivery::Acked || !wants(outcome, t.vote.as_ref())),
+            Duty::Deliver {
+                record: Some(_), ..
+            }
+            | Duty::Resolve(_) => false,
+        };
+        if done {
+            if self.unpend {
+                effects.push(Effect::Unpend(txn));
+            }
+            effects.push(Effect::Table(TableOp::Remove(txn)));
+            return Step::end(effects);
+        }
+        if now >= self.give_up_ms {
+            let missing: Vec<&str> = self
+                .targets
+                .iter()
+                .filter(|t| t.delivery != Delivery::Acked)
+                .map(|t| t.name.as_str())
+                .collect();
+            let (outcome, record_pending) = match self.duty {
+                Duty::Resolve(_) => ("unknown", true),
+                Duty::Deliver { outcome, record } => (outcome.as_str(), record.is_some()),
+            };
+            effects.push(Effect::Log(
+                LogLevel::Error,
+                format!(
+                    "txn {txn}: phase 2 ({outcome}) abandoned after {} ms; unacknowledged: {}; record pending: {record_pending}",
+                    cx.cfg.phase2_give_up_ms,
+                    missing.join(","),
+                ),
+            ));
+            effects.push(Effect::Table(TableOp::Remove(txn)));
+            effects.push(Effect::Gauge(Gauge::Abandoned, 1));
+            return Step::end(effects);
+        }
+        Step::stay(self, effects)
+    }
+
+    /// A participant answered a commit or abort.
+    pub fn on_target_answer(mut self, idx: usize, a: &Answer, cx: &Cx) -> Step<Self> {
+        let now = cx.now_ms;
+        let txn = self.txn;
+        let Some(t) = self.targets.get_mut(idx) else {
+            return Step::impossible(
+                self,
+                format!("txn {txn}: phase-2 answer from target {idx} of none"),
+            );
+        };
+        let Delivery::Owed(send @ Send::InFlight { .. }) = t.delivery else {
+            let what = format!(
+                "txn {txn}: phase-2 answer from {} with nothing in flight",
+                t.name
+            );
+            return Step::impossible(self, what);
+        };
+        if a.is_2xx() {
+            t.delivery = Delivery::Acked;
+            if self.unpend && self.degraded {
                 // Record who has acknowledged, so a recovery after a crash
                 // re-sends only to the others.
-                let parts = job
-                    .targets
-                    .iter()
-                    .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, t.acked)));
-                let (key, value) =
-                    Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts);
-                let call = Callout {
-                    cluster: self.cfg.etcd_cluster.clone(),
-                    method: "POST",
-                    path: "/v3/kv/put".to_string(),
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: etcd::put_body(&key, &value).into_bytes(),
-                    timeout_ms: self.cfg.etcd_timeout_ms,
-                };
-                let _ = h.dispatch_in(self.root_ctx, &call);
+                let (key, value) = self.pending(cx);
+                let put = etcd_call(cx.cfg, "/v3/kv/put", etcd::put_body(&key, &value));
+                return Step::stay(self, vec![Effect::Background(put)]);
             }
-        } else {
-            job.degraded = true;
-            t.attempts += 1;
-            t.next_ms = now + backoff_ms(t.attempts);
-            let outcome = job.outcome.map_or("?", Outcome::as_str);
-            h.log(
-                LogLevel::Warn,
-                &format!(
-                    "txn {txn}: {outcome} not acknowledged by {} ({}), retry {} in {} ms",
-                    t.name,
-                    resp.status
-                        .map_or("no answer".to_string(), |s| format!("answered {s}")),
-                    t.attempts,
-                    backoff_ms(t.attempts)
-                ),
-            );
+            return Step::stay(self, Vec::new());
         }
+        let next = send.failed(now);
+        t.delivery = Delivery::Owed(next);
+        let (attempts, at_ms) = match next {
+            Send::Due { at_ms, attempts } => (attempts, at_ms),
+            Send::InFlight { attempts } => (attempts, now),
+        };
+        let outcome = match self.duty {
+            Duty::Deliver { outcome, .. } => outcome.as_str(),
+            Duty::Resolve(_) => "?",
+        };
+        let msg = format!(
+            "txn {txn}: {outcome} not acknowledged by {} ({}), retry {attempts} in {} ms",
+            t.name,
+            a.describe(),
+            at_ms.saturating_sub(now)
+        );
+        self.degraded = true;
+        Step::stay(self, vec![Effect::Log(LogLevel::Warn, msg)])
     }
 
-    pub(super) fn job_record_answer(
+    /// etcd answered the record this job owed.
+    pub fn on_record_answer(mut self, a: &Answer, cx: &Cx) -> Step<Self> {
+        let txn = self.txn;
+        let send = match self.duty {
+            Duty::Resolve(send @ Send::InFlight { .. }) => send,
+            Duty::Deliver {
+                record: Some(send @ Send::InFlight { .. }),
+                ..
+            } => send,
+            Duty::Resolve(Send::Due { .. }) | Duty::Deliver { .. } => {
+                return Step::impossible(
+                    self,
+                    format!("txn {txn}: a record answer with no record in flight"),
+                );
+            }
+        };
+        let mut effects = Vec::new();
+        let decided = match (self.duty, cas_answer(a)) {
+            (Duty::Resolve(_), Ok(CasResult::Created)) => Some(Outcome::Aborted),
+            (Duty::Deliver { outcome, .. }, Ok(CasResult::Created)) => Some(outcome),
+            (duty, Ok(CasResult::Exists(v))) => match (duty, etcd::outcome_of(&v)) {
+                (Duty::Resolve(_), found) => found,
+                (Duty::Deliver { outcome, .. }, Some(found)) if found != outcome => {
+                    effects.push(Effect::Log(
+                        LogLevel::Error,
+                        format!(
+                            "txn {txn}: etcd holds {} but this coordinator decided {}; obeying etcd",
+                            found.as_str(),
+                            outcome.as_str()
+                        ),
+                    ));
+                    Some(found)
+                }
+                (Duty::Deliver { outcome, .. }, _) => Some(outcome),
+            },
+            (_, Err(_)) => None,
+        };
+        let Some(outcome) = decided else {
+            // etcd unreachable (or a record it cannot read): again later.
+            let next = send.failed(cx.now_ms);
+            self.duty = match self.duty {
+                Duty::Resolve(_) => Duty::Resolve(next),
+                Duty::Deliver { outcome, .. } => Duty::Deliver {
+                    outcome,
+                    record: Some(next),
+                },
+            };
+            return Step::stay(self, effects);
+        };
+        self.duty = Duty::Deliver {
+            outcome,
+            record: None,
+        };
+        if self.cause.awaits_etcd() {
+            effects.push(Effect::Log(
+                LogLevel::Warn,
+                format!(
+                    "txn {txn}: in-doubt outcome resolved from etcd: {}",
+                    outcome.as_str()
+                ),
+            ));
+            if self.cause == Cause::Unknown {
+                // The root's own unknown outcome (counted in txmesh_txn_in_doubt).
+                effects.push(Effect::Gauge(Gauge::InDoubt, -1));
+            }
+            self.cause = Cause::Resolved(outcome);
+        }
+        Step::stay(self, effects)
+    }
+}
+
+impl TxnEngine {
+    pub(super) fn start_job(&mut self, h: &impl FilterHost, job: Job) {
+        let txn = job.txn;
+        self.jobs.insert(txn, job);
+        // Phase 2 starts now, not at the next tick: participants hold their
+        // prepared state (locks) until it arrives.
+        self.step_job(h, txn, Job::drive);
+    }
+
+    /// Steps `txn`'s job (if any) and carries out the effects; a job that
+    /// ended is forgotten with its calls in flight (their answers are then
+    /// ignored).
+    pub(super) fn step_job(
         &mut self,
         h: &impl FilterHost,
         txn: TxnId,
-        resp: CalloutResponse,
+        f: impl FnOnce(Job, &Cx) -> Step<Job>,
     ) {
-        let now = h.now_ms();
-        let Some(job) = self.jobs.get_mut(&txn) else {
+        let Some(job) = self.jobs.remove(&txn) else {
             return;
         };
-        job.record_inflight = false;
-        let result = cas_answer(&resp);
-        match result {
-            Ok(CasResult::Created) => {
-                if job.record == Record::Resolve {
-                    job.outcome = Some(Outcome::Aborted);
-                }
-                job.record = Record::Done;
+        let step = f(job, &self.cx(h));
+        match step.next {
+            Some(job) => {
+                self.jobs.insert(txn, job);
             }
-            Ok(CasResult::Exists(v)) => {
-                let found = etcd::outcome_of(&v);
-                match (job.record, found) {
-                    (Record::Resolve, Some(o)) => job.outcome = Some(o),
-                    (_, Some(o)) if Some(o) != job.outcome => {
-                        h.log(
-                            LogLevel::Error,
-                            &format!(
-                                "txn {txn}: etcd holds {} but this coordinator decided {}; obeying etcd",
-                                o.as_str(),
-                                job.outcome.map_or("?", Outcome::as_str)
-                            ),
-                        );
-                        job.outcome = Some(o);
-                    }
-                    _ => {}
-                }
-                job.record = Record::Done;
-            }
-            Err(_) => {
-                job.record_attempts += 1;
-                job.record_next_ms = now + backoff_ms(job.record_attempts);
-            }
+            None => self.calls.retain(|_, c| {
+                !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn)
+            }),
         }
-        if job.record == Record::Done && job.cause.awaits_etcd() {
-            let was_root = job.cause == Cause::Unknown;
-            let resolved = job.outcome.map_or("?", Outcome::as_str);
-            h.log(
-                LogLevel::Warn,
-                &format!("txn {txn}: in-doubt outcome resolved from etcd: {resolved}"),
-            );
-            if let Some(o) = job.outcome {
-                job.cause = Cause::Resolved(o);
-            }
-            if was_root {
-                self.gauge(h, Gauge::InDoubt, -1);
-            }
+        self.run(h, step.effects);
+    }
+
+    pub(super) fn drive_jobs(&mut self, h: &impl FilterHost) {
+        let mut txns: Vec<TxnId> = self.jobs.keys().copied().collect();
+        txns.sort();
+        for txn in txns {
+            self.step_job(h, txn, Job::drive);
         }
     }
 
@@ -180,161 +477,7 @@ impl TxnEngine {
                 [one] => ("/v3/kv/deleterange", etcd::delete_body(one)),
                 many => ("/v3/kv/txn", etcd::delete_many_body(many)),
             };
-            let _ = h.dispatch_in(
-                self.root_ctx,
-                &Callout {
-                    cluster: self.cfg.etcd_cluster.clone(),
-                    method: "POST",
-                    path: path.to_string(),
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: body.into_bytes(),
-                    timeout_ms: self.cfg.etcd_timeout_ms,
-                },
-            );
+            let _ = h.dispatch_in(self.root_ctx, &etcd_call(&self.cfg, path, body));
         }
-    }
-
-    pub(super) fn drive_jobs(&mut self, h: &impl FilterHost, now: u64) {
-        let txns: Vec<TxnId> = self.jobs.keys().copied().collect();
-        for txn in txns {
-            self.drive_job(h, txn, now);
-        }
-    }
-
-    /// One step of `txn`'s phase-2 job: the record it owes, the commits or
-    /// aborts that are due, and its end. Dispatches from the root context.
-    pub(super) fn drive_job(&mut self, h: &impl FilterHost, txn: TxnId, now: u64) {
-        let Some(job) = self.jobs.get_mut(&txn) else {
-            return;
-        };
-        // 1. The record, if one is owed.
-        if job.record != Record::Done && !job.record_inflight && now >= job.record_next_ms {
-            let outcome = match job.record {
-                Record::WriteCommit => Outcome::Committed,
-                _ => Outcome::Aborted,
-            };
-            let d = Decision {
-                txn,
-                outcome,
-                participants: job.targets.iter().map(|t| t.name.clone()).collect(),
-                coordinator: self.node.clone(),
-                time_ms: now,
-                reason: job.cause.as_str().to_string(),
-                trace: job.trace.clone(),
-                begun_ms: 0,
-            };
-            let pending = (outcome == Outcome::Committed).then(|| {
-                let parts = job
-                    .targets
-                    .iter()
-                    .map(|t| (&t.name, &t.cluster, pending_state(&t.vote, false)));
-                Self::pending_record(&self.node, &txn, now, job.deadline_ms, parts)
-            });
-            if pending.is_some() {
-                job.unpend = true;
-            }
-            let call = Self::record_call(&self.cfg, &d, pending);
-            if let Ok(token) = h.dispatch_in(self.root_ctx, &call) {
-                job.record_inflight = true;
-                self.calls.insert(token, Call::JobRecord { txn });
-            } else {
-                job.record_attempts += 1;
-                job.record_next_ms = now + backoff_ms(job.record_attempts);
-            }
-        }
-        let Some(job) = self.jobs.get_mut(&txn) else {
-            return;
-        };
-        // A commit is sent only once its record is durable; an unknown
-        // outcome waits for etcd.
-        let ready = match (job.outcome, job.record) {
-            (None, _) => false,
-            (Some(Outcome::Committed), r) => r == Record::Done,
-            (Some(Outcome::Aborted), Record::Resolve) => false,
-            (Some(Outcome::Aborted), _) => true,
-        };
-        if ready {
-            if let Some(outcome) = job.outcome {
-                let path = match outcome {
-                    Outcome::Committed => COMMIT_PATH,
-                    Outcome::Aborted => ABORT_PATH,
-                };
-                for idx in 0..job.targets.len() {
-                    let Some(t) = job.targets.get(idx) else {
-                        continue;
-                    };
-                    if t.acked || t.inflight || now < t.next_ms || !Self::wants(outcome, &t.vote) {
-                        continue;
-                    }
-                    let call = Self::control_call(
-                        &t.cluster,
-                        path,
-                        &txn,
-                        job.deadline_ms,
-                        self.cfg.control_timeout_ms,
-                    );
-                    let dispatched = h.dispatch_in(self.root_ctx, &call);
-                    if let Some(t) = job.targets.get_mut(idx) {
-                        match dispatched {
-                            Ok(token) => {
-                                t.inflight = true;
-                                self.calls.insert(token, Call::JobTarget { txn, idx });
-                            }
-                            Err(_) => {
-                                t.attempts += 1;
-                                t.next_ms = now + backoff_ms(t.attempts);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // 2. Done, or given up?
-        let Some(job) = self.jobs.get(&txn) else {
-            return;
-        };
-        let all_acked = job.outcome.is_some_and(|o| {
-            job.targets
-                .iter()
-                .all(|t| t.acked || !Self::wants(o, &t.vote))
-        }) && job.record == Record::Done;
-        if all_acked {
-            if job.unpend {
-                self.unpend.push(etcd::pending_key(&self.node, &txn));
-                if self.unpend.len() >= UNPEND_BATCH {
-                    self.flush_unpend(h, now);
-                }
-            }
-            self.end_job(h, txn);
-        } else if now >= job.give_up_ms {
-            let missing: Vec<&str> = job
-                .targets
-                .iter()
-                .filter(|t| !t.acked)
-                .map(|t| t.name.as_str())
-                .collect();
-            h.log(
-                LogLevel::Error,
-                &format!(
-                    "txn {txn}: phase 2 ({}) abandoned after {} ms; unacknowledged: {}; record pending: {}",
-                    job.outcome.map_or("unknown", Outcome::as_str),
-                    self.cfg.phase2_give_up_ms,
-                    missing.join(","),
-                    job.record != Record::Done
-                ),
-            );
-            self.end_job(h, txn);
-            self.gauge(h, Gauge::Abandoned, 1);
-        }
-    }
-
-    /// Forgets `txn`'s phase-2 job: the job, its calls in flight (their
-    /// answers are then ignored) and its table entry.
-    pub(super) fn end_job(&mut self, h: &impl FilterHost, txn: TxnId) {
-        self.jobs.remove(&txn);
-        self.calls.retain(|_, c| {
-            !matches!(c, Call::JobTarget { txn: t, .. } | Call::JobRecord { txn: t } if *t == txn)
-        });
-        self.table.remove(h, &txn);
     }
 }

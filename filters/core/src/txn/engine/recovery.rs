@@ -2,6 +2,9 @@
 //! table for participants prepared past deadline + grace, and the recovery
 //! loop re-driving this node's recorded commits after a crash.
 
+use super::effect::{Answer, Effect};
+use super::phase2::{Job, Participant, Start};
+use super::vote::Vote;
 use super::*;
 
 impl TxnEngine {
@@ -42,16 +45,19 @@ impl TxnEngine {
                 continue;
             }
             let app = self.cfg.app_cluster.clone();
-            let mut targets: Vec<Target> = e
+            let name_of = |c: &String| {
+                if *c == app {
+                    self.node.clone()
+                } else {
+                    c.clone()
+                }
+            };
+            let mut parts: Vec<Participant> = e
                 .participants
                 .iter()
                 .filter(|(_, m)| *m != Mark::ReadOnly)
-                .map(|(c, m)| Target {
-                    name: if *c == app {
-                        self.node.clone()
-                    } else {
-                        c.clone()
-                    },
+                .map(|(c, m)| Participant {
+                    name: name_of(c),
                     cluster: c.clone(),
                     vote: Some(match m {
                         Mark::Abort => Vote::Abort {
@@ -59,37 +65,34 @@ impl TxnEngine {
                             reason: String::new(),
                             participant: c.clone(),
                         },
-                        _ => Vote::Commit,
+                        Mark::Unknown | Mark::Commit | Mark::ReadOnly => Vote::Commit,
                     }),
-                    token: None,
                 })
                 .collect();
             if !e.participants.iter().any(|(c, _)| *c == app) {
-                targets.push(Target {
+                parts.push(Participant {
                     name: self.node.clone(),
                     cluster: app,
                     vote: Some(Vote::Commit),
-                    token: None,
                 });
             }
-            h.log(
+            let log = Effect::Log(
                 LogLevel::Warn,
-                &format!(
+                format!(
                     "txn {}: in doubt (prepared, no decision {grace} ms past the deadline); resolving from etcd",
                     e.txn
                 ),
             );
-            let op = Op::new(
-                OpKind::SubPrepare,
-                0,
+            let job = Job::new(
                 e.txn,
+                parts,
                 e.deadline_ms,
-                now,
-                targets,
-                Stage::Finishing,
-                now,
+                String::new(),
+                Start::Resolve,
+                Cause::InDoubt,
+                &self.cx(h),
             );
-            self.start_job(h, &op, None, Record::Resolve, Cause::InDoubt);
+            self.run(h, vec![log, Effect::StartJob(Box::new(job))]);
         }
     }
 
@@ -100,22 +103,26 @@ impl TxnEngine {
             return;
         }
         let prefix = format!("{}{}/", etcd::PENDING_PREFIX, self.node);
-        let call = Callout {
-            cluster: self.cfg.etcd_cluster.clone(),
-            method: "POST",
-            path: "/v3/kv/range".to_string(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: etcd::range_prefix_body(&prefix, 64).into_bytes(),
-            timeout_ms: self.cfg.etcd_timeout_ms,
-        };
-        if let Ok(token) = h.dispatch_in(self.root_ctx, &call) {
-            self.recovery_inflight = true;
-            self.calls.insert(token, Call::Recovery);
-        }
+        let call = record::etcd_call(
+            &self.cfg,
+            "/v3/kv/range",
+            etcd::range_prefix_body(&prefix, 64),
+        );
+        self.recovery_inflight = true;
+        self.run(
+            h,
+            vec![Effect::Dispatch {
+                call,
+                route: Call::Recovery,
+            }],
+        );
     }
 
-    pub(super) fn recovery_answer(&mut self, h: &impl FilterHost, resp: CalloutResponse) {
+    pub(super) fn recovery_answer(&mut self, h: &impl FilterHost, answer: Answer) {
         self.recovery_inflight = false;
+        let Answer::Got(resp) = answer else {
+            return; // not sent: the next scan tries again
+        };
         if resp.status != Some(200) {
             return; // etcd unreachable: the next scan tries again
         }
@@ -143,10 +150,10 @@ impl TxnEngine {
                     now.saturating_sub(p.time_ms)
                 ),
             );
-            let targets = p
+            let parts = p
                 .targets
                 .iter()
-                .map(|t| Target {
+                .map(|t| Participant {
                     name: t.name.clone(),
                     cluster: t.cluster.clone(),
                     vote: Some(if t.vote == "commit" {
@@ -154,26 +161,22 @@ impl TxnEngine {
                     } else {
                         Vote::ReadOnly
                     }),
-                    token: None,
                 })
                 .collect();
-            let op = Op::new(
-                OpKind::RootPrepare,
-                0,
+            let start = Start::Deliver {
+                outcome: Outcome::Committed,
+                write_record: false,
+            };
+            let job = Job::new(
                 txn,
+                parts,
                 p.deadline_ms,
-                now,
-                targets,
-                Stage::Finishing,
-                now,
-            );
-            self.start_job(
-                h,
-                &op,
-                Some(Outcome::Committed),
-                Record::Done,
+                String::new(),
+                start,
                 Cause::Recovered,
+                &self.cx(h),
             );
+            self.start_job(h, job);
         }
     }
 }

@@ -1,7 +1,116 @@
 //! The status endpoint (`GET /txmesh/txns/<id>`), the listing
 //! (`GET /txmesh/txns`) and the recent-outcomes ring behind them.
 
+use super::effect::{error_reply, json_reply, Answer, Cx, Effect, OpCall, OpEvent, Step};
+use super::record::{cas_answer, outcome_name, record_call};
 use super::*;
+
+/// A status query that needs etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum StatusOp {
+    /// Reading the decision. `resolve`: past deadline + grace, CAS-abort if
+    /// there is none; else answer `miss`.
+    Reading {
+        ctx: u32,
+        txn: TxnId,
+        resolve: bool,
+        miss: &'static str,
+        until_ms: u64,
+    },
+    /// CAS-writing an abort for an in-doubt transaction someone asked about.
+    Resolving { ctx: u32, txn: TxnId, until_ms: u64 },
+}
+
+fn status_body(txn: &TxnId, outcome: &str) -> String {
+    Obj::new()
+        .str("txn", &txn.to_string())
+        .str("outcome", outcome)
+        .build()
+}
+
+impl StatusOp {
+    pub fn until_ms(&self) -> u64 {
+        match self {
+            StatusOp::Reading { until_ms, .. } | StatusOp::Resolving { until_ms, .. } => *until_ms,
+        }
+    }
+
+    pub fn step(self, ev: OpEvent, cx: &Cx) -> Step<Self> {
+        let unreachable =
+            |ctx: u32, e: &str| error_reply(ctx, 503, &format!("etcd unreachable: {e}"));
+        match (self, ev) {
+            (
+                StatusOp::Reading {
+                    ctx,
+                    txn,
+                    resolve,
+                    miss,
+                    ..
+                },
+                OpEvent::Answer(OpCall::Read, a),
+            ) => {
+                let found = match &a {
+                    Answer::Got(r) if r.status == Some(200) => etcd::parse_range_response(&r.body),
+                    other => Err(other.describe()),
+                };
+                match found {
+                    Ok(Some(v)) => Step::end(vec![json_reply(ctx, 200, status_body(&txn, outcome_name(&v)))]),
+                    Ok(None) if resolve => {
+                        // In doubt past deadline + grace: abort it, first write wins.
+                        let d = Decision {
+                            txn,
+                            outcome: Outcome::Aborted,
+                            participants: Vec::new(),
+                            coordinator: cx.node.to_string(),
+                            time_ms: cx.now_ms,
+                            reason: "in_doubt".to_string(),
+                            trace: String::new(),
+                            begun_ms: 0,
+                        };
+                        let call = record_call(cx.cfg, &d, None);
+                        let next = StatusOp::Resolving {
+                            ctx,
+                            txn,
+                            until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+                        };
+                        let route = Call::Op {
+                            ctx,
+                            call: OpCall::Record,
+                        };
+                        Step::stay(next, vec![Effect::Dispatch { call, route }])
+                    }
+                    Ok(None) => Step::end(vec![json_reply(ctx, 200, status_body(&txn, miss))]),
+                    Err(e) => Step::end(vec![unreachable(ctx, &e)]),
+                }
+            }
+            (StatusOp::Resolving { ctx, txn, .. }, OpEvent::Answer(OpCall::Record, a)) => {
+                match cas_answer(&a) {
+                    Ok(CasResult::Created) => Step::end(vec![
+                        Effect::Log(
+                            LogLevel::Warn,
+                            format!("txn {txn}: in doubt past its deadline with no decision; recorded abort (asked by a participant)"),
+                        ),
+                        json_reply(ctx, 200, status_body(&txn, "aborted")),
+                    ]),
+                    Ok(CasResult::Exists(v)) => {
+                        Step::end(vec![json_reply(ctx, 200, status_body(&txn, outcome_name(&v)))])
+                    }
+                    Err(e) => Step::end(vec![unreachable(ctx, &e)]),
+                }
+            }
+            (StatusOp::Reading { ctx, .. } | StatusOp::Resolving { ctx, .. }, OpEvent::Expired) => {
+                Step::end(vec![unreachable(ctx, "no answer")])
+            }
+            (StatusOp::Reading { .. } | StatusOp::Resolving { .. }, OpEvent::StreamGone) => {
+                Step::end(Vec::new())
+            }
+            (
+                op @ (StatusOp::Reading { .. } | StatusOp::Resolving { .. }),
+                OpEvent::Answer(call, _),
+            ) => Step::impossible(op, format!("status query got an answer to {call:?}")),
+        }
+    }
+}
 
 impl TxnEngine {
     pub(super) fn status(
@@ -31,7 +140,7 @@ impl TxnEngine {
             None => self.recent(h, &txn).map(Outcome::as_str),
         };
         if let Some(outcome) = local {
-            Self::status_reply(h, ctx, &txn, outcome);
+            h.send_reply(ctx, 200, &[JSON], status_body(&txn, outcome).as_bytes());
             return (Stream::Pass, Verdict::Pause);
         }
         // The deadline, if anyone knows it: our table, or the asking app.
@@ -41,34 +150,25 @@ impl TxnEngine {
         });
         let resolve = deadline.is_some_and(|d| now >= d.saturating_add(grace));
         let miss = if entry.is_some() { "active" } else { "unknown" };
-        let call = Callout {
-            cluster: self.cfg.etcd_cluster.clone(),
-            method: "POST",
-            path: "/v3/kv/range".to_string(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: etcd::range_body(&etcd::decision_key(&txn)).into_bytes(),
-            timeout_ms: self.cfg.etcd_timeout_ms,
+        let call = record::etcd_call(
+            &self.cfg,
+            "/v3/kv/range",
+            etcd::range_body(&etcd::decision_key(&txn)),
+        );
+        let op = StatusOp::Reading {
+            ctx,
+            txn,
+            resolve,
+            miss,
+            until_ms: now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
         };
-        match h.dispatch(&call) {
-            Ok(token) => {
-                self.calls.insert(token, Call::Op { ctx, target: None });
-                self.ops.insert(
-                    ctx,
-                    Op::new(
-                        OpKind::Status,
-                        ctx,
-                        txn,
-                        deadline.unwrap_or(0),
-                        now,
-                        Vec::new(),
-                        Stage::StatusRead { resolve, miss },
-                        now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
-                    ),
-                );
-                (Stream::Owned, Verdict::Pause)
-            }
-            Err(e) => self.reject(h, ctx, 503, &format!("etcd unreachable: {e}")),
-        }
+        let route = Call::Op {
+            ctx,
+            call: OpCall::Read,
+        };
+        let step = Step::stay(Op::Status(op), vec![Effect::Dispatch { call, route }]);
+        self.settle_op(h, ctx, step);
+        (Stream::Owned, Verdict::Pause)
     }
 
     /// `GET /txmesh/txns?state=in-doubt|active|all`: what this sidecar's table holds.
@@ -127,14 +227,6 @@ impl TxnEngine {
             .build();
         h.send_reply(ctx, 200, &[JSON], body.as_bytes());
         (Stream::Pass, Verdict::Pause)
-    }
-
-    pub(super) fn status_reply(h: &impl FilterHost, ctx: u32, txn: &TxnId, outcome: &str) {
-        let body = Obj::new()
-            .str("txn", &txn.to_string())
-            .str("outcome", outcome)
-            .build();
-        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
     }
 
     pub(super) fn recent_key(txn: &TxnId) -> String {

@@ -1,0 +1,159 @@
+//! The sub-coordinator and leaf control calls.
+
+use super::*;
+
+#[test]
+fn sub_coordinator_prepares_children_and_its_app_then_cascades() {
+    let h = Host::new();
+    let cfg = r#"{"node":"payment"}"#;
+    let mut inb = engine(&h, cfg);
+    let mut out = engine(&h, cfg);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    let txn = TxnId::parse(id.as_bytes()).unwrap();
+    // The root calls payment; payment's app calls ledger.
+    h.request(
+        1,
+        "POST",
+        "/pay",
+        &[("x-txmesh-txn", id), ("x-txmesh-deadline", "1003000")],
+    );
+    assert_eq!(inb.on_request_headers(&h, 1).1, Verdict::Continue);
+    h.request(2, "POST", "/debit", &[("x-txmesh-txn", id)]);
+    h.cluster("ledger");
+    out.on_request_headers(&h, 2);
+    assert_eq!(
+        h.header("x-txmesh-deadline").unwrap(),
+        "1003000",
+        "deadline carried down"
+    );
+    // Prepare from the root.
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", id)]);
+    let (stream, v) = inb.on_request_headers(&h, 3);
+    assert_eq!((stream, v), (Stream::Owned, Verdict::Pause));
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["ledger /txmesh/prepare", "local_app /txmesh/prepare"]
+    );
+    assert!(calls.iter().all(|(_, c)| c.timeout_ms == 3000));
+    answer(&h, &mut inb, &calls, "ledger", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("readonly"));
+    let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st, body.as_str()), (3, 200, r#"{"vote":"commit"}"#));
+    // Commit cascades to the ledger, not to the read-only app.
+    h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 4);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["ledger /txmesh/commit"]);
+    answer(&h, &mut inb, &calls, "ledger", ok(""));
+    let (ctx, st, _, _) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st), (4, 200));
+    assert!(inb.table().get(&h, &txn).is_none());
+}
+
+#[test]
+fn sub_coordinator_reports_a_child_no_and_who_said_it() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"node":"payment"}"#);
+    let mut out = engine(&h, r#"{"node":"payment"}"#);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    h.request(2, "POST", "/debit", &[("x-txmesh-txn", id)]);
+    h.cluster("ledger");
+    out.on_request_headers(&h, 2);
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 3);
+    let calls = h.take_calls();
+    answer(
+        &h,
+        &mut inb,
+        &calls,
+        "ledger",
+        ok(r#"{"vote":"abort","reason":"insufficient_funds"}"#),
+    );
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["vote"], "abort");
+    assert_eq!(v["reason"], "insufficient_funds");
+    assert_eq!(v["participant"], "ledger");
+    // An abort cascade that a child does not acknowledge is a 503: the root retries.
+    h.request(1, "POST", "/txmesh/abort", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 4);
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["ledger /txmesh/abort", "local_app /txmesh/abort"]
+    );
+    answer(&h, &mut inb, &calls, "ledger", status(500));
+    answer(&h, &mut inb, &calls, "local_app", ok(""));
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 503);
+    assert!(
+        body.contains("not acknowledged by ledger (answered 500)"),
+        "{body}"
+    );
+}
+
+#[test]
+fn leaf_control_requests_pass_through_and_free_the_entry() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"node":"inventory"}"#);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    let txn = TxnId::parse(id.as_bytes()).unwrap();
+    h.request(1, "POST", "/reserve", &[("x-txmesh-txn", id)]);
+    inb.on_request_headers(&h, 1);
+    assert_eq!(inb.table().get(&h, &txn).unwrap().role, Role::Participant);
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", id)]);
+    assert_eq!(
+        inb.on_request_headers(&h, 2),
+        (Stream::Pass, Verdict::Continue)
+    );
+    assert_eq!(inb.table().get(&h, &txn).unwrap().phase, Phase::Preparing);
+    h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", id)]);
+    let (stream, v) = inb.on_request_headers(&h, 3);
+    assert_eq!(
+        (stream.clone(), v),
+        (Stream::LeafFinish { txn }, Verdict::Continue)
+    );
+    h.status("200");
+    inb.on_response_headers(&h, 3, &stream);
+    assert!(inb.table().get(&h, &txn).is_none());
+}
+
+/// A sub-coordinator whose child did not answer by the deadline says so in
+/// its vote (`"cause":"timeout"`), so its coordinator counts a timeout.
+#[test]
+fn a_sub_coordinator_relays_its_childs_timeout() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"payment"}"#);
+    let mut out = engine(&h, r#"{"node":"payment"}"#);
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    h.request(
+        1,
+        "POST",
+        "/pay",
+        &[("x-txmesh-txn", id), ("x-txmesh-deadline", "1003000")],
+    );
+    e.on_request_headers(&h, 1);
+    h.request(2, "POST", "/reserve", &[("x-txmesh-txn", id)]);
+    h.cluster("inventory");
+    out.on_request_headers(&h, 2);
+    h.request(
+        1,
+        "POST",
+        "/txmesh/prepare",
+        &[("x-txmesh-txn", id), ("x-txmesh-deadline", "1003000")],
+    );
+    let (_, v) = e.on_request_headers(&h, 3);
+    assert_eq!(v, Verdict::Pause);
+    let calls = h.take_calls();
+    answer(&h, &mut e, &calls, "local_app", vote("commit"));
+    h.advance(3_000);
+    e.on_tick(&h);
+    let (ctx, status, _, body) = h.replies.borrow()[0].clone();
+    assert_eq!((ctx, status), (3, 200));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["vote"], "abort");
+    assert_eq!(v["participant"], "inventory");
+    assert_eq!(v["cause"], "timeout", "{body}");
+}

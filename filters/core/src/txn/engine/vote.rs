@@ -1,0 +1,191 @@
+//! Votes, the participants asked for them, and the control calls that ask.
+
+use super::effect::{Answer, Call, Effect, OpCall};
+use super::*;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum Vote {
+    Commit,
+    ReadOnly,
+    /// `cause`: [`Cause::VoteAbort`] (said no, failed) or [`Cause::Timeout`]
+    /// (no answer before the deadline, here or below a sub-coordinator).
+    Abort {
+        cause: Cause,
+        reason: String,
+        participant: String,
+    },
+}
+
+/// Where a participant stands in a prepare round.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum Ballot {
+    /// Not asked (the transaction ended before its prepare went out).
+    NotAsked,
+    /// Asked, no answer yet: it may be prepared.
+    Asked,
+    Voted(Vote),
+}
+
+/// A participant of a prepare round.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Target {
+    /// Name in votes, errors and logs: the cluster, or this node for its own app.
+    pub name: String,
+    pub cluster: String,
+    pub ballot: Ballot,
+}
+
+impl Target {
+    pub fn new(name: String, cluster: String) -> Self {
+        Self {
+            name,
+            cluster,
+            ballot: Ballot::NotAsked,
+        }
+    }
+
+    pub fn vote(&self) -> Option<&Vote> {
+        match &self.ballot {
+            Ballot::NotAsked | Ballot::Asked => None,
+            Ballot::Voted(v) => Some(v),
+        }
+    }
+
+    pub fn voted_commit(&self) -> bool {
+        self.ballot == Ballot::Voted(Vote::Commit)
+    }
+}
+
+/// The reason of a vote that never came.
+pub(super) const NO_ANSWER: &str = "no answer before the deadline";
+
+/// The first abort among `targets`' votes.
+pub(super) fn first_abort(targets: &[Target]) -> Option<(Cause, String, String)> {
+    targets.iter().find_map(|t| match t.vote() {
+        Some(Vote::Abort {
+            cause,
+            reason,
+            participant,
+        }) => Some((*cause, reason.clone(), participant.clone())),
+        Some(Vote::Commit | Vote::ReadOnly) | None => None,
+    })
+}
+
+/// A prepare's answer as a vote. A callout cut off by its timeout (the time
+/// left to the deadline) comes back as Envoy's 504 or as no answer: a
+/// timeout vote when the deadline is (about) here.
+pub(super) fn vote_of(answer: &Answer, name: &str, deadline_ms: u64, now_ms: u64) -> Vote {
+    let late = now_ms + TICK_SLACK_MS >= deadline_ms && matches!(answer.status(), None | Some(504));
+    match answer {
+        Answer::Got(_) if late => Vote::Abort {
+            cause: Cause::Timeout,
+            reason: NO_ANSWER.to_string(),
+            participant: name.to_string(),
+        },
+        Answer::Got(resp) => parse_vote(resp, name),
+        Answer::NotSent(e) => Vote::Abort {
+            cause: Cause::VoteAbort,
+            reason: format!("prepare could not be sent: {e}"),
+            participant: name.to_string(),
+        },
+    }
+}
+
+pub(super) fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
+    /// A sub-coordinator relays a child's timeout as `"cause":"timeout"`.
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum WireCause {
+        Timeout,
+        #[serde(other)]
+        Other,
+    }
+    #[derive(Deserialize)]
+    struct V {
+        vote: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        participant: Option<String>,
+        #[serde(default)]
+        cause: Option<WireCause>,
+    }
+    let abort = |cause: Cause, reason: String| Vote::Abort {
+        cause,
+        reason,
+        participant: name.to_string(),
+    };
+    match resp.status {
+        None => abort(Cause::Timeout, NO_ANSWER.to_string()),
+        Some(200) => match serde_json::from_slice::<V>(&resp.body) {
+            Ok(v) if v.vote == "commit" => Vote::Commit,
+            Ok(v) if v.vote == "readonly" => Vote::ReadOnly,
+            Ok(v) => Vote::Abort {
+                cause: match v.cause {
+                    Some(WireCause::Timeout) => Cause::Timeout,
+                    Some(WireCause::Other) | None => Cause::VoteAbort,
+                },
+                reason: v.reason.unwrap_or_else(|| format!("voted {}", v.vote)),
+                participant: v.participant.unwrap_or_else(|| name.to_string()),
+            },
+            Err(_) => abort(
+                Cause::VoteAbort,
+                "prepare answered 200 without a vote".to_string(),
+            ),
+        },
+        Some(s) => abort(Cause::VoteAbort, format!("prepare answered {s}")),
+    }
+}
+
+/// A prepare, commit or abort to `cluster` (pinned to an instance when the
+/// participant was reached through txmesh_router).
+pub(super) fn control_call(
+    cluster: &str,
+    path: &str,
+    txn: &TxnId,
+    deadline_ms: u64,
+    timeout_ms: u64,
+) -> Callout {
+    let mut headers = vec![
+        (id::TXN_HEADER.to_string(), txn.to_string()),
+        (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
+        ("content-type".to_string(), "application/json".to_string()),
+    ];
+    let (cluster, pinned) = split_pinned(cluster);
+    if let Some(ep) = pinned {
+        headers.push((ENDPOINT_HEADER.to_string(), ep.to_string()));
+    }
+    Callout {
+        cluster: cluster.to_string(),
+        method: "POST",
+        path: path.to_string(),
+        headers,
+        body: Vec::new(),
+        timeout_ms: timeout_ms.max(1),
+    }
+}
+
+/// The prepares of a round: one dispatch per target, each then asked.
+pub(super) fn ask_all(
+    ctx: u32,
+    targets: &mut [Target],
+    txn: &TxnId,
+    deadline_ms: u64,
+    now_ms: u64,
+) -> Vec<Effect> {
+    let timeout = deadline_ms.saturating_sub(now_ms);
+    targets
+        .iter_mut()
+        .enumerate()
+        .map(|(i, t)| {
+            t.ballot = Ballot::Asked;
+            Effect::Dispatch {
+                call: control_call(&t.cluster, PREPARE_PATH, txn, deadline_ms, timeout),
+                route: Call::Op {
+                    ctx,
+                    call: OpCall::Vote(i),
+                },
+            }
+        })
+        .collect()
+}
