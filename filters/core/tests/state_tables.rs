@@ -3,6 +3,8 @@
 //! source and the table and fails when they differ, either way: an enum or
 //! a variant added, renamed or removed in one and not the other.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
