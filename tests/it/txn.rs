@@ -285,6 +285,52 @@ fn status_of_unknown_and_bad_ids() {
     assert_eq!(r.json()["outcome"], "aborted");
 }
 
+/// A status query cannot abort a live transaction by claiming its deadline
+/// has passed: a sidecar that does not know the transaction (another pod's,
+/// or one that restarted) takes the deadline from the id the root minted,
+/// never from the caller's `x-txmesh-deadline`.
+#[test]
+fn a_forged_status_query_cannot_abort_a_live_transaction() {
+    let held = Latch::default();
+    let shop = Shop::start_with(
+        Vote::Until(held.clone()),
+        Vote::Commit,
+        &json!({"default_timeout_ms": 15_000}),
+    );
+    let bystander_app = TxnApp::start("bystander", Vote::Commit);
+    let bystander = sidecar("bystander", &bystander_app, shop.etcd.addr()).start();
+    std::thread::scope(|s| {
+        let checkout = s.spawn(|| shop.checkout());
+        // payment did its work and will hold its prepare until the latch
+        // opens: the transaction is live and cannot decide before that.
+        let txn = wait_for(10, "payment's business call", || {
+            shop.payment
+                .records()
+                .into_iter()
+                .find(|(_, r)| r.business == 1)
+                .map(|(t, _)| t)
+        });
+        let r = shop.client.must(
+            "GET",
+            &bystander.inbound_url(&format!("/txmesh/txns/{txn}")),
+            &[("x-txmesh-deadline", "1")],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!({"txn": txn, "outcome": "unknown"}));
+        assert_eq!(
+            decision(&shop.etcd, &txn),
+            None,
+            "a decision on the caller's word"
+        );
+        held.open();
+        let r = checkout.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+        assert_eq!(decision(&shop.etcd, &txn).unwrap()["outcome"], "committed");
+    });
+}
+
 /// A -> B -> C: B's sidecar is a sub-coordinator for C.
 struct Chain {
     etcd: Etcd,
@@ -292,7 +338,7 @@ struct Chain {
     b: TxnApp,
     c: TxnApp,
     a_sc: Envoy,
-    _b_sc: Envoy,
+    b_sc: Envoy,
     _c_sc: Envoy,
 }
 
@@ -319,7 +365,7 @@ impl Chain {
             b,
             c,
             a_sc,
-            _b_sc: b_sc,
+            b_sc,
             _c_sc: c_sc,
         }
     }
@@ -355,6 +401,101 @@ fn depth_three_aborts_when_the_leaf_says_no() {
         });
         assert_eq!(app.record(&txn).commits, 0, "{}", app.name);
     }
+}
+
+/// Each app's records of `txn`, summed over its instances:
+/// (business calls, prepares, commits, aborts).
+fn totals(apps: &[&TxnApp], txn: &str) -> (u32, u32, u32, u32) {
+    apps.iter()
+        .map(|a| a.record(txn))
+        .fold((0, 0, 0, 0), |t, r| {
+            (
+                t.0 + r.business,
+                t.1 + r.prepares,
+                t.2 + r.commits,
+                t.3 + r.aborts,
+            )
+        })
+}
+
+/// a -> b -> c with two replicas of b (each its own sidecar and app
+/// instance, as pods of one Deployment over one database) behind plain round
+/// robin: prepares and commits land on either replica, often on the one
+/// that did not do the work. It still cascades to c (a carries b's call
+/// tree, `x-txmesh-children`): every transaction commits, c included.
+#[test]
+fn a_prepare_landing_on_another_replica_still_reaches_the_whole_tree() {
+    let etcd = Etcd::start();
+    let calls = || Arc::new(RwLock::new(Vec::new()));
+    let (a_calls, b1_calls, b2_calls) = (calls(), calls(), calls());
+    let a = TxnApp::calling("a", Vote::Commit, a_calls.clone());
+    let b1 = TxnApp::calling("b", Vote::Commit, b1_calls.clone());
+    let b2 = TxnApp::calling("b", Vote::Commit, b2_calls.clone());
+    let c = TxnApp::start("c", Vote::Commit);
+    let c_sc = sidecar("c", &c, etcd.addr()).start();
+    let replica = |app: &TxnApp, node: &str| {
+        sidecar_with("b", app, etcd.addr(), &json!({"node": node}))
+            .route("c", &[c_sc.inbound_addr()])
+            .start()
+    };
+    let (b1_sc, b2_sc) = (replica(&b1, "b-1"), replica(&b2, "b-2"));
+    let a_sc = sidecar("a", &a, etcd.addr())
+        .route("b", &[b1_sc.inbound_addr(), b2_sc.inbound_addr()])
+        .start();
+    *a_calls.write().unwrap() = Downstream::each(&["b"], a_sc.ports.outbound);
+    *b1_calls.write().unwrap() = Downstream::each(&["c"], b1_sc.ports.outbound);
+    *b2_calls.write().unwrap() = Downstream::each(&["c"], b2_sc.ports.outbound);
+    let client = Client::new();
+    let mut crossed = 0;
+    for _ in 0..40 {
+        let r = client.must("POST", &a_sc.inbound_url("/checkout"), &[], b"{}");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+        let txn = txn_of(&r);
+        for (apps, name) in [(vec![&a], "a"), (vec![&b1, &b2], "b"), (vec![&c], "c")] {
+            wait_for(10, &format!("{name} commits {txn}"), || {
+                (totals(&apps, &txn).2 == 1).then_some(())
+            });
+            assert_eq!(totals(&apps, &txn), (1, 1, 1, 0), "{name} for {txn}");
+        }
+        let (r1, r2) = (b1.record(&txn), b2.record(&txn));
+        if (r1.business, r1.prepares) != (r2.business, r2.prepares) {
+            crossed += 1;
+        }
+    }
+    assert!(crossed > 0, "no prepare landed on the other replica in 40");
+    eprintln!("{crossed} of 40 prepares landed on the replica that did not do the work");
+}
+
+/// b's sidecar restarts (its table lost) between b's business call and the
+/// prepare: the prepare still cascades to c, and the transaction commits.
+#[test]
+fn a_sub_coordinator_restarted_before_the_prepare_still_cascades() {
+    let mut chain = Chain::start(Vote::Commit);
+    let held = Latch::default();
+    chain.a.hold_answers(Some(held.clone()));
+    std::thread::scope(|s| {
+        let url = chain.a_sc.inbound_url("/checkout");
+        let checkout = s.spawn(move || Client::new().must("POST", &url, &[], b"{}"));
+        // c did its work and b answered a; a's app holds its answer.
+        let txn = wait_for(10, "c's business call", || {
+            chain
+                .c
+                .records()
+                .into_iter()
+                .find(|(_, r)| r.business == 1)
+                .map(|(t, _)| t)
+        });
+        wait_for(10, "b's answer to a", || {
+            (chain.b.record(&txn).business == 1).then_some(())
+        });
+        chain.b_sc.restart();
+        held.open();
+        let r = checkout.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+        assert_committed_once(&[&chain.a, &chain.b, &chain.c], &txn);
+    });
 }
 
 #[test]

@@ -104,6 +104,9 @@ pub struct TxnApp {
     /// While set, commit and abort answer 503 and change nothing (the app is
     /// "down" for phase 2).
     down: Arc<RwLock<bool>>,
+    /// While set, a business request, its downstream calls made, waits for
+    /// this latch (at most 10 s) before answering.
+    hold: Arc<RwLock<Option<Latch>>>,
 }
 
 /// A downstream call the app makes on each business request: `Host: host`
@@ -140,12 +143,14 @@ impl TxnApp {
         let vote: Arc<RwLock<VoteFn>> = Arc::new(RwLock::new(Arc::new(move |_: &str| v.clone())));
         let business_status = Arc::new(RwLock::new(200u16));
         let down = Arc::new(RwLock::new(false));
-        let (st, vf, bs, nm, dn) = (
+        let hold: Arc<RwLock<Option<Latch>>> = Arc::new(RwLock::new(None));
+        let (st, vf, bs, nm, dn, hd) = (
             state.clone(),
             vote.clone(),
             business_status.clone(),
             name.to_string(),
             down.clone(),
+            hold.clone(),
         );
         let client = Client::new();
         let server = Upstream::with(move |r: &Recorded| {
@@ -154,7 +159,14 @@ impl TxnApp {
             {
                 return Reply::status(503);
             }
-            handle(r, &nm, &st, &vf, &bs, &downstream, &client)
+            let reply = handle(r, &nm, &st, &vf, &bs, &downstream, &client);
+            if !r.path.starts_with("/txmesh/") {
+                let latch = hd.read().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(l) = latch {
+                    l.wait(Duration::from_secs(10));
+                }
+            }
+            reply
         });
         Self {
             name: name.to_string(),
@@ -163,7 +175,14 @@ impl TxnApp {
             vote,
             business_status,
             down,
+            hold,
         }
+    }
+
+    /// Business requests, their downstream calls made, wait for `latch`
+    /// before answering (None: answer at once).
+    pub fn hold_answers(&self, latch: Option<Latch>) {
+        *self.hold.write().unwrap_or_else(|e| e.into_inner()) = latch;
     }
 
     /// Votes by transaction id (for mixed-outcome runs).

@@ -22,6 +22,7 @@ use super::etcd::{self, CasResult, Decision, Outcome};
 use super::id::{self, TxnHeader, TxnId};
 use super::seeded::{self, Bug};
 use super::table::{Entry, Mark, Phase, Role, Table, TableError};
+use super::tree::{self, Child};
 use crate::host::{Callout, CalloutResponse, FilterHost, LogLevel, MetricKind, Verdict};
 use crate::json::Obj;
 use crate::labels::encode;
@@ -82,6 +83,12 @@ pub enum Stream {
     /// A commit/abort passing through to a leaf participant's app: free the
     /// table entry once the app acknowledges.
     LeafFinish { txn: TxnId },
+    /// A business call inside `txn` to this sidecar's app: its answer
+    /// reports the app's call tree to the caller (`x-txmesh-children`).
+    Business { txn: TxnId },
+    /// The app's call that enlisted `participant` in `txn`: its answer may
+    /// report the participant's call tree.
+    Enlisted { txn: TxnId, participant: String },
     /// The engine owns this stream (an op is running for it).
     Owned,
 }
@@ -338,8 +345,56 @@ impl TxnEngine {
                 }
                 Verdict::Continue
             }
+            Stream::Business { txn } => {
+                self.report_tree(h, txn);
+                Verdict::Continue
+            }
+            Stream::Enlisted { txn, participant } => {
+                if let Some(v) = h.response_header(tree::CHILDREN_HEADER) {
+                    let reported = match tree::parse(&v) {
+                        Ok(children) => tree::render(&children),
+                        Err(_) => vote::UNTRACKABLE.to_string(),
+                    };
+                    let _ = self.table.update(h, txn, |e| {
+                        e.set_tree(participant, reported.clone());
+                        Ok(())
+                    });
+                }
+                Verdict::Continue
+            }
             Stream::Pass | Stream::Owned => Verdict::Continue,
         }
+    }
+
+    /// Tells the caller of a business call whom this sidecar's app has
+    /// enlisted in `txn` (with their own trees), so that a prepare, commit
+    /// or abort reaching another replica, or this sidecar after a restart,
+    /// still reaches them.
+    fn report_tree(&self, h: &impl FilterHost, txn: &TxnId) {
+        let Some(e) = self.table.get(h, txn) else {
+            return;
+        };
+        let children: Vec<Child> = e
+            .participants
+            .iter()
+            .filter(|(c, _)| *c != self.cfg.app_cluster)
+            .map(|(c, _)| Child {
+                name: c.clone(),
+                tree: e.tree_of(c).to_string(),
+            })
+            .collect();
+        if children.is_empty() {
+            return;
+        }
+        let v = tree::render(&children);
+        // Too large to carry: say so (the caller's parse fails, and the
+        // coordinator aborts rather than lose a participant).
+        let v = if v.len() > tree::MAX_LEN {
+            "(too-large)"
+        } else {
+            &v
+        };
+        h.set_response_header(tree::CHILDREN_HEADER, v);
     }
 
     /// The app answered the request that began a transaction: freeze its
@@ -375,9 +430,13 @@ impl TxnEngine {
         let mut targets: Vec<Target> = entry
             .participants
             .iter()
-            .map(|(c, _)| Target::new(c.clone(), c.clone()))
+            .map(|(c, _)| Target::new(c.clone(), c.clone(), entry.tree_of(c).to_string()))
             .collect();
-        targets.push(Target::new(self.node.clone(), self.cfg.app_cluster.clone()));
+        targets.push(Target::new(
+            self.node.clone(),
+            self.cfg.app_cluster.clone(),
+            String::new(),
+        ));
         targets
     }
 
@@ -453,6 +512,7 @@ impl TxnEngine {
             .map(|t| phase2::Participant {
                 name: t.name,
                 cluster: t.cluster,
+                tree: t.tree,
                 vote: None,
             })
             .collect();

@@ -217,6 +217,9 @@ pub struct PendingTarget {
     pub cluster: String,
     /// `commit`: owed a commit; `acked`: acknowledged it; `readonly`: owed nothing.
     pub vote: String,
+    /// Its call tree (`x-txmesh-children`), if it has one.
+    #[serde(default)]
+    pub tree: String,
 }
 
 /// The value of a pending-work key.
@@ -235,16 +238,17 @@ impl Pending {
         outcome: Outcome,
         time_ms: u64,
         deadline_ms: u64,
-        targets: &[(String, String, &str)],
+        targets: &[(String, String, &str, String)],
     ) -> String {
         let items: Vec<String> = targets
             .iter()
-            .map(|(n, c, v)| {
-                Obj::new()
-                    .str("name", n)
-                    .str("cluster", c)
-                    .str("vote", v)
-                    .build()
+            .map(|(n, c, v, t)| {
+                let o = Obj::new().str("name", n).str("cluster", c).str("vote", v);
+                if t.is_empty() {
+                    o.build()
+                } else {
+                    o.str("tree", t).build()
+                }
             })
             .collect();
         Obj::new()
@@ -387,10 +391,17 @@ mod tests {
             Outcome::Committed,
             5,
             9,
-            &[("payment".into(), "payment".into(), "commit")],
+            &[
+                ("payment".into(), "payment".into(), "commit", String::new()),
+                ("b".into(), "b".into(), "commit", "c(d)".into()),
+            ],
         );
         let p: Pending = serde_json::from_str(&j).unwrap();
         assert_eq!(p.targets[0].cluster, "payment");
+        assert_eq!(
+            (p.targets[0].tree.as_str(), p.targets[1].tree.as_str()),
+            ("", "c(d)")
+        );
         assert_eq!(p.deadline_ms, 9);
         assert_eq!(
             parse_range_values(br#"{"header":{},"kvs":[{"value":"eA=="},{"value":"eQ=="}]}"#)

@@ -12,10 +12,53 @@ pub const BAGGAGE_KEY: &str = "txmesh.txn";
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxnId([u8; 16]);
 
+/// Bytes 6..8 of an id that carries its deadline (see [`TxnId::mint`]).
+const DEADLINE_MARK: [u8; 2] = [0x74, 0x78];
+
 impl TxnId {
-    /// From 16 random bytes; `None` for all zero (not a valid id).
+    /// From 16 bytes; `None` for all zero (not a valid id).
     pub fn from_bytes(b: [u8; 16]) -> Option<Self> {
         (b != [0; 16]).then_some(Self(b))
+    }
+
+    /// A new transaction's id: its deadline (unix ms, 48 bits, big-endian)
+    /// in bytes 0..6, the mark `7478` in bytes 6..8, and 64 random bits
+    /// (all 16 bytes of `random` folded in). The deadline travels with the
+    /// id, so a sidecar that never saw the transaction knows when it may
+    /// resolve it, without trusting anyone's `x-txmesh-deadline`.
+    pub fn mint(deadline_ms: u64, random: [u8; 16]) -> Self {
+        let mut b = [0u8; 16];
+        let d = deadline_ms.min((1 << 48) - 1).to_be_bytes();
+        for (o, v) in b.iter_mut().zip(d.iter().skip(2)) {
+            *o = *v;
+        }
+        for (o, v) in b.iter_mut().skip(6).zip(DEADLINE_MARK) {
+            *o = v;
+        }
+        let half = |range: std::ops::Range<usize>| {
+            let mut h = [0u8; 8];
+            h.copy_from_slice(random.get(range).unwrap_or(&[0; 8]));
+            u64::from_le_bytes(h)
+        };
+        let tail = mix(half(0..8)) ^ half(8..16);
+        for (o, v) in b.iter_mut().skip(8).zip(tail.to_le_bytes()) {
+            *o = v;
+        }
+        Self(b)
+    }
+
+    /// The deadline a minted id carries; `None` for ids not minted by
+    /// [`TxnId::mint`] (made up by an app, or from an older txmesh: their
+    /// bytes 6..8 are the mark with probability 2⁻¹⁶).
+    pub fn deadline_ms(&self) -> Option<u64> {
+        if self.0.get(6..8) != Some(&DEADLINE_MARK[..]) {
+            return None;
+        }
+        let mut d = [0u8; 8];
+        for (o, v) in d.iter_mut().skip(2).zip(self.0.iter()) {
+            *o = *v;
+        }
+        Some(u64::from_be_bytes(d))
     }
 
     pub fn parse(s: &[u8]) -> Result<Self, String> {
@@ -40,14 +83,24 @@ impl TxnId {
         &self.0
     }
 
-    /// Two independent bucket hashes (the id is random, its halves are too).
+    /// Two independent bucket hashes. A minted id's first half is its
+    /// deadline and mark (shared by transactions begun together), so both
+    /// hashes mix the whole id.
     pub fn hashes(&self) -> (u64, u64) {
         let mut a = [0u8; 8];
         let mut b = [0u8; 8];
         a.copy_from_slice(self.0.get(..8).unwrap_or(&[0; 8]));
         b.copy_from_slice(self.0.get(8..).unwrap_or(&[0; 8]));
-        (u64::from_le_bytes(a), u64::from_le_bytes(b))
+        let (hi, lo) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
+        (mix(lo ^ mix(hi)), mix(hi ^ mix(lo ^ 0x9e37_79b9_7f4a_7c15)))
     }
+}
+
+/// splitmix64's finalizer: every input bit moves every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn hex_val(c: Option<u8>) -> Result<u8, String> {
@@ -171,6 +224,30 @@ mod tests {
             "transaction id must not be all zero"
         );
         assert!(TxnId::from_bytes([0; 16]).is_none());
+    }
+
+    #[test]
+    fn a_minted_id_carries_its_deadline() {
+        let d = 1_767_225_600_123;
+        let id = TxnId::mint(d, [7; 16]);
+        assert_eq!(id.deadline_ms(), Some(d));
+        assert_eq!(&id.to_string()[..16], "019b76daa87b7478");
+        // Round trip through the wire form.
+        let back = TxnId::parse(id.to_string().as_bytes()).unwrap();
+        assert_eq!(back.deadline_ms(), Some(d));
+        // All of the random bytes count: two draws differing anywhere differ.
+        let mut r = [7; 16];
+        r[0] = 8;
+        assert_ne!(TxnId::mint(d, r), id);
+        r = [7; 16];
+        r[15] = 8;
+        assert_ne!(TxnId::mint(d, r), id);
+        // Ids not minted here carry no deadline (whatever their first bytes say).
+        assert_eq!(TxnId::parse(ID.as_bytes()).unwrap().deadline_ms(), None);
+        // Begun together, two ids still land in different buckets.
+        let (a, b) = (TxnId::mint(d, [1; 16]), TxnId::mint(d, [2; 16]));
+        assert_ne!(a.hashes().0 % 1024, b.hashes().0 % 1024);
+        assert_ne!(a.hashes().0, a.hashes().1);
     }
 
     #[test]

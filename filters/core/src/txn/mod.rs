@@ -8,3 +8,4 @@ pub mod etcd;
 pub mod id;
 pub mod seeded;
 pub mod table;
+pub mod tree;

@@ -25,16 +25,22 @@ pub enum Bug {
     FirstVoteDecides,
     /// The root's commit CAS finding an abort record commits anyway.
     ObeyIgnoresAbort,
+    /// A status query resolves on the caller's `x-txmesh-deadline`.
+    StatusTrustsCaller,
+    /// A control call's carried call tree (`x-txmesh-children`) is ignored.
+    IgnoreCarriedTree,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 8] = [
         Bug::CommitBeforeRecord,
         Bug::AbortWithoutCas,
         Bug::UnknownPrepareYes,
         Bug::SubForgetsChildren,
         Bug::FirstVoteDecides,
         Bug::ObeyIgnoresAbort,
+        Bug::StatusTrustsCaller,
+        Bug::IgnoreCarriedTree,
     ];
 
     /// The cargo feature that compiles it in.
@@ -46,6 +52,8 @@ impl Bug {
             Bug::SubForgetsChildren => "seeded-bug-sub-forgets-children",
             Bug::FirstVoteDecides => "seeded-bug-first-vote-decides",
             Bug::ObeyIgnoresAbort => "seeded-bug-obey-ignores-abort",
+            Bug::StatusTrustsCaller => "seeded-bug-status-trusts-caller",
+            Bug::IgnoreCarriedTree => "seeded-bug-ignore-carried-tree",
         }
     }
 
@@ -57,6 +65,8 @@ impl Bug {
             Bug::SubForgetsChildren => cfg!(feature = "seeded-bug-sub-forgets-children"),
             Bug::FirstVoteDecides => cfg!(feature = "seeded-bug-first-vote-decides"),
             Bug::ObeyIgnoresAbort => cfg!(feature = "seeded-bug-obey-ignores-abort"),
+            Bug::StatusTrustsCaller => cfg!(feature = "seeded-bug-status-trusts-caller"),
+            Bug::IgnoreCarriedTree => cfg!(feature = "seeded-bug-ignore-carried-tree"),
         }
     }
 
@@ -68,6 +78,8 @@ impl Bug {
             Bug::SubForgetsChildren => 4,
             Bug::FirstVoteDecides => 5,
             Bug::ObeyIgnoresAbort => 6,
+            Bug::StatusTrustsCaller => 7,
+            Bug::IgnoreCarriedTree => 8,
         }
     }
 }

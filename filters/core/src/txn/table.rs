@@ -66,6 +66,9 @@ pub struct Entry {
     pub phase: Phase,
     /// Enlisted clusters (children), in enlistment order, with their votes.
     pub participants: Vec<(String, Mark)>,
+    /// The call tree each child reported below itself (`x-txmesh-children`),
+    /// for children that have one.
+    pub trees: Vec<(String, String)>,
 }
 
 impl Entry {
@@ -76,6 +79,23 @@ impl Entry {
             role,
             phase: Phase::Active,
             participants: Vec::new(),
+            trees: Vec::new(),
+        }
+    }
+
+    /// The tree `child` reported below itself ("" if none).
+    pub fn tree_of(&self, child: &str) -> &str {
+        self.trees
+            .iter()
+            .find(|(c, _)| c == child)
+            .map_or("", |(_, t)| t.as_str())
+    }
+
+    /// Records the tree `child` reported (replacing an older report).
+    pub fn set_tree(&mut self, child: &str, tree: String) {
+        self.trees.retain(|(c, _)| c != child);
+        if !tree.is_empty() {
+            self.trees.push((child.to_string(), tree));
         }
     }
 
@@ -102,6 +122,9 @@ impl Entry {
             };
             let _ = write!(out, " {m}{c}");
         }
+        for (c, t) in &self.trees {
+            let _ = write!(out, " >{c}={t}");
+        }
         out.push('\n');
     }
 
@@ -123,7 +146,13 @@ impl Entry {
             _ => return None,
         };
         let mut participants = Vec::new();
+        let mut trees = Vec::new();
         for p in f {
+            if let Some(t) = p.strip_prefix('>') {
+                let (c, tree) = t.split_once('=')?;
+                trees.push((c.to_string(), tree.to_string()));
+                continue;
+            }
             let mut chars = p.chars();
             let mark = match chars.next()? {
                 '?' => Mark::Unknown,
@@ -140,6 +169,7 @@ impl Entry {
             role,
             phase,
             participants,
+            trees,
         })
     }
 }
@@ -503,6 +533,7 @@ mod tests {
             ("x".into(), Mark::Unknown),
             ("y".into(), Mark::Abort),
         ];
+        e.set_tree("payment", "bank(ledger),fraud".into());
         let mut s = String::new();
         e.encode(&mut s);
         assert_eq!(Entry::decode(s.trim_end()).unwrap(), e);

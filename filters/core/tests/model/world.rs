@@ -204,6 +204,14 @@ pub enum Caller {
     App {
         pod: u8,
     },
+    /// The same call as it left through the app's sidecar (stream `ctx` of
+    /// its outbound listener): the answer passes that stream's response
+    /// path, then reaches the app.
+    Outbound {
+        pod: u8,
+        life: u8,
+        ctx: u32,
+    },
     /// An app asking its sidecar for an outcome (recovery).
     AppAsk {
         pod: u8,
@@ -236,6 +244,8 @@ pub enum At {
     Engine,
     /// The app answered; the engine holds the response.
     Paused(Resp),
+    /// An outbound call passed on to its destination; its answer is awaited.
+    Upstream,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -938,6 +948,12 @@ impl World {
                     }
                 }
             }
+            Caller::Outbound { pod, life, ctx } => {
+                let p = pod as usize;
+                if self.pods[p].up && self.pods[p].life == life {
+                    self.outbound_answer(sc, p, ctx, resp);
+                }
+            }
             Caller::AppAsk { pod } => {
                 let p = pod as usize;
                 self.pods[p].asking = false;
@@ -1154,22 +1170,71 @@ impl World {
             .collect();
         self.effects(sc, p, host);
         // Refused (a local reply answered the app), or passed on.
-        let Some(rec) = self.pods[p].streams.remove(&ctx) else {
+        if !self.pods[p].streams.contains_key(&ctx) {
+            return;
+        }
+        if verdict != Verdict::Continue {
+            if let Some(rec) = self.pods[p].streams.remove(&ctx) {
+                self.stream_done(sc, p, rec.engine as usize, ctx, &stream);
+            }
+            return;
+        }
+        if let Some(rec) = self.pods[p].streams.get_mut(&ctx) {
+            rec.stream = stream;
+            rec.at = At::Upstream;
+        }
+        let life = self.pods[p].life;
+        self.net.insert(Msg::Call {
+            to: Dest::Service(child as u8),
+            from: Caller::Outbound {
+                pod: p as u8,
+                life,
+                ctx,
+            },
+            req: Req {
+                method: "POST".into(),
+                path: "/work".into(),
+                headers: forwarded,
+                body: Vec::new(),
+            },
+        });
+    }
+
+    /// The answer to an app's outbound call passes its sidecar's outbound
+    /// stream (response headers, then the stream ends), then reaches the app.
+    fn outbound_answer(&mut self, sc: &Scenario, p: usize, ctx: u32, resp: Resp) {
+        let Some(rec) = self.pods[p].streams.get(&ctx) else {
             return;
         };
-        if verdict == Verdict::Continue {
-            self.net.insert(Msg::Call {
-                to: Dest::Service(child as u8),
-                from: Caller::App { pod: p as u8 },
-                req: Req {
-                    method: "POST".into(),
-                    path: "/work".into(),
-                    headers: forwarded,
-                    body: Vec::new(),
-                },
-            });
+        if rec.at != At::Upstream {
+            return;
         }
-        self.stream_done(sc, p, rec.engine as usize, ctx, &stream);
+        let (engine, stream) = (rec.engine as usize, rec.stream.clone());
+        let mut headers: Vec<(String, Vec<u8>)> = vec![(
+            ":status".into(),
+            resp.status
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+                .into_bytes(),
+        )];
+        headers.extend(
+            resp.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+        );
+        let (_, host) = self.run(
+            sc,
+            p,
+            engine,
+            ctx,
+            |h| *h.response_headers.borrow_mut() = headers,
+            |e, h| e.on_response_headers(h, ctx, &stream),
+        );
+        self.effects(sc, p, host);
+        if let Some(rec) = self.pods[p].streams.remove(&ctx) {
+            self.stream_done(sc, p, rec.engine as usize, ctx, &rec.stream);
+        }
+        self.deliver_answer(sc, Caller::App { pod: p as u8 }, resp);
     }
 
     /// A participant app's answer to a control call, by the contract in

@@ -49,6 +49,20 @@ impl TxnEngine {
         (Stream::Pass, Verdict::Pause)
     }
 
+    /// The deadline of a call inside transaction `txn`: the one its id
+    /// carries (minted by the root), else `x-txmesh-deadline` (ids made up
+    /// by an app or an older txmesh).
+    fn txn_deadline(&self, h: &impl FilterHost, txn: &TxnId, now: u64) -> Result<u64, String> {
+        match txn.deadline_ms() {
+            Some(d) if d <= now => Err(format!(
+                "transaction {txn} is past its deadline ({d}, now {now})"
+            )),
+            Some(d) => Ok(d),
+            None => self.deadline_from(h, now),
+        }
+    }
+
+    /// A new transaction's deadline: the default, or less if the client asks.
     fn deadline_from(&self, h: &impl FilterHost, now: u64) -> Result<u64, String> {
         let default = now.saturating_add(self.cfg.default_timeout_ms);
         match h.request_header(id::DEADLINE_HEADER) {
@@ -95,7 +109,7 @@ impl TxnEngine {
             ),
             TxnHeader::Id(txn) => {
                 let now = h.now_ms();
-                let deadline = match self.deadline_from(h, now) {
+                let deadline = match self.txn_deadline(h, &txn, now) {
                     Ok(d) => d,
                     Err(e) => return self.reject(h, ctx, 400, &e),
                 };
@@ -108,7 +122,7 @@ impl TxnEngine {
                 }
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
                 h.set_request_header(id::DEADLINE_HEADER, Some(&deadline.to_string()));
-                (Stream::Pass, Verdict::Continue)
+                (Stream::Business { txn }, Verdict::Continue)
             }
         }
     }
@@ -119,9 +133,7 @@ impl TxnEngine {
             Ok(d) => d,
             Err(e) => return self.reject(h, ctx, 400, &e),
         };
-        let Some(txn) = (0..4).find_map(|_| TxnId::from_bytes(h.random_id())) else {
-            return self.reject(h, ctx, 500, "cannot mint a transaction id");
-        };
+        let txn = TxnId::mint(deadline, h.random_id());
         match self
             .table
             .insert(h, Entry::new(txn, deadline, Role::Root), now)
@@ -198,8 +210,15 @@ impl TxnEngine {
             Some(ep) => format!("{cluster}@{ep}"),
             None => cluster,
         };
+        if !tree::carriable(&cluster) {
+            let msg = format!(
+                "cannot enlist {cluster}: a participant's name must not contain any of ( ) , = (it travels in {})",
+                tree::CHILDREN_HEADER
+            );
+            return self.reject(h, ctx, 409, &msg);
+        }
         let now = h.now_ms();
-        let deadline = match self.deadline_from(h, now) {
+        let deadline = match self.txn_deadline(h, &txn, now) {
             Ok(d) => d,
             Err(e) => return self.reject(h, ctx, 400, &e),
         };
@@ -211,7 +230,8 @@ impl TxnEngine {
             Ok(entry) => {
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
                 h.set_request_header(id::DEADLINE_HEADER, Some(&entry.deadline_ms.to_string()));
-                (Stream::Pass, Verdict::Continue)
+                let participant = cluster;
+                (Stream::Enlisted { txn, participant }, Verdict::Continue)
             }
             Err(TableError::Rejected(msg)) => self.reject(h, ctx, 409, &msg),
             Err(TableError::Full | TableError::BucketFull) => {
@@ -269,28 +289,34 @@ impl TxnEngine {
                 )
             }
         };
+        // The call tree below this participant, as its coordinator knows
+        // it: whichever replica of it, or this sidecar after a restart,
+        // cascades to the same children.
+        let carried = match h.request_header(tree::CHILDREN_HEADER) {
+            _ if seeded::active(Bug::IgnoreCarriedTree) => Vec::new(),
+            None => Vec::new(),
+            Some(v) => match tree::parse(&v) {
+                Ok(c) => c,
+                Err(e) => return self.reject(h, ctx, 400, &e),
+            },
+        };
         let entry = self.table.get(h, &txn);
-        let sub = entry
-            .as_ref()
-            .filter(|e| e.role == Role::Sub && !e.participants.is_empty());
-        match (kind, sub) {
-            (None, Some(e)) => {
-                let e = e.clone();
-                self.sub_prepare(h, ctx, e)
-            }
-            (Some(outcome), Some(e)) => {
-                let e = e.clone();
-                self.sub_finish(h, ctx, e, outcome)
-            }
-            (Some(_), None) => {
+        let has_children = !carried.is_empty()
+            || entry
+                .as_ref()
+                .is_some_and(|e| e.role == Role::Sub && !e.participants.is_empty());
+        match (kind, has_children) {
+            (None, true) => self.sub_prepare(h, ctx, txn, entry, carried),
+            (Some(outcome), true) => self.sub_finish(h, ctx, txn, entry, carried, outcome),
+            (Some(_), false) => {
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
                 (Stream::LeafFinish { txn }, Verdict::Continue)
             }
-            (None, None) if entry.is_none() && seeded::active(Bug::UnknownPrepareYes) => {
+            (None, false) if entry.is_none() && seeded::active(Bug::UnknownPrepareYes) => {
                 h.send_reply(ctx, 200, &[JSON], br#"{"vote":"commit"}"#);
                 (Stream::Pass, Verdict::Pause)
             }
-            (None, None) => {
+            (None, false) => {
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
                 // From the moment the prepare goes to the app, the app may be
                 // prepared: watch for a decision (in-doubt resolution). If it
@@ -302,10 +328,7 @@ impl TxnEngine {
                     Ok(())
                 });
                 if marked == Err(TableError::NotFound) {
-                    let deadline_ms = h
-                        .request_header(id::DEADLINE_HEADER)
-                        .and_then(|v| id::parse_deadline(&v).ok())
-                        .unwrap_or_else(|| now.saturating_add(self.cfg.default_timeout_ms));
+                    let deadline_ms = self.known_deadline(h, &txn, now);
                     let mut e = Entry::new(txn, deadline_ms, Role::Participant);
                     e.phase = Phase::Preparing;
                     let _ = self.table.insert(h, e, now);
@@ -317,26 +340,86 @@ impl TxnEngine {
 
     // ----- sub-coordinator -------------------------------------------------
 
-    fn sub_prepare(&mut self, h: &impl FilterHost, ctx: u32, entry: Entry) -> (Stream, Verdict) {
+    /// A prepare for a transaction with children here (known from the
+    /// table, or carried by the coordinator): fan out to them and the app.
+    /// A prepare this sidecar cannot track is refused with an abort vote.
+    fn sub_prepare(
+        &mut self,
+        h: &impl FilterHost,
+        ctx: u32,
+        txn: TxnId,
+        entry: Option<Entry>,
+        carried: Vec<Child>,
+    ) -> (Stream, Verdict) {
+        let now = h.now_ms();
         let app = self.cfg.app_cluster.clone();
-        let updated = self.table.update(h, &entry.txn, |e| {
+        let merge = |e: &mut Entry| {
             e.phase = Phase::Preparing;
+            e.role = Role::Sub;
+            for c in &carried {
+                if !e.participants.iter().any(|(p, _)| *p == c.name) {
+                    e.participants.push((c.name.clone(), Mark::Unknown));
+                }
+                if !c.tree.is_empty() {
+                    e.set_tree(&c.name, c.tree.clone());
+                }
+            }
             if !e.participants.iter().any(|(c, _)| *c == app) {
                 e.participants.push((app.clone(), Mark::Unknown));
             }
             Ok(())
-        });
-        let entry = updated.unwrap_or(entry);
+        };
+        let entry = match entry {
+            Some(mut known) => match self.table.update(h, &txn, merge) {
+                Ok(e) => e,
+                Err(_) => {
+                    // Not recorded (busy, or freed meanwhile): go on with
+                    // what is known; its coordinator resolves it.
+                    let _ = merge(&mut known);
+                    known
+                }
+            },
+            None => {
+                let mut fresh = Entry::new(txn, self.known_deadline(h, &txn, now), Role::Sub);
+                let _ = merge(&mut fresh);
+                match self.table.insert(h, fresh.clone(), now) {
+                    Ok(()) => fresh,
+                    Err(e) => {
+                        let body = Obj::new()
+                            .str("vote", "abort")
+                            .str(
+                                "reason",
+                                &format!("this sidecar cannot track the transaction: {e}"),
+                            )
+                            .str("participant", &self.node)
+                            .build();
+                        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
+                        return (Stream::Pass, Verdict::Pause);
+                    }
+                }
+            }
+        };
         let forget = seeded::active(Bug::SubForgetsChildren);
         let targets = entry
             .participants
             .iter()
             .filter(|(c, _)| !forget || *c == app)
-            .map(|(c, _)| Target::new(self.name_of(c), c.clone()))
+            .map(|(c, _)| Target::new(self.name_of(c), c.clone(), entry.tree_of(c).to_string()))
             .collect();
         let step = SubPrepare::start(ctx, entry.txn, entry.deadline_ms, targets, &self.cx(h));
         self.settle_op(h, ctx, step.map(Op::SubPrepare));
         (Stream::Owned, Verdict::Pause)
+    }
+
+    /// The deadline of a transaction this sidecar has no entry for: the
+    /// id's (even if past: resolve soon), else the caller's, else the default.
+    fn known_deadline(&self, h: &impl FilterHost, txn: &TxnId, now: u64) -> u64 {
+        txn.deadline_ms()
+            .or_else(|| {
+                h.request_header(id::DEADLINE_HEADER)
+                    .and_then(|v| id::parse_deadline(&v).ok())
+            })
+            .unwrap_or_else(|| now.saturating_add(self.cfg.default_timeout_ms))
     }
 
     /// This node's name for its own app, else the cluster.
@@ -348,42 +431,56 @@ impl TxnEngine {
         }
     }
 
+    /// A commit or abort for a transaction with children here: cascade to
+    /// them (all but read-only voters, and for commit all but no voters)
+    /// and the app. Without an entry (another replica, or a restart) every
+    /// carried child is told: commit and abort are idempotent, and both are
+    /// acknowledged for work a participant does not hold.
     fn sub_finish(
         &mut self,
         h: &impl FilterHost,
         ctx: u32,
-        entry: Entry,
+        txn: TxnId,
+        entry: Option<Entry>,
+        carried: Vec<Child>,
         outcome: Outcome,
     ) -> (Stream, Verdict) {
+        let now = h.now_ms();
         let app = self.cfg.app_cluster.clone();
         let phase = match outcome {
             Outcome::Committed => Phase::Committed,
             Outcome::Aborted => Phase::Aborted,
         };
-        let _ = self.table.update(h, &entry.txn, |e| {
+        let _ = self.table.update(h, &txn, |e| {
             e.phase = phase;
             Ok(())
         });
-        let mut marks = entry.participants.clone();
-        if !marks.iter().any(|(c, _)| *c == app) {
-            marks.push((app.clone(), Mark::Unknown));
+        let deadline_ms = entry
+            .as_ref()
+            .map_or_else(|| self.known_deadline(h, &txn, now), |e| e.deadline_ms);
+        let mut known = entry.unwrap_or_else(|| Entry::new(txn, deadline_ms, Role::Sub));
+        for c in carried {
+            if !known.participants.iter().any(|(p, _)| *p == c.name) {
+                known.participants.push((c.name.clone(), Mark::Unknown));
+            }
+            if known.tree_of(&c.name).is_empty() {
+                known.set_tree(&c.name, c.tree);
+            }
         }
-        let targets = marks
-            .into_iter()
+        if !known.participants.iter().any(|(c, _)| *c == app) {
+            known.participants.push((app.clone(), Mark::Unknown));
+        }
+        let targets = known
+            .participants
+            .iter()
             .filter(|(_, mark)| match outcome {
                 Outcome::Committed => *mark != Mark::ReadOnly && *mark != Mark::Abort,
                 Outcome::Aborted => *mark != Mark::ReadOnly,
             })
-            .map(|(cluster, _)| (self.name_of(&cluster), cluster))
+            .map(|(c, _)| (self.name_of(c), c.clone(), known.tree_of(c).to_string()))
             .collect();
-        let step: Step<SubFinish> = SubFinish::start(
-            ctx,
-            entry.txn,
-            outcome,
-            entry.deadline_ms,
-            targets,
-            &self.cx(h),
-        );
+        let step: Step<SubFinish> =
+            SubFinish::start(ctx, txn, outcome, deadline_ms, targets, &self.cx(h));
         self.settle_op(h, ctx, step.map(Op::SubFinish));
         (Stream::Owned, Verdict::Pause)
     }

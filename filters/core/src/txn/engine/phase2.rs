@@ -76,6 +76,8 @@ pub(super) enum Delivery {
 pub(super) struct JobTarget {
     pub name: String,
     pub cluster: String,
+    /// Its call tree (sent with the commit or abort).
+    pub tree: String,
     /// Its vote, if known (decides what it is owed).
     pub vote: Option<Vote>,
     pub delivery: Delivery,
@@ -85,6 +87,7 @@ pub(super) struct JobTarget {
 pub(super) struct Participant {
     pub name: String,
     pub cluster: String,
+    pub tree: String,
     pub vote: Option<Vote>,
 }
 
@@ -155,6 +158,7 @@ impl Job {
                 .map(|p| JobTarget {
                     name: p.name,
                     cluster: p.cluster,
+                    tree: p.tree,
                     vote: p.vote,
                     delivery: Delivery::Owed(Send::now()),
                 })
@@ -171,7 +175,12 @@ impl Job {
     fn pending(&self, cx: &Cx) -> (String, String) {
         let parts = self.targets.iter().map(|t| {
             let acked = t.delivery == Delivery::Acked;
-            (&t.name, &t.cluster, pending_state(t.vote.as_ref(), acked))
+            (
+                &t.name,
+                &t.cluster,
+                pending_state(t.vote.as_ref(), acked),
+                &t.tree,
+            )
         });
         pending_record(cx.node, &self.txn, cx.now_ms, self.deadline_ms, parts)
     }
@@ -246,6 +255,7 @@ impl Job {
                 }
                 let call = control_call(
                     &t.cluster,
+                    &t.tree,
                     path,
                     &txn,
                     self.deadline_ms,

@@ -53,10 +53,10 @@ pub(super) fn pending_record<'a>(
     txn: &TxnId,
     now: u64,
     deadline_ms: u64,
-    parts: impl Iterator<Item = (&'a String, &'a String, &'static str)>,
+    parts: impl Iterator<Item = (&'a String, &'a String, &'static str, &'a String)>,
 ) -> (String, String) {
-    let targets: Vec<(String, String, &str)> = parts
-        .map(|(n, c, state)| (n.clone(), c.clone(), state))
+    let targets: Vec<(String, String, &str, String)> = parts
+        .map(|(n, c, state, tree)| (n.clone(), c.clone(), state, tree.clone()))
         .collect();
     (
         etcd::pending_key(node, txn),

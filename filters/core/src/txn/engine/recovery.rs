@@ -59,6 +59,7 @@ impl TxnEngine {
                 .map(|(c, m)| Participant {
                     name: name_of(c),
                     cluster: c.clone(),
+                    tree: e.tree_of(c).to_string(),
                     vote: Some(match m {
                         Mark::Abort => Vote::Abort {
                             cause: Cause::VoteAbort,
@@ -73,6 +74,7 @@ impl TxnEngine {
                 parts.push(Participant {
                     name: self.node.clone(),
                     cluster: app,
+                    tree: String::new(),
                     vote: Some(Vote::Commit),
                 });
             }
@@ -156,6 +158,7 @@ impl TxnEngine {
                 .map(|t| Participant {
                     name: t.name.clone(),
                     cluster: t.cluster.clone(),
+                    tree: t.tree.clone(),
                     vote: Some(if t.vote == "commit" {
                         Vote::Commit
                     } else {

@@ -141,8 +141,12 @@ impl RootOp {
                 Verdict::Pause,
             );
         }
-        let effects = ask_all(op.ctx, &mut op.targets, &op.txn, op.deadline_ms, cx.now_ms);
-        (Step::stay(op, effects), Verdict::Pause)
+        let mut effects = ask_all(op.ctx, &mut op.targets, &op.txn, op.deadline_ms, cx.now_ms);
+        // A target that could not be asked has voted already.
+        let mut step = op.evaluate(cx);
+        effects.append(&mut step.effects);
+        step.effects = effects;
+        (step, Verdict::Pause)
     }
 
     pub fn until_ms(&self) -> u64 {
@@ -286,6 +290,7 @@ impl RootOp {
         };
         let call = control_call(
             &t.cluster,
+            &t.tree,
             COMMIT_PATH,
             &self.txn,
             self.deadline_ms,
@@ -320,7 +325,7 @@ impl RootOp {
         let parts = self
             .targets
             .iter()
-            .map(|t| (&t.name, &t.cluster, pending_state(t.vote(), false)));
+            .map(|t| (&t.name, &t.cluster, pending_state(t.vote(), false), &t.tree));
         let pending = pending_record(cx.node, &self.txn, cx.now_ms, self.deadline_ms, parts);
         let call = record_call(cx.cfg, &d, Some(pending));
         self.stage = RootStage::WriteCommit {
@@ -532,6 +537,7 @@ impl RootOp {
             .map(|t| Participant {
                 name: t.name.clone(),
                 cluster: t.cluster.clone(),
+                tree: t.tree.clone(),
                 vote: t.vote().cloned(),
             })
             .collect();

@@ -143,11 +143,20 @@ impl TxnEngine {
             h.send_reply(ctx, 200, &[JSON], status_body(&txn, outcome).as_bytes());
             return (Stream::Pass, Verdict::Pause);
         }
-        // The deadline, if anyone knows it: our table, or the asking app.
-        let deadline = entry.as_ref().map(|e| e.deadline_ms).or_else(|| {
+        // The deadline, if anyone knows it: our table, or the id itself —
+        // never the caller (a past x-txmesh-deadline must not let anyone
+        // abort a live transaction).
+        let deadline = entry
+            .as_ref()
+            .map(|e| e.deadline_ms)
+            .or_else(|| txn.deadline_ms());
+        let deadline = if seeded::active(Bug::StatusTrustsCaller) {
             h.request_header(id::DEADLINE_HEADER)
                 .and_then(|v| id::parse_deadline(&v).ok())
-        });
+                .or(deadline)
+        } else {
+            deadline
+        };
         let resolve = deadline.is_some_and(|d| now >= d.saturating_add(grace));
         let miss = if entry.is_some() { "active" } else { "unknown" };
         let call = record::etcd_call(

@@ -105,6 +105,7 @@ impl SubPrepare {
 pub(super) struct AckTarget {
     pub name: String,
     pub cluster: String,
+    pub tree: String,
     pub ack: Ack,
 }
 
@@ -127,13 +128,13 @@ pub(super) struct SubFinish {
 }
 
 impl SubFinish {
-    /// `targets`: (name, cluster) of everyone owed `outcome`.
+    /// `targets`: (name, cluster, call tree) of everyone owed `outcome`.
     pub fn start(
         ctx: u32,
         txn: TxnId,
         outcome: Outcome,
         deadline_ms: u64,
-        targets: Vec<(String, String)>,
+        targets: Vec<(String, String, String)>,
         cx: &Cx,
     ) -> Step<Self> {
         let path = match outcome {
@@ -143,9 +144,9 @@ impl SubFinish {
         let timeout = cx.cfg.control_timeout_ms;
         let mut effects = Vec::new();
         let mut acks = Vec::new();
-        for (i, (name, cluster)) in targets.into_iter().enumerate() {
+        for (i, (name, cluster, tree)) in targets.into_iter().enumerate() {
             effects.push(Effect::Dispatch {
-                call: control_call(&cluster, path, &txn, deadline_ms, timeout),
+                call: control_call(&cluster, &tree, path, &txn, deadline_ms, timeout),
                 route: Call::Op {
                     ctx,
                     call: OpCall::Ack(i),
@@ -154,6 +155,7 @@ impl SubFinish {
             acks.push(AckTarget {
                 name,
                 cluster,
+                tree,
                 ack: Ack::Waiting,
             });
         }

@@ -32,14 +32,17 @@ pub(super) struct Target {
     /// Name in votes, errors and logs: the cluster, or this node for its own app.
     pub name: String,
     pub cluster: String,
+    /// The call tree it reported below itself (sent with every control call).
+    pub tree: String,
     pub ballot: Ballot,
 }
 
 impl Target {
-    pub fn new(name: String, cluster: String) -> Self {
+    pub fn new(name: String, cluster: String, tree: String) -> Self {
         Self {
             name,
             cluster,
+            tree,
             ballot: Ballot::NotAsked,
         }
     }
@@ -141,6 +144,7 @@ pub(super) fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
 /// participant was reached through txmesh_router).
 pub(super) fn control_call(
     cluster: &str,
+    tree: &str,
     path: &str,
     txn: &TxnId,
     deadline_ms: u64,
@@ -151,6 +155,9 @@ pub(super) fn control_call(
         (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
         ("content-type".to_string(), "application/json".to_string()),
     ];
+    if !tree.is_empty() {
+        headers.push((tree::CHILDREN_HEADER.to_string(), tree.to_string()));
+    }
     let (cluster, pinned) = split_pinned(cluster);
     if let Some(ep) = pinned {
         headers.push((ENDPOINT_HEADER.to_string(), ep.to_string()));
@@ -165,7 +172,12 @@ pub(super) fn control_call(
     }
 }
 
-/// The prepares of a round: one dispatch per target, each then asked.
+/// The tree recorded for a participant whose report could not be read (or
+/// was too large): it cannot be prepared safely.
+pub(super) const UNTRACKABLE: &str = "!";
+
+/// The prepares of a round: one dispatch per target, each then asked; a
+/// target whose call tree could not be tracked votes abort at once.
 pub(super) fn ask_all(
     ctx: u32,
     targets: &mut [Target],
@@ -174,18 +186,27 @@ pub(super) fn ask_all(
     now_ms: u64,
 ) -> Vec<Effect> {
     let timeout = deadline_ms.saturating_sub(now_ms);
-    targets
-        .iter_mut()
-        .enumerate()
-        .map(|(i, t)| {
-            t.ballot = Ballot::Asked;
-            Effect::Dispatch {
-                call: control_call(&t.cluster, PREPARE_PATH, txn, deadline_ms, timeout),
-                route: Call::Op {
-                    ctx,
-                    call: OpCall::Vote(i),
-                },
-            }
-        })
-        .collect()
+    let mut effects = Vec::new();
+    for (i, t) in targets.iter_mut().enumerate() {
+        if t.tree == UNTRACKABLE {
+            t.ballot = Ballot::Voted(Vote::Abort {
+                cause: Cause::VoteAbort,
+                reason: format!(
+                    "its calls below could not be tracked (invalid or too large {})",
+                    tree::CHILDREN_HEADER
+                ),
+                participant: t.name.clone(),
+            });
+            continue;
+        }
+        t.ballot = Ballot::Asked;
+        effects.push(Effect::Dispatch {
+            call: control_call(&t.cluster, &t.tree, PREPARE_PATH, txn, deadline_ms, timeout),
+            route: Call::Op {
+                ctx,
+                call: OpCall::Vote(i),
+            },
+        });
+    }
+    effects
 }

@@ -41,13 +41,10 @@ fn status_reads_etcd_when_not_local() {
 fn status_resolves_an_in_doubt_transaction_for_a_recovering_app() {
     let h = Host::new();
     let mut e = engine(&h, r#"{"node":"payment"}"#);
-    // The app restarted holding a prepared txn whose deadline passed long ago.
-    h.request(
-        1,
-        "GET",
-        &format!("/txmesh/txns/{ID}"),
-        &[("x-txmesh-deadline", "990000")],
-    );
+    // The app restarted holding a prepared txn whose deadline (carried by
+    // its id) passed long ago; this sidecar never saw it.
+    let old = TxnId::mint(990_000, [3; 16]);
+    h.request(1, "GET", &format!("/txmesh/txns/{old}"), &[]);
     e.on_request_headers(&h, 3);
     let calls = h.take_calls();
     assert_eq!(paths(&calls), ["etcd /v3/kv/range"]);
@@ -57,20 +54,28 @@ fn status_resolves_an_in_doubt_transaction_for_a_recovering_app() {
     answer(&h, &mut e, &calls, "etcd", ok(CREATED));
     let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
     assert_eq!((ctx, st), (3, 200));
-    assert_eq!(body, format!(r#"{{"txn":"{ID}","outcome":"aborted"}}"#));
-    // Within the deadline: no resolution, "unknown".
-    h.request(
-        1,
-        "GET",
-        &format!("/txmesh/txns/{ID}"),
-        &[("x-txmesh-deadline", "1009000")],
-    );
-    e.on_request_headers(&h, 4);
-    let calls = h.take_calls();
-    answer(&h, &mut e, &calls, "etcd", ok(r#"{"header":{}}"#));
-    assert!(h.take_calls().is_empty());
-    let (_, _, _, body) = h.replies.borrow().last().unwrap().clone();
-    assert!(body.contains(r#""outcome":"unknown""#), "{body}");
+    assert_eq!(body, format!(r#"{{"txn":"{old}","outcome":"aborted"}}"#));
+    // Within its deadline, whatever the caller claims: no resolution, "unknown".
+    let live = TxnId::mint(1_009_000, [4; 16]);
+    let no_deadline = TxnId::parse(ID.as_bytes()).unwrap();
+    for (txn, ctx) in [(live, 4), (no_deadline, 5)] {
+        h.request(
+            1,
+            "GET",
+            &format!("/txmesh/txns/{txn}"),
+            &[("x-txmesh-deadline", "1")],
+        );
+        e.on_request_headers(&h, ctx);
+        let calls = h.take_calls();
+        answer(&h, &mut e, &calls, "etcd", ok(r#"{"header":{}}"#));
+        assert!(
+            h.take_calls().is_empty(),
+            "{txn}: no CAS on the caller's deadline"
+        );
+        let (c, _, _, body) = h.replies.borrow().last().unwrap().clone();
+        assert_eq!(c, ctx);
+        assert_eq!(body, format!(r#"{{"txn":"{txn}","outcome":"unknown"}}"#));
+    }
 }
 
 #[test]

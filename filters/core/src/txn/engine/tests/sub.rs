@@ -157,3 +157,89 @@ fn a_sub_coordinator_relays_its_childs_timeout() {
     assert_eq!(v["participant"], "inventory");
     assert_eq!(v["cause"], "timeout", "{body}");
 }
+
+/// The call tree travels up on business answers and back down on control
+/// calls: a sidecar that never saw the transaction (another replica, or a
+/// restart) still cascades to the children its coordinator carried.
+#[test]
+fn the_call_tree_travels_up_and_back_down_to_any_replica() {
+    let h = Host::new();
+    let cfg = r#"{"node":"payment"}"#;
+    let (mut inb, mut out) = (engine(&h, cfg), engine(&h, cfg));
+    let txn = TxnId::mint(1_003_000, [9; 16]);
+    let id = txn.to_string();
+    // payment's app calls ledger (which reported its own child, audit).
+    h.request(1, "POST", "/pay", &[("x-txmesh-txn", &id)]);
+    let (business, _) = inb.on_request_headers(&h, 1);
+    assert_eq!(business, Stream::Business { txn });
+    h.request(2, "POST", "/debit", &[("x-txmesh-txn", &id)]);
+    h.cluster("ledger");
+    let (enlisted, _) = out.on_request_headers(&h, 2);
+    h.status("200");
+    h.response
+        .borrow_mut()
+        .push(("x-txmesh-children".into(), b"audit".to_vec()));
+    out.on_response_headers(&h, 2, &enlisted);
+    // payment's answer to its caller reports the tree below it.
+    h.status("200");
+    inb.on_response_headers(&h, 1, &business);
+    assert_eq!(
+        h.response_header("x-txmesh-children").as_deref(),
+        Some(&b"ledger(audit)"[..])
+    );
+    // Another replica of payment (its own table) gets the prepare with the
+    // tree: it prepares ledger (carrying audit) and its app.
+    let other = Host::new();
+    let mut replica = engine(&other, cfg);
+    other.request(
+        1,
+        "POST",
+        "/txmesh/prepare",
+        &[
+            ("x-txmesh-txn", &id),
+            ("x-txmesh-children", "ledger(audit)"),
+        ],
+    );
+    assert_eq!(replica.on_request_headers(&other, 3).0, Stream::Owned);
+    let calls = other.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["ledger /txmesh/prepare", "local_app /txmesh/prepare"]
+    );
+    let (_, to_ledger) = calls.iter().find(|(_, c)| c.cluster == "ledger").unwrap();
+    assert!(to_ledger
+        .headers
+        .contains(&("x-txmesh-children".to_string(), "audit".to_string())));
+    answer(&other, &mut replica, &calls, "ledger", vote("commit"));
+    answer(&other, &mut replica, &calls, "local_app", vote("commit"));
+    let (_, st, _, body) = other.replies.borrow().last().unwrap().clone();
+    assert_eq!((st, body.as_str()), (200, r#"{"vote":"commit"}"#));
+    // A third, restarted one gets the commit: it tells ledger and its app.
+    let fresh = Host::new();
+    let mut restarted = engine(&fresh, cfg);
+    fresh.request(
+        1,
+        "POST",
+        "/txmesh/commit",
+        &[
+            ("x-txmesh-txn", &id),
+            ("x-txmesh-children", "ledger(audit)"),
+        ],
+    );
+    restarted.on_request_headers(&fresh, 4);
+    let calls = fresh.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["ledger /txmesh/commit", "local_app /txmesh/commit"]
+    );
+    // A malformed tree is a 400, never a guess.
+    fresh.request(
+        1,
+        "POST",
+        "/txmesh/prepare",
+        &[("x-txmesh-txn", &id), ("x-txmesh-children", "ledger(")],
+    );
+    restarted.on_request_headers(&fresh, 5);
+    let (ctx, st, _, body) = fresh.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st), (5, 400), "{body}");
+}
