@@ -403,6 +403,95 @@ fn depth_three_aborts_when_the_leaf_says_no() {
     }
 }
 
+/// etcd goes away for longer than `phase2_give_up_ms` while participants
+/// are prepared and their coordinator is gone, and the participant apps
+/// never ask. In-doubt resolution goes on (`txmesh_txn_phase2_stuck` counts
+/// it) and, once etcd is back, every participant gets its outcome: abort,
+/// recorded. `TXMESH_OUTAGE_S` sets the outage: 6 s here (past a 2 s
+/// give-up); `make test-outage` runs 90 s past the default 60 s.
+#[test]
+fn in_doubt_participants_resolve_after_an_etcd_outage_longer_than_give_up() {
+    let outage: u64 = std::env::var("TXMESH_OUTAGE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let give_up_ms = if outage >= 90 { 60_000 } else { 2_000 };
+    let cfg = json!({
+        "phase2_give_up_ms": give_up_ms,
+        "in_doubt_grace_ms": 500,
+        "recovery_interval_ms": 200,
+    });
+    let mut shop = Shop::start_with(Vote::Commit, Vote::Commit, &cfg);
+    let held = Latch::default();
+    shop.order.set_vote(Vote::Until(held.clone()));
+    let n = 5;
+    let url = shop.order_sc.inbound_url("/checkout");
+    let burst: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || Client::new().request("POST", &url, &[], b"{}"))
+        })
+        .collect();
+    let prepared = |app: &TxnApp| app.records().values().filter(|r| r.prepares == 1).count();
+    wait_for(
+        10,
+        "every checkout prepared at payment and inventory",
+        || (prepared(&shop.payment) == n && prepared(&shop.inventory) == n).then_some(()),
+    );
+    // etcd goes, then the coordinator: payment and inventory are in doubt.
+    shop.etcd.stop();
+    let down_at = std::time::Instant::now();
+    shop.order_sc.crash();
+    held.open();
+    for b in burst {
+        let _ = b.join();
+    }
+    let stuck = |sc: &Envoy| sc.scrape().value("txmesh_txn_phase2_stuck", &[]);
+    wait_for(
+        outage + give_up_ms / 1000 + 30,
+        "in-doubt resolution counted stuck",
+        || {
+            (stuck(&shop.payment_sc) == n as f64 && stuck(&shop.inventory_sc) == n as f64)
+                .then_some(())
+        },
+    );
+    // ... and listed for operators (`txmeshctl txns --state stuck`).
+    let listed = shop.client.must(
+        "GET",
+        &shop.payment_sc.inbound_url("/txmesh/txns?state=stuck"),
+        &[],
+        b"",
+    );
+    assert_eq!(
+        listed.json()["txns"].as_array().map(Vec::len),
+        Some(n),
+        "{}",
+        listed.text()
+    );
+    std::thread::sleep(Duration::from_secs(outage).saturating_sub(down_at.elapsed()));
+    shop.etcd.start_again();
+    let back_at = std::time::Instant::now();
+    for app in [&shop.payment, &shop.inventory] {
+        for txn in app.records().keys() {
+            wait_for(120, &format!("{} resolves {txn}", app.name), || {
+                (app.record(txn).aborts == 1).then_some(())
+            });
+            let r = app.record(txn);
+            assert_eq!((r.prepares, r.commits, r.aborts), (1, 0, 1), "{}", app.name);
+            assert_eq!(decision(&shop.etcd, txn).unwrap()["outcome"], "aborted");
+        }
+    }
+    eprintln!(
+        "{n} in-doubt transactions resolved {:.1} s after etcd came back ({} s outage, give-up {} s)",
+        back_at.elapsed().as_secs_f64(),
+        outage,
+        give_up_ms / 1000
+    );
+    wait_for(30, "stuck back to zero", || {
+        (stuck(&shop.payment_sc) == 0.0 && stuck(&shop.inventory_sc) == 0.0).then_some(())
+    });
+}
+
 /// Each app's records of `txn`, summed over its instances:
 /// (business calls, prepares, commits, aborts).
 fn totals(apps: &[&TxnApp], txn: &str) -> (u32, u32, u32, u32) {

@@ -119,8 +119,16 @@ impl<L: Ledger> Participant<L> {
     pub fn prepare(&self, txn: &str) -> Result<Vote, String> {
         self.with_tx(|tx| {
             let vote = match Self::state(tx, txn)?.as_deref() {
-                // Never worked here: nothing to prepare.
-                None => Vote::ReadOnly,
+                // No work of this transaction here (never done, or lost): a
+                // yes would commit work nobody can see. Refused, and
+                // remembered so that a late business call is refused too.
+                None => {
+                    tx.execute(
+                        "INSERT INTO txns (txn, state, deadline_ms) VALUES (?1, 'aborted', 0)",
+                        [txn],
+                    )?;
+                    Vote::Abort(format!("unknown transaction {txn}: no work of it here"))
+                }
                 Some("aborted") => Vote::Abort("transaction already aborted".into()),
                 Some("prepared") | Some("committed") => Vote::Commit,
                 Some(_) => match self.ledger.prepare(tx, txn)? {
@@ -153,7 +161,11 @@ impl<L: Ledger> Participant<L> {
                     Ok(())
                 }
                 Some("aborted") => Err(format!("transaction {txn} was aborted here")),
-                // committed already, or never prepared here (read-only): nothing to do
+                // Work never prepared cannot be committed: the coordinator
+                // decided without this participant's yes.
+                Some("working") => Err(format!("transaction {txn} was never prepared here")),
+                // committed already (a read-only vote included), or no work
+                // of it here at all: nothing to do
                 _ => Ok(()),
             })
         })
@@ -196,17 +208,25 @@ impl<L: Ledger> Participant<L> {
 
     /// Releases tentative work never asked to prepare by its deadline
     /// (presumed abort). Returns how many were released.
+    /// Selected and released in one database transaction, so a prepare
+    /// cannot slip in between: prepared work is never released here.
     pub fn release_expired(&self, now_ms: u64) -> Result<usize, String> {
-        let expired: Vec<String> = self.with_tx(|tx| {
-            let mut st =
-                tx.prepare("SELECT txn FROM txns WHERE state = 'working' AND deadline_ms < ?1")?;
-            let rows = st.query_map([now_ms as i64], |r| r.get::<_, String>(0))?;
-            rows.collect()
-        })?;
-        for t in &expired {
-            self.abort(t)?.ok();
-        }
-        Ok(expired.len())
+        self.with_tx(|tx| {
+            let expired: Vec<String> = {
+                let mut st = tx
+                    .prepare("SELECT txn FROM txns WHERE state = 'working' AND deadline_ms < ?1")?;
+                let rows = st.query_map([now_ms as i64], |r| r.get::<_, String>(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for t in &expired {
+                self.ledger.abort(tx, t)?;
+                tx.execute(
+                    "UPDATE txns SET state = 'aborted' WHERE txn = ?1 AND state = 'working'",
+                    [t],
+                )?;
+            }
+            Ok(expired.len())
+        })
     }
 
     /// Counts of transactions by state.

@@ -356,7 +356,30 @@ mod tests {
             p.prepare(T1).unwrap(),
             Vote::Abort("transaction already aborted".into())
         );
-        assert_eq!(p.prepare(T2).unwrap(), Vote::ReadOnly, "never worked here");
+        assert_eq!(
+            p.prepare(T2).unwrap(),
+            Vote::Abort(format!("unknown transaction {T2}: no work of it here")),
+            "never worked here: a yes would commit work nobody can see"
+        );
+        let late = p
+            .work(T2, 10, |tx| Inventory::reserve(tx, T2, "gizmo", 1))
+            .unwrap();
+        assert_eq!(late, Err(format!("transaction {T2} is already aborted")));
+    }
+
+    #[test]
+    fn a_commit_of_unprepared_work_is_refused() {
+        let p = Participant::open(":memory:", Inventory).unwrap();
+        p.work(T1, 10, |tx| Inventory::reserve(tx, T1, "gizmo", 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.commit(T1).unwrap(),
+            Err(format!("transaction {T1} was never prepared here"))
+        );
+        assert_eq!(p.prepare(T1).unwrap(), Vote::Commit, "still preparable");
+        assert_eq!(p.commit(T1).unwrap(), Ok(()));
+        assert_eq!(p.commit(T2).unwrap(), Ok(()), "nothing of it here");
     }
 
     #[test]
@@ -392,5 +415,14 @@ mod tests {
         assert_eq!(p.release_expired(101).unwrap(), 1);
         let o = p.with_tx(|tx| Order::get(tx, 1)).unwrap().unwrap();
         assert_eq!(o["state"], "cancelled");
+        // Prepared work past its deadline is the coordinator's to decide.
+        p.work(T2, 100, |tx| {
+            Order::create(tx, T2, "alice", "widget", 1, 2_500).map(Ok)
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.prepare(T2).unwrap(), Vote::Commit);
+        assert_eq!(p.release_expired(1_000).unwrap(), 0);
+        assert_eq!(p.prepared().unwrap(), vec![(T2.to_string(), 100)]);
     }
 }

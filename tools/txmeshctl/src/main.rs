@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const EXAMPLES: &str = "Examples:
   txmeshctl txns                          decided transactions of the last hour, newest first
   txmeshctl txns --state in-doubt         what the sidecars hold past its deadline
+  txmeshctl txns --state stuck            in doubt past the phase-2 give-up time, still retrying
   txmeshctl txns --since 10m --output json
   txmeshctl txn 0123456789abcdef0123456789abcdef
   txmeshctl txn abort 0123456789abcdef0123456789abcdef
@@ -61,6 +62,8 @@ enum Output {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum State {
     InDoubt,
+    /// In doubt past the phase-2 give-up time: still retrying, look at it.
+    Stuck,
     Active,
     Committed,
     Aborted,
@@ -333,15 +336,21 @@ fn txns(cli: &Cli, state: Option<State>, since: Duration) -> Res<()> {
             }
         }
     }
-    if matches!(state, None | Some(State::InDoubt) | Some(State::Active)) {
+    if matches!(
+        state,
+        None | Some(State::InDoubt) | Some(State::Stuck) | Some(State::Active)
+    ) {
         let q = match state {
             Some(State::InDoubt) => "in-doubt",
+            Some(State::Stuck) => "stuck",
             Some(State::Active) => "active",
             _ => "all",
         };
         for (sc, v) in from_sidecars(&cli.sidecars, &format!("/txmesh/txns?state={q}")) {
             for t in v["txns"].as_array().cloned().unwrap_or_default() {
-                let st = if t["in_doubt"].as_bool() == Some(true) {
+                let st = if t["stuck"].as_bool() == Some(true) {
+                    "stuck"
+                } else if t["in_doubt"].as_bool() == Some(true) {
                     "in-doubt"
                 } else {
                     "active"

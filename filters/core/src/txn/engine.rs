@@ -132,8 +132,8 @@ impl Op {
 enum Gauge {
     /// `txmesh_txn_in_doubt`
     InDoubt,
-    /// `txmesh_txn_phase2_abandoned_total`
-    Abandoned,
+    /// `txmesh_txn_phase2_stuck`: jobs past `phase2_give_up_ms`, still retrying.
+    Stuck,
     /// `txmesh_txn_internal_errors_total`: events a state could not take.
     InternalErrors,
 }
@@ -145,7 +145,7 @@ struct TxnMetrics {
     participants: Option<u32>,
     in_flight: Option<u32>,
     in_doubt: Option<u32>,
-    abandoned: Option<u32>,
+    stuck: Option<u32>,
     internal_errors: Option<u32>,
 }
 /// Clone, Eq and Hash so that the model check (`tests/model/`) can hold
@@ -165,6 +165,9 @@ pub struct TxnEngine {
     token: u64,
     next_scan_ms: u64,
     recovery_inflight: bool,
+    /// Where the recovery loop's scan of pending-work keys goes on (the key
+    /// after the last one seen; None: from the start).
+    recovery_cursor: Option<String>,
     /// Pending-work keys of finished transactions, deleted together (one
     /// etcd write per [`UNPEND_INTERVAL_MS`] instead of one per transaction).
     unpend: Vec<String>,
@@ -197,7 +200,7 @@ impl Hash for TxnMetrics {
             self.participants,
             self.in_flight,
             self.in_doubt,
-            self.abandoned,
+            self.stuck,
             self.internal_errors,
         )
             .hash(state);
@@ -214,6 +217,7 @@ impl Hash for TxnEngine {
         hash_sorted(&self.calls, state);
         self.metrics.hash(state);
         (self.token, self.next_scan_ms, self.recovery_inflight).hash(state);
+        self.recovery_cursor.hash(state);
         (&self.unpend, self.next_unpend_ms, self.root_ctx).hash(state);
     }
 }
@@ -268,6 +272,7 @@ impl TxnEngine {
             }),
             next_scan_ms: 0,
             recovery_inflight: false,
+            recovery_cursor: None,
             unpend: Vec::new(),
             next_unpend_ms: 0,
             root_ctx: 0,

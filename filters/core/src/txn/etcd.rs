@@ -136,12 +136,19 @@ pub const PENDING_PREFIX: &str = "txmesh/pending/";
 
 /// Body of `POST /v3/kv/range` for every key under `prefix` (at most `limit`).
 pub fn range_prefix_body(prefix: &str, limit: u32) -> String {
+    range_prefix_from_body(prefix, None, limit)
+}
+
+/// Like [`range_prefix_body`], starting at key `from` (inside the prefix):
+/// pages through a prefix with more keys than one answer holds.
+pub fn range_prefix_from_body(prefix: &str, from: Option<&str>, limit: u32) -> String {
     let mut end = prefix.as_bytes().to_vec();
     if let Some(last) = end.last_mut() {
         *last = last.saturating_add(1);
     }
+    let start = from.filter(|f| f.starts_with(prefix)).unwrap_or(prefix);
     Obj::new()
-        .str("key", &b64::encode(prefix.as_bytes()))
+        .str("key", &b64::encode(start.as_bytes()))
         .str("range_end", &b64::encode(&end))
         .str("limit", &limit.to_string())
         .build()

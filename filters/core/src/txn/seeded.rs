@@ -29,10 +29,13 @@ pub enum Bug {
     StatusTrustsCaller,
     /// A control call's carried call tree (`x-txmesh-children`) is ignored.
     IgnoreCarriedTree,
+    /// Phase 2 (in-doubt resolution included) ends at `phase2_give_up_ms`,
+    /// dropping the table entry.
+    AbandonInDoubt,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 9] = [
         Bug::CommitBeforeRecord,
         Bug::AbortWithoutCas,
         Bug::UnknownPrepareYes,
@@ -41,6 +44,7 @@ impl Bug {
         Bug::ObeyIgnoresAbort,
         Bug::StatusTrustsCaller,
         Bug::IgnoreCarriedTree,
+        Bug::AbandonInDoubt,
     ];
 
     /// The cargo feature that compiles it in.
@@ -54,6 +58,7 @@ impl Bug {
             Bug::ObeyIgnoresAbort => "seeded-bug-obey-ignores-abort",
             Bug::StatusTrustsCaller => "seeded-bug-status-trusts-caller",
             Bug::IgnoreCarriedTree => "seeded-bug-ignore-carried-tree",
+            Bug::AbandonInDoubt => "seeded-bug-abandon-in-doubt",
         }
     }
 
@@ -67,6 +72,7 @@ impl Bug {
             Bug::ObeyIgnoresAbort => cfg!(feature = "seeded-bug-obey-ignores-abort"),
             Bug::StatusTrustsCaller => cfg!(feature = "seeded-bug-status-trusts-caller"),
             Bug::IgnoreCarriedTree => cfg!(feature = "seeded-bug-ignore-carried-tree"),
+            Bug::AbandonInDoubt => cfg!(feature = "seeded-bug-abandon-in-doubt"),
         }
     }
 
@@ -80,6 +86,7 @@ impl Bug {
             Bug::ObeyIgnoresAbort => 6,
             Bug::StatusTrustsCaller => 7,
             Bug::IgnoreCarriedTree => 8,
+            Bug::AbandonInDoubt => 9,
         }
     }
 }

@@ -242,6 +242,11 @@ impl Table {
     }
 
     fn live(&self, e: &Entry, now_ms: u64) -> bool {
+        // A participant that may hold prepared work stays until its outcome
+        // is known (the in-doubt scan resolves it, however long etcd is away).
+        if e.phase == Phase::Preparing && e.role != Role::Root {
+            return true;
+        }
         let keep = match e.role {
             Role::Participant => PARTICIPANT_RECLAIM_MS.min(self.reclaim_after_ms),
             Role::Root | Role::Sub => self.reclaim_after_ms,

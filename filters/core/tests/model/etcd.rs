@@ -72,13 +72,17 @@ impl Etcd {
             .get("limit")
             .and_then(|l| l.as_str()?.parse::<usize>().ok())
             .unwrap_or(usize::MAX);
+        let mut more = false;
         let kvs: Vec<String> = match end {
-            Some(end) => self
-                .kv
-                .range(k.clone()..end)
-                .take(limit)
-                .map(|(k, v)| kv_json(k, v))
-                .collect(),
+            Some(end) => {
+                let all: Vec<String> = self
+                    .kv
+                    .range(k.clone()..end)
+                    .map(|(k, v)| kv_json(k, v))
+                    .collect();
+                more = all.len() > limit;
+                all.into_iter().take(limit).collect()
+            }
             None => self
                 .kv
                 .get(&k)
@@ -89,7 +93,10 @@ impl Etcd {
         if kvs.is_empty() {
             r#"{"header":{}}"#.to_string()
         } else {
-            format!(r#"{{"header":{{}},"kvs":[{}]}}"#, kvs.join(","))
+            format!(
+                r#"{{"header":{{}},"kvs":[{}],"more":{more}}}"#,
+                kvs.join(",")
+            )
         }
     }
 

@@ -142,6 +142,22 @@ pub fn short() -> Vec<Scenario> {
                 7,
             )
         },
+        // etcd down longer than phase2_give_up_ms, apps that never ask:
+        // in-doubt resolution goes on until etcd is back (issue 18).
+        Scenario {
+            apps_ask: false,
+            ..faults(
+                base("etcd-outage-depth2", depth2(Plan::Commit)),
+                Budget {
+                    total: 2,
+                    lose: 1,
+                    etcd_down: 1,
+                    ..Budget::default()
+                },
+                9,
+                16,
+            )
+        },
         // A status query claiming a past deadline, to any pod (issue 18:
         // the deadline comes from the id, never from the caller).
         faults(
@@ -266,23 +282,6 @@ pub fn known_failing() -> Vec<(Scenario, &'static str)> {
         ),
         (
             Scenario {
-                apps_ask: false,
-                ..faults(
-                    base("etcd-outage-depth2", depth2(Plan::Commit)),
-                    Budget {
-                        total: 2,
-                        lose: 1,
-                        etcd_down: 1,
-                        ..Budget::default()
-                    },
-                    9,
-                    16,
-                )
-            },
-            "termination",
-        ),
-        (
-            Scenario {
                 apps_ask: true,
                 ..faults(
                     base("one-phase-late", vec![svc("a", &[], Plan::Commit)]),
@@ -319,6 +318,7 @@ pub fn catching(bug: txmesh_core::txn::seeded::Bug) -> Scenario {
         Bug::AbortWithoutCas | Bug::ObeyIgnoresAbort => "skewed-depth2",
         Bug::StatusTrustsCaller => "forged-status-depth2",
         Bug::IgnoreCarriedTree => "replicas-depth3",
+        Bug::AbandonInDoubt => "etcd-outage-depth2",
     };
     short()
         .into_iter()

@@ -327,13 +327,21 @@ impl TxnEngine {
                     e.phase = Phase::Preparing;
                     Ok(())
                 });
-                if marked == Err(TableError::NotFound) {
-                    let deadline_ms = self.known_deadline(h, &txn, now);
-                    let mut e = Entry::new(txn, deadline_ms, Role::Participant);
-                    e.phase = Phase::Preparing;
-                    let _ = self.table.insert(h, e, now);
+                let tracked = match marked {
+                    Ok(_) => Ok(()),
+                    Err(TableError::NotFound) => {
+                        let deadline_ms = self.known_deadline(h, &txn, now);
+                        let mut e = Entry::new(txn, deadline_ms, Role::Participant);
+                        e.phase = Phase::Preparing;
+                        self.table.insert(h, e, now)
+                    }
+                    Err(e) => Err(e),
+                };
+                match tracked {
+                    Ok(()) => (Stream::Pass, Verdict::Continue),
+                    // Nobody would resolve it if its coordinator died: refuse.
+                    Err(e) => self.refuse_prepare(h, ctx, &e),
                 }
-                (Stream::Pass, Verdict::Continue)
             }
         }
     }
@@ -384,18 +392,7 @@ impl TxnEngine {
                 let _ = merge(&mut fresh);
                 match self.table.insert(h, fresh.clone(), now) {
                     Ok(()) => fresh,
-                    Err(e) => {
-                        let body = Obj::new()
-                            .str("vote", "abort")
-                            .str(
-                                "reason",
-                                &format!("this sidecar cannot track the transaction: {e}"),
-                            )
-                            .str("participant", &self.node)
-                            .build();
-                        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
-                        return (Stream::Pass, Verdict::Pause);
-                    }
+                    Err(e) => return self.refuse_prepare(h, ctx, &e),
                 }
             }
         };
@@ -409,6 +406,21 @@ impl TxnEngine {
         let step = SubPrepare::start(ctx, entry.txn, entry.deadline_ms, targets, &self.cx(h));
         self.settle_op(h, ctx, step.map(Op::SubPrepare));
         (Stream::Owned, Verdict::Pause)
+    }
+
+    /// A prepare this sidecar cannot track (its table is full): an abort
+    /// vote naming the cause, the app never asked.
+    fn refuse_prepare(&self, h: &impl FilterHost, ctx: u32, e: &TableError) -> (Stream, Verdict) {
+        let body = Obj::new()
+            .str("vote", "abort")
+            .str(
+                "reason",
+                &format!("this sidecar cannot track the transaction: {e}"),
+            )
+            .str("participant", &self.node)
+            .build();
+        h.send_reply(ctx, 200, &[JSON], body.as_bytes());
+        (Stream::Pass, Verdict::Pause)
     }
 
     /// The deadline of a transaction this sidecar has no entry for: the

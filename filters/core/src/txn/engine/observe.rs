@@ -79,10 +79,10 @@ impl TxnEngine {
                 MetricKind::Gauge,
                 "txmesh_txn_in_doubt",
             ),
-            Gauge::Abandoned => (
-                &mut self.metrics.abandoned,
-                MetricKind::Counter,
-                "txmesh_txn_phase2_abandoned_total",
+            Gauge::Stuck => (
+                &mut self.metrics.stuck,
+                MetricKind::Gauge,
+                "txmesh_txn_phase2_stuck",
             ),
             Gauge::InternalErrors => (
                 &mut self.metrics.internal_errors,
@@ -102,7 +102,7 @@ impl TxnEngine {
     pub fn define_metrics(&mut self, h: &impl FilterHost) {
         self.gauge_in_flight(h, 0);
         self.gauge(h, Gauge::InDoubt, 0);
-        self.gauge(h, Gauge::Abandoned, 0);
+        self.gauge(h, Gauge::Stuck, 0);
         self.gauge(h, Gauge::InternalErrors, 0);
         if self.metrics.participants.is_none() {
             self.metrics.participants = h

@@ -116,6 +116,9 @@ pub(super) struct Job {
     /// Some participant did not acknowledge at once: from then on each
     /// acknowledgement is recorded in the pending-work key.
     pub degraded: bool,
+    /// Past `phase2_give_up_ms` and still retrying (counted in
+    /// `txmesh_txn_phase2_stuck`, listed as `stuck`): never dropped.
+    pub stuck: bool,
 }
 
 /// Whether a participant that voted `vote` is owed `outcome`.
@@ -169,6 +172,7 @@ impl Job {
             trace,
             unpend,
             degraded: false,
+            stuck: false,
         }
     }
 
@@ -286,10 +290,25 @@ impl Job {
             if self.unpend {
                 effects.push(Effect::Unpend(txn));
             }
+            if self.stuck {
+                effects.push(Effect::Gauge(Gauge::Stuck, -1));
+                effects.push(Effect::Log(
+                    LogLevel::Warn,
+                    format!("txn {txn}: phase 2 finished after being stuck"),
+                ));
+            }
             effects.push(Effect::Table(TableOp::Remove(txn)));
             return Step::end(effects);
         }
-        if now >= self.give_up_ms {
+        if now >= self.give_up_ms && seeded::active(Bug::AbandonInDoubt) {
+            effects.push(Effect::Table(TableOp::Remove(txn)));
+            return Step::end(effects);
+        }
+        if now >= self.give_up_ms && !self.stuck {
+            // Past the give-up time: say so, count it, and go on retrying —
+            // a participant may hold locks until it hears the outcome, and an
+            // in-doubt one until etcd answers.
+            self.stuck = true;
             let missing: Vec<&str> = self
                 .targets
                 .iter()
@@ -297,20 +316,18 @@ impl Job {
                 .map(|t| t.name.as_str())
                 .collect();
             let (outcome, record_pending) = match self.duty {
-                Duty::Resolve(_) => ("unknown", true),
+                Duty::Resolve(_) => ("unknown: etcd has not answered", true),
                 Duty::Deliver { outcome, record } => (outcome.as_str(), record.is_some()),
             };
             effects.push(Effect::Log(
                 LogLevel::Error,
                 format!(
-                    "txn {txn}: phase 2 ({outcome}) abandoned after {} ms; unacknowledged: {}; record pending: {record_pending}",
+                    "txn {txn}: phase 2 ({outcome}) stuck for {} ms, still retrying; unacknowledged: {}; record pending: {record_pending}",
                     cx.cfg.phase2_give_up_ms,
                     missing.join(","),
                 ),
             ));
-            effects.push(Effect::Table(TableOp::Remove(txn)));
-            effects.push(Effect::Gauge(Gauge::Abandoned, 1));
-            return Step::end(effects);
+            effects.push(Effect::Gauge(Gauge::Stuck, 1));
         }
         Step::stay(self, effects)
     }

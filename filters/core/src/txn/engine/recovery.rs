@@ -7,6 +7,9 @@ use super::phase2::{Job, Participant, Start};
 use super::vote::Vote;
 use super::*;
 
+/// Pending-work keys read per recovery scan.
+const RECOVERY_PAGE: u32 = 64;
+
 impl TxnEngine {
     /// One engine per sidecar (all workers and listeners share the VM's
     /// shared data) holds the leader key; another takes over when it has not
@@ -105,11 +108,9 @@ impl TxnEngine {
             return;
         }
         let prefix = format!("{}{}/", etcd::PENDING_PREFIX, self.node);
-        let call = record::etcd_call(
-            &self.cfg,
-            "/v3/kv/range",
-            etcd::range_prefix_body(&prefix, 64),
-        );
+        let body =
+            etcd::range_prefix_from_body(&prefix, self.recovery_cursor.as_deref(), RECOVERY_PAGE);
+        let call = record::etcd_call(&self.cfg, "/v3/kv/range", body);
         self.recovery_inflight = true;
         self.run(
             h,
@@ -128,11 +129,23 @@ impl TxnEngine {
         if resp.status != Some(200) {
             return; // etcd unreachable: the next scan tries again
         }
-        let Ok(values) = etcd::parse_range_values(&resp.body) else {
+        let Ok((kvs, more)) = etcd::parse_range_kvs(&resp.body) else {
             return;
         };
+        // Page on from after the last key (a stuck page must not starve
+        // the keys behind it); back to the start once the prefix is done.
+        self.recovery_cursor = kvs
+            .last()
+            .filter(|_| more)
+            .and_then(|(k, _)| String::from_utf8(k.clone()).ok())
+            .map(|k| k + "\0");
         let now = h.now_ms();
-        for v in values {
+        for (_, v) in kvs {
+            // Jobs are bounded like the table: what is left stays in etcd
+            // for a later scan, nothing is lost.
+            if self.jobs.len() >= self.cfg.max_in_flight as usize {
+                break;
+            }
             let Ok(p) = serde_json::from_slice::<etcd::Pending>(&v) else {
                 continue;
             };

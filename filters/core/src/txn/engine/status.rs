@@ -194,10 +194,21 @@ impl TxnEngine {
                 state = v;
             }
         }
-        if !matches!(state, b"all" | b"active" | b"in-doubt") {
-            return self.reject(h, ctx, 400, "state must be one of in-doubt, active, all");
+        if !matches!(state, b"all" | b"active" | b"in-doubt" | b"stuck") {
+            return self.reject(
+                h,
+                ctx,
+                400,
+                "state must be one of in-doubt, stuck, active, all",
+            );
         }
         let now = h.now_ms();
+        // Past the deadline, the grace and the phase-2 give-up time, and
+        // still here: phase 2 or in-doubt resolution is stuck (still retrying).
+        let stuck_after = self
+            .cfg
+            .in_doubt_grace_ms
+            .saturating_add(self.cfg.phase2_give_up_ms);
         let mut items = Vec::new();
         for e in self.table.all(h) {
             let in_doubt = match e.phase {
@@ -205,8 +216,10 @@ impl TxnEngine {
                 // Decided here, phase 2 not yet acknowledged by everyone.
                 Phase::Committed | Phase::Aborted => true,
             };
+            let stuck = in_doubt && now > e.deadline_ms.saturating_add(stuck_after);
             let keep = match state {
                 b"in-doubt" => in_doubt,
+                b"stuck" => stuck,
                 b"active" => !in_doubt,
                 _ => true,
             };
@@ -225,6 +238,7 @@ impl TxnEngine {
                     .str("role", role)
                     .str("phase", e.phase.as_str())
                     .bool("in_doubt", in_doubt)
+                    .bool("stuck", stuck)
                     .num("deadline_ms", e.deadline_ms)
                     .strs("participants", &participants)
                     .build(),

@@ -130,3 +130,85 @@ fn commit_records_carry_a_pending_key_and_recovery_redrives_it() {
     );
     assert!(!fresh.busy());
 }
+
+/// etcd unreachable past `phase2_give_up_ms`: in-doubt resolution is never
+/// dropped — it is counted stuck, listed, retried, and resolves once etcd
+/// answers.
+#[test]
+fn in_doubt_resolution_outlasts_the_give_up_time_and_is_counted_stuck() {
+    let h = Host::new();
+    let cfg = r#"{"node":"inventory","in_doubt_grace_ms":2000,"phase2_give_up_ms":1000}"#;
+    let mut e = engine(&h, cfg);
+    e.define_metrics(&h);
+    let txn = prepared_leaf(&h, &mut e);
+    h.advance(5_000);
+    e.on_tick(&h);
+    // etcd is away: every CAS attempt fails, for far longer than the give-up time.
+    for _ in 0..40 {
+        for (t, _) in h.take_calls() {
+            e.on_callout(&h, t, status(503));
+        }
+        h.advance(500);
+        e.on_tick(&h);
+    }
+    assert_eq!(h.base.counter("txmesh_txn_phase2_stuck"), Some(1));
+    assert!(e.table().get(&h, &txn).is_some(), "never dropped");
+    h.request(1, "GET", "/txmesh/txns?state=stuck", &[]);
+    e.on_request_headers(&h, 7);
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 200);
+    assert!(
+        body.contains(&txn.to_string()) && body.contains(r#""stuck":true"#),
+        "{body}"
+    );
+    // etcd is back: the CAS lands, the abort is delivered, the gauge drops.
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+    answer(&h, &mut e, &calls, "etcd", ok(CREATED));
+    e.on_tick(&h);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["local_app /txmesh/abort"]);
+    answer(&h, &mut e, &calls, "local_app", ok(""));
+    e.on_tick(&h);
+    assert!(e.table().get(&h, &txn).is_none());
+    assert_eq!(h.base.counter("txmesh_txn_phase2_stuck"), Some(0));
+}
+
+/// More pending-work keys than one scan reads: the loop pages on, so a page
+/// of stuck ones cannot starve the rest.
+#[test]
+fn recovery_pages_through_every_pending_key() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"order"}"#);
+    e.on_tick(&h);
+    let scan = h.take_all_calls();
+    assert_eq!(paths(&scan), ["etcd /v3/kv/range"]);
+    let first: serde_json::Value = serde_json::from_slice(&scan[0].1.body).unwrap();
+    assert_eq!(
+        crate::b64::decode(first["key"].as_str().unwrap()).unwrap(),
+        b"txmesh/pending/order/"
+    );
+    let last_key = crate::b64::encode(b"txmesh/pending/order/ffff");
+    let page =
+        format!(r#"{{"header":{{}},"kvs":[{{"key":"{last_key}","value":"e30="}}],"more":true}}"#);
+    e.on_callout(&h, scan[0].0, ok(&page));
+    h.advance(1_000);
+    e.on_tick(&h);
+    let scan = h.take_all_calls();
+    let next: serde_json::Value = serde_json::from_slice(&scan[0].1.body).unwrap();
+    assert_eq!(
+        crate::b64::decode(next["key"].as_str().unwrap()).unwrap(),
+        b"txmesh/pending/order/ffff\0",
+        "the next scan starts after the last key"
+    );
+    // The end of the prefix: back to the start.
+    e.on_callout(&h, scan[0].0, ok(r#"{"header":{},"kvs":[]}"#));
+    h.advance(1_000);
+    e.on_tick(&h);
+    let scan = h.take_all_calls();
+    let again: serde_json::Value = serde_json::from_slice(&scan[0].1.body).unwrap();
+    assert_eq!(
+        crate::b64::decode(again["key"].as_str().unwrap()).unwrap(),
+        b"txmesh/pending/order/"
+    );
+}
