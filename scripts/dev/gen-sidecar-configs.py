@@ -19,8 +19,15 @@ def upstream_tls(me, peer, indent):
         match_typed_subject_alt_names: [{san_type: URI, matcher: {exact: "$spiffe$peer"}}]
 """).substitute(certs=CERTS, me=me, peer=peer, spiffe=SPIFFE)
     return "".join(indent + l + "\n" for l in t.rstrip().split("\n"))
-AUTHZ_POLICY = ('{"default": "allow", "coordinators": [' +
-    ", ".join('{"exact": "%s%s"}' % (SPIFFE, n) for n in ("order", "payment", "inventory")) + ']}')
+def authz_policy(coordinators):
+    """txmesh_authz's policy for one sidecar: /txmesh/* only from the
+    identities that coordinate its transactions (docs/security.md)."""
+    return ('{"default": "allow", "coordinators": [' +
+        ", ".join('{"exact": "%s%s"}' % (SPIFFE, n) for n in coordinators) + ']}')
+# Who may call each sidecar's /txmesh/* endpoints: payment and inventory are
+# enlisted by order only; nobody coordinates order (the root), whose own app
+# its sidecar reaches directly.
+COORDINATORS = {"order": (), "payment": ("order",), "inventory": ("order",)}
 def wasm_filter(artifact, policy, value, anchor=None, why=None, block=False):
     """One txmesh wasm filter of a listener's http_filters: `artifact` is the
     module (also plugin name, root id and vm id), `value` its JSON config,
@@ -247,7 +254,7 @@ $outbound_block
       cluster_name: etcd
       endpoints: $etcd_ep
 $clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
-        status=inbound + 2, certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", AUTHZ_POLICY),
+        status=inbound + 2, certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
         admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip(), txn_in=txn_filter(name, begin_json, "inbound", "&txn"),
         metrics_in=metrics_filter(name, "inbound", "&metrics"))

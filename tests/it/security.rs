@@ -137,7 +137,10 @@ fn a_non_coordinator_gets_403_on_the_control_endpoints() {
     );
     // The intruder may still call the business API (default allow).
     assert_eq!(call(&c, &intruder, "GET", "/stock/widget", &[]).0, 200);
-    // A coordinator passes: an abort of an unknown txn reaches the app.
+    // A coordinator passes: once order has called payment inside the
+    // transaction (so payment's sidecar knows order as its coordinator), its
+    // abort reaches the app.
+    assert_eq!(call(&c, &order, "POST", "/work", &h).0, 200);
     let (status, body) = call(&c, &order, "POST", "/txmesh/abort", &h);
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.requests_to("/txmesh/abort").len(), 1);
@@ -304,4 +307,82 @@ fn forged_headers_through_the_ingress_have_no_effect() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
     assert_eq!(order_app.records().len(), before + 1);
+}
+
+/// A mesh identity that did not enlist a participant cannot decide for it:
+/// with payment's own certificate, a commit sent to inventory and an abort
+/// sent to payment for an undecided checkout are refused (403, nothing
+/// applied) — neither is the coordinator of the other, and etcd holds no such
+/// decision — and the checkout then commits everywhere.
+#[test]
+fn a_commit_or_abort_from_a_non_coordinator_identity_is_refused() {
+    use txmesh_tests::{wait_for, Checkout, Etcd, Latch};
+    let certs = Certs::make("forge", &["order", "payment", "inventory", "edge"]);
+    let etcd = Etcd::start();
+    let held = Latch::default();
+    let shop = Checkout::start(Vote::Until(held.clone()), Vote::Commit, |name, app| {
+        Sidecar::new(name)
+            .app(&app.server)
+            .etcd_addr(etcd.addr())
+            .mtls(&certs, name)
+            .filter(Filter::txn(json!({
+                "begin": [{"method": "POST", "path_prefix": "/checkout"}],
+                "default_timeout_ms": 15000,
+                "node": name,
+            })))
+    });
+    let edge = Sidecar::new("edge")
+        .route("order", &[shop.order_sc.inbound_addr()])
+        .mtls(&certs, "edge")
+        .start();
+    // Someone holding payment's certificate, able to reach both services.
+    let mallory = Sidecar::new("mallory")
+        .route("payment", &[shop.pay_sc.inbound_addr()])
+        .route("inventory", &[shop.inv_sc.inbound_addr()])
+        .mtls(&certs, "payment")
+        .start();
+    std::thread::scope(|s| {
+        let url = edge.outbound_url("/checkout");
+        let checkout =
+            s.spawn(move || Client::new().must("POST", &url, &[("host", "order")], b"{}"));
+        let txn = wait_for(10, "payment's business call", || {
+            shop.payment
+                .records()
+                .into_iter()
+                .find(|(_, r)| r.business == 1)
+                .map(|(t, _)| t)
+        });
+        let c = Client::new();
+        for (host, path) in [
+            ("inventory", "/txmesh/commit"),
+            ("payment", "/txmesh/abort"),
+        ] {
+            let r = c.must(
+                "POST",
+                &mallory.outbound_url(path),
+                &[("host", host), ("x-txmesh-txn", &txn)],
+                b"",
+            );
+            assert_eq!(r.status, 403, "{host}{path}: {}", r.text());
+            assert_eq!(r.json()["principal"], spiffe("payment"), "{}", r.text());
+        }
+        assert_eq!(shop.inventory.record(&txn).commits, 0, "nothing applied");
+        assert_eq!(shop.payment.record(&txn).aborts, 0, "nothing applied");
+        held.open();
+        let r = checkout.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+        for app in [&shop.order, &shop.payment, &shop.inventory] {
+            wait_for(10, &format!("{} commits", app.name), || {
+                (app.record(&txn).commits == 1).then_some(())
+            });
+            let rec = app.record(&txn);
+            assert_eq!(
+                (rec.prepares, rec.commits, rec.aborts),
+                (1, 1, 0),
+                "{}",
+                app.name
+            );
+        }
+    });
 }

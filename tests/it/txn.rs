@@ -339,7 +339,7 @@ struct Chain {
     c: TxnApp,
     a_sc: Envoy,
     b_sc: Envoy,
-    _c_sc: Envoy,
+    c_sc: Envoy,
 }
 
 impl Chain {
@@ -366,7 +366,7 @@ impl Chain {
             c,
             a_sc,
             b_sc,
-            _c_sc: c_sc,
+            c_sc,
         }
     }
 }
@@ -490,6 +490,99 @@ fn in_doubt_participants_resolve_after_an_etcd_outage_longer_than_give_up() {
     wait_for(30, "stuck back to zero", || {
         (stuck(&shop.payment_sc) == 0.0 && stuck(&shop.inventory_sc) == 0.0).then_some(())
     });
+}
+
+/// Everyone votes read-only: the client is told committed, and no
+/// read-only voter's sidecar keeps anything to resolve — so nothing can later
+/// record "aborted" for it.
+#[test]
+fn an_all_read_only_transaction_leaves_nothing_to_contradict_its_commit() {
+    let chain = Chain::start(Vote::ReadOnly);
+    chain.a.set_vote(Vote::ReadOnly);
+    chain.b.set_vote(Vote::ReadOnly);
+    let r = Client::new().must("POST", &chain.a_sc.inbound_url("/checkout"), &[], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+    let txn = txn_of(&r);
+    // The event that rules a later in-doubt abort out: no sidecar holds
+    // the transaction any more.
+    let holds = |sc: &Envoy| {
+        let l = Client::new().must("GET", &sc.inbound_url("/txmesh/txns"), &[], b"");
+        l.text().contains(&txn)
+    };
+    wait_for(10, "no sidecar holds the read-only transaction", || {
+        (!holds(&chain.a_sc) && !holds(&chain.b_sc) && !holds(&chain.c_sc)).then_some(())
+    });
+    assert_eq!(
+        decision(&chain.etcd, &txn),
+        None,
+        "no record contradicts the commit"
+    );
+    for app in [&chain.a, &chain.b, &chain.c] {
+        let rec = app.record(&txn);
+        assert_eq!(
+            (rec.prepares, rec.commits, rec.aborts),
+            (1, 0, 0),
+            "{}",
+            app.name
+        );
+    }
+}
+
+/// A one-phase commit still on its way to the app past the deadline and the
+/// grace: a status query at the root's sidecar (the app asking after a
+/// restart) answers "active" — resolving it would record abort under a
+/// commit the app then applies.
+#[test]
+fn a_late_one_phase_commit_is_not_resolved_under_the_root() {
+    let etcd = Etcd::start();
+    let app = TxnApp::start("order", Vote::Commit);
+    let mut cfg = txn_cfg("order");
+    cfg["default_timeout_ms"] = json!(1000);
+    cfg["in_doubt_grace_ms"] = json!(300);
+    cfg["control_timeout_ms"] = json!(8000);
+    let sc = Sidecar::new("order")
+        .app(&app.server)
+        .etcd(&etcd)
+        .filter(Filter::txn(cfg))
+        .start();
+    let held = Latch::default();
+    app.hold_commits(Some(held.clone()));
+    let url = sc.inbound_url("/checkout");
+    let checkout = std::thread::spawn(move || Client::new().must("POST", &url, &[], b"{}"));
+    let txn = wait_for(10, "the one-phase commit reaches the app", || {
+        app.records()
+            .into_iter()
+            .find(|(_, r)| r.prepares == 1)
+            .map(|(t, _)| t)
+    });
+    // The id carries its deadline (its first 12 hex digits, protocol.md).
+    let deadline = u64::from_str_radix(&txn[..12], 16).unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    std::thread::sleep(Duration::from_millis(
+        (deadline + 300 + 200).saturating_sub(now()),
+    ));
+    let s = Client::new().must(
+        "GET",
+        &sc.inbound_url(&format!("/txmesh/txns/{txn}")),
+        &[],
+        b"",
+    );
+    assert_eq!(s.json(), json!({"txn": txn, "outcome": "active"}));
+    held.open();
+    let r = checkout.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+    assert_eq!(app.record(&txn).commits, 1);
+    assert_ne!(
+        decision(&etcd, &txn).map(|d| d["outcome"].clone()),
+        Some(json!("aborted"))
+    );
 }
 
 /// Each app's records of `txn`, summed over its instances:

@@ -107,6 +107,9 @@ pub struct TxnApp {
     /// While set, a business request, its downstream calls made, waits for
     /// this latch (at most 10 s) before answering.
     hold: Arc<RwLock<Option<Latch>>>,
+    /// While set, a commit waits for this latch (at most 10 s) before it is
+    /// applied.
+    hold_commit: Arc<RwLock<Option<Latch>>>,
 }
 
 /// A downstream call the app makes on each business request: `Host: host`
@@ -144,13 +147,15 @@ impl TxnApp {
         let business_status = Arc::new(RwLock::new(200u16));
         let down = Arc::new(RwLock::new(false));
         let hold: Arc<RwLock<Option<Latch>>> = Arc::new(RwLock::new(None));
-        let (st, vf, bs, nm, dn, hd) = (
+        let hold_commit: Arc<RwLock<Option<Latch>>> = Arc::new(RwLock::new(None));
+        let (st, vf, bs, nm, dn, hd, hc) = (
             state.clone(),
             vote.clone(),
             business_status.clone(),
             name.to_string(),
             down.clone(),
             hold.clone(),
+            hold_commit.clone(),
         );
         let client = Client::new();
         let server = Upstream::with(move |r: &Recorded| {
@@ -158,6 +163,12 @@ impl TxnApp {
                 && (r.path == "/txmesh/commit" || r.path == "/txmesh/abort")
             {
                 return Reply::status(503);
+            }
+            if r.path == "/txmesh/commit" {
+                let latch = hc.read().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(l) = latch {
+                    l.wait(Duration::from_secs(10));
+                }
             }
             let reply = handle(r, &nm, &st, &vf, &bs, &downstream, &client);
             if !r.path.starts_with("/txmesh/") {
@@ -176,7 +187,13 @@ impl TxnApp {
             business_status,
             down,
             hold,
+            hold_commit,
         }
+    }
+
+    /// Commits wait for `latch` before they are applied (None: at once).
+    pub fn hold_commits(&self, latch: Option<Latch>) {
+        *self.hold_commit.write().unwrap_or_else(|e| e.into_inner()) = latch;
     }
 
     /// Business requests, their downstream calls made, wait for `latch`

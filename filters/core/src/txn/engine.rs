@@ -34,6 +34,7 @@ use status::StatusOp;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use sub::{SubFinish, SubPrepare};
+use verify::Verify;
 use vote::Target;
 
 pub const PREPARE_PATH: &str = "/txmesh/prepare";
@@ -100,6 +101,7 @@ enum Op {
     SubPrepare(SubPrepare),
     SubFinish(SubFinish),
     Status(StatusOp),
+    Verify(Verify),
 }
 
 impl Op {
@@ -114,6 +116,7 @@ impl Op {
             Op::SubPrepare(o) => o.deadline_ms,
             Op::SubFinish(o) => o.until_ms,
             Op::Status(o) => o.until_ms(),
+            Op::Verify(o) => o.until_ms,
         }
     }
 
@@ -123,6 +126,7 @@ impl Op {
             Op::SubPrepare(o) => o.step(ev, cx).map(Op::SubPrepare),
             Op::SubFinish(o) => o.step(ev, cx).map(Op::SubFinish),
             Op::Status(o) => o.step(ev, cx).map(Op::Status),
+            Op::Verify(o) => o.step(ev, cx).map(Op::Verify),
         }
     }
 }
@@ -559,6 +563,7 @@ mod recovery;
 mod root;
 mod status;
 mod sub;
+mod verify;
 mod vote;
 
 #[cfg(test)]

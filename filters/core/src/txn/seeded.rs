@@ -32,10 +32,17 @@ pub enum Bug {
     /// Phase 2 (in-doubt resolution included) ends at `phase2_give_up_ms`,
     /// dropping the table entry.
     AbandonInDoubt,
+    /// A read-only voter's sidecar keeps its entry (and resolves it later).
+    ReadOnlyKeepsEntry,
+    /// A status query at the root's own sidecar resolves its live entry past
+    /// deadline + grace.
+    ResolveUnderRoot,
+    /// A commit or abort is taken from any caller, coordinator or not.
+    TrustAnyCaller,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 12] = [
         Bug::CommitBeforeRecord,
         Bug::AbortWithoutCas,
         Bug::UnknownPrepareYes,
@@ -45,6 +52,9 @@ impl Bug {
         Bug::StatusTrustsCaller,
         Bug::IgnoreCarriedTree,
         Bug::AbandonInDoubt,
+        Bug::ReadOnlyKeepsEntry,
+        Bug::ResolveUnderRoot,
+        Bug::TrustAnyCaller,
     ];
 
     /// The cargo feature that compiles it in.
@@ -59,6 +69,9 @@ impl Bug {
             Bug::StatusTrustsCaller => "seeded-bug-status-trusts-caller",
             Bug::IgnoreCarriedTree => "seeded-bug-ignore-carried-tree",
             Bug::AbandonInDoubt => "seeded-bug-abandon-in-doubt",
+            Bug::ReadOnlyKeepsEntry => "seeded-bug-read-only-keeps-entry",
+            Bug::ResolveUnderRoot => "seeded-bug-resolve-under-root",
+            Bug::TrustAnyCaller => "seeded-bug-trust-any-caller",
         }
     }
 
@@ -73,6 +86,9 @@ impl Bug {
             Bug::StatusTrustsCaller => cfg!(feature = "seeded-bug-status-trusts-caller"),
             Bug::IgnoreCarriedTree => cfg!(feature = "seeded-bug-ignore-carried-tree"),
             Bug::AbandonInDoubt => cfg!(feature = "seeded-bug-abandon-in-doubt"),
+            Bug::ReadOnlyKeepsEntry => cfg!(feature = "seeded-bug-read-only-keeps-entry"),
+            Bug::ResolveUnderRoot => cfg!(feature = "seeded-bug-resolve-under-root"),
+            Bug::TrustAnyCaller => cfg!(feature = "seeded-bug-trust-any-caller"),
         }
     }
 
@@ -87,6 +103,9 @@ impl Bug {
             Bug::StatusTrustsCaller => 7,
             Bug::IgnoreCarriedTree => 8,
             Bug::AbandonInDoubt => 9,
+            Bug::ReadOnlyKeepsEntry => 10,
+            Bug::ResolveUnderRoot => 11,
+            Bug::TrustAnyCaller => 12,
         }
     }
 }

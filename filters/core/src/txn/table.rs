@@ -69,7 +69,14 @@ pub struct Entry {
     /// The call tree each child reported below itself (`x-txmesh-children`),
     /// for children that have one.
     pub trees: Vec<(String, String)>,
+    /// The mesh identities (mTLS peer URI SANs) that called this app inside
+    /// the transaction: its coordinators, the only ones whose commit or
+    /// abort it takes without asking etcd.
+    pub parents: Vec<String>,
 }
+
+/// The most coordinators one participant entry remembers.
+pub const MAX_PARENTS: usize = 4;
 
 impl Entry {
     pub fn new(txn: TxnId, deadline_ms: u64, role: Role) -> Self {
@@ -80,7 +87,21 @@ impl Entry {
             phase: Phase::Active,
             participants: Vec::new(),
             trees: Vec::new(),
+            parents: Vec::new(),
         }
+    }
+
+    /// Remembers `peer` as a coordinator (up to [`MAX_PARENTS`]); false if
+    /// there was no room.
+    pub fn add_parent(&mut self, peer: &str) -> bool {
+        if self.parents.iter().any(|p| p == peer) {
+            return true;
+        }
+        if self.parents.len() >= MAX_PARENTS {
+            return false;
+        }
+        self.parents.push(peer.to_string());
+        true
     }
 
     /// The tree `child` reported below itself ("" if none).
@@ -125,6 +146,9 @@ impl Entry {
         for (c, t) in &self.trees {
             let _ = write!(out, " >{c}={t}");
         }
+        for p in &self.parents {
+            let _ = write!(out, " ^{p}");
+        }
         out.push('\n');
     }
 
@@ -147,7 +171,12 @@ impl Entry {
         };
         let mut participants = Vec::new();
         let mut trees = Vec::new();
+        let mut parents = Vec::new();
         for p in f {
+            if let Some(parent) = p.strip_prefix('^') {
+                parents.push(parent.to_string());
+                continue;
+            }
             if let Some(t) = p.strip_prefix('>') {
                 let (c, tree) = t.split_once('=')?;
                 trees.push((c.to_string(), tree.to_string()));
@@ -170,6 +199,7 @@ impl Entry {
             phase,
             participants,
             trees,
+            parents,
         })
     }
 }
@@ -539,6 +569,7 @@ mod tests {
             ("y".into(), Mark::Abort),
         ];
         e.set_tree("payment", "bank(ledger),fraud".into());
+        e.add_parent("spiffe://cluster.local/ns/shop/sa/order");
         let mut s = String::new();
         e.encode(&mut s);
         assert_eq!(Entry::decode(s.trim_end()).unwrap(), e);

@@ -968,12 +968,30 @@ impl World {
         }
     }
 
+    /// The mesh identity (mTLS URI SAN) a caller shows a sidecar's inbound
+    /// listener: its service's, the attacker's own; none for the client and
+    /// an app asking its own sidecar.
+    fn identity_of(&self, sc: &Scenario, c: &Caller) -> Option<String> {
+        let svc = |pod: u8| {
+            let s = self.pods[pod as usize].svc as usize;
+            format!("spiffe://model/{}", sc.services[s].name)
+        };
+        match c {
+            Caller::Engine { pod, .. } | Caller::Outbound { pod, .. } | Caller::App { pod } => {
+                Some(svc(*pod))
+            }
+            Caller::Attacker => Some("spiffe://model/attacker".into()),
+            Caller::Client | Caller::AppAsk { .. } => None,
+        }
+    }
+
     /// A request arrives at pod `p`'s inbound listener, on `worker`.
     fn inbound(&mut self, sc: &Scenario, p: usize, worker: u8, from: Caller, req: Req) {
         if !self.pods[p].up {
             self.answer(from, Resp::none());
             return;
         }
+        let from_caller = from.clone();
         let ctx = self.free_ctx(p);
         let e = worker as usize * 2;
         let mut headers = vec![
@@ -994,12 +1012,21 @@ impl World {
                 at: At::Engine,
             },
         );
+        let peer = self.identity_of(sc, &from_caller);
         let ((stream, verdict), host) = self.run(
             sc,
             p,
             e,
             ctx,
-            |h| *h.request_headers.borrow_mut() = headers,
+            |h| {
+                *h.request_headers.borrow_mut() = headers;
+                if let Some(id) = peer {
+                    h.properties.push((
+                        "connection.uri_san_peer_certificate".into(),
+                        id.into_bytes(),
+                    ));
+                }
+            },
             |eng, h| eng.on_request_headers(h, ctx),
         );
         let forwarded: Vec<(String, String)> = host
@@ -1393,8 +1420,9 @@ impl World {
         }
     }
 
+    /// Some participant committed, or (all read-only) the client was told so.
     pub fn committed(&self) -> bool {
-        self.final_outcomes().0
+        self.final_outcomes().0 || self.client == Told::Committed
     }
 
     pub fn aborted(&self) -> bool {

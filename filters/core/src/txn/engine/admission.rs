@@ -5,6 +5,14 @@
 use super::effect::Step;
 use super::*;
 
+/// The caller's mesh identity: the URI SAN of its mTLS certificate, if it
+/// showed one (a printable string, at most 256 bytes).
+fn peer_identity(h: &impl FilterHost) -> Option<String> {
+    h.property(&["connection", "uri_san_peer_certificate"])
+        .filter(|v| !v.is_empty() && v.len() <= 256 && v.iter().all(u8::is_ascii_graphic))
+        .and_then(|v| String::from_utf8(v).ok())
+}
+
 impl TxnEngine {
     pub fn on_request_headers(&mut self, h: &impl FilterHost, ctx: u32) -> (Stream, Verdict) {
         let direction = match self.cfg.direction {
@@ -113,12 +121,26 @@ impl TxnEngine {
                     Ok(d) => d,
                     Err(e) => return self.reject(h, ctx, 400, &e),
                 };
-                // Remember the txn and its deadline for this app's outbound
+                // Remember the txn, its deadline and who called (its
+                // coordinator) for this app's outbound calls and for control
                 // calls. A full table only costs the deadline hint.
-                if self.table.get(h, &txn).is_none() {
-                    let _ = self
-                        .table
-                        .insert(h, Entry::new(txn, deadline, Role::Participant), now);
+                let peer = peer_identity(h);
+                match self.table.get(h, &txn) {
+                    None => {
+                        let mut e = Entry::new(txn, deadline, Role::Participant);
+                        if let Some(p) = &peer {
+                            e.add_parent(p);
+                        }
+                        let _ = self.table.insert(h, e, now);
+                    }
+                    Some(e) => {
+                        if let Some(p) = peer.filter(|p| !e.parents.contains(p)) {
+                            let _ = self.table.update(h, &txn, |e| {
+                                e.add_parent(&p);
+                                Ok(())
+                            });
+                        }
+                    }
                 }
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
                 h.set_request_header(id::DEADLINE_HEADER, Some(&deadline.to_string()));
@@ -305,6 +327,30 @@ impl TxnEngine {
             || entry
                 .as_ref()
                 .is_some_and(|e| e.role == Role::Sub && !e.participants.is_empty());
+        // A commit or abort from anyone but the participant's coordinators
+        // (the identities that called its app inside the transaction) is
+        // taken only if etcd holds the same decision.
+        if let Some(outcome) = kind {
+            let peer = peer_identity(h);
+            let parents = entry.as_ref().map_or(&[][..], |e| e.parents.as_slice());
+            let trusted = match &peer {
+                Some(p) => parents.iter().any(|x| x == p),
+                // No mTLS here at all: nothing to tell callers apart by.
+                None => parents.is_empty(),
+            };
+            if !trusted && !seeded::active(Bug::TrustAnyCaller) {
+                let step = Verify::start(
+                    ctx,
+                    txn,
+                    outcome,
+                    peer.unwrap_or_default(),
+                    carried,
+                    &self.cx(h),
+                );
+                self.settle_op(h, ctx, step.map(Op::Verify));
+                return (Stream::Owned, Verdict::Pause);
+            }
+        }
         match (kind, has_children) {
             (None, true) => self.sub_prepare(h, ctx, txn, entry, carried),
             (Some(outcome), true) => self.sub_finish(h, ctx, txn, entry, carried, outcome),
@@ -316,33 +362,11 @@ impl TxnEngine {
                 h.send_reply(ctx, 200, &[JSON], br#"{"vote":"commit"}"#);
                 (Stream::Pass, Verdict::Pause)
             }
-            (None, false) => {
-                h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
-                // From the moment the prepare goes to the app, the app may be
-                // prepared: watch for a decision (in-doubt resolution). If it
-                // votes no, a later abort is harmless; a commit can only be
-                // decided with its yes.
-                let now = h.now_ms();
-                let marked = self.table.update(h, &txn, |e| {
-                    e.phase = Phase::Preparing;
-                    Ok(())
-                });
-                let tracked = match marked {
-                    Ok(_) => Ok(()),
-                    Err(TableError::NotFound) => {
-                        let deadline_ms = self.known_deadline(h, &txn, now);
-                        let mut e = Entry::new(txn, deadline_ms, Role::Participant);
-                        e.phase = Phase::Preparing;
-                        self.table.insert(h, e, now)
-                    }
-                    Err(e) => Err(e),
-                };
-                match tracked {
-                    Ok(()) => (Stream::Pass, Verdict::Continue),
-                    // Nobody would resolve it if its coordinator died: refuse.
-                    Err(e) => self.refuse_prepare(h, ctx, &e),
-                }
-            }
+            // A leaf: the sidecar asks its app itself (an op with one target),
+            // so it knows the vote — a read-only voter's entry goes at once.
+            // From the moment the prepare goes out the app may be prepared:
+            // the entry is marked preparing (in-doubt resolution watches it).
+            (None, false) => self.sub_prepare(h, ctx, txn, entry, carried),
         }
     }
 
@@ -363,7 +387,9 @@ impl TxnEngine {
         let app = self.cfg.app_cluster.clone();
         let merge = |e: &mut Entry| {
             e.phase = Phase::Preparing;
-            e.role = Role::Sub;
+            if !carried.is_empty() {
+                e.role = Role::Sub;
+            }
             for c in &carried {
                 if !e.participants.iter().any(|(p, _)| *p == c.name) {
                     e.participants.push((c.name.clone(), Mark::Unknown));
@@ -388,7 +414,12 @@ impl TxnEngine {
                 }
             },
             None => {
-                let mut fresh = Entry::new(txn, self.known_deadline(h, &txn, now), Role::Sub);
+                let role = if carried.is_empty() {
+                    Role::Participant
+                } else {
+                    Role::Sub
+                };
+                let mut fresh = Entry::new(txn, self.known_deadline(h, &txn, now), role);
                 let _ = merge(&mut fresh);
                 match self.table.insert(h, fresh.clone(), now) {
                     Ok(()) => fresh,
@@ -448,7 +479,7 @@ impl TxnEngine {
     /// and the app. Without an entry (another replica, or a restart) every
     /// carried child is told: commit and abort are idempotent, and both are
     /// acknowledged for work a participant does not hold.
-    fn sub_finish(
+    pub(super) fn sub_finish(
         &mut self,
         h: &impl FilterHost,
         ctx: u32,

@@ -175,6 +175,14 @@ pub(super) enum Effect {
         participants: u64,
     },
     Log(LogLevel, String),
+    /// A verified commit or abort of stream `ctx`: cascade it as its
+    /// coordinator's would be.
+    Finish {
+        ctx: u32,
+        txn: TxnId,
+        outcome: Outcome,
+        carried: Vec<Child>,
+    },
     /// An event its state cannot take: counted
     /// (`txmesh_txn_internal_errors_total`) and logged; the state is kept.
     Impossible(String),
@@ -315,6 +323,15 @@ impl TxnEngine {
                 participants,
             } => self.decided_metrics(h, outcome, duration_ms, participants),
             Effect::Log(level, msg) => h.log(level, &msg),
+            Effect::Finish {
+                ctx,
+                txn,
+                outcome,
+                carried,
+            } => {
+                let entry = self.table.get(h, &txn);
+                let _ = self.sub_finish(h, ctx, txn, entry, carried, outcome);
+            }
             Effect::Impossible(what) => {
                 h.log(
                     LogLevel::Error,

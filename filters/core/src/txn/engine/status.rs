@@ -126,9 +126,14 @@ impl TxnEngine {
             Some(e) => match e.phase {
                 Phase::Committed => Some("committed"),
                 Phase::Aborted => Some("aborted"),
-                // Root: undecided while its own coordinator works on it.
+                // Root: undecided while its own coordinator works on it —
+                // whatever the time: the root decides (a record, or its
+                // abort); resolving under it could abort a one-phase commit
+                // already on its way to the app.
                 Phase::Active | Phase::Preparing
-                    if e.role == Role::Root && now < e.deadline_ms.saturating_add(grace) =>
+                    if e.role == Role::Root
+                        && (!seeded::active(Bug::ResolveUnderRoot)
+                            || now < e.deadline_ms.saturating_add(grace)) =>
                 {
                     Some("active")
                 }

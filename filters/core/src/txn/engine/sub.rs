@@ -1,7 +1,8 @@
 //! The sub-coordinator: a sidecar whose app enlisted children. Its
 //! coordinator's prepare fans out to the children and its own app (one
 //! vote back: any no wins, else commit if anyone must commit); the commit or
-//! abort cascades the same way. Pure transitions.
+//! abort cascades the same way. A leaf's prepare is the same op with its app
+//! as the only target. Pure transitions.
 
 use super::effect::{error_reply, json_reply, Answer, Cx, Effect, OpCall, OpEvent, Step, TableOp};
 use super::vote::{ask_all, control_call, first_abort, vote_of, Ballot, Target, Vote, NO_ANSWER};
@@ -93,6 +94,12 @@ impl SubPrepare {
         } else if self.targets.iter().any(Target::voted_commit) {
             Obj::new().str("vote", "commit").build()
         } else {
+            // Nobody here holds anything: no phase 2 will come, nothing to
+            // resolve — the entry goes (an in-doubt abort of a committed
+            // read-only transaction would contradict what its client was told).
+            if !seeded::active(Bug::ReadOnlyKeepsEntry) {
+                effects.push(Effect::Table(TableOp::Remove(self.txn)));
+            }
             Obj::new().str("vote", "readonly").build()
         };
         effects.push(json_reply(self.ctx, 200, body));

@@ -139,7 +139,8 @@ fn etcd_value(v: &str) -> CalloutResponse {
     ))
 }
 
-/// A leaf participant sidecar that passed a prepare through and saw 200.
+/// A leaf participant sidecar whose app voted commit to the prepare it
+/// asked on its coordinator's behalf.
 fn prepared_leaf(h: &Host, e: &mut TxnEngine) -> TxnId {
     let txn = TxnId::parse(ID.as_bytes()).unwrap();
     h.request(
@@ -151,7 +152,12 @@ fn prepared_leaf(h: &Host, e: &mut TxnEngine) -> TxnId {
     e.on_request_headers(h, 1);
     h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", ID)]);
     let (stream, v) = e.on_request_headers(h, 2);
-    assert_eq!((stream, v), (Stream::Pass, Verdict::Continue));
+    assert_eq!((stream, v), (Stream::Owned, Verdict::Pause));
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["local_app /txmesh/prepare"]);
+    answer(h, e, &calls, "local_app", vote("commit"));
+    let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st, body.as_str()), (2, 200, r#"{"vote":"commit"}"#));
     let entry = e.table().get(h, &txn).unwrap();
     assert_eq!(
         (entry.phase, entry.deadline_ms),

@@ -103,12 +103,17 @@ fn leaf_control_requests_pass_through_and_free_the_entry() {
     h.request(1, "POST", "/reserve", &[("x-txmesh-txn", id)]);
     inb.on_request_headers(&h, 1);
     assert_eq!(inb.table().get(&h, &txn).unwrap().role, Role::Participant);
+    // The sidecar asks its app itself, and relays the vote.
     h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", id)]);
     assert_eq!(
         inb.on_request_headers(&h, 2),
-        (Stream::Pass, Verdict::Continue)
+        (Stream::Owned, Verdict::Pause)
     );
     assert_eq!(inb.table().get(&h, &txn).unwrap().phase, Phase::Preparing);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((st, body.as_str()), (200, r#"{"vote":"commit"}"#));
     h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", id)]);
     let (stream, v) = inb.on_request_headers(&h, 3);
     assert_eq!(
@@ -242,4 +247,27 @@ fn the_call_tree_travels_up_and_back_down_to_any_replica() {
     restarted.on_request_headers(&fresh, 5);
     let (ctx, st, _, body) = fresh.replies.borrow().last().unwrap().clone();
     assert_eq!((ctx, st), (5, 400), "{body}");
+}
+
+/// A read-only vote leaves nothing to resolve: the leaf's entry goes at
+/// once, so no in-doubt abort can contradict the commit its client was told.
+#[test]
+fn a_read_only_leaf_forgets_the_transaction_at_once() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"node":"catalog"}"#);
+    let txn = TxnId::mint(1_002_000, [5; 16]);
+    let id = txn.to_string();
+    h.request(1, "GET", "/price", &[("x-txmesh-txn", &id)]);
+    inb.on_request_headers(&h, 1);
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", &id)]);
+    inb.on_request_headers(&h, 2);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "local_app", vote("readonly"));
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((st, body.as_str()), (200, r#"{"vote":"readonly"}"#));
+    assert!(inb.table().get(&h, &txn).is_none());
+    // Long past the deadline and the grace: nothing to resolve, no etcd call.
+    h.advance(10_000);
+    inb.on_tick(&h);
+    assert!(h.take_calls().is_empty());
 }

@@ -1,0 +1,120 @@
+//! A commit or abort from an identity that is not the participant's
+//! coordinator (not among the mTLS identities that called its app inside the
+//! transaction, or none known after a restart): taken only if etcd holds the
+//! same decision, else refused with 403. Pure transitions.
+
+use super::effect::{error_reply, Answer, Cx, Effect, OpCall, OpEvent, Step};
+use super::record::etcd_call;
+use super::*;
+
+/// Checking a control call's outcome against the recorded decision.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Verify {
+    pub ctx: u32,
+    pub txn: TxnId,
+    pub outcome: Outcome,
+    /// The caller's identity ("" if it showed none), for the refusal.
+    pub peer: String,
+    /// The call tree it carried, passed on if the decision agrees.
+    pub carried: Vec<Child>,
+    pub until_ms: u64,
+}
+
+impl Verify {
+    pub fn start(
+        ctx: u32,
+        txn: TxnId,
+        outcome: Outcome,
+        peer: String,
+        carried: Vec<Child>,
+        cx: &Cx,
+    ) -> Step<Self> {
+        let call = etcd_call(
+            cx.cfg,
+            "/v3/kv/range",
+            etcd::range_body(&etcd::decision_key(&txn)),
+        );
+        let op = Verify {
+            ctx,
+            txn,
+            outcome,
+            peer,
+            carried,
+            until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+        };
+        let route = Call::Op {
+            ctx,
+            call: OpCall::Read,
+        };
+        Step::stay(op, vec![Effect::Dispatch { call, route }])
+    }
+
+    pub fn step(self, ev: OpEvent, _cx: &Cx) -> Step<Self> {
+        match ev {
+            OpEvent::Answer(OpCall::Read, a) => {
+                let found = match &a {
+                    Answer::Got(r) if r.status == Some(200) => etcd::parse_range_response(&r.body),
+                    other => Err(other.describe()),
+                };
+                match found {
+                    Ok(Some(v)) if etcd::outcome_of(&v) == Some(self.outcome) => {
+                        Step::end(vec![Effect::Finish {
+                            ctx: self.ctx,
+                            txn: self.txn,
+                            outcome: self.outcome,
+                            carried: self.carried,
+                        }])
+                    }
+                    Ok(_) => self.refuse(),
+                    Err(e) => Step::end(vec![error_reply(
+                        self.ctx,
+                        503,
+                        &format!("cannot check the decision: etcd unreachable: {e}"),
+                    )]),
+                }
+            }
+            OpEvent::Expired => Step::end(vec![error_reply(
+                self.ctx,
+                503,
+                "cannot check the decision: etcd unreachable: no answer",
+            )]),
+            OpEvent::StreamGone => Step::end(Vec::new()),
+            OpEvent::Answer(
+                call @ (OpCall::Vote(_) | OpCall::Ack(_) | OpCall::Commit | OpCall::Record),
+                _,
+            ) => {
+                let what = format!("txn {}: verification got an answer to {call:?}", self.txn);
+                Step::impossible(self, what)
+            }
+        }
+    }
+
+    fn refuse(self) -> Step<Self> {
+        let what = match self.outcome {
+            Outcome::Committed => "commit",
+            Outcome::Aborted => "abort",
+        };
+        let peer = if self.peer.is_empty() {
+            "a caller without a mesh identity"
+        } else {
+            &self.peer
+        };
+        let msg = format!(
+            "{peer} may not {what} transaction {}: it is not this participant's coordinator and etcd holds no such decision",
+            self.txn
+        );
+        Step::end(vec![
+            Effect::Log(LogLevel::Warn, format!("txn {}: refused: {msg}", self.txn)),
+            Effect::Reply {
+                ctx: self.ctx,
+                status: 403,
+                headers: Vec::new(),
+                body: Obj::new()
+                    .str("error", &msg)
+                    .str("principal", &self.peer)
+                    .build()
+                    .into_bytes(),
+            },
+        ])
+    }
+}
