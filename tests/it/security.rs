@@ -346,11 +346,7 @@ fn a_commit_or_abort_from_a_non_coordinator_identity_is_refused() {
         let checkout =
             s.spawn(move || Client::new().must("POST", &url, &[("host", "order")], b"{}"));
         let txn = wait_for(10, "payment's business call", || {
-            shop.payment
-                .records()
-                .into_iter()
-                .find(|(_, r)| r.business == 1)
-                .map(|(t, _)| t)
+            shop.payment.txn_where(|r| r.business == 1)
         });
         let c = Client::new();
         for (host, path) in [

@@ -304,11 +304,7 @@ fn a_forged_status_query_cannot_abort_a_live_transaction() {
         // payment did its work and will hold its prepare until the latch
         // opens: the transaction is live and cannot decide before that.
         let txn = wait_for(10, "payment's business call", || {
-            shop.payment
-                .records()
-                .into_iter()
-                .find(|(_, r)| r.business == 1)
-                .map(|(t, _)| t)
+            shop.payment.txn_where(|r| r.business == 1)
         });
         let r = shop.client.must(
             "GET",
@@ -551,10 +547,7 @@ fn a_late_one_phase_commit_is_not_resolved_under_the_root() {
     let url = sc.inbound_url("/checkout");
     let checkout = std::thread::spawn(move || Client::new().must("POST", &url, &[], b"{}"));
     let txn = wait_for(10, "the one-phase commit reaches the app", || {
-        app.records()
-            .into_iter()
-            .find(|(_, r)| r.prepares == 1)
-            .map(|(t, _)| t)
+        app.txn_where(|r| r.prepares == 1)
     });
     // The id carries its deadline (its first 12 hex digits, protocol.md).
     let deadline = u64::from_str_radix(&txn[..12], 16).unwrap();
@@ -661,12 +654,7 @@ fn a_sub_coordinator_restarted_before_the_prepare_still_cascades() {
         let checkout = s.spawn(move || Client::new().must("POST", &url, &[], b"{}"));
         // c did its work and b answered a; a's app holds its answer.
         let txn = wait_for(10, "c's business call", || {
-            chain
-                .c
-                .records()
-                .into_iter()
-                .find(|(_, r)| r.business == 1)
-                .map(|(t, _)| t)
+            chain.c.txn_where(|r| r.business == 1)
         });
         wait_for(10, "b's answer to a", || {
             (chain.b.record(&txn).business == 1).then_some(())

@@ -224,6 +224,14 @@ impl TxnApp {
             .unwrap_or_else(|e| e.into_inner()) = s;
     }
 
+    /// The first transaction (in id order) whose record satisfies `f`.
+    pub fn txn_where(&self, f: impl Fn(&TxnRecord) -> bool) -> Option<String> {
+        self.records()
+            .into_iter()
+            .find(|(_, r)| f(r))
+            .map(|(t, _)| t)
+    }
+
     pub fn record(&self, txn: &str) -> TxnRecord {
         self.state
             .lock()

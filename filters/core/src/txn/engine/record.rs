@@ -96,3 +96,12 @@ pub(super) fn certainly_not_sent(answer: &Answer) -> bool {
 pub(super) fn outcome_name(value: &[u8]) -> &'static str {
     etcd::outcome_of(value).map_or("unknown", Outcome::as_str)
 }
+
+/// What a read of the decision key found: its value, if there is one; an
+/// answer other than 200 (or none) is an error.
+pub(super) fn decision_read(answer: &Answer) -> Result<Option<Vec<u8>>, String> {
+    match answer {
+        Answer::Got(r) if r.status == Some(200) => etcd::parse_range_response(&r.body),
+        other => Err(other.describe()),
+    }
+}

@@ -1,8 +1,8 @@
 //! The status endpoint (`GET /txmesh/txns/<id>`), the listing
 //! (`GET /txmesh/txns`) and the recent-outcomes ring behind them.
 
-use super::effect::{error_reply, json_reply, Answer, Cx, Effect, OpCall, OpEvent, Step};
-use super::record::{cas_answer, outcome_name, record_call};
+use super::effect::{error_reply, json_reply, Cx, Effect, OpCall, OpEvent, Step};
+use super::record::{cas_answer, decision_read, outcome_name, record_call};
 use super::*;
 
 /// A status query that needs etcd.
@@ -49,11 +49,7 @@ impl StatusOp {
                 },
                 OpEvent::Answer(OpCall::Read, a),
             ) => {
-                let found = match &a {
-                    Answer::Got(r) if r.status == Some(200) => etcd::parse_range_response(&r.body),
-                    other => Err(other.describe()),
-                };
-                match found {
+                match decision_read(&a) {
                     Ok(Some(v)) => Step::end(vec![json_reply(ctx, 200, status_body(&txn, outcome_name(&v)))]),
                     Ok(None) if resolve => {
                         // In doubt past deadline + grace: abort it, first write wins.

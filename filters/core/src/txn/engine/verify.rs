@@ -3,8 +3,8 @@
 //! transaction, or none known after a restart): taken only if etcd holds the
 //! same decision, else refused with 403. Pure transitions.
 
-use super::effect::{error_reply, Answer, Cx, Effect, OpCall, OpEvent, Step};
-use super::record::etcd_call;
+use super::effect::{error_reply, Cx, Effect, OpCall, OpEvent, Step};
+use super::record::{decision_read, etcd_call};
 use super::*;
 
 /// Checking a control call's outcome against the recorded decision.
@@ -51,28 +51,22 @@ impl Verify {
 
     pub fn step(self, ev: OpEvent, _cx: &Cx) -> Step<Self> {
         match ev {
-            OpEvent::Answer(OpCall::Read, a) => {
-                let found = match &a {
-                    Answer::Got(r) if r.status == Some(200) => etcd::parse_range_response(&r.body),
-                    other => Err(other.describe()),
-                };
-                match found {
-                    Ok(Some(v)) if etcd::outcome_of(&v) == Some(self.outcome) => {
-                        Step::end(vec![Effect::Finish {
-                            ctx: self.ctx,
-                            txn: self.txn,
-                            outcome: self.outcome,
-                            carried: self.carried,
-                        }])
-                    }
-                    Ok(_) => self.refuse(),
-                    Err(e) => Step::end(vec![error_reply(
-                        self.ctx,
-                        503,
-                        &format!("cannot check the decision: etcd unreachable: {e}"),
-                    )]),
+            OpEvent::Answer(OpCall::Read, a) => match decision_read(&a) {
+                Ok(Some(v)) if etcd::outcome_of(&v) == Some(self.outcome) => {
+                    Step::end(vec![Effect::Finish {
+                        ctx: self.ctx,
+                        txn: self.txn,
+                        outcome: self.outcome,
+                        carried: self.carried,
+                    }])
                 }
-            }
+                Ok(_) => self.refuse(),
+                Err(e) => Step::end(vec![error_reply(
+                    self.ctx,
+                    503,
+                    &format!("cannot check the decision: etcd unreachable: {e}"),
+                )]),
+            },
             OpEvent::Expired => Step::end(vec![error_reply(
                 self.ctx,
                 503,
