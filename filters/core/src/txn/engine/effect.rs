@@ -98,6 +98,19 @@ pub(super) enum OpCall {
     Read,
 }
 
+impl OpCall {
+    /// For logs (an unexpected answer).
+    pub fn name(self) -> &'static str {
+        match self {
+            OpCall::Vote(_) => "a prepare",
+            OpCall::Ack(_) => "a cascaded commit or abort",
+            OpCall::Commit => "a one-phase commit",
+            OpCall::Record => "a decision-record write",
+            OpCall::Read => "a decision read",
+        }
+    }
+}
+
 /// An op's event.
 #[derive(Debug)]
 pub(super) enum OpEvent {

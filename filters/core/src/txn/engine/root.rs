@@ -250,9 +250,10 @@ impl RootOp {
                 OpEvent::Answer(call, _),
             ) => {
                 let what = format!(
-                    "txn {}: root in {} got an answer to {call:?}",
+                    "txn {}: root in {} got an answer to {}",
                     self.txn,
-                    stage.name()
+                    stage.name(),
+                    call.name()
                 );
                 Step::impossible(self, what)
             }

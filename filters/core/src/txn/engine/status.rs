@@ -103,7 +103,7 @@ impl StatusOp {
             (
                 op @ (StatusOp::Reading { .. } | StatusOp::Resolving { .. }),
                 OpEvent::Answer(call, _),
-            ) => Step::impossible(op, format!("status query got an answer to {call:?}")),
+            ) => Step::impossible(op, format!("status query got an answer to {}", call.name())),
         }
     }
 }

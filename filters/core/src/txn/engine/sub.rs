@@ -68,8 +68,9 @@ impl SubPrepare {
                 _,
             ) => {
                 let what = format!(
-                    "txn {}: sub-coordinator prepare got an answer to {call:?}",
-                    self.txn
+                    "txn {}: sub-coordinator prepare got an answer to {}",
+                    self.txn,
+                    call.name()
                 );
                 Step::impossible(self, what)
             }
@@ -204,8 +205,9 @@ impl SubFinish {
                 _,
             ) => {
                 let what = format!(
-                    "txn {}: sub-coordinator cascade got an answer to {call:?}",
-                    self.txn
+                    "txn {}: sub-coordinator cascade got an answer to {}",
+                    self.txn,
+                    call.name()
                 );
                 Step::impossible(self, what)
             }

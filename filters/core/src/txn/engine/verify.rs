@@ -77,7 +77,11 @@ impl Verify {
                 call @ (OpCall::Vote(_) | OpCall::Ack(_) | OpCall::Commit | OpCall::Record),
                 _,
             ) => {
-                let what = format!("txn {}: verification got an answer to {call:?}", self.txn);
+                let what = format!(
+                    "txn {}: verification got an answer to {}",
+                    self.txn,
+                    call.name()
+                );
                 Step::impossible(self, what)
             }
         }
