@@ -154,7 +154,8 @@ up() {
   start etcd "$(p 2379)" "$ETCD" --name shop --data-dir "$DATA/etcd" \
     --listen-client-urls "http://127.0.0.1:$(p 2379)" --advertise-client-urls "http://127.0.0.1:$(p 2379)" \
     --listen-peer-urls "http://127.0.0.1:$(p 2380)" --initial-advertise-peer-urls "http://127.0.0.1:$(p 2380)" \
-    --initial-cluster "shop=http://127.0.0.1:$(p 2380)" --log-level warn --logger zap
+    --initial-cluster "shop=http://127.0.0.1:$(p 2380)" --log-level warn --logger zap \
+    --auto-compaction-mode periodic --auto-compaction-retention 1h --quota-backend-bytes 2147483648
   # Identities (mTLS between the sidecars): re-created when missing or expiring.
   scripts/certs.sh --out "$HOME_DIR/certs" order payment inventory ingress | sed 's/^/  /'
   local reg="http://127.0.0.1:$(p 2379)"

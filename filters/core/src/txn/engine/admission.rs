@@ -345,6 +345,7 @@ impl TxnEngine {
                     outcome,
                     peer.unwrap_or_default(),
                     carried,
+                    !parents.is_empty(),
                     &self.cx(h),
                 );
                 self.settle_op(h, ctx, step.map(Op::Verify));

@@ -17,6 +17,9 @@ pub(super) struct Verify {
     pub peer: String,
     /// The call tree it carried, passed on if the decision agrees.
     pub carried: Vec<Child>,
+    /// Whether this sidecar knows the participant's coordinators (then any
+    /// other identity is refused unless the decision agrees).
+    pub known_coordinators: bool,
     pub until_ms: u64,
 }
 
@@ -27,6 +30,7 @@ impl Verify {
         outcome: Outcome,
         peer: String,
         carried: Vec<Child>,
+        known_coordinators: bool,
         cx: &Cx,
     ) -> Step<Self> {
         let call = etcd_call(
@@ -40,6 +44,7 @@ impl Verify {
             outcome,
             peer,
             carried,
+            known_coordinators,
             until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
         };
         let route = Call::Op {
@@ -59,6 +64,18 @@ impl Verify {
                         outcome: self.outcome,
                         carried: self.carried,
                     }])
+                }
+                // No decision, and nobody known here to ask for an abort:
+                // acknowledged, the app untouched. Nobody can be prepared for
+                // a decided abort without its record (the root writes one
+                // whenever anyone may be), and an app's unprepared work goes
+                // at its deadline.
+                Ok(None) if self.outcome == Outcome::Aborted && !self.known_coordinators => {
+                    Step::end(vec![effect::json_reply(
+                        self.ctx,
+                        200,
+                        r#"{"acknowledged":true,"applied":false}"#.to_string(),
+                    )])
                 }
                 Ok(_) => self.refuse(),
                 Err(e) => Step::end(vec![error_reply(

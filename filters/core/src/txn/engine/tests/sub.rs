@@ -271,3 +271,69 @@ fn a_read_only_leaf_forgets_the_transaction_at_once() {
     inb.on_tick(&h);
     assert!(h.take_calls().is_empty());
 }
+
+/// Commit and abort only from the participant's coordinators (the mTLS
+/// identities that called its app in the transaction), unless etcd holds the
+/// same decision; an abort nobody here can tie to a decision is acknowledged
+/// without reaching the app.
+#[test]
+fn control_calls_from_other_identities_need_the_recorded_decision() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"node":"inventory"}"#);
+    let txn = TxnId::mint(1_005_000, [6; 16]);
+    let id = txn.to_string();
+    let peer = |h: &Host, who: &str| {
+        h.base.properties.borrow_mut().insert(
+            "connection.uri_san_peer_certificate".into(),
+            format!("spiffe://shop/{who}").into_bytes(),
+        );
+    };
+    // order calls inventory inside the transaction: order is its coordinator.
+    h.request(1, "POST", "/reserve", &[("x-txmesh-txn", &id)]);
+    peer(&h, "order");
+    inb.on_request_headers(&h, 1);
+    assert_eq!(
+        inb.table().get(&h, &txn).unwrap().parents,
+        ["spiffe://shop/order"]
+    );
+    // payment's commit: etcd holds no decision -> 403, the app never asked.
+    h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", &id)]);
+    peer(&h, "payment");
+    assert_eq!(
+        inb.on_request_headers(&h, 2),
+        (Stream::Owned, Verdict::Pause)
+    );
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/range"]);
+    answer(&h, &mut inb, &calls, "etcd", ok(r#"{"header":{}}"#));
+    let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st), (2, 403), "{body}");
+    assert!(
+        body.contains(r#""principal":"spiffe://shop/payment""#),
+        "{body}"
+    );
+    assert!(h.take_calls().is_empty(), "nothing reached the app");
+    // The same commit once etcd holds it: applied.
+    h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", &id)]);
+    peer(&h, "payment");
+    inb.on_request_headers(&h, 3);
+    let calls = h.take_calls();
+    let found = format!(
+        r#"{{"header":{{}},"kvs":[{{"value":"{}"}}]}}"#,
+        crate::b64::encode(br#"{"outcome":"committed"}"#)
+    );
+    answer(&h, &mut inb, &calls, "etcd", ok(&found));
+    assert_eq!(paths(&h.take_calls()), ["local_app /txmesh/commit"]);
+    // order's own abort of another transaction this sidecar never saw, with
+    // no decision recorded: acknowledged, the app untouched.
+    let other = TxnId::mint(1_005_000, [7; 16]).to_string();
+    h.request(1, "POST", "/txmesh/abort", &[("x-txmesh-txn", &other)]);
+    peer(&h, "order");
+    inb.on_request_headers(&h, 4);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", ok(r#"{"header":{}}"#));
+    let (ctx, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!((ctx, st), (4, 200), "{body}");
+    assert!(body.contains(r#""applied":false"#), "{body}");
+    assert!(h.take_calls().is_empty());
+}
