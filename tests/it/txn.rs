@@ -535,7 +535,7 @@ fn a_late_one_phase_commit_is_not_resolved_under_the_root() {
     let app = TxnApp::start("order", Vote::Commit);
     let mut cfg = txn_cfg("order");
     cfg["default_timeout_ms"] = json!(1000);
-    cfg["in_doubt_grace_ms"] = json!(300);
+    cfg["in_doubt_grace_ms"] = json!(0);
     cfg["control_timeout_ms"] = json!(8000);
     let sc = Sidecar::new("order")
         .app(&app.server)
@@ -549,17 +549,13 @@ fn a_late_one_phase_commit_is_not_resolved_under_the_root() {
     let txn = wait_for(10, "the one-phase commit reaches the app", || {
         app.txn_where(|r| r.prepares == 1)
     });
-    // The id carries its deadline (its first 12 hex digits, protocol.md).
-    let deadline = u64::from_str_radix(&txn[..12], 16).unwrap();
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
-    std::thread::sleep(Duration::from_millis(
-        (deadline + 300 + 200).saturating_sub(now()),
-    ));
+    // The sidecar's own clock is past the deadline (and the zero grace):
+    // its listing says the transaction is in doubt.
+    wait_for(10, "the root's sidecar past the deadline", || {
+        let url = sc.inbound_url("/txmesh/txns?state=in-doubt");
+        let l = Client::new().must("GET", &url, &[], b"");
+        l.text().contains(&txn).then_some(())
+    });
     let s = Client::new().must(
         "GET",
         &sc.inbound_url(&format!("/txmesh/txns/{txn}")),

@@ -91,6 +91,22 @@ impl Entry {
         }
     }
 
+    /// Takes on the children its coordinator carried (`x-txmesh-children`:
+    /// those it lacks, and the newer trees) and the local app.
+    pub fn adopt(&mut self, carried: &[super::tree::Child], app: &str) {
+        for c in carried {
+            if !self.participants.iter().any(|(p, _)| *p == c.name) {
+                self.participants.push((c.name.clone(), Mark::Unknown));
+            }
+            if !c.tree.is_empty() {
+                self.set_tree(&c.name, c.tree.clone());
+            }
+        }
+        if !self.participants.iter().any(|(c, _)| c == app) {
+            self.participants.push((app.to_string(), Mark::Unknown));
+        }
+    }
+
     /// Remembers `peer` as a coordinator (up to [`MAX_PARENTS`]); false if
     /// there was no room.
     pub fn add_parent(&mut self, peer: &str) -> bool {

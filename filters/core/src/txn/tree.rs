@@ -119,18 +119,6 @@ pub fn parse(v: &[u8]) -> Result<Vec<Child>, String> {
     Ok(out)
 }
 
-/// `into` with the children of `more` it lacks added, and the trees of
-/// those it has replaced when `more`'s is not empty.
-pub fn merge(into: &mut Vec<Child>, more: Vec<Child>) {
-    for c in more {
-        match into.iter_mut().find(|x| x.name == c.name) {
-            Some(x) if !c.tree.is_empty() => x.tree = c.tree,
-            Some(_) => {}
-            None => into.push(c),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,12 +163,5 @@ mod tests {
         }
         assert!(parse(&vec![b'a'; MAX_LEN + 1]).is_err());
         assert!(!carriable("a,b") && !carriable("a(b") && carriable("b@1.2.3.4:80"));
-    }
-
-    #[test]
-    fn merging_keeps_known_trees() {
-        let mut t = vec![c("c1", "d1"), c("c2", "")];
-        merge(&mut t, vec![c("c1", ""), c("c2", "e"), c("c3", "")]);
-        assert_eq!(t, vec![c("c1", "d1"), c("c2", "e"), c("c3", "")]);
     }
 }

@@ -391,17 +391,7 @@ impl TxnEngine {
             if !carried.is_empty() {
                 e.role = Role::Sub;
             }
-            for c in &carried {
-                if !e.participants.iter().any(|(p, _)| *p == c.name) {
-                    e.participants.push((c.name.clone(), Mark::Unknown));
-                }
-                if !c.tree.is_empty() {
-                    e.set_tree(&c.name, c.tree.clone());
-                }
-            }
-            if !e.participants.iter().any(|(c, _)| *c == app) {
-                e.participants.push((app.clone(), Mark::Unknown));
-            }
+            e.adopt(&carried, &app);
             Ok(())
         };
         let entry = match entry {
@@ -503,17 +493,7 @@ impl TxnEngine {
             .as_ref()
             .map_or_else(|| self.known_deadline(h, &txn, now), |e| e.deadline_ms);
         let mut known = entry.unwrap_or_else(|| Entry::new(txn, deadline_ms, Role::Sub));
-        for c in carried {
-            if !known.participants.iter().any(|(p, _)| *p == c.name) {
-                known.participants.push((c.name.clone(), Mark::Unknown));
-            }
-            if known.tree_of(&c.name).is_empty() {
-                known.set_tree(&c.name, c.tree);
-            }
-        }
-        if !known.participants.iter().any(|(c, _)| *c == app) {
-            known.participants.push((app.clone(), Mark::Unknown));
-        }
+        known.adopt(&carried, &app);
         let targets = known
             .participants
             .iter()

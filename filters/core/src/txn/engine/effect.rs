@@ -262,7 +262,6 @@ impl TxnEngine {
     }
 
     fn apply(&mut self, h: &impl FilterHost, effect: Effect) {
-        let pairs = |hs: &[(&'static str, String)]| -> Vec<(&'static str, String)> { hs.to_vec() };
         match effect {
             Effect::Dispatch { call, route } => {
                 let sent = match route {
@@ -296,8 +295,8 @@ impl TxnEngine {
                 h.resume_response(ctx, &hs);
             }
             Effect::MarkResponse(headers) => {
-                for (k, v) in pairs(&headers) {
-                    h.set_response_header(k, &v);
+                for (k, v) in &headers {
+                    h.set_response_header(k, v);
                 }
             }
             Effect::Table(op) => match op {

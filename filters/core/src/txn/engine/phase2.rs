@@ -37,11 +37,15 @@ impl Send {
         }
     }
 
+    fn attempts(&self) -> u32 {
+        match *self {
+            Send::Due { attempts, .. } | Send::InFlight { attempts } => attempts,
+        }
+    }
+
     /// It failed: again after a backoff.
     fn failed(&self, now: u64) -> Self {
-        let attempts = match *self {
-            Send::Due { attempts, .. } | Send::InFlight { attempts } => attempts + 1,
-        };
+        let attempts = self.attempts() + 1;
         Send::Due {
             at_ms: now + backoff_ms(attempts),
             attempts,
@@ -362,10 +366,7 @@ impl Job {
         }
         let next = send.failed(now);
         t.delivery = Delivery::Owed(next);
-        let (attempts, at_ms) = match next {
-            Send::Due { at_ms, attempts } => (attempts, at_ms),
-            Send::InFlight { attempts } => (attempts, now),
-        };
+        let attempts = next.attempts();
         let outcome = match self.duty {
             Duty::Deliver { outcome, .. } => outcome.as_str(),
             Duty::Resolve(_) => "?",
@@ -374,7 +375,7 @@ impl Job {
             "txn {txn}: {outcome} not acknowledged by {} ({}), retry {attempts} in {} ms",
             t.name,
             a.describe(),
-            at_ms.saturating_sub(now)
+            backoff_ms(attempts)
         );
         self.degraded = true;
         Step::stay(self, vec![Effect::Log(LogLevel::Warn, msg)])
