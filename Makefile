@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn txmesh-router txmesh-authz
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit model-deep model-known test-outage validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
+.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit model-deep model-known test-outage test-retention validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -20,7 +20,8 @@ help:
 	@echo "make model-deep   - the model check of the txn engine, deep scenarios (make test runs the short ones)"
 	@echo "make model-known  - the model scenarios today's protocol is known to fail, each with its counterexample"
 	@echo "make test-outage  - in-doubt participants resolve after a 90 s etcd outage (make test: 6 s)"
-	@echo "make chaos   - the history checker: 1000 transactions under kills of sidecars, apps and etcd members"
+	@echo "make test-retention - 50,000 transactions: decision records expire, etcd stays bounded (make test: 2,000)"
+	@echo "make chaos   - the history checker: 1000 transactions, depth 3 with replicas, under kills, SIGSTOPs and etcd quorum loss"
 	@echo "make txmeshctl - build the operations CLI (target/release/txmeshctl; docs/operations.md)"
 
 setup:
@@ -63,6 +64,11 @@ model-deep:
 # phase-2 give-up (make test runs the same test with a 6 s outage).
 test-outage: build
 	@TXMESH_OUTAGE_S=90 $(CARGO) test --quiet -p txmesh-tests --test txn in_doubt_participants_resolve -- --nocapture
+
+# 50,000 transactions with a 2 s decision-record retention: etcd's key count
+# bounded, its in-use size flat (make test runs 2,000).
+test-retention: build
+	@TXMESH_RETENTION_TXNS=50000 $(CARGO) test --quiet -p txmesh-tests --test retention decision_records_expire -- --nocapture
 
 model-known:
 	@$(CARGO) test --quiet -p txmesh-core --test model known -- --ignored --nocapture

@@ -18,6 +18,7 @@ pub struct Etcd {
     client: Client,
     name: String,
     initial: String,
+    extra: Vec<String>,
 }
 
 impl Drop for Etcd {
@@ -35,6 +36,15 @@ pub fn b64(s: &[u8]) -> String {
 }
 
 /// The etcd binary: `$ETCD_BIN`, else `etcd` on PATH.
+/// The end of the key range of every key under `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
 pub fn etcd_bin() -> String {
     std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
 }
@@ -48,6 +58,7 @@ fn spawn_member(
     dir: &Path,
     initial: &str,
     state: &str,
+    extra: &[String],
 ) -> ChildGuard {
     let curl = format!("http://127.0.0.1:{client}");
     let purl = format!("http://127.0.0.1:{peer}");
@@ -73,7 +84,8 @@ fn spawn_member(
             "--initial-cluster-state",
             state,
         ])
-        .args(["--log-level", "warn", "--logger", "zap"]);
+        .args(["--log-level", "warn", "--logger", "zap"])
+        .args(extra);
     ChildGuard::spawn(&format!("etcd-{name}"), cmd, dir, vec![])
 }
 
@@ -134,16 +146,35 @@ impl EtcdCluster {
 impl Etcd {
     /// A single-member etcd.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A single-member etcd with more flags (`--quota-backend-bytes`,
+    /// `--auto-compaction-*`, ...).
+    pub fn start_with(extra: &[&str]) -> Self {
         let (client, peer) = (free_port(), free_port());
-        let etcd = Self::member("t", client, peer, &format!("t=http://127.0.0.1:{peer}"));
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let initial = format!("t=http://127.0.0.1:{peer}");
+        let etcd = Self::member_with("t", client, peer, &initial, extra);
         etcd.wait_healthy();
         etcd
     }
 
     fn member(name: &str, client_port: u16, peer_port: u16, initial: &str) -> Self {
+        Self::member_with(name, client_port, peer_port, initial, Vec::new())
+    }
+
+    fn member_with(
+        name: &str,
+        client_port: u16,
+        peer_port: u16,
+        initial: &str,
+        extra: Vec<String>,
+    ) -> Self {
         let dir = crate::scratch_dir(&format!("etcd-{name}"));
-        let guard = spawn_member(name, client_port, peer_port, &dir, initial, "new");
+        let guard = spawn_member(name, client_port, peer_port, &dir, initial, "new", &extra);
         Self {
+            extra,
             guard,
             client_port,
             peer_port,
@@ -163,6 +194,7 @@ impl Etcd {
             &self.dir,
             &self.initial,
             state,
+            &self.extra,
         );
         let old = std::mem::replace(&mut self.guard, guard);
         std::mem::forget(old); // already killed
@@ -265,13 +297,9 @@ impl Etcd {
 
     /// Keys and values under `prefix`.
     pub fn list(&self, prefix: &str) -> Vec<(String, String)> {
-        let mut end = prefix.as_bytes().to_vec();
-        if let Some(last) = end.last_mut() {
-            *last += 1;
-        }
         let v = self.post(
             "/v3/kv/range",
-            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&end)}),
+            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix))}),
         );
         let dec = |s: &Value| {
             let raw = base64::engine::general_purpose::STANDARD
@@ -287,6 +315,92 @@ impl Etcd {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// How many keys are under `prefix` (a count-only range).
+    pub fn count(&self, prefix: &str) -> u64 {
+        let v = self.post(
+            "/v3/kv/range",
+            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)), "count_only": true}),
+        );
+        v.get("count")
+            .and_then(Value::as_str)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> u64 {
+        let v = self.post(
+            "/v3/kv/range",
+            json!({"key": b64(b"\0"), "count_only": true}),
+        );
+        v["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no revision in {v}"))
+    }
+
+    /// The space etcd has to reclaim, as docs/operations.md does it:
+    /// compact to the current revision, defragment, disarm the alarms.
+    pub fn free_space(&self) {
+        let rev = self.revision();
+        self.post(
+            "/v3/kv/compaction",
+            json!({"revision": rev.to_string(), "physical": true}),
+        );
+        self.post("/v3/maintenance/defragment", json!({}));
+        // Like `etcdctl alarm disarm`: each raised alarm, by its member.
+        let raised = self.post("/v3/maintenance/alarm", json!({"action": "GET"}));
+        for a in raised["alarms"].as_array().cloned().unwrap_or_default() {
+            self.post(
+                "/v3/maintenance/alarm",
+                json!({"action": "DEACTIVATE", "memberID": a["memberID"], "alarm": a["alarm"]}),
+            );
+        }
+    }
+
+    /// The alarms raised (`NOSPACE`, ...).
+    pub fn alarms(&self) -> Vec<String> {
+        let v = self.post("/v3/maintenance/alarm", json!({"action": "GET"}));
+        v.get("alarms")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["alarm"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A gauge or counter from etcd's own `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let r = self
+            .client
+            .must("GET", &format!("{}/metrics", self.url()), &[], b"");
+        r.text()
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(' ')?;
+                (n == name).then(|| v.trim().parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("etcd /metrics has no {name}"))
+    }
+
+    /// Puts `key` = `value`; etcd's refusal (e.g. NOSPACE) as an error.
+    pub fn try_put(&self, key: &str, value: &[u8]) -> Result<(), String> {
+        let body = json!({"key": b64(key.as_bytes()), "value": b64(value)}).to_string();
+        let r = self.client.must(
+            "POST",
+            &format!("{}/v3/kv/put", self.url()),
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        );
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.text())
+        }
     }
 
     /// Stops etcd (to test behaviour while it is down).

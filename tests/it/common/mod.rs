@@ -56,7 +56,11 @@ impl Shop {
 
     /// With extra txn filter settings merged into every sidecar's config.
     pub fn start_with(payment_vote: Vote, inventory_vote: Vote, extra: &Value) -> Self {
-        let etcd = Etcd::start();
+        Self::start_on(Etcd::start(), payment_vote, inventory_vote, extra)
+    }
+
+    /// On an etcd of the test's own (flags: quota, compaction).
+    pub fn start_on(etcd: Etcd, payment_vote: Vote, inventory_vote: Vote, extra: &Value) -> Self {
         let g = Checkout::start(payment_vote, inventory_vote, |name, app| {
             sidecar_with(name, app, etcd.addr(), extra)
         });

@@ -16,6 +16,8 @@ pub enum Cause {
     AppError,
     /// No decision could be recorded: etcd refused or did not answer.
     EtcdUnavailable,
+    /// No decision could be recorded: etcd is out of space (NOSPACE alarm).
+    EtcdNoSpace,
     /// etcd already held an abort (someone resolved the transaction in doubt).
     DecidedElsewhere,
     /// The client went away before the decision.
@@ -39,6 +41,7 @@ impl Cause {
             Cause::Timeout => "timeout",
             Cause::AppError => "app_error",
             Cause::EtcdUnavailable => "etcd_unavailable",
+            Cause::EtcdNoSpace => "etcd_nospace",
             Cause::DecidedElsewhere => "decided_elsewhere",
             Cause::ClientGone => "client_gone",
             Cause::InDoubt => "in_doubt",
@@ -58,10 +61,30 @@ impl Cause {
             | Cause::Timeout
             | Cause::AppError
             | Cause::EtcdUnavailable
+            | Cause::EtcdNoSpace
             | Cause::DecidedElsewhere
             | Cause::ClientGone
             | Cause::Recovered
             | Cause::Resolved(_) => false,
+        }
+    }
+
+    /// The status an aborted transaction's client gets: 409 (the
+    /// transaction was refused), 503 when the mesh cannot decide at all.
+    pub fn abort_status(self) -> u16 {
+        match self {
+            Cause::EtcdNoSpace => 503,
+            Cause::Ok
+            | Cause::VoteAbort
+            | Cause::Timeout
+            | Cause::AppError
+            | Cause::EtcdUnavailable
+            | Cause::DecidedElsewhere
+            | Cause::ClientGone
+            | Cause::InDoubt
+            | Cause::Unknown
+            | Cause::Recovered
+            | Cause::Resolved(_) => 409,
         }
     }
 }
@@ -78,6 +101,7 @@ mod tests {
             (Cause::Timeout, "timeout"),
             (Cause::AppError, "app_error"),
             (Cause::EtcdUnavailable, "etcd_unavailable"),
+            (Cause::EtcdNoSpace, "etcd_nospace"),
             (Cause::DecidedElsewhere, "decided_elsewhere"),
             (Cause::ClientGone, "client_gone"),
             (Cause::InDoubt, "in_doubt"),

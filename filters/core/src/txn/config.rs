@@ -94,6 +94,11 @@ pub struct TxnConfig {
     /// recorded is re-driven by the recovery loop.
     #[serde(default = "d_recovery_after")]
     pub recovery_after_ms: u64,
+    /// How long a decision record stays in etcd once its phase 2 is done
+    /// (commit) or from its writing (abort), under a shared etcd lease per
+    /// time bucket (docs/protocol.md, "Decision-record retention").
+    #[serde(default = "d_retention")]
+    pub decision_retention_ms: u64,
 }
 
 fn d_default_timeout() -> u64 {
@@ -132,11 +137,16 @@ fn d_recovery_interval() -> u64 {
 fn d_recovery_after() -> u64 {
     3_000
 }
+fn d_retention() -> u64 {
+    86_400_000
+}
 
 /// Hard limits on config values.
 pub const MAX_TIMEOUT_LIMIT_MS: u64 = 600_000;
 pub const MAX_IN_FLIGHT_LIMIT: u32 = 65_536;
 pub const MAX_PARTICIPANTS_LIMIT: u32 = 64;
+/// A year: records kept longer are an archive, not a protocol's business.
+pub const MAX_RETENTION_MS: u64 = 366 * 86_400_000;
 
 impl TxnConfig {
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
@@ -184,6 +194,12 @@ impl TxnConfig {
         range("control_timeout_ms", self.control_timeout_ms, 1, 60_000)?;
         range("phase2_give_up_ms", self.phase2_give_up_ms, 1, 86_400_000)?;
         range("in_doubt_grace_ms", self.in_doubt_grace_ms, 0, 600_000)?;
+        range(
+            "decision_retention_ms",
+            self.decision_retention_ms,
+            1_000,
+            MAX_RETENTION_MS,
+        )?;
         range(
             "recovery_interval_ms",
             self.recovery_interval_ms,
@@ -233,6 +249,11 @@ impl TxnConfig {
             }
         }
         Ok(())
+    }
+
+    /// The decision records' retention leases.
+    pub fn retention(&self) -> super::etcd::Retention {
+        super::etcd::Retention::new(self.decision_retention_ms)
     }
 
     /// Whether a request begins a transaction by rule.

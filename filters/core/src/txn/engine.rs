@@ -172,10 +172,13 @@ pub struct TxnEngine {
     /// Where the recovery loop's scan of pending-work keys goes on (the key
     /// after the last one seen; None: from the start).
     recovery_cursor: Option<String>,
-    /// Pending-work keys of finished transactions, deleted together (one
-    /// etcd write per [`UNPEND_INTERVAL_MS`] instead of one per transaction).
-    unpend: Vec<String>,
+    /// Finished commits whose pending-work keys go and whose records go
+    /// under the retention lease, together (one etcd write per
+    /// [`UNPEND_INTERVAL_MS`] instead of one per transaction).
+    unpend: Vec<TxnId>,
     next_unpend_ms: u64,
+    /// The retention leases (granted by the elected engine).
+    leases: Leases,
     /// See [`TxnEngine::set_root_context`].
     root_ctx: u32,
 }
@@ -184,8 +187,25 @@ pub struct TxnEngine {
 /// etcd request. Far below `recovery_after_ms`: the recovery loop never sees
 /// a finished transaction's key as pending work.
 pub const UNPEND_INTERVAL_MS: u64 = 100;
-/// Keys per delete request: etcd's default `--max-txn-ops`.
-pub const UNPEND_BATCH: usize = 128;
+/// Transactions per unpend request: two operations each (a delete, a
+/// lease put) within etcd's default `--max-txn-ops` of 128.
+pub const UNPEND_BATCH: usize = 64;
+
+/// The retention lease grants of the elected engine (checked every tick).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct Leases {
+    /// Whether this engine won the last election (it grants the leases).
+    leader: bool,
+    /// The last bucket whose lease etcd confirmed.
+    granted: Option<u64>,
+    /// A grant in flight.
+    asking: bool,
+    /// After a failed grant: not again before this time.
+    retry_at_ms: u64,
+}
+
+/// How long after a failed lease grant the next one goes.
+const LEASE_RETRY_MS: u64 = 1_000;
 
 const LEADER_KEY: &str = "txmesh.txn.leader";
 
@@ -223,6 +243,7 @@ impl Hash for TxnEngine {
         (self.token, self.next_scan_ms, self.recovery_inflight).hash(state);
         self.recovery_cursor.hash(state);
         (&self.unpend, self.next_unpend_ms, self.root_ctx).hash(state);
+        self.leases.hash(state);
     }
 }
 
@@ -279,6 +300,7 @@ impl TxnEngine {
             recovery_cursor: None,
             unpend: Vec::new(),
             next_unpend_ms: 0,
+            leases: Leases::default(),
             root_ctx: 0,
         }
     }
@@ -474,10 +496,14 @@ impl TxnEngine {
         }
         if now >= self.next_scan_ms {
             self.next_scan_ms = now.saturating_add(self.cfg.recovery_interval_ms);
-            if self.elect(h, now) {
+            self.leases.leader = self.elect(h, now);
+            if self.leases.leader {
                 self.resolve_in_doubt(h, now);
                 self.recover(h);
             }
+        }
+        if self.leases.leader {
+            self.grant_lease(h, now);
         }
         self.drive_jobs(h);
         if now >= self.next_unpend_ms && !self.unpend.is_empty() {

@@ -87,35 +87,41 @@ pub fn outcome_of(value: &[u8]) -> Option<Outcome> {
 }
 
 /// Body of `POST /v3/kv/txn`: put `value` at `key` if the key is absent,
-/// else read it.
-pub fn cas_create_body(key: &str, value: &str) -> String {
-    cas_body(key, value, None)
+/// else read it; with `lease`, the record goes under that etcd lease (an
+/// abort's record: it expires with the lease).
+pub fn cas_create_body(key: &str, value: &str, lease: Option<u64>) -> String {
+    cas_body(key, value, lease, None)
 }
 
-/// Like [`cas_create_body`], and in the same etcd transaction also puts
-/// `also = (key, value)` (the coordinator's pending-work index).
+/// Like [`cas_create_body`] (no lease: a commit's record is leased only
+/// when its phase 2 is done, see [`unpend_body`]), and in the same etcd
+/// transaction also puts `also = (key, value)` (the coordinator's
+/// pending-work key).
 pub fn cas_create_with_body(key: &str, value: &str, also: (&str, &str)) -> String {
-    cas_body(key, value, Some(also))
+    cas_body(key, value, None, Some(also))
 }
 
-fn cas_body(key: &str, value: &str, also: Option<(&str, &str)>) -> String {
+pub(crate) fn cas_body(
+    key: &str,
+    value: &str,
+    lease: Option<u64>,
+    also: Option<(&str, &str)>,
+) -> String {
     let k = b64::encode(key.as_bytes());
-    let compare = Obj::new()
-        .str("key", &k)
-        .str("target", "CREATE")
-        .str("create_revision", "0")
-        .str("result", "EQUAL")
-        .build();
-    let put = |key: &str, value: &str| {
+    let compare = exists_compare(&k, "EQUAL");
+    let put = |key: &str, value: &str, lease: Option<u64>| {
         let p = Obj::new()
             .str("key", &b64::encode(key.as_bytes()))
-            .str("value", &b64::encode(value.as_bytes()))
-            .build();
-        Obj::new().raw("request_put", &p).build()
+            .str("value", &b64::encode(value.as_bytes()));
+        let p = match lease {
+            Some(id) => p.str("lease", &id.to_string()),
+            None => p,
+        };
+        Obj::new().raw("request_put", &p.build()).build()
     };
-    let mut success = put(key, value);
+    let mut success = put(key, value, lease);
     if let Some((k2, v2)) = also {
-        success = format!("{success},{}", put(k2, v2));
+        success = format!("{success},{}", put(k2, v2, None));
     }
     let range = Obj::new()
         .raw("request_range", &Obj::new().str("key", &k).build())
@@ -125,6 +131,143 @@ fn cas_body(key: &str, value: &str, also: Option<(&str, &str)>) -> String {
         .raw("success", &format!("[{success}]"))
         .raw("failure", &format!("[{range}]"))
         .build()
+}
+
+/// A compare on a key's `create_revision` against 0: `EQUAL` (absent) or
+/// `GREATER` (present).
+fn exists_compare(b64_key: &str, result: &str) -> String {
+    Obj::new()
+        .str("key", b64_key)
+        .str("target", "CREATE")
+        .str("create_revision", "0")
+        .str("result", result)
+        .build()
+}
+
+/// Body of `POST /v3/kv/txn` for finished commits, given as
+/// `(pending-work key, decision key)`: deletes the pending-work keys and
+/// puts each decision record under `lease`, keeping its value
+/// (`ignore_value`), so that it expires with the lease. If a record is
+/// missing (deleted by hand) the keys are deleted and no record is leased.
+pub fn unpend_body(done: &[(String, String)], lease: u64) -> String {
+    let op = |name: &str, body: String| Obj::new().raw(name, &body).build();
+    let key = |k: &str| b64::encode(k.as_bytes());
+    let deletes: Vec<String> = done
+        .iter()
+        .map(|(p, _)| {
+            op(
+                "request_delete_range",
+                Obj::new().str("key", &key(p)).build(),
+            )
+        })
+        .collect();
+    let seals = done.iter().map(|(_, d)| {
+        let put = Obj::new()
+            .str("key", &key(d))
+            .bool("ignore_value", true)
+            .str("lease", &lease.to_string())
+            .build();
+        op("request_put", put)
+    });
+    let compares: Vec<String> = done
+        .iter()
+        .map(|(_, d)| exists_compare(&key(d), "GREATER"))
+        .collect();
+    let success: Vec<String> = deletes.iter().cloned().chain(seals).collect();
+    Obj::new()
+        .raw("compare", &format!("[{}]", compares.join(",")))
+        .raw("success", &format!("[{}]", success.join(",")))
+        .raw("failure", &format!("[{}]", deletes.join(",")))
+        .build()
+}
+
+/// Decision-record retention: records expire with an etcd lease shared by
+/// every sidecar of the mesh for one time bucket. A lease's ID is a
+/// function of its bucket, so any sidecar can grant it (the second grant
+/// answers "lease already exists") and any sidecar can write under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub retention_ms: u64,
+    pub bucket_ms: u64,
+}
+
+impl Retention {
+    pub fn new(retention_ms: u64) -> Self {
+        Self {
+            retention_ms,
+            bucket_ms: (retention_ms / 8).clamp(500, 3_600_000),
+        }
+    }
+
+    pub fn bucket(&self, now_ms: u64) -> u64 {
+        now_ms / self.bucket_ms.max(1)
+    }
+
+    /// The lease of `bucket`: 22 bits of the bucket length (sidecars with
+    /// another retention use other leases), 40 bits of the bucket number;
+    /// positive and non-zero as etcd requires.
+    pub fn lease_id(&self, bucket: u64) -> u64 {
+        let tag = (self.bucket_ms % ((1 << 21) - 1)) | (1 << 21);
+        (tag << 40) | (bucket & ((1 << 40) - 1))
+    }
+
+    /// The lease a record written at `now_ms` goes under.
+    pub fn lease_at(&self, now_ms: u64) -> u64 {
+        self.lease_id(self.bucket(now_ms))
+    }
+
+    /// A bucket's lease is granted up to half a bucket before the bucket
+    /// begins and used until it ends: its TTL covers the retention past
+    /// the last write under it, and expires at most 2.5 buckets later.
+    pub fn ttl_s(&self) -> u64 {
+        (self.retention_ms + 2 * self.bucket_ms).div_ceil(1000)
+    }
+
+    /// The next bucket to grant, given the last one granted: the current
+    /// bucket, then the next one from half-way through the current one.
+    pub fn due(&self, granted: Option<u64>, now_ms: u64) -> Option<u64> {
+        let current = self.bucket(now_ms);
+        let next = granted.map_or(current, |g| (g + 1).max(current));
+        (next <= self.bucket(now_ms + self.bucket_ms / 2)).then_some(next)
+    }
+}
+
+/// Body of `POST /v3/lease/grant` for lease `id`.
+pub fn lease_grant_body(id: u64, ttl_s: u64) -> String {
+    Obj::new()
+        .str("TTL", &ttl_s.to_string())
+        .str("ID", &id.to_string())
+        .build()
+}
+
+/// A refusal etcd's JSON gateway answers with (`{"error", "code"}`, the
+/// gRPC status code): the request was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `mvcc: database space exceeded`: the NOSPACE alarm is raised;
+    /// nothing that writes is applied until an operator frees space.
+    NoSpace,
+    /// `lease already exists` (a lease grant someone else made first).
+    LeaseExists,
+    /// Any other refusal (`requested lease not found`, ...), by gRPC code.
+    Other(u32),
+}
+
+/// The refusal in an error answer of etcd's gateway, if it is one.
+pub fn refusal(body: &[u8]) -> Option<Refusal> {
+    #[derive(Deserialize)]
+    struct E {
+        #[serde(default)]
+        error: String,
+        code: u32,
+    }
+    let e: E = serde_json::from_slice(body).ok()?;
+    Some(match e.code {
+        // RESOURCE_EXHAUSTED is also "too many requests", which is not NOSPACE.
+        8 if e.error.contains("space exceeded") => Refusal::NoSpace,
+        9 if e.error.contains("lease already exists") => Refusal::LeaseExists,
+        code => Refusal::Other(code),
+    })
 }
 
 /// The pending-work key of a commit decision owned by `node`.
@@ -159,29 +302,6 @@ pub fn put_body(key: &str, value: &str) -> String {
     Obj::new()
         .str("key", &b64::encode(key.as_bytes()))
         .str("value", &b64::encode(value.as_bytes()))
-        .build()
-}
-
-/// Body of `POST /v3/kv/deleterange` for one key.
-pub fn delete_body(key: &str) -> String {
-    Obj::new().str("key", &b64::encode(key.as_bytes())).build()
-}
-
-/// Body of `POST /v3/kv/txn` deleting several keys in one write.
-pub fn delete_many_body(keys: &[String]) -> String {
-    let ops: Vec<String> = keys
-        .iter()
-        .map(|k| {
-            Obj::new()
-                .raw(
-                    "request_delete_range",
-                    &Obj::new().str("key", &b64::encode(k.as_bytes())).build(),
-                )
-                .build()
-        })
-        .collect();
-    Obj::new()
-        .raw("success", &format!("[{}]", ops.join(",")))
         .build()
 }
 
@@ -361,7 +481,8 @@ mod tests {
 
     #[test]
     fn cas_body_and_responses() {
-        let body: serde_json::Value = serde_json::from_str(&cas_create_body("k", "v")).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(&cas_create_body("k", "v", None)).unwrap();
         assert_eq!(body["compare"][0]["key"], "aw==");
         assert_eq!(body["compare"][0]["create_revision"], "0");
         assert_eq!(body["success"][0]["request_put"]["value"], "dg==");
@@ -446,5 +567,78 @@ mod tests {
             decision_key(&d.txn),
             "txmesh/decisions/0af7651916cd43dd8448eb211c80319c"
         );
+    }
+
+    #[test]
+    fn retention_leases() {
+        let r = Retention::new(86_400_000);
+        assert_eq!(r.bucket_ms, 3_600_000);
+        assert_eq!(r.ttl_s(), 86_400 + 7_200);
+        let short = Retention::new(2_000);
+        assert_eq!(short.bucket_ms, 500);
+        assert_eq!(short.ttl_s(), 3);
+        // One ID per bucket, distinct for another bucket length, positive.
+        let (a, b) = (
+            r.lease_id(r.bucket(1_700_000_000_000)),
+            r.lease_at(1_700_003_600_000),
+        );
+        assert_eq!(b, a + 1);
+        assert_ne!(short.lease_id(7), r.lease_id(7));
+        assert!(a > 0 && a < (1 << 63));
+        // Granted: the current bucket first, the next from half-way through.
+        let start = 10 * r.bucket_ms;
+        assert_eq!(r.due(None, start + 1), Some(10));
+        assert_eq!(r.due(Some(10), start + 1), None);
+        assert_eq!(r.due(Some(10), start + r.bucket_ms / 2), Some(11));
+        assert_eq!(r.due(Some(11), start + r.bucket_ms / 2), None);
+        // Long after the last grant: the current bucket, not the missed ones.
+        assert_eq!(r.due(Some(3), start), Some(10));
+        let g: serde_json::Value = serde_json::from_str(&lease_grant_body(42, 9)).unwrap();
+        assert_eq!(
+            (g["ID"].as_str(), g["TTL"].as_str()),
+            (Some("42"), Some("9"))
+        );
+    }
+
+    #[test]
+    fn leased_records_and_unpend() {
+        let abort: serde_json::Value =
+            serde_json::from_str(&cas_create_body("k", "v", Some(7))).unwrap();
+        assert_eq!(abort["success"][0]["request_put"]["lease"], "7");
+        let commit: serde_json::Value =
+            serde_json::from_str(&cas_create_with_body("k", "v", ("p", "w"))).unwrap();
+        assert!(commit["success"][0]["request_put"].get("lease").is_none());
+        let done = vec![
+            ("p1".to_string(), "d1".to_string()),
+            ("p2".to_string(), "d2".to_string()),
+        ];
+        let u: serde_json::Value = serde_json::from_str(&unpend_body(&done, 9)).unwrap();
+        assert_eq!(u["compare"][1]["key"], crate::b64::encode(b"d2"));
+        assert_eq!(u["compare"][1]["result"], "GREATER");
+        assert_eq!(
+            u["success"][0]["request_delete_range"]["key"],
+            crate::b64::encode(b"p1")
+        );
+        assert_eq!(
+            u["success"][3]["request_put"]["key"],
+            crate::b64::encode(b"d2")
+        );
+        assert_eq!(u["success"][3]["request_put"]["ignore_value"], true);
+        assert_eq!(u["success"][3]["request_put"]["lease"], "9");
+        assert_eq!(u["failure"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn refusals_as_etcd_3_4_answers_them() {
+        let no_space = br#"{"error":"etcdserver: mvcc: database space exceeded","message":"etcdserver: mvcc: database space exceeded","code":8}"#;
+        assert_eq!(refusal(no_space), Some(Refusal::NoSpace));
+        let busy = br#"{"error":"etcdserver: too many requests","code":8}"#;
+        assert_eq!(refusal(busy), Some(Refusal::Other(8)));
+        let exists = br#"{"error":"etcdserver: lease already exists","message":"etcdserver: lease already exists","code":9}"#;
+        assert_eq!(refusal(exists), Some(Refusal::LeaseExists));
+        let no_lease = br#"{"error":"etcdserver: requested lease not found","code":5}"#;
+        assert_eq!(refusal(no_lease), Some(Refusal::Other(5)));
+        assert_eq!(refusal(b"no healthy upstream"), None);
+        assert_eq!(refusal(br#"{"header":{}}"#), None);
     }
 }

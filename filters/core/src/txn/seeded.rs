@@ -39,10 +39,13 @@ pub enum Bug {
     ResolveUnderRoot,
     /// A commit or abort is taken from any caller, coordinator or not.
     TrustAnyCaller,
+    /// A commit's decision record goes under the retention lease when it
+    /// is written, not when its phase 2 is done.
+    LeaseOnCommit,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 12] = [
+    pub const ALL: [Bug; 13] = [
         Bug::CommitBeforeRecord,
         Bug::AbortWithoutCas,
         Bug::UnknownPrepareYes,
@@ -55,6 +58,7 @@ impl Bug {
         Bug::ReadOnlyKeepsEntry,
         Bug::ResolveUnderRoot,
         Bug::TrustAnyCaller,
+        Bug::LeaseOnCommit,
     ];
 
     /// The cargo feature that compiles it in.
@@ -72,6 +76,7 @@ impl Bug {
             Bug::ReadOnlyKeepsEntry => "seeded-bug-read-only-keeps-entry",
             Bug::ResolveUnderRoot => "seeded-bug-resolve-under-root",
             Bug::TrustAnyCaller => "seeded-bug-trust-any-caller",
+            Bug::LeaseOnCommit => "seeded-bug-lease-on-commit",
         }
     }
 
@@ -89,6 +94,7 @@ impl Bug {
             Bug::ReadOnlyKeepsEntry => cfg!(feature = "seeded-bug-read-only-keeps-entry"),
             Bug::ResolveUnderRoot => cfg!(feature = "seeded-bug-resolve-under-root"),
             Bug::TrustAnyCaller => cfg!(feature = "seeded-bug-trust-any-caller"),
+            Bug::LeaseOnCommit => cfg!(feature = "seeded-bug-lease-on-commit"),
         }
     }
 
@@ -106,6 +112,7 @@ impl Bug {
             Bug::ReadOnlyKeepsEntry => 10,
             Bug::ResolveUnderRoot => 11,
             Bug::TrustAnyCaller => 12,
+            Bug::LeaseOnCommit => 13,
         }
     }
 }
@@ -143,4 +150,10 @@ pub fn unconditional_put_body(key: &str, value: &str) -> String {
             &format!("[{}]", Obj::new().raw("request_put", &put).build()),
         )
         .build()
+}
+
+/// [`Bug::LeaseOnCommit`]'s write: the commit record's CAS with the record
+/// already under the retention lease.
+pub fn leased_commit_body(key: &str, value: &str, also: (&str, &str), lease: u64) -> String {
+    super::etcd::cas_body(key, value, Some(lease), Some(also))
 }

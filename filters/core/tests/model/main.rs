@@ -95,6 +95,7 @@ impl Model for Check {
                 s.record_matches()
             }),
             Property::always("client told matches", |_, s: &World| s.client_matches()),
+            Property::always("one decision ever", |_, s: &World| s.one_decision()),
             Property::always(
                 "no decision on a caller's deadline",
                 |m: &Check, s: &World| s.honest_deadline(&m.sc),
@@ -127,11 +128,12 @@ pub struct Report {
     pub failure: Option<(&'static str, String)>,
 }
 
-const SAFETY: [&str; 6] = [
+const SAFETY: [&str; 7] = [
     "agreement",
     "validity",
     "record matches participants",
     "client told matches",
+    "one decision ever",
     "no decision on a caller's deadline",
     "termination",
 ];

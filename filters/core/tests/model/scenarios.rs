@@ -209,6 +209,24 @@ pub fn short() -> Vec<Scenario> {
             2,
             5,
         ),
+        // Decision records expire (every leased key at once, whenever the
+        // checker likes) while a commit may be lost: a record is leased
+        // only once nobody can still ask for it (issue 18, retention).
+        Scenario {
+            apps_ask: true,
+            can_abort: true,
+            ..faults(
+                base("retention-depth2", depth2(Plan::CommitOrAbort)),
+                Budget {
+                    total: 2,
+                    lose: 1,
+                    expire: 1,
+                    ..Budget::default()
+                },
+                2,
+                7,
+            )
+        },
         Scenario {
             apps_ask: true,
             can_abort: true,
@@ -322,6 +340,7 @@ pub fn catching(bug: txmesh_core::txn::seeded::Bug) -> Scenario {
         Bug::ReadOnlyKeepsEntry => "read-only-depth3",
         Bug::ResolveUnderRoot => "one-phase-late",
         Bug::TrustAnyCaller => "forged-control-depth3",
+        Bug::LeaseOnCommit => "retention-depth2",
     };
     short()
         .into_iter()

@@ -60,6 +60,8 @@ pub struct Budget {
     pub forge: u8,
     /// Status queries with a caller-supplied deadline in the past.
     pub forge_status: u8,
+    /// Every key under an etcd lease expires (retention ran out).
+    pub expire: u8,
 }
 
 #[derive(Clone, Debug)]
@@ -342,6 +344,7 @@ pub enum Action {
     EtcdUp,
     Forge(u8, Outcome),
     ForgeStatus(u8),
+    Expire,
 }
 
 fn new_engines(
@@ -363,14 +366,15 @@ fn new_engines(
     out
 }
 
-/// etcd calls that carry no decision: the recovery loop's scans and the
-/// pending-work keys' upkeep (puts and deletes).
+/// etcd calls that carry no decision: the recovery loop's scans, the
+/// pending-work keys' upkeep (puts, and the unpend that also puts finished
+/// commits' records under the retention lease) and the lease grants.
 fn background(c: &Callout) -> bool {
     let body = String::from_utf8_lossy(&c.body);
     match c.path.as_str() {
         "/v3/kv/range" => body.contains("range_end"),
-        "/v3/kv/put" | "/v3/kv/deleterange" => true,
-        "/v3/kv/txn" => !body.contains("compare"),
+        "/v3/kv/put" | "/v3/kv/deleterange" | "/v3/lease/grant" => true,
+        "/v3/kv/txn" => !body.contains("compare") || body.contains("ignore_value"),
         _ => false,
     }
 }
@@ -410,7 +414,16 @@ impl World {
                     deadline: 0,
                 })
                 .collect(),
-            etcd: Etcd::default(),
+            etcd: {
+                // The mesh has been running: the retention leases of now
+                // and of the next time bucket are granted.
+                let r = sc.config(0, true).retention();
+                let b = r.bucket(T0);
+                Etcd {
+                    leases: [r.lease_id(b), r.lease_id(b + 1)].into(),
+                    ..Etcd::default()
+                }
+            },
             net: BTreeSet::new(),
             late: BTreeSet::new(),
             client: Told::Nothing,
@@ -521,6 +534,9 @@ impl World {
         if self.etcd.down {
             out.push(Action::EtcdUp);
         }
+        if !self.etcd.leased.is_empty() && self.can_fault(sc, self.used.expire, sc.budget.expire) {
+            out.push(Action::Expire);
+        }
         if self.txn.is_some() {
             if self.can_fault(sc, self.used.forge, sc.budget.forge) {
                 for s in 1..sc.services.len() {
@@ -620,6 +636,10 @@ impl World {
                 self.etcd.down = true;
             }
             Action::EtcdUp => self.etcd.down = false,
+            Action::Expire => {
+                self.fault(|u| &mut u.expire);
+                self.etcd.expire();
+            }
             Action::Forge(s, o) => {
                 self.fault(|u| &mut u.forge);
                 let path = match o {
@@ -1386,6 +1406,12 @@ impl World {
             Some((Outcome::Aborted, _)) => !c,
             None => !(c && yes >= 2),
         }
+    }
+
+    /// No decision record ever contradicted an earlier one (a commit record
+    /// expired while someone could still ask, then an abort was recorded).
+    pub fn one_decision(&self) -> bool {
+        !self.etcd.contradicted
     }
 
     /// What the client was told agrees with the record and the participants.

@@ -132,6 +132,8 @@ pub(super) enum Call {
     JobRecord { txn: TxnId },
     /// The recovery loop's scan of this node's pending commits.
     Recovery,
+    /// The grant of a retention lease (one time bucket's).
+    Lease { bucket: u64 },
 }
 
 /// A change to the process-wide table.
@@ -266,9 +268,10 @@ impl TxnEngine {
             Effect::Dispatch { call, route } => {
                 let sent = match route {
                     Call::Op { .. } => h.dispatch(&call),
-                    Call::JobTarget { .. } | Call::JobRecord { .. } | Call::Recovery => {
-                        h.dispatch_in(self.root_ctx, &call)
-                    }
+                    Call::JobTarget { .. }
+                    | Call::JobRecord { .. }
+                    | Call::Recovery
+                    | Call::Lease { .. } => h.dispatch_in(self.root_ctx, &call),
                 };
                 match sent {
                     Ok(token) => {
@@ -320,7 +323,7 @@ impl TxnEngine {
             },
             Effect::StartJob(job) => self.start_job(h, *job),
             Effect::Unpend(txn) => {
-                self.unpend.push(etcd::pending_key(&self.node, &txn));
+                self.unpend.push(txn);
                 if self.unpend.len() >= UNPEND_BATCH {
                     self.flush_unpend(h, h.now_ms());
                 }
@@ -365,6 +368,7 @@ impl TxnEngine {
                 self.step_job(h, txn, |job, cx| job.on_record_answer(&answer, cx))
             }
             Call::Recovery => self.recovery_answer(h, answer),
+            Call::Lease { bucket } => self.lease_answer(h, bucket, &answer),
         }
     }
 }

@@ -493,19 +493,27 @@ impl TxnEngine {
         }
     }
 
-    /// Deletes finished transactions' pending-work keys, up to
-    /// [`UNPEND_BATCH`] in one request. Fire and forget: if it is lost, the
-    /// recovery loop re-sends the (idempotent) commits and deletes the keys.
+    /// Deletes finished commits' pending-work keys and puts their records
+    /// under the retention lease, up to [`UNPEND_BATCH`] in one request.
+    /// Fire and forget: if it is lost (or refused), the recovery loop
+    /// re-sends the (idempotent) commits and unpends them again.
     pub(super) fn flush_unpend(&mut self, h: &impl FilterHost, now: u64) {
         self.next_unpend_ms = now.saturating_add(UNPEND_INTERVAL_MS);
+        let lease = self.cfg.retention().lease_at(now);
         while !self.unpend.is_empty() {
             let n = self.unpend.len().min(UNPEND_BATCH);
-            let keys: Vec<String> = self.unpend.drain(..n).collect();
-            let (path, body) = match keys.as_slice() {
-                [one] => ("/v3/kv/deleterange", etcd::delete_body(one)),
-                many => ("/v3/kv/txn", etcd::delete_many_body(many)),
-            };
-            let _ = h.dispatch_in(self.root_ctx, &etcd_call(&self.cfg, path, body));
+            let done: Vec<(String, String)> = self
+                .unpend
+                .drain(..n)
+                .map(|txn| {
+                    (
+                        etcd::pending_key(&self.node, &txn),
+                        etcd::decision_key(&txn),
+                    )
+                })
+                .collect();
+            let body = etcd::unpend_body(&done, lease);
+            let _ = h.dispatch_in(self.root_ctx, &etcd_call(&self.cfg, "/v3/kv/txn", body));
         }
     }
 }

@@ -6,7 +6,9 @@
 
 use super::effect::{Answer, Cx, Effect, OpCall, OpEvent, Step, TableOp};
 use super::phase2::{Job, Participant, Start};
-use super::record::{cas_answer, certainly_not_sent, pending_record, pending_state, record_call};
+use super::record::{
+    cas_answer, pending_record, pending_state, record_call, write_failure, WriteFailure, NO_SPACE,
+};
 use super::vote::{ask_all, control_call, first_abort, vote_of, Ballot, Target, Vote};
 use super::*;
 
@@ -53,10 +55,11 @@ pub(super) enum RootStage {
     },
     /// The commit record's write failed; an abort record is being written
     /// to learn the truth. `maybe_applied`: the failed write may have
-    /// reached etcd.
+    /// reached etcd; `cause`: why it failed, for the abort.
     WriteAbort {
         until_ms: u64,
         maybe_applied: bool,
+        cause: Cause,
         error: String,
     },
 }
@@ -355,9 +358,9 @@ impl RootOp {
         };
         // Envoy could not connect: nothing reached etcd, so the same write
         // can go again (to another member, if one answers).
-        let not_sent = certainly_not_sent(&a);
+        let failure = write_failure(&a);
         if let RootStage::WriteCommit { call, retries, .. } = &mut self.stage {
-            if not_sent && *retries < RECORD_RETRIES {
+            if failure == WriteFailure::NotSent && *retries < RECORD_RETRIES {
                 *retries += 1;
                 let call = call.clone();
                 self.times.record_sent_us = cx.now_us;
@@ -366,10 +369,15 @@ impl RootOp {
             }
         }
         // Learn the truth with an abort record: it wins if ours never landed.
-        let d = self.decision(Outcome::Aborted, Cause::EtcdUnavailable, cx);
+        let cause = match failure {
+            WriteFailure::NoSpace => Cause::EtcdNoSpace,
+            WriteFailure::NotSent | WriteFailure::Unknown => Cause::EtcdUnavailable,
+        };
+        let d = self.decision(Outcome::Aborted, cause, cx);
         self.stage = RootStage::WriteAbort {
             until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
-            maybe_applied: !not_sent,
+            maybe_applied: failure == WriteFailure::Unknown,
+            cause,
             error,
         };
         let call = record_call(cx.cfg, &d, None);
@@ -380,6 +388,7 @@ impl RootOp {
     fn abort_record_answer(self, a: Answer, cx: &Cx) -> Step<RootOp> {
         let RootStage::WriteAbort {
             maybe_applied,
+            cause,
             error,
             ..
         } = &self.stage
@@ -391,19 +400,24 @@ impl RootOp {
             );
             return Step::impossible(self, what);
         };
-        let (maybe_applied, error) = (*maybe_applied, error.clone());
+        let (maybe_applied, cause, error) = (*maybe_applied, *cause, error.clone());
         let me = cx.node.to_string();
+        let unavailable = if cause == Cause::EtcdNoSpace {
+            NO_SPACE
+        } else {
+            "etcd unavailable"
+        };
         match cas_answer(&a) {
             Ok(CasResult::Created) => {
                 let why = format!("the commit record could not be written ({error})");
-                self.abort(Cause::EtcdUnavailable, &why, &me, false, Tell::Reply, cx)
+                self.abort(cause, &why, &me, false, Tell::Reply, cx)
             }
             Ok(CasResult::Exists(v)) => self.obey(&v, cx),
             Err(_) if !maybe_applied => {
                 // Nothing reached etcd: presumed abort is safe. The abort
                 // record is written later, from the tick, once etcd is back.
-                let why = format!("etcd unavailable, no decision could be recorded ({error})");
-                self.abort(Cause::EtcdUnavailable, &why, &me, true, Tell::Reply, cx)
+                let why = format!("{unavailable}, no decision could be recorded ({error})");
+                self.abort(cause, &why, &me, true, Tell::Reply, cx)
             }
             Err(e) => {
                 // The commit record may have landed: the outcome is unknown
@@ -506,7 +520,7 @@ impl RootOp {
             Tell::Mark => Effect::MarkResponse(headers),
             Tell::Reply => Effect::Reply {
                 ctx: self.ctx,
-                status: 409,
+                status: cause.abort_status(),
                 headers,
                 body: Obj::new()
                     .str("txn", &self.txn.to_string())

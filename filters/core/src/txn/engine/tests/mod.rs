@@ -31,14 +31,23 @@ impl Host {
     fn status(&self, s: &str) {
         *self.response.borrow_mut() = vec![(":status".to_string(), s.as_bytes().to_vec())];
     }
-    /// Calls made, without the recovery loop's periodic scans of pending work.
+    /// Calls made, without the recovery loop's periodic scans of pending
+    /// work and the retention lease grants.
     fn take_calls(&self) -> Vec<(u32, Callout)> {
         self.take_all_calls()
             .into_iter()
             .filter(|(_, c)| !String::from_utf8_lossy(&c.body).contains("range_end"))
             .collect()
     }
+    /// Calls made, without the retention lease grants (`tests/recovery.rs`
+    /// has those).
     fn take_all_calls(&self) -> Vec<(u32, Callout)> {
+        self.take_every_call()
+            .into_iter()
+            .filter(|(_, c)| c.path != "/v3/lease/grant")
+            .collect()
+    }
+    fn take_every_call(&self) -> Vec<(u32, Callout)> {
         std::mem::take(&mut *self.calls.borrow_mut())
     }
     fn header(&self, n: &str) -> Option<String> {
@@ -46,6 +55,33 @@ impl Host {
             .request_header(n)
             .map(|v| String::from_utf8(v).unwrap())
     }
+}
+
+/// An unpend request (`etcd::unpend_body`): the pending-work keys it
+/// deletes and the decision keys it puts under a lease (with the lease).
+fn unpended(c: &Callout) -> (Vec<String>, Vec<(String, String)>) {
+    assert_eq!(c.path, "/v3/kv/txn");
+    let body: serde_json::Value = serde_json::from_slice(&c.body).unwrap();
+    let key = |v: &serde_json::Value| {
+        String::from_utf8(crate::b64::decode(v["key"].as_str().unwrap()).unwrap()).unwrap()
+    };
+    let (mut deleted, mut leased) = (Vec::new(), Vec::new());
+    for op in body["success"].as_array().unwrap() {
+        if let Some(d) = op.get("request_delete_range") {
+            deleted.push(key(d));
+        } else {
+            let p = &op["request_put"];
+            assert_eq!(p["ignore_value"], true, "the record's value is kept");
+            leased.push((key(p), p["lease"].as_str().unwrap().to_string()));
+        }
+    }
+    let failure = body["failure"].as_array().unwrap();
+    assert_eq!(
+        failure.len(),
+        deleted.len(),
+        "a missing record: keys still go"
+    );
+    (deleted, leased)
 }
 
 fn ok(body: &str) -> CalloutResponse {

@@ -1,4 +1,5 @@
-//! Phase 2: acknowledgements recorded, pending-work keys deleted together.
+//! Phase 2: acknowledgements recorded, pending-work keys deleted together
+//! (and finished commits' records put under the retention lease).
 
 use super::*;
 
@@ -46,7 +47,11 @@ fn acknowledgements_are_recorded_once_phase_two_has_to_retry() {
         .collect();
     assert_eq!(states, [("payment", "acked"), ("order", "acked")]);
     inb.on_tick(&h);
-    assert_eq!(paths(&h.take_calls()), ["etcd /v3/kv/deleterange"]);
+    let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+    let (deleted, leased) = unpended(&calls[0].1);
+    assert_eq!(deleted, [format!("txmesh/pending/order/{txn}")]);
+    assert_eq!(leased.len(), 1);
 }
 
 #[test]
@@ -57,14 +62,18 @@ fn finished_transactions_pending_keys_are_deleted_together() {
     let first = commit_and_ack(&h, &mut inb, &mut out);
     inb.on_tick(&h);
     let calls = h.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"], "the first at once");
+    let (deleted, leased) = unpended(&calls[0].1);
+    assert_eq!(deleted, [format!("txmesh/pending/order/{first}")]);
+    // Its record now expires with the retention lease of this time bucket.
+    let lease = TxnConfig::parse(CFG.as_bytes())
+        .unwrap()
+        .retention()
+        .lease_at(h.now_ms());
     assert_eq!(
-        paths(&calls),
-        ["etcd /v3/kv/deleterange"],
-        "the first at once"
+        leased,
+        [(format!("txmesh/decisions/{first}"), lease.to_string())]
     );
-    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
-    let key = crate::b64::decode(body["key"].as_str().unwrap()).unwrap();
-    assert_eq!(key, format!("txmesh/pending/order/{first}").into_bytes());
     // Two more finish within UNPEND_INTERVAL_MS: nothing until it has passed,
     // then one write deletes both.
     let b = commit_and_ack(&h, &mut inb, &mut out);
@@ -78,21 +87,20 @@ fn finished_transactions_pending_keys_are_deleted_together() {
     inb.on_tick(&h);
     let calls = h.take_calls();
     assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
-    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
-    let keys: Vec<String> = body["success"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|op| {
-            let k = op["request_delete_range"]["key"].as_str().unwrap();
-            String::from_utf8(crate::b64::decode(k).unwrap()).unwrap()
-        })
-        .collect();
+    let (deleted, leased) = unpended(&calls[0].1);
     assert_eq!(
-        keys,
+        deleted,
         [
             format!("txmesh/pending/order/{b}"),
             format!("txmesh/pending/order/{c}")
+        ]
+    );
+    let records: Vec<&str> = leased.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        records,
+        [
+            format!("txmesh/decisions/{b}"),
+            format!("txmesh/decisions/{c}")
         ]
     );
     assert!(!inb.busy());

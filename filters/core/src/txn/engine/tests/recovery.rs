@@ -123,9 +123,11 @@ fn commit_records_carry_a_pending_key_and_recovery_redrives_it() {
     answer(&h2, &mut fresh, &calls, "local_app", ok(""));
     fresh.on_tick(&h2);
     let calls = h2.take_calls();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+    let (deleted, _) = unpended(&calls[0].1);
     assert_eq!(
-        paths(&calls),
-        ["etcd /v3/kv/deleterange"],
+        deleted,
+        [format!("txmesh/pending/order/{txn}")],
         "pending key removed when done"
     );
     assert!(!fresh.busy());
@@ -211,4 +213,65 @@ fn recovery_pages_through_every_pending_key() {
         crate::b64::decode(again["key"].as_str().unwrap()).unwrap(),
         b"txmesh/pending/order/"
     );
+}
+
+/// The elected engine grants the retention lease of the current time
+/// bucket, then the next one's half-way through the current bucket (it
+/// looks every tick); a grant someone else made first counts; a failed one
+/// is asked again a second later.
+#[test]
+fn the_leader_grants_retention_leases_ahead_of_time() {
+    let h = Host::new();
+    let mut e = engine(&h, r#"{"node":"order","decision_retention_ms":80000}"#);
+    let r = TxnConfig::parse(br#"{"decision_retention_ms":80000}"#)
+        .unwrap()
+        .retention();
+    assert_eq!(r.bucket_ms, 10_000);
+    // Start at the beginning of a bucket.
+    h.advance(r.bucket_ms - h.now_ms() % r.bucket_ms);
+    let grants = |h: &Host| -> Vec<(u32, Callout)> {
+        h.take_every_call()
+            .into_iter()
+            .filter(|(_, c)| c.path == "/v3/lease/grant")
+            .collect()
+    };
+    let body = |c: &Callout| -> (String, String) {
+        let v: serde_json::Value = serde_json::from_slice(&c.body).unwrap();
+        (
+            v["ID"].as_str().unwrap().into(),
+            v["TTL"].as_str().unwrap().into(),
+        )
+    };
+    e.on_tick(&h);
+    let g = grants(&h);
+    assert_eq!(g.len(), 1);
+    let now_bucket = r.bucket(h.now_ms());
+    assert_eq!(
+        body(&g[0].1),
+        (r.lease_id(now_bucket).to_string(), "100".to_string())
+    );
+    // Another sidecar granted it first: as good.
+    let exists = CalloutResponse {
+        status: Some(400),
+        body: br#"{"error":"etcdserver: lease already exists","code":9}"#.to_vec(),
+    };
+    e.on_callout(&h, g[0].0, exists);
+    assert!(grants(&h).is_empty(), "the next bucket is not due yet");
+    h.advance(r.bucket_ms / 2);
+    e.on_tick(&h);
+    let g = grants(&h);
+    assert_eq!(body(&g[0].1).0, r.lease_id(now_bucket + 1).to_string());
+    // Refused (etcd down): asked again a second later, not at every tick.
+    e.on_callout(&h, g[0].0, status(503));
+    h.advance(TICK_MS);
+    e.on_tick(&h);
+    assert!(grants(&h).is_empty());
+    h.advance(1_000);
+    e.on_tick(&h);
+    let g = grants(&h);
+    assert_eq!(body(&g[0].1).0, r.lease_id(now_bucket + 1).to_string());
+    e.on_callout(&h, g[0].0, ok(r#"{"header":{},"ID":"1","TTL":"100"}"#));
+    h.advance(1_000);
+    e.on_tick(&h);
+    assert!(grants(&h).is_empty(), "both buckets granted");
 }

@@ -402,6 +402,76 @@ fn an_ambiguous_etcd_failure_is_resolved_not_guessed() {
     );
 }
 
+/// etcd's NOSPACE alarm refuses the commit record: nothing was applied, so
+/// the transaction aborts at once (no "outcome unknown"), the client gets a
+/// 503 naming the cause, the participants their aborts, and the abort
+/// record is owed until etcd takes writes again.
+#[test]
+fn etcd_out_of_space_aborts_with_a_503_naming_the_cause() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    let mut out = engine(&h, CFG);
+    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(&h, 1, &stream);
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "payment", vote("commit"));
+    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let no_space = CalloutResponse {
+        status: Some(429),
+        body: br#"{"error":"etcdserver: mvcc: database space exceeded","message":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec(),
+    };
+    let calls = h.take_calls();
+    answer(&h, &mut inb, &calls, "etcd", no_space.clone());
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        ["etcd /v3/kv/txn"],
+        "an abort record is tried"
+    );
+    answer(&h, &mut inb, &calls, "etcd", no_space.clone());
+    let (_, st, headers, body) = h.replies.borrow()[0].clone();
+    assert_eq!(st, 503);
+    assert!(
+        body.contains("etcd is out of space (NOSPACE alarm"),
+        "{body}"
+    );
+    assert!(body.contains(r#""outcome":"aborted""#), "{body}");
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "x-txmesh-outcome" && v == "aborted"));
+    assert_eq!(
+        h.base
+            .counter("outcome=.=aborted;.;reason=.=etcd_nospace;.;txmesh_txn_total"),
+        Some(1)
+    );
+    let calls = h.take_calls();
+    assert_eq!(
+        paths(&calls),
+        [
+            "etcd /v3/kv/txn",
+            "local_app /txmesh/abort",
+            "payment /txmesh/abort"
+        ]
+    );
+    // The owed abort record, refused again, is retried; once etcd takes it,
+    // it goes under the retention lease.
+    answer(&h, &mut inb, &calls, "etcd", no_space);
+    h.advance(200);
+    inb.on_tick(&h);
+    let calls: Vec<_> = h
+        .take_calls()
+        .into_iter()
+        .filter(|(_, c)| c.cluster == "etcd")
+        .collect();
+    assert_eq!(paths(&calls), ["etcd /v3/kv/txn"]);
+    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
+    let put = &body["success"][0]["request_put"];
+    let key = crate::b64::decode(put["key"].as_str().unwrap()).unwrap();
+    assert_eq!(key, format!("txmesh/decisions/{txn}").into_bytes());
+    assert!(put["lease"].as_str().is_some(), "{body}");
+}
+
 #[test]
 fn an_existing_abort_decision_wins_over_our_commit() {
     let h = Host::new();
