@@ -1,13 +1,17 @@
-//! The history checker: randomized transactions through three sidecars and
-//! three participant processes over a three-member etcd cluster, while a
-//! seeded fault schedule kills (SIGKILL) and restarts sidecars, participant
-//! processes and etcd members, participants vote no or stall, and clients
-//! drop connections. After the faults heal it waits for recovery and checks
-//! the participants' durable logs against etcd.
+//! The history checker: randomized transactions through a depth-3 call
+//! graph — order → payment (two replicas, each its own sidecar, behind plain
+//! round robin) → inventory — of participant processes over a three-member
+//! etcd cluster, while a seeded fault schedule kills (SIGKILL) and restarts
+//! sidecars, participant processes and etcd members, stops them (SIGSTOP)
+//! for longer than the deadline and than the phase-2 give-up time, and takes
+//! etcd's quorum away; participants vote no or stall, and clients drop
+//! connections. After the faults heal it waits for recovery and checks the
+//! participants' durable logs against etcd.
 //!
-//! Usage: chaos [--txns N] [--seed S] [--clients C] [--pace-ms MS] [--no-faults]
+//! Usage: chaos [--txns N] [--seed S] [--clients C] [--pace-ms MS]
+//!              [--faults all|kill|stop] [--no-faults]
 //! (`--pace-ms`: mean pause of each client between transactions, so that
-//! faults land among them.)
+//! faults land among them; `--faults`: which kinds, default all.)
 //! Exit status: 0 when every check holds, 1 on any violation, 2 on bad usage.
 
 use serde_json::{json, Value};
@@ -20,6 +24,66 @@ use txmesh_tests::envoy::Envoy;
 use txmesh_tests::ports::free_port;
 use txmesh_tests::process::ChildGuard;
 use txmesh_tests::{Client, EtcdCluster, Filter, Sidecar};
+
+/// The txn filter's `phase2_give_up_ms` in this run: SIGSTOP faults last
+/// longer than it (and than the 1.5 s deadline).
+const GIVE_UP_MS: u64 = 2_000;
+
+/// The kinds of fault the schedule draws from.
+#[derive(Clone, Copy)]
+enum Fault {
+    KillSidecar,
+    KillApp,
+    KillEtcd,
+    EtcdQuorum,
+    StopSidecar,
+    StopApp,
+    StopEtcd,
+}
+
+/// Which faults a run injects (`--faults`).
+#[derive(Clone, Copy)]
+enum Kinds {
+    All,
+    Kill,
+    Stop,
+}
+
+impl Kinds {
+    fn name(self) -> &'static str {
+        match self {
+            Kinds::All => "all",
+            Kinds::Kill => "kill",
+            Kinds::Stop => "stop",
+        }
+    }
+
+    fn pick(self, r: &mut Rng) -> Fault {
+        const KILLS: [Fault; 4] = [
+            Fault::KillSidecar,
+            Fault::KillApp,
+            Fault::KillEtcd,
+            Fault::EtcdQuorum,
+        ];
+        const STOPS: [Fault; 3] = [Fault::StopSidecar, Fault::StopApp, Fault::StopEtcd];
+        let menu: Vec<Fault> = match self {
+            Kinds::All => KILLS.iter().chain(&STOPS).copied().collect(),
+            Kinds::Kill => KILLS.to_vec(),
+            Kinds::Stop => STOPS.to_vec(),
+        };
+        menu[r.below(menu.len() as u64) as usize]
+    }
+}
+
+/// Stops a process (SIGSTOP) for `how_long`, then lets it go on (SIGCONT):
+/// it keeps its sockets and state but answers nothing meanwhile.
+fn pause(pid: u32, how_long: Duration) {
+    let pid = pid as libc::pid_t;
+    // SAFETY: plain signals to a child of ours (killed on drop either way).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(how_long);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+}
 
 /// splitmix64: small, seeded, good enough for schedules.
 struct Rng(u64);
@@ -156,6 +220,7 @@ fn main() {
     let mut clients = 4usize;
     let mut faults_on = true;
     let mut pace_ms = 500u64;
+    let mut kinds = Kinds::All;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -164,8 +229,19 @@ fn main() {
             "--clients" => clients = args.next().and_then(|v| v.parse().ok()).unwrap_or(clients),
             "--no-faults" => faults_on = false,
             "--pace-ms" => pace_ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(pace_ms),
+            "--faults" => {
+                kinds = match args.next().as_deref() {
+                    Some("all") => Kinds::All,
+                    Some("kill") => Kinds::Kill,
+                    Some("stop") => Kinds::Stop,
+                    other => {
+                        eprintln!("--faults takes all, kill or stop, not {other:?}");
+                        std::process::exit(2);
+                    }
+                }
+            }
             other => {
-                eprintln!("unknown argument {other}\nusage: chaos [--txns N] [--seed S] [--clients C] [--pace-ms MS] [--no-faults]");
+                eprintln!("unknown argument {other}\nusage: chaos [--txns N] [--seed S] [--clients C] [--pace-ms MS] [--faults all|kill|stop] [--no-faults]");
                 std::process::exit(2);
             }
         }
@@ -174,81 +250,78 @@ fn main() {
         "[chaos] {txns} transactions, {clients} clients, seed {seed}, faults {}",
         if faults_on { "on" } else { "off" }
     );
-    println!("[chaos] replay: chaos --txns {txns} --seed {seed} --clients {clients} --pace-ms {pace_ms}{}", if faults_on { "" } else { " --no-faults" });
+    println!("[chaos] replay: chaos --txns {txns} --seed {seed} --clients {clients} --pace-ms {pace_ms} --faults {}{}", kinds.name(), if faults_on { "" } else { " --no-faults" });
 
     let mut etcd = EtcdCluster::start(3);
     println!("[chaos] etcd: 3 members up");
     let dir = txmesh_tests::scratch_dir("chaos");
+    // The apps' ports: payment has one per replica (its two pods share the
+    // process, as replicas share a database).
     let ports: BTreeMap<&str, u16> = [
         ("order", free_port()),
-        ("payment", free_port()),
+        ("payment-1", free_port()),
+        ("payment-2", free_port()),
         ("inventory", free_port()),
     ]
     .into();
     let cfg = |node: &str| {
         json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": node,
                "default_timeout_ms": 1500, "in_doubt_grace_ms": 1000,
-               "recovery_interval_ms": 500, "recovery_after_ms": 2000, "control_timeout_ms": 1000})
+               "recovery_interval_ms": 500, "recovery_after_ms": 2000, "control_timeout_ms": 1000,
+               "phase2_give_up_ms": GIVE_UP_MS})
     };
-    let side = |name: &str| {
-        Sidecar::new(name)
-            .app_addr(std::net::SocketAddr::from(([127, 0, 0, 1], ports[name])))
+    let side = |node: &str| {
+        Sidecar::new(node)
+            .app_addr(std::net::SocketAddr::from(([127, 0, 0, 1], ports[node])))
             .etcd_members(&etcd.addrs())
-            .filter(Filter::txn(cfg(name)))
+            .filter(Filter::txn(cfg(node)))
     };
-    let pay_sc = side("payment").start();
     let inv_sc = side("inventory").start();
-    let order_sc = side("order")
-        .route("payment", &[pay_sc.inbound_addr()])
-        .route("inventory", &[inv_sc.inbound_addr()])
-        .start();
+    let pay_scs: Vec<Envoy> = ["payment-1", "payment-2"]
+        .iter()
+        .map(|n| side(n).route("inventory", &[inv_sc.inbound_addr()]).start())
+        .collect();
+    let pay_addrs: Vec<_> = pay_scs.iter().map(Envoy::inbound_addr).collect();
+    let order_sc = side("order").route("payment", &pay_addrs).start();
     let log = |n: &str| dir.join(format!("{n}.log")).display().to_string();
+    let listen = |node: &str, sc: &Envoy, outbound: bool| {
+        let mut v = format!("{}:{}", ports[node], sc.ports.inbound);
+        if outbound {
+            v.push_str(&format!(":{}", sc.ports.outbound));
+        }
+        ["--listen".to_string(), v]
+    };
+    let mut payment_args = vec!["payment".to_string(), log("payment")];
+    for (node, sc) in ["payment-1", "payment-2"].iter().zip(&pay_scs) {
+        payment_args.extend(listen(node, sc, true));
+    }
+    payment_args.extend(["--calls".to_string(), "inventory".to_string()]);
+    let mut order_args = vec!["order".to_string(), log("order")];
+    order_args.extend(listen("order", &order_sc, true));
+    order_args.extend(["--calls".to_string(), "payment".to_string()]);
+    let mut inventory_args = vec!["inventory".to_string(), log("inventory")];
+    inventory_args.extend(listen("inventory", &inv_sc, false));
     let mut procs: Vec<Proc> = vec![
-        Proc::spawn(
-            "payment",
-            vec![
-                "payment".into(),
-                ports["payment"].to_string(),
-                log("payment"),
-                pay_sc.ports.inbound.to_string(),
-            ],
-            &dir,
-        ),
-        Proc::spawn(
-            "inventory",
-            vec![
-                "inventory".into(),
-                ports["inventory"].to_string(),
-                log("inventory"),
-                inv_sc.ports.inbound.to_string(),
-            ],
-            &dir,
-        ),
-        Proc::spawn(
-            "order",
-            vec![
-                "order".into(),
-                ports["order"].to_string(),
-                log("order"),
-                order_sc.ports.inbound.to_string(),
-                order_sc.ports.outbound.to_string(),
-                "payment".into(),
-                "inventory".into(),
-            ],
-            &dir,
-        ),
+        Proc::spawn("order", order_args, &dir),
+        Proc::spawn("payment", payment_args, &dir),
+        Proc::spawn("inventory", inventory_args, &dir),
     ];
     for p in ports.values() {
         wait_port(*p);
     }
     println!(
-        "[chaos] 3 sidecars (--concurrency 2) and 3 participant processes up; logs in {}",
+        "[chaos] order -> payment (2 replicas) -> inventory: 4 sidecars (--concurrency 2), 3 participant processes; logs in {}",
         dir.display()
     );
 
+    let mut pay_scs = pay_scs.into_iter();
+    let (Some(pay1), Some(pay2)) = (pay_scs.next(), pay_scs.next()) else {
+        unreachable!("two payment sidecars")
+    };
     let mut sidecars: Vec<(&str, Envoy)> = vec![
         ("order", order_sc),
-        ("payment", pay_sc),
+        ("payment-1", pay1),
+        ("payment-2", pay2),
         ("inventory", inv_sc),
     ];
     let checkout_url = sidecars[0].1.inbound_url("/checkout");
@@ -312,36 +385,65 @@ fn main() {
                 if next.load(Ordering::SeqCst) >= txns {
                     break;
                 }
-                let kind = r.below(7);
+                let kind = kinds.pick(&mut r);
                 let down = Duration::from_millis(200 + r.below(1500));
-                let what = match kind {
-                    0..=2 => {
-                        let (name, sc) = &mut sidecars[kind as usize];
+                // Longer than the deadline (1.5 s) and than the give-up time.
+                let stopped = Duration::from_millis(GIVE_UP_MS + 500 + r.below(2500));
+                let (what, lasted) = match kind {
+                    Fault::KillSidecar => {
+                        let (name, sc) = &mut sidecars[r.below(4) as usize];
                         sc.crash();
                         std::thread::sleep(down);
                         sc.restart();
-                        format!("sidecar {name} killed")
+                        (format!("sidecar {name} killed"), down)
                     }
-                    3..=5 => {
-                        let p = &mut procs[(kind - 3) as usize];
+                    Fault::KillApp => {
+                        let p = &mut procs[r.below(3) as usize];
                         p.guard.kill();
                         std::thread::sleep(down);
                         p.restart();
-                        format!("participant {} killed", p.name)
+                        (format!("participant {} killed", p.name), down)
                     }
-                    _ => {
+                    Fault::KillEtcd => {
                         let m = r.below(3) as usize;
                         etcd.kill(m);
                         std::thread::sleep(down);
                         etcd.restart(m);
-                        "etcd member killed".to_string()
+                        ("etcd member killed".to_string(), down)
+                    }
+                    Fault::EtcdQuorum => {
+                        let keep = r.below(3) as usize;
+                        let gone: Vec<usize> = (0..3).filter(|m| *m != keep).collect();
+                        for m in &gone {
+                            etcd.kill(*m);
+                        }
+                        std::thread::sleep(down);
+                        for m in &gone {
+                            etcd.restart(*m);
+                        }
+                        ("etcd quorum lost (2 of 3 members killed)".to_string(), down)
+                    }
+                    Fault::StopSidecar => {
+                        let (name, sc) = &sidecars[r.below(4) as usize];
+                        pause(sc.guard.pid(), stopped);
+                        (format!("sidecar {name} stopped (SIGSTOP)"), stopped)
+                    }
+                    Fault::StopApp => {
+                        let p = &procs[r.below(3) as usize];
+                        pause(p.guard.pid(), stopped);
+                        (format!("participant {} stopped (SIGSTOP)", p.name), stopped)
+                    }
+                    Fault::StopEtcd => {
+                        let m = &etcd.members[r.below(3) as usize];
+                        pause(m.guard.pid(), stopped);
+                        ("etcd member stopped (SIGSTOP)".to_string(), stopped)
                     }
                 };
                 *fault_log.lock().unwrap().entry(what.clone()).or_insert(0) += 1;
                 println!(
                     "[chaos] {:>6.1}s fault: {what} for {} ms (txn {} of {txns})",
                     started.elapsed().as_secs_f64(),
-                    down.as_millis(),
+                    lasted.as_millis(),
                     next.load(Ordering::SeqCst).min(txns)
                 );
             }

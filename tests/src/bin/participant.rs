@@ -4,8 +4,13 @@
 //! kernel has accepted), and recovering on start by asking its sidecar for the
 //! outcome of every transaction it holds prepared.
 //!
-//! Usage: participant <name> <port> <log file> <sidecar inbound port>
-//!        [<sidecar outbound port> <downstream host>...]
+//! Usage: participant <name> <log file> --listen <port>:<sidecar inbound>[:<sidecar outbound>]...
+//!        [--calls <downstream host>]...
+//!
+//! Each `--listen` is one replica's pod: the port the app listens on behind
+//! that replica's sidecar, and the sidecar's listeners (business calls that
+//! arrive there go downstream through the same replica's outbound sidecar).
+//! The replicas share this process's state, as replicas share a database.
 //!
 //! Per-transaction behaviour comes from the business request's
 //! `x-chaos-vote-<name>` header (`no` or `stall`; default: commit), which an
@@ -96,18 +101,51 @@ impl Participant {
     }
 }
 
+/// One replica's ports: the app's, and its sidecar's listeners.
+#[derive(Clone, Copy)]
+struct Pod {
+    port: u16,
+    inbound: u16,
+    outbound: Option<u16>,
+}
+
+fn usage() -> ! {
+    eprintln!("usage: participant <name> <log file> --listen <port>:<sidecar inbound>[:<sidecar outbound>]... [--calls <host>]...");
+    std::process::exit(2);
+}
+
+fn parse_pod(s: &str) -> Option<Pod> {
+    let mut it = s.split(':').map(str::parse::<u16>);
+    let port = it.next()?.ok()?;
+    let inbound = it.next()?.ok()?;
+    let outbound = match it.next() {
+        Some(p) => Some(p.ok()?),
+        None => None,
+    };
+    Some(Pod {
+        port,
+        inbound,
+        outbound,
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() < 5 {
-        eprintln!("usage: participant <name> <port> <log file> <sidecar inbound port> [<sidecar outbound port> <downstream>...]");
-        std::process::exit(2);
+    let (Some(name), Some(log_path)) = (args.get(1).cloned(), args.get(2).cloned()) else {
+        usage()
+    };
+    let (mut pods, mut downstream) = (Vec::new(), Vec::new());
+    let mut rest = args.iter().skip(3);
+    while let Some(flag) = rest.next() {
+        match (flag.as_str(), rest.next()) {
+            ("--listen", Some(v)) => pods.push(parse_pod(v).unwrap_or_else(|| usage())),
+            ("--calls", Some(v)) => downstream.push(v.clone()),
+            _ => usage(),
+        }
     }
-    let name = args[1].clone();
-    let port: u16 = args[2].parse().expect("port");
-    let log_path = args[3].clone();
-    let inbound: u16 = args[4].parse().expect("sidecar inbound port");
-    let outbound: Option<u16> = args.get(5).and_then(|p| p.parse().ok());
-    let downstream: Vec<String> = args.iter().skip(6).cloned().collect();
+    if pods.is_empty() {
+        usage();
+    }
 
     let txns = Participant::load(&log_path);
     let file = std::fs::OpenOptions::new()
@@ -122,15 +160,21 @@ fn main() {
     });
     p.append(serde_json::json!({"op": "start", "txn": null}));
 
-    let handler_p = p.clone();
-    let client = Client::new();
-    let _server = Upstream::with_on(port, move |r: &Recorded| {
-        handle(&handler_p, r, outbound, &downstream, &client)
-    });
+    let _servers: Vec<Upstream> = pods
+        .iter()
+        .map(|pod| {
+            let (handler_p, downstream, outbound) = (p.clone(), downstream.clone(), pod.outbound);
+            let client = Client::new();
+            Upstream::with_on(pod.port, move |r: &Recorded| {
+                handle(&handler_p, r, outbound, &downstream, &client)
+            })
+        })
+        .collect();
 
-    // Recovery: ask the sidecar about every transaction held prepared.
+    // Recovery: ask a sidecar about every transaction held prepared (each
+    // replica's in turn: one may be stopped).
     let client = Client::new();
-    loop {
+    for round in 0usize.. {
         let undecided: Vec<(String, Option<String>)> = p
             .txns
             .lock()
@@ -139,6 +183,7 @@ fn main() {
             .filter(|(_, t)| t.vote.as_deref() == Some("commit") && t.outcome.is_none())
             .map(|(id, t)| (id.clone(), t.deadline.clone()))
             .collect();
+        let inbound = pods[round % pods.len()].inbound;
         for (txn, deadline) in undecided {
             let url = format!("http://127.0.0.1:{inbound}/txmesh/txns/{txn}");
             let mut headers = vec![];
