@@ -24,7 +24,12 @@ fn root_killed_after_the_decision_redrives_phase_two_after_restart() {
         shop.etcd.get(&pending).is_some(),
         "the root owns pending work"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Phase 2 has tried every app (and failed) before the root dies.
+    for app in shop.apps() {
+        wait_for(10, &format!("a commit attempt at {}", app.name), || {
+            (!app.server.requests_to("/txmesh/commit").is_empty()).then_some(())
+        });
+    }
     shop.order_sc.crash();
     for app in shop.apps() {
         app.set_down(false);

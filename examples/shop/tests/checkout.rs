@@ -37,14 +37,14 @@ fn checkouts_commit_and_abort_atomically() {
         ),
         (Some("aborted"), Some("insufficient_funds"), Some("payment"))
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_drained(&s);
     assert_eq!((s.balance("dave"), s.stock("widget")), (0, 998));
 
     // Only 3 gizmos: 4 is out of stock, alice keeps her money.
     let r = s.checkout(r#"{"customer": "alice", "sku": "gizmo", "qty": 4}"#);
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.json()["reason"], "out_of_stock");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_drained(&s);
     assert_eq!((s.balance("alice"), s.stock("gizmo")), (995_000, 3));
 }
 
@@ -73,9 +73,14 @@ fn bad_requests_are_400_and_leave_no_transaction_behind() {
         let err = r.json()["error"].as_str().unwrap_or_default().to_string();
         assert!(err.contains(msg), "{body}: {err}");
     }
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Every sidecar's table is empty again: whatever phase 2 there was is over.
+    wait_drained(&s);
     assert_eq!((s.balance("alice"), s.stock("widget")), (1_000_000, 1_000));
-    // Every sidecar's table is empty again.
+}
+
+/// Waits until every sidecar's transaction table is empty: phase 2 (an
+/// abort releasing a hold) is over, so balances and stock are final.
+fn wait_drained(s: &Stack) {
     for sc in [&s.order_sc, &s.payment_sc, &s.inventory_sc] {
         wait_for(10, "tables drained", || {
             let l = s
