@@ -84,6 +84,19 @@ fn unpended(c: &Callout) -> (Vec<String>, Vec<(String, String)>) {
     (deleted, leased)
 }
 
+/// A transaction of the root (order) with one enlisted participant
+/// (payment): the app answered 200 and both voted commit; the commit
+/// record's write is the next call.
+fn both_voted_commit(h: &Host, inb: &mut TxnEngine, out: &mut TxnEngine) -> TxnId {
+    let (txn, stream) = begin_with(h, inb, out, &["payment"]);
+    h.status("200");
+    inb.on_response_headers(h, 1, &stream);
+    let calls = h.take_calls();
+    answer(h, inb, &calls, "payment", vote("commit"));
+    answer(h, inb, &calls, "local_app", vote("commit"));
+    txn
+}
+
 fn ok(body: &str) -> CalloutResponse {
     CalloutResponse {
         status: Some(200),
@@ -205,12 +218,7 @@ fn prepared_leaf(h: &Host, e: &mut TxnEngine) -> TxnId {
 /// Runs a 2-participant transaction (payment + the root's own app) to the
 /// point where every commit is acknowledged.
 fn commit_and_ack(h: &Host, inb: &mut TxnEngine, out: &mut TxnEngine) -> TxnId {
-    let (txn, stream) = begin_with(h, inb, out, &["payment"]);
-    h.status("200");
-    inb.on_response_headers(h, 1, &stream);
-    let calls = h.take_calls();
-    answer(h, inb, &calls, "payment", vote("commit"));
-    answer(h, inb, &calls, "local_app", vote("commit"));
+    let txn = both_voted_commit(h, inb, out);
     let calls = h.take_calls();
     answer(h, inb, &calls, "etcd", ok(CREATED));
     inb.on_tick(h);

@@ -8,12 +8,7 @@ fn acknowledgements_are_recorded_once_phase_two_has_to_retry() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
-    h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
-    let calls = h.take_calls();
-    answer(&h, &mut inb, &calls, "payment", vote("commit"));
-    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let txn = both_voted_commit(&h, &mut inb, &mut out);
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "etcd", ok(CREATED));
     inb.on_tick(&h);

@@ -84,12 +84,7 @@ fn commit_records_carry_a_pending_key_and_recovery_redrives_it() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
-    h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
-    let calls = h.take_calls();
-    answer(&h, &mut inb, &calls, "payment", vote("commit"));
-    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let txn = both_voted_commit(&h, &mut inb, &mut out);
     let calls = h.take_calls();
     let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
     let pkey =

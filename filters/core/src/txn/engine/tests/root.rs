@@ -309,12 +309,7 @@ fn etcd_down_aborts_and_never_commits() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
-    h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
-    let calls = h.take_calls();
-    answer(&h, &mut inb, &calls, "payment", vote("commit"));
-    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let _txn = both_voted_commit(&h, &mut inb, &mut out);
     let refused = CalloutResponse {
         status: Some(503),
         body: b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused".to_vec(),
@@ -368,12 +363,7 @@ fn an_ambiguous_etcd_failure_is_resolved_not_guessed() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
-    h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
-    let calls = h.take_calls();
-    answer(&h, &mut inb, &calls, "payment", vote("commit"));
-    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let txn = both_voted_commit(&h, &mut inb, &mut out);
     let calls = h.take_calls();
     // The commit record write times out: it may have landed.
     answer(&h, &mut inb, &calls, "etcd", status(504));
@@ -411,12 +401,7 @@ fn etcd_out_of_space_aborts_with_a_503_naming_the_cause() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
-    h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
-    let calls = h.take_calls();
-    answer(&h, &mut inb, &calls, "payment", vote("commit"));
-    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let txn = both_voted_commit(&h, &mut inb, &mut out);
     let no_space = CalloutResponse {
         status: Some(429),
         body: br#"{"error":"etcdserver: mvcc: database space exceeded","message":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec(),
@@ -477,12 +462,7 @@ fn an_existing_abort_decision_wins_over_our_commit() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
-    h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
-    let calls = h.take_calls();
-    answer(&h, &mut inb, &calls, "payment", vote("commit"));
-    answer(&h, &mut inb, &calls, "local_app", vote("commit"));
+    let _txn = both_voted_commit(&h, &mut inb, &mut out);
     let calls = h.take_calls();
     let existing = format!(
         r#"{{"header":{{}},"responses":[{{"response_range":{{"kvs":[{{"value":"{}"}}]}}}}]}}"#,
