@@ -67,11 +67,15 @@ start() {  # name port command...
     say "ERROR: port $port (for $name) is taken by another process"
     exit 1
   fi
-  # setsid: its own session and process group (stopped as a group). A small
-  # sh stays its parent: Envoy asks the kernel for SIGTERM when its parent
-  # exits, so it must not be the child of this short-lived script.
-  setsid sh -c '"$@" & wait $!' sh "$@" >>"$RUN/$name.log" 2>&1 </dev/null &
-  echo $! >"$RUN/$name.pid"
+  # setsid: its own session and process group. A small sh stays its parent:
+  # Envoy asks the kernel for SIGTERM when its parent exits, so it must not
+  # be the child of this short-lived script. The pid file names the process
+  # that serves (what an operator kills to try a crash); the pgid file its
+  # group (the sh's pid), which `down` stops whatever died first.
+  rm -f "$RUN/$name.pid" "$RUN/$name.pgid"
+  setsid sh -c 'echo $$ >"$0.pgid"; "$@" & echo $! >"$0.pid"; wait $!' "$RUN/$name" "$@" \
+    >>"$RUN/$name.log" 2>&1 </dev/null &
+  for _ in $(seq 1 50); do [ -s "$RUN/$name.pid" ] && break; sleep 0.02; done
   wait_port "$name" "$port"
   say "$name up on 127.0.0.1:$port (pid $(cat "$RUN/$name.pid"), log $RUN/$name.log)"
 }
@@ -176,20 +180,45 @@ up() {
 EOF
 }
 
+# Whether any process of group $1 is alive.
+group_alive() { [ -n "$1" ] && kill -0 -- "-$1" 2>/dev/null; }
+
+# Stops service $1: its process group (the sh and the service, even if one
+# of them died first), then the service itself (it may have been orphaned
+# out of the group by hand), TERM then KILL.
+stop_one() {
+  local name=$1 pid pgid
+  pid=$(cat "$RUN/$name.pid" 2>/dev/null || true)
+  pgid=$(cat "$RUN/$name.pgid" 2>/dev/null || true)
+  local alive=0
+  if group_alive "$pgid" || { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }; then alive=1; fi
+  if [ "$alive" = 1 ]; then
+    [ -n "$pgid" ] && kill -TERM -- "-$pgid" 2>/dev/null || true
+    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      group_alive "$pgid" || { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; } || break
+      sleep 0.1
+    done
+    [ -n "$pgid" ] && kill -KILL -- "-$pgid" 2>/dev/null || true
+    [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true
+    say "$name stopped (pid ${pid:-?})"
+  fi
+  rm -f "$RUN/$name.pid" "$RUN/$name.pgid"
+}
+
 down() {
-  local any=0
+  local any=0 names=""
   # etcd last: the services revoke their registry leases on the way out.
-  for f in $(ls "$RUN"/*.pid 2>/dev/null | grep -v '/etcd.pid$'; ls "$RUN"/etcd.pid 2>/dev/null); do
+  for f in "$RUN"/*.pid "$RUN"/*.pgid; do
     [ -f "$f" ] || continue
+    local n; n=$(basename "$f"); n=${n%.pid}; n=${n%.pgid}
+    [ "$n" = etcd ] && continue
+    case " $names " in *" $n "*) ;; *) names+=" $n" ;; esac
+  done
+  if [ -f "$RUN/etcd.pid" ] || [ -f "$RUN/etcd.pgid" ]; then names+=" etcd"; fi
+  for name in $names; do
     any=1
-    local name pid; name=$(basename "$f" .pid); pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-      say "$name stopped (pid $pid)"
-    fi
-    rm -f "$f"
+    stop_one "$name"
   done
   [ "$any" = 1 ] || say "nothing running"
 }
@@ -198,7 +227,8 @@ status() {
   local names="etcd order payment inventory order-sidecar payment-sidecar inventory-sidecar ingress"
   for f in "$RUN"/*.pid; do
     [ -f "$f" ] || continue
-    case " $names " in *" $(basename "$f" .pid) "*) ;; *) names+=" $(basename "$f" .pid)" ;; esac
+    local n; n=$(basename "$f" .pid)
+    case " $names " in *" $n "*) ;; *) names+=" $n" ;; esac
   done
   for name in $names; do
     if running "$name"; then say "$name: running (pid $(cat "$RUN/$name.pid"))"; else say "$name: stopped"; fi
