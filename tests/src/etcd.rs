@@ -5,8 +5,6 @@
 use crate::http::Client;
 use crate::ports::free_port;
 use crate::process::ChildGuard;
-use base64::Engine as _;
-use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -30,21 +28,12 @@ impl Drop for Etcd {
     }
 }
 
-/// Base64 (standard, padded), as etcd's JSON gateway wants keys and values.
-pub fn b64(s: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
+/// A client call's result, or the test fails with etcd's error.
+fn must<T>(r: txmesh_etcd::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The etcd binary: `$ETCD_BIN`, else `etcd` on PATH.
-/// The end of the key range of every key under `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    if let Some(last) = end.last_mut() {
-        *last += 1;
-    }
-    end
-}
-
 pub fn etcd_bin() -> String {
     std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
 }
@@ -218,159 +207,80 @@ impl Etcd {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port))
     }
 
+    /// The client (txmesh-etcd, the project's one etcd client): calls that
+    /// return etcd's refusal instead of failing the test.
+    pub fn client(&self) -> txmesh_etcd::Etcd {
+        txmesh_etcd::Etcd::new(&self.url())
+    }
+
     /// Puts `key`, retrying for up to 20 s while the cluster elects a leader.
     pub fn put_retrying(&self, key: &str, value: &str) {
-        let body = json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes())}).to_string();
+        let c = self.client();
         crate::wait_for(20, "an etcd put to succeed", || {
-            let r = self
-                .client
-                .request(
-                    "POST",
-                    &format!("{}/v3/kv/put", self.url()),
-                    &[("content-type", "application/json")],
-                    body.as_bytes(),
-                )
-                .ok()?;
-            (r.status == 200).then_some(())
+            c.put(key, value.as_bytes()).ok()
         });
     }
 
-    fn post(&self, path: &str, body: Value) -> Value {
-        let r = self.client.must(
-            "POST",
-            &format!("{}{path}", self.url()),
-            &[("content-type", "application/json")],
-            body.to_string().as_bytes(),
-        );
-        assert_eq!(r.status, 200, "etcd {path}: {}", r.text());
-        r.json()
-    }
-
     pub fn put(&self, key: &str, value: &str) {
-        self.post(
-            "/v3/kv/put",
-            json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes())}),
-        );
+        must(self.client().put(key, value.as_bytes()));
     }
 
     /// Grants a lease of `ttl_s` seconds; returns its id.
     pub fn lease_grant(&self, ttl_s: u64) -> i64 {
-        let v = self.post("/v3/lease/grant", json!({"TTL": ttl_s}));
-        v["ID"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("lease grant answered {v}"))
+        must(self.client().lease_grant(ttl_s))
     }
 
     /// Renews a lease once.
     pub fn lease_keepalive(&self, id: i64) {
-        self.post("/v3/lease/keepalive", json!({"ID": id.to_string()}));
+        must(self.client().lease_keepalive(id));
     }
 
     /// Revokes a lease (its keys go at once).
     pub fn lease_revoke(&self, id: i64) {
-        self.post("/v3/lease/revoke", json!({"ID": id.to_string()}));
+        must(self.client().lease_revoke(id));
     }
 
     /// Puts `key` attached to lease `lease`.
     pub fn put_leased(&self, key: &str, value: &str, lease: i64) {
-        self.post(
-            "/v3/kv/put",
-            json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes()), "lease": lease.to_string()}),
-        );
+        must(self.client().put_leased(key, value.as_bytes(), lease));
     }
 
     /// Deletes `key`.
     pub fn delete(&self, key: &str) {
-        self.post("/v3/kv/deleterange", json!({"key": b64(key.as_bytes())}));
+        must(self.client().delete(key));
     }
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<String> {
-        let v = self.post("/v3/kv/range", json!({"key": b64(key.as_bytes())}));
-        let kv = v.get("kvs")?.get(0)?;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(kv.get("value")?.as_str()?)
-            .ok()?;
-        Some(String::from_utf8_lossy(&raw).into_owned())
+        must(self.client().get(key)).map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
     /// Keys and values under `prefix`.
     pub fn list(&self, prefix: &str) -> Vec<(String, String)> {
-        let v = self.post(
-            "/v3/kv/range",
-            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix))}),
-        );
-        let dec = |s: &Value| {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(s.as_str().unwrap_or(""))
-                .unwrap_or_default();
-            String::from_utf8_lossy(&raw).into_owned()
-        };
-        v.get("kvs")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|kv| (dec(&kv["key"]), dec(&kv["value"])))
-                    .collect()
-            })
-            .unwrap_or_default()
+        must(self.client().list(prefix))
+            .into_iter()
+            .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+            .collect()
     }
 
-    /// How many keys are under `prefix` (a count-only range).
+    /// How many keys are under `prefix`.
     pub fn count(&self, prefix: &str) -> u64 {
-        let v = self.post(
-            "/v3/kv/range",
-            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)), "count_only": true}),
-        );
-        v.get("count")
-            .and_then(Value::as_str)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0)
+        must(self.client().count(prefix))
     }
 
     /// The current revision.
     pub fn revision(&self) -> u64 {
-        let v = self.post(
-            "/v3/kv/range",
-            json!({"key": b64(b"\0"), "count_only": true}),
-        );
-        v["header"]["revision"]
-            .as_str()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or_else(|| panic!("no revision in {v}"))
+        must(self.client().revision()).unsigned_abs()
     }
 
-    /// The space etcd has to reclaim, as docs/operations.md does it:
-    /// compact to the current revision, defragment, disarm the alarms.
+    /// Frees space as docs/operations.md says: compact, defragment, disarm.
     pub fn free_space(&self) {
-        let rev = self.revision();
-        self.post(
-            "/v3/kv/compaction",
-            json!({"revision": rev.to_string(), "physical": true}),
-        );
-        self.post("/v3/maintenance/defragment", json!({}));
-        // Like `etcdctl alarm disarm`: each raised alarm, by its member.
-        let raised = self.post("/v3/maintenance/alarm", json!({"action": "GET"}));
-        for a in raised["alarms"].as_array().cloned().unwrap_or_default() {
-            self.post(
-                "/v3/maintenance/alarm",
-                json!({"action": "DEACTIVATE", "memberID": a["memberID"], "alarm": a["alarm"]}),
-            );
-        }
+        must(self.client().free_space());
     }
 
     /// The alarms raised (`NOSPACE`, ...).
     pub fn alarms(&self) -> Vec<String> {
-        let v = self.post("/v3/maintenance/alarm", json!({"action": "GET"}));
-        v.get("alarms")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x["alarm"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+        must(self.client().alarms())
     }
 
     /// A gauge or counter from etcd's own `/metrics`.
@@ -378,29 +288,7 @@ impl Etcd {
         let r = self
             .client
             .must("GET", &format!("{}/metrics", self.url()), &[], b"");
-        r.text()
-            .lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(' ')?;
-                (n == name).then(|| v.trim().parse().ok()).flatten()
-            })
-            .unwrap_or_else(|| panic!("etcd /metrics has no {name}"))
-    }
-
-    /// Puts `key` = `value`; etcd's refusal (e.g. NOSPACE) as an error.
-    pub fn try_put(&self, key: &str, value: &[u8]) -> Result<(), String> {
-        let body = json!({"key": b64(key.as_bytes()), "value": b64(value)}).to_string();
-        let r = self.client.must(
-            "POST",
-            &format!("{}/v3/kv/put", self.url()),
-            &[("content-type", "application/json")],
-            body.as_bytes(),
-        );
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(r.text())
-        }
+        crate::prom::Scrape::parse(&r.text()).sum(name, &[])
     }
 
     /// Stops etcd (to test behaviour while it is down).

@@ -22,8 +22,11 @@ fn read_id(home: &Path, name: &str, ext: &str) -> i32 {
 
 /// Whether process `pid` exists and is not a zombie.
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// Every live process whose process group is `pgid`.
@@ -35,7 +38,12 @@ fn group_members(pgid: i32) -> Vec<i32> {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
                 // Fields after the command: state ppid pgrp ...
-                let rest: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+                let rest: Vec<&str> = s
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
                 rest.first() != Some(&"Z") && rest.get(2) == Some(&pgid.to_string().as_str())
             })
         })
@@ -96,7 +104,11 @@ fn any_killed_process_comes_back_and_down_stops_everything() {
     assert!(ok, "{text}");
     assert!(!alive(orphaned), "the orphaned order service survived down");
     for g in groups {
-        assert_eq!(group_members(g), Vec::<i32>::new(), "group {g} survived down");
+        assert_eq!(
+            group_members(g),
+            Vec::<i32>::new(),
+            "group {g} survived down"
+        );
     }
 }
 

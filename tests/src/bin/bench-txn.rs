@@ -363,7 +363,7 @@ fn main() {
             "POST",
             &format!("{}/v3/kv/put", etcd.url()),
             &[("content-type", "application/json")],
-            br#"{"key":"YmVuY2g=","value":"eA=="}"#,
+            txmesh_core::txn::etcd::put_body("bench", "x").as_bytes(),
         );
     });
     // The decision record's own shape: a compare-and-swap on the record key
@@ -372,26 +372,20 @@ fn main() {
     let cas_at = |url: &str, host: &str| {
         timed(&|| {
             n.set(n.get() + 1);
-            let b = |s: &str| txmesh_tests::etcd::b64(s.as_bytes());
             let key = format!("txmesh/txns/bench-{}", n.get());
             let pending = format!("txmesh/pending/bench/{}", n.get());
             let record =
                 json!({"outcome": "committed", "participants": ["payment", "inventory", "order"],
                                 "coordinator": "order", "reason": "ok", "time_ms": 1})
                 .to_string();
-            let body = json!({
-                "compare": [{"key": b(&key), "target": "CREATE", "create_revision": "0"}],
-                "success": [
-                    {"request_put": {"key": b(&key), "value": b(&record)}},
-                    {"request_put": {"key": b(&pending), "value": b(&record)}},
-                ],
-                "failure": [{"request_range": {"key": b(&key)}}],
-            });
+            // The filter's own body (txmesh-core).
+            let body =
+                txmesh_core::txn::etcd::cas_create_with_body(&key, &record, (&pending, &record));
             c.must(
                 "POST",
                 url,
                 &[("content-type", "application/json"), ("host", host)],
-                body.to_string().as_bytes(),
+                body.as_bytes(),
             );
         })
     };

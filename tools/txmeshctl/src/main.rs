@@ -2,10 +2,12 @@
 //! decisions in etcd, what the sidecars hold), the service registry.
 //! docs/operations.md has the details; `txmeshctl --help` the examples.
 
-use base64::Engine;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use txmesh_core::txn::config::TxnConfig;
+use txmesh_core::txn::etcd::{CasResult, Decision, Outcome};
+use txmesh_core::txn::id::TxnId;
 
 const EXAMPLES: &str = "Examples:
   txmeshctl txns                          decided transactions of the last hour, newest first
@@ -137,28 +139,9 @@ fn parse_age(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
-fn valid_id(id: &str) -> Res<()> {
-    if id.len() == 32
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        && id.bytes().any(|b| b != b'0')
-    {
-        Ok(())
-    } else {
-        Err(Fail(format!(
-            "{id:?} is not a transaction id (32 lowercase hex characters, not all zero)"
-        )))
-    }
-}
-
-fn b64(s: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-fn unb64(v: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(v.as_str().unwrap_or(""))
-        .unwrap_or_default()
+/// A transaction id as the sidecars parse it (txmesh-core).
+fn valid_id(id: &str) -> Res<TxnId> {
+    TxnId::parse(id.as_bytes()).map_err(|e| Fail(format!("{id:?} is not a transaction id: {e}")))
 }
 
 fn now_ms() -> u64 {
@@ -181,84 +164,34 @@ fn ago(ms: u64) -> String {
     }
 }
 
-struct Etcd {
-    url: String,
-    agent: ureq::Agent,
-}
+/// The project's etcd client, with failures said as an operator needs them.
+struct Etcd(txmesh_etcd::Etcd);
 
 impl Etcd {
     fn new(url: &str) -> Self {
-        Self {
-            url: url.trim_end_matches('/').to_string(),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(5)))
-                .build()
-                .into(),
-        }
+        Self(txmesh_etcd::Etcd::new(url))
     }
 
-    fn post(&self, path: &str, body: Value) -> Res<Value> {
-        let url = format!("{}{path}", self.url);
-        let mut r = self
-            .agent
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(body.to_string().as_bytes())
-            .map_err(|e| {
-                Fail(format!(
-                    "cannot reach etcd at {} ({e}).\n  Is etcd running? `make up` starts it on 127.0.0.1:2379; point elsewhere with --etcd or TXMESH_ETCD.",
-                    self.url
-                ))
-            })?;
-        let text = r.body_mut().read_to_string().unwrap_or_default();
-        if r.status() != 200 {
-            return Err(Fail(format!(
-                "etcd at {} answered {} to {path}: {text}",
-                self.url,
-                r.status()
-            )));
+    fn fail(&self, e: txmesh_etcd::Error) -> Fail {
+        match e {
+            txmesh_etcd::Error::Unreachable { url, error } => Fail(format!(
+                "cannot reach etcd at {url} ({error}).\n  Is etcd running? `make up` starts it on 127.0.0.1:2379; point elsewhere with --etcd or TXMESH_ETCD."
+            )),
+            other => Fail(format!("etcd at {}: {other}", self.0.url())),
         }
-        serde_json::from_str(&text).map_err(|e| {
-            Fail(format!(
-                "etcd at {} answered non-JSON to {path}: {e}",
-                self.url
-            ))
-        })
     }
 
     /// (key, value, lease id) under `prefix`.
     fn list(&self, prefix: &str) -> Res<Vec<(String, Vec<u8>, i64)>> {
-        let mut end = prefix.as_bytes().to_vec();
-        if let Some(l) = end.last_mut() {
-            *l += 1;
-        }
-        let v = self.post(
-            "/v3/kv/range",
-            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&end)}),
-        )?;
-        Ok(v["kvs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|kv| {
-                        (
-                            String::from_utf8_lossy(&unb64(&kv["key"])).into_owned(),
-                            unb64(&kv["value"]),
-                            kv["lease"]
-                                .as_str()
-                                .and_then(|s| s.parse().ok())
-                                .unwrap_or(0),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        let kvs = self.0.list(prefix).map_err(|e| self.fail(e))?;
+        Ok(kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value, kv.lease))
+            .collect())
     }
 
     fn get(&self, key: &str) -> Res<Option<Vec<u8>>> {
-        let v = self.post("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
-        Ok(v["kvs"].get(0).map(|kv| unb64(&kv["value"])))
+        self.0.get(key).map_err(|e| self.fail(e))
     }
 }
 
@@ -529,21 +462,31 @@ fn txn_show(cli: &Cli, id: &str) -> Res<()> {
 }
 
 fn txn_abort(cli: &Cli, id: &str) -> Res<()> {
-    valid_id(id)?;
+    let txn = valid_id(id)?;
     let etcd = Etcd::new(&cli.etcd);
-    let key = format!("txmesh/decisions/{id}");
-    let value =
-        json!({"txn": id, "outcome": "aborted", "participants": [], "coordinator": "txmeshctl",
-                       "time_ms": now_ms(), "reason": "operator"})
-        .to_string();
-    let k = b64(key.as_bytes());
-    let v = etcd.post(
-        "/v3/kv/txn",
-        json!({"compare": [{"key": k, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}],
-               "success": [{"request_put": {"key": k, "value": b64(value.as_bytes())}}],
-               "failure": [{"request_range": {"key": k}}]}),
-    )?;
-    if v["succeeded"].as_bool() == Some(true) {
+    let d = Decision {
+        txn,
+        outcome: Outcome::Aborted,
+        participants: Vec::new(),
+        coordinator: "txmeshctl".into(),
+        time_ms: now_ms(),
+        reason: "operator".into(),
+        trace: String::new(),
+        begun_ms: 0,
+    };
+    // Under the default retention's lease, as a sidecar would write it
+    // (granted here if no sidecar has yet: the ID is the bucket's).
+    let retention = TxnConfig::default_retention();
+    let lease = retention.lease_at(d.time_ms);
+    etcd.0
+        .ensure_lease(lease, retention.ttl_s())
+        .map_err(|e| etcd.fail(e))?;
+    let existing = match etcd.0.create_decision(&d, Some(lease)) {
+        Ok(CasResult::Created) => None,
+        Ok(CasResult::Exists(v)) => Some(v),
+        Err(e) => return Err(etcd.fail(e)),
+    };
+    if existing.is_none() {
         if cli.output == Output::Json {
             println!(
                 "{}",
@@ -554,8 +497,9 @@ fn txn_abort(cli: &Cli, id: &str) -> Res<()> {
         }
         return Ok(());
     }
-    let existing = v["responses"][0]["response_range"]["kvs"][0]["value"].clone();
-    let d: Value = serde_json::from_slice(&unb64(&existing)).unwrap_or(Value::Null);
+    let d: Value = existing
+        .and_then(|v| serde_json::from_slice(&v).ok())
+        .unwrap_or(Value::Null);
     let outcome = d["outcome"].as_str().unwrap_or("?");
     let when = d["time_ms"].as_u64().map(ago).unwrap_or_default();
     Err(Fail(format!(
@@ -580,9 +524,7 @@ fn services(cli: &Cli, name: Option<&str>) -> Res<()> {
             .unwrap_or("")
             .to_string();
         let ttl = if lease != 0 {
-            etcd.post("/v3/lease/timetolive", json!({"ID": lease.to_string()}))?["TTL"]
-                .as_str()
-                .and_then(|s| s.parse::<i64>().ok())
+            etcd.0.lease_ttl(lease).map_err(|e| etcd.fail(e))?
         } else {
             None
         };

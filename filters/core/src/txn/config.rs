@@ -256,6 +256,11 @@ impl TxnConfig {
         super::etcd::Retention::new(self.decision_retention_ms)
     }
 
+    /// The retention leases of the default `decision_retention_ms`.
+    pub fn default_retention() -> super::etcd::Retention {
+        super::etcd::Retention::new(d_retention())
+    }
+
     /// Whether a request begins a transaction by rule.
     pub fn begins(&self, method: &[u8], path: &[u8]) -> bool {
         self.begin.iter().any(|r| r.matches(method, path))

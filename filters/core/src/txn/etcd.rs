@@ -285,24 +285,57 @@ pub fn range_prefix_body(prefix: &str, limit: u32) -> String {
 /// Like [`range_prefix_body`], starting at key `from` (inside the prefix):
 /// pages through a prefix with more keys than one answer holds.
 pub fn range_prefix_from_body(prefix: &str, from: Option<&str>, limit: u32) -> String {
+    let start = from.filter(|f| f.starts_with(prefix)).unwrap_or(prefix);
+    Obj::new()
+        .str("key", &b64::encode(start.as_bytes()))
+        .str("range_end", &b64::encode(&prefix_end(prefix)))
+        .str("limit", &limit.to_string())
+        .build()
+}
+
+/// The end of the key range holding every key under `prefix`.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     if let Some(last) = end.last_mut() {
         *last = last.saturating_add(1);
     }
-    let start = from.filter(|f| f.starts_with(prefix)).unwrap_or(prefix);
+    end
+}
+
+/// Body of `POST /v3/kv/range` counting the keys under `prefix`.
+pub fn count_prefix_body(prefix: &str) -> String {
     Obj::new()
-        .str("key", &b64::encode(start.as_bytes()))
-        .str("range_end", &b64::encode(&end))
-        .str("limit", &limit.to_string())
+        .str("key", &b64::encode(prefix.as_bytes()))
+        .str("range_end", &b64::encode(&prefix_end(prefix)))
+        .bool("count_only", true)
         .build()
 }
 
 /// Body of `POST /v3/kv/put`.
 pub fn put_body(key: &str, value: &str) -> String {
-    Obj::new()
+    put_bytes_body(key, value.as_bytes(), None)
+}
+
+/// Body of `POST /v3/kv/put` of raw bytes, under `lease` if given.
+pub fn put_bytes_body(key: &str, value: &[u8], lease: Option<i64>) -> String {
+    let o = Obj::new()
         .str("key", &b64::encode(key.as_bytes()))
-        .str("value", &b64::encode(value.as_bytes()))
-        .build()
+        .str("value", &b64::encode(value));
+    match lease {
+        Some(id) => o.str("lease", &id.to_string()).build(),
+        None => o.build(),
+    }
+}
+
+/// Body of `POST /v3/kv/deleterange` for one key.
+pub fn delete_body(key: &str) -> String {
+    Obj::new().str("key", &b64::encode(key.as_bytes())).build()
+}
+
+/// Body of `POST /v3/lease/keepalive`, `/v3/lease/revoke` and
+/// `/v3/lease/timetolive` for lease `id`.
+pub fn lease_body(id: i64) -> String {
+    Obj::new().str("ID", &id.to_string()).build()
 }
 
 /// Every value in an answer to [`range_prefix_body`].
