@@ -151,6 +151,17 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Epoch milliseconds as this machine's local time, to the millisecond.
+fn local_time(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S%.3f %:z")
+                .to_string()
+        })
+        .unwrap_or_else(|| format!("{ms} ms since the epoch"))
+}
+
 fn ago(ms: u64) -> String {
     let now = now_ms();
     if ms > now {
@@ -265,7 +276,8 @@ fn txns(cli: &Cli, state: Option<State>, since: Duration) -> Res<()> {
             };
             if want && t >= cutoff {
                 items.push(json!({"txn": d["txn"], "state": outcome, "time_ms": t,
-                    "participants": d["participants"], "reason": d["reason"], "coordinator": d["coordinator"]}));
+                    "participants": d["participants"], "reason": d["reason"], "coordinator": d["coordinator"],
+                    "refused_by": d["refused_by"], "detail": d["detail"]}));
             }
         }
     }
@@ -337,11 +349,14 @@ fn txns(cli: &Cli, state: Option<State>, since: Duration) -> Res<()> {
             vec![
                 i["txn"].as_str().unwrap_or("").to_string(),
                 i["state"].as_str().unwrap_or("").to_string(),
-                i["reason"]
-                    .as_str()
-                    .or(i["phase"].as_str())
-                    .unwrap_or("")
-                    .to_string(),
+                match (i["reason"].as_str(), i["refused_by"].as_str()) {
+                    (Some(r), Some(who)) => format!(
+                        "{r} ({who}: {})",
+                        i["detail"].as_str().unwrap_or("-")
+                    ),
+                    (Some(r), None) => r.to_string(),
+                    (None, _) => i["phase"].as_str().unwrap_or("").to_string(),
+                },
                 where_,
                 when,
                 parts,
@@ -395,6 +410,12 @@ fn txn_show(cli: &Cli, id: &str) -> Res<()> {
     println!("outcome      {outcome}");
     if let Some(d) = &decision {
         println!("reason       {}", d["reason"].as_str().unwrap_or("-"));
+        if let Some(who) = d["refused_by"].as_str() {
+            println!(
+                "refused by   {who}: {}",
+                d["detail"].as_str().unwrap_or("-")
+            );
+        }
         println!(
             "trace id     {}",
             d["trace"]
@@ -403,7 +424,7 @@ fn txn_show(cli: &Cli, id: &str) -> Res<()> {
         );
         println!("decided by   {}", d["coordinator"].as_str().unwrap_or("-"));
         if let Some(t) = d["time_ms"].as_u64() {
-            println!("decided at   {t} ms since the epoch ({})", ago(t));
+            println!("decided at   {} ({})", local_time(t), ago(t));
             if let Some(b) = d["begun_ms"].as_u64() {
                 println!(
                     "took         {} ms from begin to decision",
@@ -473,6 +494,7 @@ fn txn_abort(cli: &Cli, id: &str) -> Res<()> {
         reason: "operator".into(),
         trace: String::new(),
         begun_ms: 0,
+        refused_by: None,
     };
     // Under the default retention's lease, as a sidecar would write it
     // (granted here if no sidecar has yet: the ID is the bucket's).

@@ -267,3 +267,58 @@ fn gate_prints_the_matcher_for_a_txn_config_and_names_config_errors() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An abort a participant caused: the record names it and its reason, and
+/// `txn` / `txns` show them, with the decision's time as a local time.
+#[test]
+fn a_refused_transaction_names_who_said_no() {
+    let stack = common::Stack::start();
+    let sidecars = stack.sidecars();
+    stack
+        .payment
+        .set_vote(txmesh_tests::Vote::No("insufficient_funds".into()));
+    let r = Client::new().must("POST", &stack.order_sc.inbound_url("/checkout"), &[], b"{}");
+    assert_eq!(r.status, 409, "{}", r.text());
+    let id = r.header("x-txmesh-txn").unwrap().to_string();
+    let url = stack.etcd.url();
+    // The abort record is written as phase 2 begins (the order app may be prepared).
+    let record: Value = txmesh_tests::wait_for(10, "the abort record", || {
+        stack
+            .etcd
+            .get(&format!("txmesh/decisions/{id}"))
+            .and_then(|v| serde_json::from_str(&v).ok())
+    });
+    assert_eq!(
+        (&record["reason"], &record["refused_by"], &record["detail"]),
+        (
+            &json!("vote_abort"),
+            &json!("payment"),
+            &json!("insufficient_funds")
+        )
+    );
+
+    let (code, out, err) = ctl(&url, &sidecars, &["txn", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("outcome      aborted"), "{out}");
+    assert!(out.contains("reason       vote_abort"), "{out}");
+    assert!(out.contains("refused by   payment: insufficient_funds"), "{out}");
+    let decided = out
+        .lines()
+        .find_map(|l| l.strip_prefix("decided at   "))
+        .unwrap_or_else(|| panic!("{out}"));
+    // e.g. "2026-12-02 04:05:03.123 +00:00 (0s ago)"
+    let year = decided.get(..4).and_then(|y| y.parse::<u32>().ok());
+    assert!(year.is_some_and(|y| y >= 2024), "{decided}");
+    assert!(decided.ends_with("ago)"), "{decided}");
+
+    let (code, out, err) = ctl(&url, &sidecars, &["txns", "--state", "aborted"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("vote_abort (payment: insufficient_funds)"),
+        "{line}"
+    );
+}

@@ -51,6 +51,27 @@ pub struct Decision {
     pub trace: String,
     /// When the transaction began (ms since the epoch); 0: unknown here.
     pub begun_ms: u64,
+    /// An abort caused by a participant: who (its name) and why (its own
+    /// reason, at most [`MAX_DETAIL`] bytes of printable ASCII).
+    pub refused_by: Option<(String, String)>,
+}
+
+/// The longest participant reason a record keeps.
+pub const MAX_DETAIL: usize = 120;
+
+/// A participant's reason as a record keeps it: printable ASCII (anything
+/// else becomes `?`), at most [`MAX_DETAIL`] bytes.
+pub fn bounded_detail(s: &str) -> String {
+    s.bytes()
+        .take(MAX_DETAIL)
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 impl Decision {
@@ -66,6 +87,10 @@ impl Decision {
             o.num("begun_ms", self.begun_ms)
         } else {
             o
+        };
+        let o = match &self.refused_by {
+            Some((who, why)) => o.str("refused_by", who).str("detail", &bounded_detail(why)),
+            None => o,
         };
         if self.trace.is_empty() {
             o.build()
@@ -583,6 +608,7 @@ mod tests {
             Ok(Some(b"x".to_vec()))
         );
         let d = Decision {
+            refused_by: None,
             txn: TxnId::parse(b"0af7651916cd43dd8448eb211c80319c").unwrap(),
             outcome: Outcome::Committed,
             participants: vec!["payment".into()],
@@ -596,6 +622,19 @@ mod tests {
             r#""reason":"ok","begun_ms":2,"trace":"4bf92f3577b34da6a3ce929d0e0e4736"}"#
         ));
         assert_eq!(outcome_of(d.to_json().as_bytes()), Some(Outcome::Committed));
+        // An abort a participant caused names it, with its reason bounded.
+        let long = format!("insufficient_funds\n{}", "x".repeat(500));
+        let refused = Decision {
+            outcome: Outcome::Aborted,
+            reason: "vote_abort".into(),
+            refused_by: Some(("payment".into(), long)),
+            ..d.clone()
+        };
+        let v: serde_json::Value = serde_json::from_str(&refused.to_json()).unwrap();
+        assert_eq!(v["refused_by"], "payment");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(detail.starts_with("insufficient_funds?xxx"), "{detail}");
+        assert_eq!(detail.len(), MAX_DETAIL);
         assert_eq!(
             decision_key(&d.txn),
             "txmesh/decisions/0af7651916cd43dd8448eb211c80319c"

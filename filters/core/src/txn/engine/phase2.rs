@@ -218,6 +218,7 @@ impl Job {
                 reason: self.cause.as_str().to_string(),
                 trace: self.trace.clone(),
                 begun_ms: 0,
+                refused_by: super::vote::refused_by(self.targets.iter().map(|t| t.vote.as_ref())),
             };
             let pending = (outcome == Outcome::Committed).then(|| self.pending(cx));
             if pending.is_some() {

@@ -9,7 +9,7 @@ use super::phase2::{Job, Participant, Start};
 use super::record::{
     cas_answer, pending_record, pending_state, record_call, write_failure, WriteFailure, NO_SPACE,
 };
-use super::vote::{ask_all, control_call, first_abort, vote_of, Ballot, Target, Vote};
+use super::vote::{ask_all, control_call, first_abort, refused_by, vote_of, Ballot, Target, Vote};
 use super::*;
 
 /// The root's prepare and decision, for one client stream.
@@ -320,6 +320,7 @@ impl RootOp {
             reason: cause.as_str().to_string(),
             trace: self.trace.clone().unwrap_or_default(),
             begun_ms: self.started_ms,
+            refused_by: refused_by(self.targets.iter().map(Target::vote)),
         }
     }
 

@@ -62,6 +62,7 @@ impl StatusOp {
                             reason: "in_doubt".to_string(),
                             trace: String::new(),
                             begun_ms: 0,
+                            refused_by: None,
                         };
                         let call = record_call(cx.cfg, &d, None);
                         let next = StatusOp::Resolving {

@@ -16,6 +16,28 @@ pub(super) enum Vote {
     },
 }
 
+/// The first participant that voted no (or did not answer), with its
+/// reason: what an abort's decision record names.
+pub(super) fn refused_by<'a>(
+    votes: impl Iterator<Item = Option<&'a Vote>>,
+) -> Option<(String, String)> {
+    votes.flatten().find_map(|v| match v {
+        Vote::Abort {
+            cause,
+            reason,
+            participant,
+        } => {
+            let why = if reason.is_empty() {
+                cause.as_str()
+            } else {
+                reason
+            };
+            Some((participant.clone(), why.to_string()))
+        }
+        Vote::Commit | Vote::ReadOnly => None,
+    })
+}
+
 /// Where a participant stands in a prepare round.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) enum Ballot {

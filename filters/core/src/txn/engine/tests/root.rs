@@ -153,6 +153,19 @@ fn a_no_vote_aborts_everyone_and_names_the_participant() {
         ]
     );
     assert!(!calls.iter().any(|(_, c)| c.path == "/txmesh/commit"));
+    // The record names who said no, and why (operators: txmeshctl txn).
+    let body: serde_json::Value = serde_json::from_slice(&calls[0].1.body).unwrap();
+    let put = body["success"][0]["request_put"]["value"].as_str().unwrap();
+    let record: serde_json::Value =
+        serde_json::from_slice(&crate::b64::decode(put).unwrap()).unwrap();
+    assert_eq!(
+        (&record["reason"], &record["refused_by"], &record["detail"]),
+        (
+            &serde_json::json!("vote_abort"),
+            &serde_json::json!("inventory"),
+            &serde_json::json!("out_of_stock")
+        )
+    );
 }
 
 #[test]
