@@ -25,30 +25,31 @@ fn ctl(etcd: &str, sidecars: &[String], args: &[&str]) -> (i32, String, String) 
     )
 }
 
-#[test]
-fn every_command_against_a_running_stack() {
+/// A stack with one committed checkout (its phase 2 finished), carrying a
+/// trace id.
+fn committed_checkout() -> (common::Stack, String) {
     let stack = common::Stack::start();
-    let sidecars = stack.sidecars();
-    // Named, not `..`: the payment sidecar and the order app must live on.
-    let common::Stack {
-        mut etcd,
-        payment,
-        pay_sc: _pay_sc,
-        order: _order,
-        order_sc,
-    } = stack;
-    let url = etcd.url();
-    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let r = Client::new().must(
         "POST",
-        &order_sc.inbound_url("/checkout"),
-        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+        &stack.order_sc.inbound_url("/checkout"),
+        &[("traceparent", &format!("00-{TRACE}-00f067aa0ba902b7-01"))],
         b"{}",
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let id = r.header("x-txmesh-txn").unwrap().to_string();
+    txmesh_tests::wait_for(10, "payment commits", || {
+        (stack.payment.record(&id).commits == 1).then_some(())
+    });
+    (stack, id)
+}
 
-    // txns: the committed one, as a table and as JSON.
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+#[test]
+fn txns_lists_decisions_and_what_sidecars_hold() {
+    let (stack, id) = committed_checkout();
+    let (url, sidecars) = (stack.etcd.url(), stack.sidecars());
+    // As a table and as JSON.
     let (code, out, err) = ctl(&url, &sidecars, &["txns"]);
     assert_eq!(code, 0, "{err}");
     let line = out
@@ -77,27 +78,45 @@ fn every_command_against_a_running_stack() {
         &["txns", "--state", "aborted", "--output", "json"],
     );
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
-    // Until phase 2 is acknowledged the root lists it as in doubt (decided,
-    // commits outstanding); then nothing is.
+    // Until the root's phase 2 is over it lists the transaction in doubt
+    // (decided, acknowledgements outstanding); then nothing is.
     txmesh_tests::wait_for(10, "phase 2 to finish", || {
         let (code, out, _) = ctl(&url, &sidecars, &["txns", "--state", "in-doubt"]);
         (code == 0 && out.lines().count() == 1).then_some(())
     });
-    assert_eq!(payment.record(&id).commits, 1);
+    // A sidecar down: named, the others still answer.
+    let (code, _, err) = ctl(
+        &url,
+        &["http://127.0.0.1:1".to_string()],
+        &["txns", "--state", "active"],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("cannot reach sidecar http://127.0.0.1:1"),
+        "{err}"
+    );
+}
 
-    // txn <id>
+#[test]
+fn txn_shows_one_transaction() {
+    let (stack, id) = committed_checkout();
+    let (url, sidecars) = (stack.etcd.url(), stack.sidecars());
     let (code, out, err) = ctl(&url, &sidecars, &["txn", &id]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("outcome      committed"), "{out}");
     assert!(out.contains("decided by   order"), "{out}");
-    assert!(out.contains(&format!("trace id     {trace}")), "{out}");
+    assert!(out.contains(&format!("trace id     {TRACE}")), "{out}");
     let (_, out, _) = ctl(&url, &sidecars, &["txn", &id, "--output", "json"]);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["outcome"], json!("committed"));
     assert_eq!(v["decision"]["txn"], json!(id));
-    assert_eq!(v["decision"]["trace"], json!(trace));
+    assert_eq!(v["decision"]["trace"], json!(TRACE));
+}
 
-    // txn abort: refused for a decided txn, done for an undecided one.
+#[test]
+fn txn_abort_aborts_only_undecided_transactions() {
+    let (stack, id) = committed_checkout();
+    let (url, sidecars, etcd) = (stack.etcd.url(), stack.sidecars(), &stack.etcd);
     let (code, _, err) = ctl(&url, &sidecars, &["txn", "abort", &id]);
     assert_eq!(code, 2);
     assert!(
@@ -119,11 +138,29 @@ fn every_command_against_a_running_stack() {
         (d["outcome"].as_str(), d["coordinator"].as_str()),
         (Some("aborted"), Some("txmeshctl"))
     );
+    // Under the default retention's lease, like a sidecar's abort record.
+    let leased = etcd
+        .client()
+        .list(&format!("txmesh/decisions/{other}"))
+        .unwrap();
+    let retention = txmesh_core::txn::config::TxnConfig::default_retention();
+    let decided_at = d["time_ms"].as_u64().unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(
+        leased[0].lease as u64,
+        retention.lease_at(decided_at),
+        "{leased:?}"
+    );
     let (code, _, err) = ctl(&url, &sidecars, &["txn", "abort", "nothex"]);
     assert_eq!(code, 2);
     assert!(err.contains("is not a transaction id"), "{err}");
+}
 
-    // services
+#[test]
+fn services_lists_the_registry_and_names_an_unreachable_etcd() {
+    let mut stack = common::Stack::start();
+    let (url, sidecars) = (stack.etcd.url(), stack.sidecars());
+    let etcd = &stack.etcd;
     let lease = etcd.lease_grant(30);
     etcd.put_leased(
         "txmesh/services/payment/127.0.0.1:15106",
@@ -157,8 +194,22 @@ fn every_command_against_a_running_stack() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
     assert_eq!(v[0]["zone"], json!("z1"));
+    // etcd down: a clear error, exit 2.
+    stack.etcd.stop();
+    let (code, _, err) = ctl(&url, &sidecars, &["services"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("cannot reach etcd at {url}")),
+        "{err}"
+    );
+    assert!(err.contains("--etcd or TXMESH_ETCD"), "{err}");
+}
 
-    // top: live rates while checkouts run.
+#[test]
+fn top_shows_live_rates() {
+    let stack = common::Stack::start();
+    let (url, sidecars) = (stack.etcd.url(), stack.sidecars());
+    let order_sc = &stack.order_sc;
     let admin = format!("http://127.0.0.1:{}", order_sc.ports.admin);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (code, out, err) = std::thread::scope(|sc| {
@@ -206,27 +257,6 @@ fn every_command_against_a_running_stack() {
     assert_eq!(code, 2);
     assert!(
         err.contains("cannot reach any Envoy admin (http://127.0.0.1:1)"),
-        "{err}"
-    );
-
-    // etcd down: a clear error, exit 2.
-    etcd.stop();
-    let (code, _, err) = ctl(&url, &sidecars, &["services"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains(&format!("cannot reach etcd at {url}")),
-        "{err}"
-    );
-    assert!(err.contains("--etcd or TXMESH_ETCD"), "{err}");
-    // A sidecar down: named, the others still answer.
-    let (code, _, err) = ctl(
-        &url,
-        &["http://127.0.0.1:1".to_string()],
-        &["txns", "--state", "active"],
-    );
-    assert_eq!(code, 0);
-    assert!(
-        err.contains("cannot reach sidecar http://127.0.0.1:1"),
         "{err}"
     );
 }
@@ -301,7 +331,10 @@ fn a_refused_transaction_names_who_said_no() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("outcome      aborted"), "{out}");
     assert!(out.contains("reason       vote_abort"), "{out}");
-    assert!(out.contains("refused by   payment: insufficient_funds"), "{out}");
+    assert!(
+        out.contains("refused by   payment: insufficient_funds"),
+        "{out}"
+    );
     let decided = out
         .lines()
         .find_map(|l| l.strip_prefix("decided at   "))
