@@ -12,6 +12,7 @@ pub mod host;
 pub mod json;
 pub mod labels;
 pub mod metrics;
+pub mod prom;
 pub mod props;
 pub mod router;
 #[cfg(test)]

@@ -15,23 +15,6 @@ pub(crate) struct Sample {
     in_doubt: f64,
 }
 
-/// Parses Prometheus text: the sum of every sample of `name` whose labels
-/// contain all of `want` (`k="v"` fragments).
-pub(crate) fn sum_metric(text: &str, name: &str, want: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, labels) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest),
-                None => (series, ""),
-            };
-            (metric == name && want.iter().all(|w| labels.contains(w)))
-                .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 pub(crate) fn scrape(agent: &ureq::Agent, admin: &str) -> Option<Sample> {
     let url = format!("{}/stats/prometheus", admin.trim_end_matches('/'));
     let text = agent
@@ -41,12 +24,13 @@ pub(crate) fn scrape(agent: &ureq::Agent, admin: &str) -> Option<Sample> {
         .body_mut()
         .read_to_string()
         .ok()?;
+    let m = txmesh_core::prom::Scrape::parse(&text);
     Some(Sample {
-        requests: sum_metric(&text, "txmesh_requests_total", &["reporter=\"inbound\""]),
-        committed: sum_metric(&text, "txmesh_txn_total", &["outcome=\"committed\""]),
-        aborted: sum_metric(&text, "txmesh_txn_total", &["outcome=\"aborted\""]),
-        in_flight: sum_metric(&text, "txmesh_txn_in_flight", &[]),
-        in_doubt: sum_metric(&text, "txmesh_txn_in_doubt", &[]),
+        requests: m.sum("txmesh_requests_total", &[("reporter", "inbound")]),
+        committed: m.sum("txmesh_txn_total", &[("outcome", "committed")]),
+        aborted: m.sum("txmesh_txn_total", &[("outcome", "aborted")]),
+        in_flight: m.sum("txmesh_txn_in_flight", &[]),
+        in_doubt: m.sum("txmesh_txn_in_doubt", &[]),
     })
 }
 
