@@ -1,7 +1,9 @@
 //! Every Envoy config shipped in `envoy/` passes `envoy --mode validate`, and
 //! carries the stats_tags the filters need.
 
-use txmesh_tests::envoy::{validate, METRICS_TAGS, TXN_TAGS};
+use txmesh_core::labels::TXN_LABELS;
+use txmesh_core::metrics::LABELS as METRICS_LABELS;
+use txmesh_tests::envoy::validate;
 use txmesh_tests::workspace_root;
 
 fn shipped_configs() -> Vec<std::path::PathBuf> {
@@ -43,10 +45,10 @@ fn shipped_configs_extract_every_label() {
         let text = std::fs::read_to_string(&p).unwrap();
         let mut tags: Vec<&str> = Vec::new();
         if text.contains("txmesh_metrics.wasm") {
-            tags.extend(METRICS_TAGS);
+            tags.extend(METRICS_LABELS);
         }
         if text.contains("txmesh_txn.wasm") {
-            tags.extend(TXN_TAGS);
+            tags.extend(TXN_LABELS);
         }
         for tag in tags {
             let want = format!("{{tag_name: {tag}, regex: '({tag}=\\.=(.*?);\\.;)'}}");

@@ -12,38 +12,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Labels of txmesh_metrics.wasm's stats.
-pub const METRICS_TAGS: &[&str] = &[
-    "reporter",
-    "source_workload",
-    "destination_service",
-    "response_code",
-    "response_flags",
-    "request_protocol",
-];
-
-/// Labels of txmesh_txn.wasm's and txmesh_authz.wasm's stats.
-pub const TXN_TAGS: &[&str] = &["outcome", "reason", "decision", "rule"];
-
-/// Labels of txmesh_router.wasm's stats: (Prometheus label, key in the stat name).
-pub const ROUTER_TAGS: &[(&str, &str)] = &[
-    ("service", "router_service"),
-    ("endpoint", "router_endpoint"),
-    ("zone", "router_zone"),
-];
-
-/// Label names the txmesh filters encode into stat names; each gets a
-/// `stats_tags` regex in every bootstrap.
-pub fn stat_tags() -> impl Iterator<Item = &'static str> {
-    METRICS_TAGS.iter().chain(TXN_TAGS).copied()
-}
-
-/// Every `stats_tags` entry of a txmesh bootstrap.
+/// Every `stats_tags` entry of a txmesh bootstrap (the labels are defined
+/// once, in txmesh-core: `labels::stats_tags`).
 pub fn stats_tags_json() -> Vec<Value> {
-    stat_tags()
-        .map(|t| (t, t))
-        .chain(ROUTER_TAGS.iter().copied())
-        .map(|(t, key)| json!({"tag_name": t, "regex": format!("({key}=\\.=(.*?);\\.;)")}))
+    txmesh_core::labels::stats_tags()
+        .into_iter()
+        .map(|(t, key)| json!({"tag_name": t, "regex": txmesh_core::labels::stats_tag_regex(key)}))
         .collect()
 }
 

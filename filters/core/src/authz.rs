@@ -11,7 +11,7 @@
 use crate::config::{parse_json, ConfigError};
 use crate::host::{HostError, MetricKind, Metrics, Properties, RequestHeaders};
 use crate::json::Obj;
-use crate::labels::{encode, is_clean_value};
+use crate::labels::{encode, is_clean_value, AUTHZ_LABELS};
 use serde::Deserialize;
 
 pub const DECISIONS_TOTAL: &str = "txmesh_authz_decisions_total";
@@ -451,7 +451,10 @@ impl AuthzEngine {
         let mut stats = Vec::new();
         for r in rules {
             for a in [Action::Allow, Action::Deny] {
-                let name = encode(&[("decision", a.as_str()), ("rule", &r)], DECISIONS_TOTAL);
+                let name = encode(
+                    &[(AUTHZ_LABELS[0], a.as_str()), (AUTHZ_LABELS[1], &r)],
+                    DECISIONS_TOTAL,
+                );
                 stats.push((r.clone(), a, m.define_metric(MetricKind::Counter, &name)?));
             }
         }

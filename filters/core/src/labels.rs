@@ -5,6 +5,25 @@
 //! `(l1=\.=(.*?);\.;)`, that cuts the pair out of the name and turns it into a
 //! tag, so `/stats/prometheus` shows `metric{l1="v1",l2="v2"}`.
 
+/// The txn filter's stat labels (`txmesh_txn_total{outcome,reason}`).
+pub const TXN_LABELS: [&str; 2] = ["outcome", "reason"];
+/// The authz filter's stat labels (`txmesh_authz_decisions_total{decision,rule}`).
+pub const AUTHZ_LABELS: [&str; 2] = ["decision", "rule"];
+
+/// Every `stats_tags` entry a txmesh bootstrap needs, defined once for the
+/// configs, their generator and the tests: (Prometheus label, key encoded
+/// in the stat names — the router's are prefixed, so that `service=` does
+/// not also match inside `destination_service=`).
+pub fn stats_tags() -> Vec<(&'static str, &'static str)> {
+    crate::metrics::LABELS
+        .iter()
+        .chain(&TXN_LABELS)
+        .chain(&AUTHZ_LABELS)
+        .map(|t| (*t, *t))
+        .chain(crate::router::engine::LABEL_KEYS)
+        .collect()
+}
+
 /// Longest label value kept; longer values are cut (bounded stat names).
 pub const MAX_VALUE_LEN: usize = 64;
 
@@ -53,6 +72,17 @@ pub fn stats_tag_regex(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_filters_labels_are_stats_tags_once() {
+        let tags = stats_tags();
+        let names: std::collections::BTreeSet<&str> = tags.iter().map(|(t, _)| *t).collect();
+        assert_eq!(names.len(), tags.len(), "{tags:?}");
+        for want in ["reporter", "request_protocol", "outcome", "reason", "decision", "rule"] {
+            assert!(names.contains(want), "{want} missing from {tags:?}");
+        }
+        assert!(tags.contains(&("service", "router_service")), "{tags:?}");
+    }
 
     #[test]
     fn sanitizes_bytes() {

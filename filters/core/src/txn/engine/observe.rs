@@ -1,6 +1,7 @@
 //! The transaction metrics (the decision log line is built by the root, see root.rs).
 
 use super::*;
+use crate::labels::TXN_LABELS;
 
 impl TxnEngine {
     /// A root decided: how long it took and how many took part.
@@ -15,7 +16,7 @@ impl TxnEngine {
         let id = match self.metrics.duration.get(o) {
             Some(id) => Some(*id),
             None => {
-                let name = encode(&[("outcome", o)], "txmesh_txn_duration_milliseconds");
+                let name = encode(&[(TXN_LABELS[0], o)], "txmesh_txn_duration_milliseconds");
                 let id = h.define_metric(MetricKind::Histogram, &name).ok();
                 if let Some(id) = id {
                     self.metrics.duration.insert(o, id);
@@ -48,7 +49,10 @@ impl TxnEngine {
         let id = match self.metrics.total.get(&(o, r)) {
             Some(id) => Some(*id),
             None => {
-                let name = encode(&[("outcome", o), ("reason", r)], "txmesh_txn_total");
+                let name = encode(
+                    &[(TXN_LABELS[0], o), (TXN_LABELS[1], r)],
+                    "txmesh_txn_total",
+                );
                 let id = h.define_metric(MetricKind::Counter, &name).ok();
                 if let Some(id) = id {
                     self.metrics.total.insert((o, r), id);
