@@ -1,4 +1,4 @@
-//! `shop <order|payment|inventory> --port P --db FILE --sidecar-inbound P [--sidecar-outbound P]`
+//! `shop <order|payment|inventory> --port P --db FILE --sidecar-inbound P [--sidecar-outbound P]` (`shop --help`)
 //! `shop <service> --port P --db FILE --mesh PORT` (in Istio: other services
 //! are reached by name, `http://<service>:PORT`, through the transparent sidecar)
 //! `--register http://ETCD [--advertise IP:PORT] [--zone Z]`: keep this
@@ -24,75 +24,79 @@ use std::time::Duration;
 use txmesh_shop::participant::{Ledger, Participant, Vote};
 use txmesh_shop::services::{Inventory, Order, Payment};
 
+/// A shop service: a txmesh participant with its data in SQLite.
+#[derive(clap::Parser)]
+#[command(name = "shop")]
 struct Opts {
-    service: String,
+    /// Which service this process is.
+    #[arg(value_enum)]
+    service: Service,
+    /// The port the service listens on (loopback).
+    #[arg(long)]
     port: u16,
+    /// Its SQLite database.
+    #[arg(long)]
     db: String,
-    sidecar_inbound: u16,
+    /// Its sidecar's inbound listener (where its status endpoint is asked).
+    #[arg(long, required_unless_present = "mesh")]
+    sidecar_inbound: Option<u16>,
+    /// Its sidecar's outbound listener (order calls payment and inventory there).
+    #[arg(long)]
     sidecar_outbound: Option<u16>,
-    /// In a mesh with transparent interception: services' common port.
+    /// In a mesh with transparent interception: the services' common port
+    /// (other services are `http://<service>:PORT`).
+    #[arg(long)]
     mesh: Option<u16>,
+    /// Keep this instance in the txmesh service registry in this etcd.
+    #[arg(long, value_name = "http://ETCD")]
     register: Option<String>,
-    advertise: Option<String>,
+    /// The address registered (default: the sidecar's inbound listener).
+    #[arg(long, value_name = "IP:PORT", requires = "register")]
+    advertise: Option<std::net::SocketAddr>,
+    /// The zone registered.
+    #[arg(long, requires = "register")]
     zone: Option<String>,
-    /// Where the app asks its sidecar for transaction status (plain HTTP);
-    /// default: the inbound listener (when that is not mTLS-only).
+    /// Where the app asks its sidecar for transaction status (plain HTTP),
+    /// when the inbound listener takes mTLS only.
+    #[arg(long)]
     sidecar_status: Option<u16>,
 }
 
-fn usage(msg: &str) -> ! {
-    eprintln!("shop: {msg}\nusage: shop <order|payment|inventory> --port P --db FILE (--sidecar-inbound P [--sidecar-outbound P] | --mesh PORT) [--sidecar-status P] [--register http://ETCD [--advertise IP:PORT] [--zone Z]]");
-    std::process::exit(2)
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Service {
+    Order,
+    Payment,
+    Inventory,
 }
 
-fn parse() -> Opts {
-    let mut args = std::env::args().skip(1);
-    let service = args.next().unwrap_or_else(|| usage("missing service name"));
-    if !matches!(service.as_str(), "order" | "payment" | "inventory") {
-        usage(&format!("unknown service {service:?}"));
-    }
-    let (mut port, mut db, mut inbound, mut outbound, mut mesh) = (None, None, None, None, None);
-    let (mut register, mut advertise, mut zone, mut status) = (None, None, None, None);
-    while let Some(a) = args.next() {
-        let v = args
-            .next()
-            .unwrap_or_else(|| usage(&format!("{a} needs a value")));
-        match a.as_str() {
-            "--port" => port = v.parse().ok(),
-            "--db" => db = Some(v),
-            "--sidecar-inbound" => inbound = v.parse().ok(),
-            "--sidecar-outbound" => outbound = v.parse().ok(),
-            "--mesh" => mesh = v.parse().ok(),
-            "--register" => register = Some(v),
-            "--advertise" => {
-                if v.parse::<std::net::SocketAddr>().is_err() {
-                    usage(&format!("--advertise {v:?} is not ip:port"));
-                }
-                advertise = Some(v)
-            }
-            "--zone" => zone = Some(v),
-            "--sidecar-status" => status = v.parse().ok(),
-            _ => usage(&format!("unknown option {a}")),
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Order => "order",
+            Service::Payment => "payment",
+            Service::Inventory => "inventory",
         }
     }
-    let opts = Opts {
-        port: port.unwrap_or_else(|| usage("--port is required")),
-        db: db.unwrap_or_else(|| usage("--db is required")),
-        sidecar_inbound: inbound
-            .or(mesh)
-            .unwrap_or_else(|| usage("--sidecar-inbound (or --mesh) is required")),
-        sidecar_outbound: outbound,
-        mesh,
-        register,
-        advertise,
-        zone,
-        sidecar_status: status,
-        service,
-    };
-    if opts.service == "order" && opts.sidecar_outbound.is_none() && opts.mesh.is_none() {
-        usage("order needs --sidecar-outbound or --mesh (it calls payment and inventory)");
+}
+
+impl Opts {
+    fn parse_checked() -> Self {
+        let o = <Self as clap::Parser>::parse();
+        if o.service == Service::Order && o.sidecar_outbound.is_none() && o.mesh.is_none() {
+            <Self as clap::CommandFactory>::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "order needs --sidecar-outbound or --mesh (it calls payment and inventory)",
+                )
+                .exit();
+        }
+        o
     }
-    opts
+
+    /// The sidecar's inbound listener (or, in a mesh, the common port).
+    fn inbound(&self) -> u16 {
+        self.sidecar_inbound.or(self.mesh).unwrap_or_default()
+    }
 }
 
 struct App<L: Ledger> {
@@ -295,11 +299,15 @@ async fn stock(State(app): State<Shared<Inventory>>, Path(sku): Path<String>) ->
 
 /// A call through the sidecar, forwarding the transaction.
 fn call(via: Via, host: &str, path: &str, txn: &str, body: Value) -> Result<(u16, Value), String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
+    // One agent per process: its connections to the sidecar are reused.
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    let agent = AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into()
+    });
     let (url, host_header) = via.url(host, path);
     let mut req = agent.post(&url);
     if let Some(h) = host_header {
@@ -493,32 +501,32 @@ async fn serve(router: Router, port: u16, name: &str) {
 
 fn start<L: Ledger + 'static>(o: &Opts, ledger: L) -> Shared<L> {
     let p = Participant::open(&o.db, ledger).unwrap_or_else(|e| {
-        eprintln!("shop {}: cannot open {}: {e}", o.service, o.db);
+        eprintln!("shop {}: cannot open {}: {e}", o.service.name(), o.db);
         std::process::exit(1);
     });
     let app = Arc::new(App {
         p,
-        name: o.service.clone(),
+        name: o.service.name().to_string(),
         outbound: o.sidecar_outbound,
         mesh: o.mesh,
     });
-    recovery(app.clone(), o.sidecar_status.unwrap_or(o.sidecar_inbound));
+    recovery(app.clone(), o.sidecar_status.unwrap_or(o.inbound()));
     app
 }
 
 #[tokio::main]
 async fn main() {
-    let o = parse();
-    let router = match o.service.as_str() {
-        "payment" => participant_routes::<Payment>()
+    let o = Opts::parse_checked();
+    let router = match o.service {
+        Service::Payment => participant_routes::<Payment>()
             .route("/charge", post(charge))
             .route("/accounts/{customer}", get(account))
             .with_state(start(&o, Payment)),
-        "inventory" => participant_routes::<Inventory>()
+        Service::Inventory => participant_routes::<Inventory>()
             .route("/reserve", post(reserve))
             .route("/stock/{sku}", get(stock))
             .with_state(start(&o, Inventory)),
-        _ => participant_routes::<Order>()
+        Service::Order => participant_routes::<Order>()
             .route("/checkout", post(checkout))
             .route("/orders/{id}", get(get_order))
             .with_state(start(&o, Order)),
@@ -526,11 +534,11 @@ async fn main() {
     let registration = o.register.as_deref().map(|etcd| {
         let addr = o
             .advertise
-            .clone()
-            .unwrap_or_else(|| format!("127.0.0.1:{}", o.sidecar_inbound));
-        txmesh_shop::registry::Registration::start(etcd, &o.service, &addr, o.zone.as_deref())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| format!("127.0.0.1:{}", o.inbound()));
+        txmesh_shop::registry::Registration::start(etcd, o.service.name(), &addr, o.zone.as_deref())
     });
-    let name = o.service.clone();
+    let name = o.service.name();
     tokio::spawn(async move {
         shutdown_signal().await;
         if let Some(r) = registration {
@@ -539,7 +547,7 @@ async fn main() {
         eprintln!("shop {name}: stopped");
         std::process::exit(0);
     });
-    serve(router, o.port, &o.service).await;
+    serve(router, o.port, o.service.name()).await;
 }
 
 async fn shutdown_signal() {

@@ -78,7 +78,14 @@ mod tests {
         let tags = stats_tags();
         let names: std::collections::BTreeSet<&str> = tags.iter().map(|(t, _)| *t).collect();
         assert_eq!(names.len(), tags.len(), "{tags:?}");
-        for want in ["reporter", "request_protocol", "outcome", "reason", "decision", "rule"] {
+        for want in [
+            "reporter",
+            "request_protocol",
+            "outcome",
+            "reason",
+            "decision",
+            "rule",
+        ] {
             assert!(names.contains(want), "{want} missing from {tags:?}");
         }
         assert!(tags.contains(&("service", "router_service")), "{tags:?}");

@@ -80,6 +80,12 @@ impl SubPrepare {
     /// One vote back once every vote is in (or at the first no).
     fn evaluate(self, mut effects: Vec<Effect>) -> Step<Self> {
         let body = if let Some((cause, why, participant)) = first_abort(&self.targets) {
+            // The decision can only be abort now: this entry is no longer
+            // preparing, so it is never resolved in doubt (no abort record
+            // for a transaction this sidecar itself refused); it stays for
+            // the coordinator's abort, which cascades to any child that is
+            // prepared.
+            effects.push(Effect::Table(TableOp::SetPhase(self.txn, Phase::Aborted)));
             let o = Obj::new()
                 .str("vote", "abort")
                 .str("reason", &why)

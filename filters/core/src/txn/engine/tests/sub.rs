@@ -272,6 +272,37 @@ fn a_read_only_leaf_forgets_the_transaction_at_once() {
     assert!(h.take_calls().is_empty());
 }
 
+/// A leaf whose app votes no is not in doubt: the decision can only be
+/// abort. Its entry is kept (for the coordinator's abort) but no longer
+/// preparing, so it is never resolved from etcd.
+#[test]
+fn a_leaf_that_voted_no_is_never_resolved_in_doubt() {
+    let h = Host::new();
+    let mut inb = engine(&h, r#"{"node":"inventory"}"#);
+    let txn = TxnId::mint(1_002_000, [7; 16]);
+    let id = txn.to_string();
+    h.request(1, "POST", "/reserve", &[("x-txmesh-txn", &id)]);
+    inb.on_request_headers(&h, 1);
+    h.request(1, "POST", "/txmesh/prepare", &[("x-txmesh-txn", &id)]);
+    inb.on_request_headers(&h, 2);
+    let calls = h.take_calls();
+    answer(
+        &h,
+        &mut inb,
+        &calls,
+        "local_app",
+        ok(r#"{"vote":"abort","reason":"out_of_stock"}"#),
+    );
+    let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
+    assert_eq!(st, 200);
+    assert!(body.contains(r#""vote":"abort""#), "{body}");
+    assert_eq!(inb.table().get(&h, &txn).unwrap().phase, Phase::Aborted);
+    // Long past the deadline and the grace: nothing to resolve, no etcd call.
+    h.advance(10_000);
+    inb.on_tick(&h);
+    assert!(h.take_calls().is_empty());
+}
+
 /// Commit and abort only from the participant's coordinators (the mTLS
 /// identities that called its app in the transaction), unless etcd holds the
 /// same decision; an abort nobody here can tie to a decision is acknowledged
