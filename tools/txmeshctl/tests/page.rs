@@ -20,6 +20,12 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut ids = Vec::new();
     for i in 0..5 {
+        // The last one is refused by payment (an abort with a record).
+        if i == 4 {
+            stack
+                .payment
+                .set_vote(txmesh_tests::Vote::No("insufficient_funds".into()));
+        }
         let tp = format!("00-{trace}-00f067aa0ba902b7-01");
         let h: Vec<(&str, &str)> = if i == 0 {
             vec![("traceparent", tp.as_str())]
@@ -27,9 +33,12 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
             vec![]
         };
         let r = c.must("POST", &order_sc.inbound_url("/checkout"), &h, b"{}");
-        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.status, if i == 4 { 409 } else { 200 }, "{}", r.text());
         ids.push(r.header("x-txmesh-txn").unwrap().to_string());
     }
+    txmesh_tests::wait_for(10, "the abort's record", || {
+        (etcd.count("txmesh/decisions/") == 5).then_some(())
+    });
 
     let port = txmesh_tests::ports::free_port();
     let dir = txmesh_tests::scratch_dir("txmeshctl-serve");
@@ -46,7 +55,22 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
     });
     let api = c.must("GET", &format!("{url}api/txns"), &[], b"").json();
     assert_eq!(api["decided"].as_array().unwrap().len(), 5, "{api}");
-    assert!(api["decided"][0]["took_ms"].as_u64().is_some(), "{api}");
+    // Every one took measurable time, the abort included.
+    for d in api["decided"].as_array().unwrap() {
+        assert!(d["took_ms"].as_u64().is_some(), "{d}");
+    }
+    let sm = &api["summary"];
+    assert_eq!(
+        (sm["committed"].as_u64(), sm["aborted"].as_u64()),
+        (Some(4), Some(1)),
+        "{sm}"
+    );
+    assert_eq!(
+        sm["aborted_by_participant"],
+        serde_json::json!({"payment": 1}),
+        "{sm}"
+    );
+    assert_eq!(sm["took_ms"]["n"], 5, "{sm}");
 
     let out = Command::new(chromium())
         .args([
@@ -73,7 +97,11 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
     assert_eq!(
         dom.matches(r#"<td class="committed">committed</td>"#)
             .count(),
-        5,
+        4,
+        "{dom}"
+    );
+    assert!(
+        dom.contains("vote_abort (payment: insufficient_funds)"),
         "{dom}"
     );
     assert_eq!(
@@ -81,8 +109,50 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
         5,
         "one latency bar per transaction:\n{dom}"
     );
+    // The summary, the plot's axes (ticks, unit, direction) and percentiles.
+    assert!(
+        dom.contains(r#"<td id="s-committed" class="committed">4</td>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"<td id="s-participants">payment 1</td>"#),
+        "{dom}"
+    );
+    assert!(dom.contains(r#"<td id="s-took">p50 "#), "{dom}");
+    assert_eq!(dom.matches(r#"class="axis-line""#).count(), 2, "{dom}");
+    assert!(dom.contains("5 transactions, oldest → newest"), "{dom}");
+    assert!(
+        dom.contains(r#"class="pct""#) && dom.contains(">p99 "),
+        "{dom}"
+    );
     assert!(dom.contains(trace), "{dom}");
     assert!(dom.contains(r#"<span id="n-doubt">0</span>"#), "{dom}");
     assert!(dom.contains(r#"<span id="n-recent">5</span>"#), "{dom}");
     assert!(dom.contains("updated "), "{dom}");
+
+    // A screenshot for people (not asserted): target/txmesh-page.png.
+    let png = txmesh_tests::workspace_root().join("target/txmesh-page.png");
+    let shot = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--window-size=1000,1000",
+        ])
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    assert!(
+        std::fs::metadata(&png).is_ok_and(|m| m.len() > 10_000),
+        "no screenshot at {}",
+        png.display()
+    );
 }

@@ -115,6 +115,8 @@ pub(super) struct Job {
     pub cause: Cause,
     /// W3C trace id of the beginning request (empty: none).
     pub trace: String,
+    /// When the root began the transaction (0: unknown here), for the record.
+    pub begun_ms: u64,
     /// Delete this coordinator's pending-work key in etcd when done.
     pub unpend: bool,
     /// Some participant did not acknowledge at once: from then on each
@@ -174,6 +176,7 @@ impl Job {
             give_up_ms: cx.now_ms.saturating_add(cx.cfg.phase2_give_up_ms),
             cause,
             trace,
+            begun_ms: 0,
             unpend,
             degraded: false,
             stuck: false,
@@ -217,7 +220,7 @@ impl Job {
                 time_ms: now,
                 reason: self.cause.as_str().to_string(),
                 trace: self.trace.clone(),
-                begun_ms: 0,
+                begun_ms: self.begun_ms,
                 refused_by: super::vote::refused_by(self.targets.iter().map(|t| t.vote.as_ref())),
             };
             let pending = (outcome == Outcome::Committed).then(|| self.pending(cx));

@@ -558,15 +558,9 @@ impl RootOp {
             })
             .collect();
         let trace = self.trace.clone().unwrap_or_default();
-        Effect::StartJob(Box::new(Job::new(
-            self.txn,
-            parts,
-            self.deadline_ms,
-            trace,
-            start,
-            cause,
-            cx,
-        )))
+        let mut job = Job::new(self.txn, parts, self.deadline_ms, trace, start, cause, cx);
+        job.begun_ms = self.started_ms;
+        Effect::StartJob(Box::new(job))
     }
 
     /// The decision log line: who voted what, and where the time went.

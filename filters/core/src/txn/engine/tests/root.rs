@@ -166,6 +166,8 @@ fn a_no_vote_aborts_everyone_and_names_the_participant() {
             &serde_json::json!("out_of_stock")
         )
     );
+    // ... and when it began, so operators see how long an abort took.
+    assert!(record["begun_ms"].as_u64().is_some(), "{record}");
 }
 
 #[test]
