@@ -80,35 +80,28 @@ start() {  # name port command...
   say "$name up on 127.0.0.1:$port (pid $(cat "$RUN/$name.pid"), log $RUN/$name.log)"
 }
 
-# An Envoy config from envoy/, with every port shifted by the offset and the
-# ingress port as asked.
-render() {  # envoy/x.yaml -> $RUN/x.yaml
-  local src=$1 dst=$RUN/$(basename "$1")
-  local script=""
-  for port in 2379 9901 15000 15001 15006 15008 15100 15101 15106 15108 15200 15201 15206 15208 18080 18081 18082; do
-    script+="s/port_value: $port}/port_value: $(p $port)}/g;"
+# The Envoy configs of this stack, from the one generator of envoy/*.yaml
+# (scripts/dev/gen-sidecar-configs.py), with this stack's ports, certificate
+# directory and instances, into $RUN.
+configs() {
+  local n
+  for n in "${PAYMENT_INSTANCES:-1}" "${INVENTORY_INSTANCES:-1}"; do
+    if ! [[ "$n" =~ ^[1-9]$ ]]; then
+      say "ERROR: PAYMENT_INSTANCES and INVENTORY_INSTANCES must be 1 to 9, got '$n'"; exit 2
+    fi
   done
-  script+="s/port_value: $(p 10000)}/port_value: $INGRESS_PORT}/g;"
-  sed "s/port_value: 10000}/port_value: $(p 10000)}/g; $script s#filename: .txmesh/certs/#filename: $HOME_DIR/certs/#g" "$src" >"$dst"
-  echo "$dst"
+  python3 scripts/dev/gen-sidecar-configs.py --out "$RUN" --offset "$OFF" --ingress-port "$INGRESS_PORT" \
+    --certs "$HOME_DIR/certs" --instances "payment=${PAYMENT_INSTANCES:-1},inventory=${INVENTORY_INSTANCES:-1}"
 }
 
 # Instances 1..n of a participant service, each with its sidecar:
 # instance k uses app port + 10(k-1) and sidecar ports + 10(k-1).
 instances() {  # service app_port admin_port n
   local svc=$1 app=$2 admin=$3 n=$4
-  if ! [[ "$n" =~ ^[1-9]$ ]]; then
-    say "ERROR: ${svc^^}_INSTANCES must be 1 to 9, got '$n'"; exit 2
-  fi
   for k in $(seq 1 "$n"); do
     local d=$(( (k - 1) * 10 )) name=$svc
     [ "$k" = 1 ] || name="$svc-$k"
-    local cfg; cfg=$(render "envoy/$svc-sidecar.yaml")
-    if [ "$k" != 1 ]; then
-      local shifted=$RUN/$name-sidecar.yaml
-      sed "s/port_value: $(p "$admin")}/port_value: $(p $((admin + d)))}/; s/port_value: $(p $((admin + 6)))}/port_value: $(p $((admin + 6 + d)))}/; s/port_value: $(p $((admin + 8)))}/port_value: $(p $((admin + 8 + d)))}/; s/port_value: $(p $((admin + 1)))}/port_value: $(p $((admin + 1 + d)))}/; s/port_value: $(p "$app")}/port_value: $(p $((app + d)))}/" "$cfg" >"$shifted"
-      cfg=$shifted
-    fi
+    local cfg=$RUN/$name-sidecar.yaml
     start "$name" "$(p $((app + d)))" "$SHOP_BIN" "$svc" --port "$(p $((app + d)))" --db "$DATA/$svc.db" \
       --sidecar-inbound "$(p $((admin + 6 + d)))" --sidecar-status "$(p $((admin + 8 + d)))" \
       --register "http://127.0.0.1:$(p 2379)"
@@ -155,6 +148,7 @@ build() {
 up() {
   build
   mkdir -p "$RUN" "$DATA"
+  configs
   start etcd "$(p 2379)" "$ETCD" --name shop --data-dir "$DATA/etcd" \
     --listen-client-urls "http://127.0.0.1:$(p 2379)" --advertise-client-urls "http://127.0.0.1:$(p 2379)" \
     --listen-peer-urls "http://127.0.0.1:$(p 2380)" --initial-advertise-peer-urls "http://127.0.0.1:$(p 2380)" \
@@ -165,11 +159,11 @@ up() {
   local reg="http://127.0.0.1:$(p 2379)"
   start order "$(p 18080)" "$SHOP_BIN" order --port "$(p 18080)" --db "$DATA/order.db" \
     --sidecar-inbound "$(p 15006)" --sidecar-outbound "$(p 15001)" --sidecar-status "$(p 15008)" --register "$reg"
-  start order-sidecar "$(p 15006)" "$ENVOY" -c "$(render envoy/order-sidecar.yaml)" \
+  start order-sidecar "$(p 15006)" "$ENVOY" -c "$RUN/order-sidecar.yaml" \
     --base-id "$(p 15000)" --concurrency 2 -l info
   instances payment 18081 15100 "${PAYMENT_INSTANCES:-1}"
   instances inventory 18082 15200 "${INVENTORY_INSTANCES:-1}"
-  start ingress "$INGRESS_PORT" "$ENVOY" -c "$(render envoy/ingress.yaml)" --base-id "$(p 9901)" --concurrency 2 -l info
+  start ingress "$INGRESS_PORT" "$ENVOY" -c "$RUN/ingress.yaml" --base-id "$(p 9901)" --concurrency 2 -l info
   if [ "${TXMESH_PROMETHEUS:-0}" = 1 ]; then prometheus_up; fi
   cat <<EOF
 [shop] ready. Public API: http://127.0.0.1:$INGRESS_PORT

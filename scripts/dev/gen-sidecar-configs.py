@@ -1,11 +1,33 @@
 #!/usr/bin/env python3
-# Generates envoy/order-sidecar.yaml and envoy/payment-sidecar.yaml (run from the repo root).
+# The one generator of the shop's Envoy configs: the sidecars of order,
+# payment and inventory and the ingress (run from the repo root).
+#
+#   scripts/dev/gen-sidecar-configs.py            writes envoy/*.yaml (the committed ones)
+#   scripts/dev/gen-sidecar-configs.py --check    fails (exit 1) if a committed file differs
+#   scripts/dev/gen-sidecar-configs.py --out DIR --offset N --ingress-port P --certs DIR \
+#       --instances payment=2,inventory=1         what scripts/shop.sh runs (`make up`)
+#
+# Instance k (2..9) of a participant service uses the first one's ports + 10(k-1)
+# and is node "<service>-<k>" (the txn filter's node must be unique per instance).
 
+import argparse, filecmp, os, sys, tempfile
 from string import Template
+
+ap = argparse.ArgumentParser(description="generate the shop's Envoy configs")
+ap.add_argument("--out", default="envoy")
+ap.add_argument("--offset", type=int, default=0, help="added to every port")
+ap.add_argument("--ingress-port", type=int, default=None, help="default: 10000 + offset")
+ap.add_argument("--certs", default=".txmesh/certs")
+ap.add_argument("--instances", default="", help="service=n,... (payment and inventory; default 1 each)")
+ap.add_argument("--check", action="store_true", help="compare the committed envoy/*.yaml with what this writes")
+ARGS = ap.parse_args()
+OFFSET = ARGS.offset
+def P(port): return port + OFFSET
+INGRESS_PORT = ARGS.ingress_port if ARGS.ingress_port is not None else P(10000)
 ENDPOINT = "[{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $port}}}}]}]"
-def ep(port): return Template(ENDPOINT).substitute(port=port)
+def ep(port): return Template(ENDPOINT).substitute(port=P(port))
 SPIFFE = "spiffe://txmesh.local/ns/shop/sa/"
-CERTS = ".txmesh/certs"   # scripts/certs.sh; scripts/shop.sh rewrites it under TXMESH_HOME
+CERTS = ARGS.certs   # scripts/certs.sh; scripts/shop.sh passes its own under TXMESH_HOME
 def upstream_tls(me, peer, indent):
     """Client side of mTLS: present `me`'s certificate, accept only `peer`'s SPIFFE id."""
     t = Template("""transport_socket:
@@ -61,7 +83,8 @@ def txn_filter(name, begin_json, direction, anchor):
         anchor, "A transaction filter never fails open: without it a request\ncould run outside its transaction.", block=True)
 def metrics_filter(name, direction, anchor):
     return wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "%s", "reporter": "%s"}' % (name, direction), anchor)
-def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
+def sidecar(name, admin, inbound, outbound, app_port, routes, begin, instance=None):
+    instance = instance or name
     vhosts = ""
     clusters = ""
     for (svc, port) in routes:
@@ -86,7 +109,7 @@ def sidecar(name, admin, inbound, outbound, app_port, routes, begin):
     outbound_block = ""
     out_comment = ""
     if routes:
-        out_comment = "\n#   outbound 127.0.0.1:%d -> routes by Host to %s, instances from the registry in etcd" % (outbound, ", ".join(r[0] for r in routes))
+        out_comment = "\n#   outbound 127.0.0.1:%d -> routes by Host to %s, instances from the registry in etcd" % (P(outbound), ", ".join(r[0] for r in routes))
         outbound_block = Template("""
   - name: outbound
     traffic_direction: OUTBOUND
@@ -115,11 +138,11 @@ $txn_out
 $metrics_out
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-""").substitute(name=name, outbound=outbound, vhosts=vhosts.rstrip(), router=wasm_filter("txmesh_router", "FAIL_CLOSED",
+""").substitute(name=name, outbound=P(outbound), vhosts=vhosts.rstrip(), router=wasm_filter("txmesh_router", "FAIL_CLOSED",
             '{"etcd_cluster": "etcd", "poll_interval_ms": 500, "services": {%s}}' % ", ".join(
             '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes),
             why="Fails closed: without it the pick header could come from anyone.", block=True),
-            txn_out=txn_filter(name, "", "outbound", "&txn_outbound"),
+            txn_out=txn_filter(instance, "", "outbound", "&txn_outbound"),
             metrics_out=metrics_filter(name, "outbound", "&metrics_outbound"))
     return Template("""# txmesh sidecar of "$name", the $role.
 #   inbound  127.0.0.1:$inbound (mTLS, SPIFFE id $spiffe$name) -> the app at 127.0.0.1:$app_port$out_comment
@@ -130,9 +153,9 @@ $metrics_out
 # (fails open); outbound txmesh_router (fails closed), txmesh_txn, txmesh_metrics.
 # Certificates: scripts/certs.sh order payment inventory ingress (into .txmesh/certs).
 # Run from the repository root after `make build`:
-#   .venv/bin/envoy -c envoy/$name-sidecar.yaml --base-id $admin
+#   .venv/bin/envoy -c envoy/$instance-sidecar.yaml --base-id $admin
 node:
-  id: $name-sidecar
+  id: $instance-sidecar
   cluster: $name
   metadata: {WORKLOAD_NAME: $name}
 
@@ -253,14 +276,28 @@ $outbound_block
     load_assignment:
       cluster_name: etcd
       endpoints: $etcd_ep
-$clusters""").substitute(name=name, role=role, inbound=inbound, app_port=app_port, out_comment=out_comment,
-        status=inbound + 2, certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
-        admin=admin, begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
-        clusters=clusters.rstrip(), txn_in=txn_filter(name, begin_json, "inbound", "&txn"),
+$clusters""").substitute(name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
+        status=P(inbound + 2), certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
+        admin=P(admin), begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
+        clusters=clusters.rstrip(), txn_in=txn_filter(instance, begin_json, "inbound", "&txn"),
         metrics_in=metrics_filter(name, "inbound", "&metrics"))
-open('envoy/order-sidecar.yaml','w').write(sidecar("order",15000,15006,15001,18080,[("payment",15106),("inventory",15206)],True).rstrip()+"\n")
-open('envoy/payment-sidecar.yaml','w').write(sidecar("payment",15100,15106,15101,18081,[],False).rstrip()+"\n")
-open('envoy/inventory-sidecar.yaml','w').write(sidecar("inventory",15200,15206,15201,18082,[],False).rstrip()+"\n")
+OUT = tempfile.mkdtemp(prefix="txmesh-configs-") if ARGS.check else ARGS.out
+os.makedirs(OUT, exist_ok=True)
+def write(name, text):
+    with open(os.path.join(OUT, name), "w") as f:
+        f.write(text.rstrip() + "\n")
+INSTANCES = {"payment": 1, "inventory": 1}
+for item in filter(None, ARGS.instances.split(",")):
+    svc, _, n = item.partition("=")
+    if svc not in INSTANCES or not n.isdigit() or not 1 <= int(n) <= 9:
+        sys.exit("--instances: want payment=N or inventory=N with N in 1..9, got %r" % item)
+    INSTANCES[svc] = int(n)
+write("order-sidecar.yaml", sidecar("order",15000,15006,15001,18080,[("payment",15106),("inventory",15206)],True))
+for svc, (admin, app) in {"payment": (15100, 18081), "inventory": (15200, 18082)}.items():
+    for k in range(1, INSTANCES[svc] + 1):
+        d = (k - 1) * 10
+        inst = svc if k == 1 else "%s-%d" % (svc, k)
+        write("%s-sidecar.yaml" % inst, sidecar(svc, admin + d, admin + 6 + d, admin + 1 + d, app + d, [], False, inst))
 
 INGRESS = Template('''# The shop's ingress: the public API on 127.0.0.1:10000 (admin 127.0.0.1:9901).
 #   POST /checkout, GET /orders/<id>  -> order's sidecar (inbound 15006)
@@ -274,7 +311,7 @@ node:
   metadata: {WORKLOAD_NAME: ingress}
 
 admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: 9901}}
+  address: {socket_address: {address: 127.0.0.1, port_value: $ingress_admin}}
 
 stats_config:
   stats_tags:
@@ -291,7 +328,7 @@ static_resources:
   listeners:
   - name: ingress
     traffic_direction: OUTBOUND
-    address: {socket_address: {address: 127.0.0.1, port_value: 10000}}
+    address: {socket_address: {address: 127.0.0.1, port_value: $ingress_port}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -361,9 +398,17 @@ $payment_tls  - name: inventory
       cluster_name: inventory
       endpoints: $inventory
 $inventory_tls''')
-open('envoy/ingress.yaml','w').write(INGRESS.substitute(
+write("ingress.yaml", INGRESS.substitute(
+    ingress_admin=P(9901), ingress_port=INGRESS_PORT,
     edge_authz=wasm_filter("txmesh_authz", "FAIL_CLOSED", '{"default": "allow", "edge": {"allow_txn_begin": false}}'),
     ingress_metrics=wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "ingress"}'),
     otel=ep(4317), order=ep(15006), payment=ep(15106), inventory=ep(15206),
     order_tls=upstream_tls("ingress", "order", "    "), payment_tls=upstream_tls("ingress", "payment", "    "),
-    inventory_tls=upstream_tls("ingress", "inventory", "    ")).rstrip() + "\n")
+    inventory_tls=upstream_tls("ingress", "inventory", "    ")))
+
+if ARGS.check:
+    differ = [f for f in sorted(os.listdir(OUT))
+              if not os.path.exists(os.path.join("envoy", f)) or not filecmp.cmp(os.path.join(OUT, f), os.path.join("envoy", f), shallow=False)]
+    if differ:
+        sys.exit("envoy/ differs from scripts/dev/gen-sidecar-configs.py for: %s (regenerate: scripts/dev/gen-sidecar-configs.py)" % ", ".join(differ))
+    print("envoy/: %d configs as generated" % len(os.listdir(OUT)))

@@ -177,3 +177,27 @@ fn each_filter_exports_only_the_callbacks_it_uses() {
         assert_eq!(wasm_exports(&bytes), want, "{module}.wasm exports");
     }
 }
+
+/// The shop's configs have one producer: envoy/*.yaml are exactly what
+/// scripts/dev/gen-sidecar-configs.py writes (scripts/shop.sh runs the same
+/// generator with its ports, certificates and instances).
+#[test]
+fn the_committed_shop_configs_are_what_the_generator_writes() {
+    let out = std::process::Command::new("python3")
+        .arg("scripts/dev/gen-sidecar-configs.py")
+        .arg("--check")
+        .current_dir(workspace_root())
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("envoy/: 4 configs as generated"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
