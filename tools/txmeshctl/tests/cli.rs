@@ -45,6 +45,12 @@ fn committed_checkout() -> (common::Stack, String) {
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
+/// A run that exits `want` and says `what` on stderr.
+fn says((code, _, err): (i32, String, String), want: i32, what: &str) {
+    assert_eq!(code, want, "{err}");
+    assert!(err.contains(what), "{err}");
+}
+
 #[test]
 fn txns_lists_decisions_and_what_sidecars_hold() {
     let (stack, id) = committed_checkout();
@@ -85,16 +91,12 @@ fn txns_lists_decisions_and_what_sidecars_hold() {
         (code == 0 && out.lines().count() == 1).then_some(())
     });
     // A sidecar down: named, the others still answer.
-    let (code, _, err) = ctl(
+    let r = ctl(
         &url,
         &["http://127.0.0.1:1".to_string()],
         &["txns", "--state", "active"],
     );
-    assert_eq!(code, 0);
-    assert!(
-        err.contains("cannot reach sidecar http://127.0.0.1:1"),
-        "{err}"
-    );
+    says(r, 0, "cannot reach sidecar http://127.0.0.1:1");
 }
 
 #[test]
@@ -117,11 +119,11 @@ fn txn_shows_one_transaction() {
 fn txn_abort_aborts_only_undecided_transactions() {
     let (stack, id) = committed_checkout();
     let (url, sidecars, etcd) = (stack.etcd.url(), stack.sidecars(), &stack.etcd);
-    let (code, _, err) = ctl(&url, &sidecars, &["txn", "abort", &id]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains(&format!("refused: {id} is already decided: committed")),
-        "{err}"
+    let r = ctl(&url, &sidecars, &["txn", "abort", &id]);
+    says(
+        r,
+        2,
+        &format!("refused: {id} is already decided: committed"),
     );
     assert_eq!(
         serde_json::from_str::<Value>(&etcd.get(&format!("txmesh/decisions/{id}")).unwrap())
@@ -151,9 +153,8 @@ fn txn_abort_aborts_only_undecided_transactions() {
         retention.lease_at(decided_at),
         "{leased:?}"
     );
-    let (code, _, err) = ctl(&url, &sidecars, &["txn", "abort", "nothex"]);
-    assert_eq!(code, 2);
-    assert!(err.contains("is not a transaction id"), "{err}");
+    let r = ctl(&url, &sidecars, &["txn", "abort", "nothex"]);
+    says(r, 2, "is not a transaction id");
 }
 
 #[test]
@@ -196,13 +197,9 @@ fn services_lists_the_registry_and_names_an_unreachable_etcd() {
     assert_eq!(v[0]["zone"], json!("z1"));
     // etcd down: a clear error, exit 2.
     stack.etcd.stop();
-    let (code, _, err) = ctl(&url, &sidecars, &["services"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains(&format!("cannot reach etcd at {url}")),
-        "{err}"
-    );
-    assert!(err.contains("--etcd or TXMESH_ETCD"), "{err}");
+    let r = ctl(&url, &sidecars, &["services"]);
+    says(r.clone(), 2, &format!("cannot reach etcd at {url}"));
+    says(r, 2, "--etcd or TXMESH_ETCD");
 }
 
 #[test]
@@ -249,16 +246,12 @@ fn top_shows_live_rates() {
     assert_eq!(last["requests_per_s"], json!(0.0), "{last}");
     assert!(last["commits_per_s"].as_f64().unwrap() > 0.0, "{last}");
     assert_eq!(last["aborts_per_s"], json!(0.0), "{last}");
-    let (code, _, err) = ctl(
+    let r = ctl(
         &url,
         &sidecars,
         &["top", "--admin", "http://127.0.0.1:1", "--iterations", "1"],
     );
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("cannot reach any Envoy admin (http://127.0.0.1:1)"),
-        "{err}"
-    );
+    says(r, 2, "cannot reach any Envoy admin (http://127.0.0.1:1)");
 }
 
 #[test]

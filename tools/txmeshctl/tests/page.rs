@@ -72,23 +72,7 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
     );
     assert_eq!(sm["took_ms"]["n"], 5, "{sm}");
 
-    let out = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(&url)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} ({e}): scripts/setup.sh installs the Debian package chromium",
-                chromium()
-            )
-        });
+    let out = headless(&["--dump-dom"], &url);
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(dom.contains("txmesh transactions"), "{dom}");
     for id in &ids {
@@ -130,21 +114,15 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
     assert!(dom.contains(r#"<span id="n-recent">5</span>"#), "{dom}");
     assert!(dom.contains("updated "), "{dom}");
 
-    // A screenshot for people (not asserted): target/txmesh-page.png.
+    // A screenshot for people to look at: target/txmesh-page.png.
     let png = txmesh_tests::workspace_root().join("target/txmesh-page.png");
-    let shot = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=5000",
+    let shot = headless(
+        &[
             "--window-size=1000,1000",
-        ])
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(&url)
-        .output()
-        .unwrap();
+            &format!("--screenshot={}", png.display()),
+        ],
+        &url,
+    );
     assert!(
         shot.status.success(),
         "{}",
@@ -155,4 +133,26 @@ fn the_page_shows_recent_transactions_in_headless_chromium() {
         "no screenshot at {}",
         png.display()
     );
+}
+
+/// Headless Chromium on `url` with `extra` flags, after 5 s of virtual time
+/// (the page's first refresh).
+fn headless(extra: &[&str], url: &str) -> std::process::Output {
+    Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): scripts/setup.sh installs the Debian package chromium",
+                chromium()
+            )
+        })
 }
