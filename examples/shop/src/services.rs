@@ -19,6 +19,139 @@ pub const SKUS: &[(&str, i64, i64)] = &[
     ("unobtainium", 0, 100_000),
 ];
 
+/// A participant's tentative work as holds against balances, written once
+/// for payment (money held against accounts) and inventory (units reserved
+/// against stock): a business call adds a `pending` hold; prepare turns it
+/// `held` if the balance, less what is already held, covers it (else the
+/// shortfall reason is the vote); commit applies it (`done`); abort releases
+/// it. Table and column names are this module's constants, never input.
+struct Holds {
+    /// The holds table: (txn, key, qty, state).
+    table: &'static str,
+    key: &'static str,
+    qty: &'static str,
+    /// The balances table: (key, balance).
+    balances: &'static str,
+    balance: &'static str,
+    /// The state of an applied hold.
+    done: &'static str,
+    /// The abort vote's reason when the balance does not cover a hold.
+    short: &'static str,
+}
+
+const PAYMENT_HOLDS: Holds = Holds {
+    table: "holds",
+    key: "customer",
+    qty: "amount",
+    balances: "accounts",
+    balance: "balance",
+    done: "charged",
+    short: "insufficient_funds",
+};
+
+const INVENTORY_HOLDS: Holds = Holds {
+    table: "reservations",
+    key: "sku",
+    qty: "qty",
+    balances: "stock",
+    balance: "available",
+    done: "shipped",
+    short: "out_of_stock",
+};
+
+impl Holds {
+    /// A business call's tentative work (added to the transaction's hold).
+    fn hold(&self, tx: &Transaction, txn: &str, key: &str, qty: i64) -> rusqlite::Result<()> {
+        let Holds {
+            table,
+            key: k,
+            qty: q,
+            ..
+        } = self;
+        tx.execute(
+            &format!(
+                "INSERT INTO {table} (txn, {k}, {q}, state) VALUES (?1, ?2, ?3, 'pending')
+                 ON CONFLICT (txn) DO UPDATE SET {q} = {q} + excluded.{q}"
+            ),
+            params![txn, key, qty],
+        )?;
+        Ok(())
+    }
+
+    fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
+        let Holds {
+            table,
+            key,
+            qty,
+            balances,
+            balance,
+            ..
+        } = self;
+        let hold: Option<(String, i64)> = tx
+            .query_row(
+                &format!("SELECT {key}, {qty} FROM {table} WHERE txn = ?1 AND state = 'pending'"),
+                [txn],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((k, amount)) = hold else {
+            return Ok(Ok(false));
+        };
+        let available: i64 = tx.query_row(
+            &format!(
+                "SELECT b.{balance} - COALESCE((SELECT sum({qty}) FROM {table} h
+                     WHERE h.{key} = b.{key} AND h.state = 'held'), 0)
+                 FROM {balances} b WHERE b.{key} = ?1"
+            ),
+            [&k],
+            |r| r.get(0),
+        )?;
+        if available < amount {
+            return Ok(Err(self.short.to_string()));
+        }
+        tx.execute(
+            &format!("UPDATE {table} SET state = 'held' WHERE txn = ?1"),
+            [txn],
+        )?;
+        Ok(Ok(true))
+    }
+
+    fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        let Holds {
+            table,
+            key,
+            qty,
+            balances,
+            balance,
+            done,
+            ..
+        } = self;
+        tx.execute(
+            &format!(
+                "UPDATE {balances} SET {balance} = {balance} - (SELECT {qty} FROM {table} WHERE txn = ?1)
+                 WHERE {key} = (SELECT {key} FROM {table} WHERE txn = ?1 AND state = 'held')"
+            ),
+            [txn],
+        )?;
+        tx.execute(
+            &format!("UPDATE {table} SET state = '{done}' WHERE txn = ?1 AND state = 'held'"),
+            [txn],
+        )?;
+        Ok(())
+    }
+
+    fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+        let table = self.table;
+        tx.execute(
+            &format!(
+                "UPDATE {table} SET state = 'released' WHERE txn = ?1 AND state IN ('pending', 'held')"
+            ),
+            [txn],
+        )?;
+        Ok(())
+    }
+}
+
 pub struct Payment;
 
 impl Ledger for Payment {
@@ -42,47 +175,13 @@ impl Ledger for Payment {
         Ok(())
     }
     fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
-        let hold: Option<(String, i64)> = tx
-            .query_row(
-                "SELECT customer, amount FROM holds WHERE txn = ?1 AND state = 'pending'",
-                [txn],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((customer, amount)) = hold else {
-            return Ok(Ok(false));
-        };
-        let available: i64 = tx.query_row(
-            "SELECT a.balance - COALESCE((SELECT sum(amount) FROM holds h
-                 WHERE h.customer = a.customer AND h.state = 'held'), 0)
-             FROM accounts a WHERE a.customer = ?1",
-            [&customer],
-            |r| r.get(0),
-        )?;
-        if available < amount {
-            return Ok(Err("insufficient_funds".to_string()));
-        }
-        tx.execute("UPDATE holds SET state = 'held' WHERE txn = ?1", [txn])?;
-        Ok(Ok(true))
+        PAYMENT_HOLDS.prepare(tx, txn)
     }
     fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        tx.execute(
-            "UPDATE accounts SET balance = balance - (SELECT amount FROM holds WHERE txn = ?1)
-             WHERE customer = (SELECT customer FROM holds WHERE txn = ?1 AND state = 'held')",
-            [txn],
-        )?;
-        tx.execute(
-            "UPDATE holds SET state = 'charged' WHERE txn = ?1 AND state = 'held'",
-            [txn],
-        )?;
-        Ok(())
+        PAYMENT_HOLDS.commit(tx, txn)
     }
     fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        tx.execute(
-            "UPDATE holds SET state = 'released' WHERE txn = ?1 AND state IN ('pending', 'held')",
-            [txn],
-        )?;
-        Ok(())
+        PAYMENT_HOLDS.abort(tx, txn)
     }
 }
 
@@ -105,11 +204,7 @@ impl Payment {
         if amount <= 0 {
             return Ok(Err("amount must be positive".into()));
         }
-        tx.execute(
-            "INSERT INTO holds (txn, customer, amount, state) VALUES (?1, ?2, ?3, 'pending')
-             ON CONFLICT (txn) DO UPDATE SET amount = amount + excluded.amount",
-            params![txn, customer, amount],
-        )?;
+        PAYMENT_HOLDS.hold(tx, txn, customer, amount)?;
         Ok(Ok(()))
     }
 
@@ -147,50 +242,13 @@ impl Ledger for Inventory {
         Ok(())
     }
     fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
-        let res: Option<(String, i64)> = tx
-            .query_row(
-                "SELECT sku, qty FROM reservations WHERE txn = ?1 AND state = 'pending'",
-                [txn],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((sku, qty)) = res else {
-            return Ok(Ok(false));
-        };
-        let available: i64 = tx.query_row(
-            "SELECT s.available - COALESCE((SELECT sum(qty) FROM reservations r
-                 WHERE r.sku = s.sku AND r.state = 'held'), 0)
-             FROM stock s WHERE s.sku = ?1",
-            [&sku],
-            |r| r.get(0),
-        )?;
-        if available < qty {
-            return Ok(Err("out_of_stock".to_string()));
-        }
-        tx.execute(
-            "UPDATE reservations SET state = 'held' WHERE txn = ?1",
-            [txn],
-        )?;
-        Ok(Ok(true))
+        INVENTORY_HOLDS.prepare(tx, txn)
     }
     fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        tx.execute(
-            "UPDATE stock SET available = available - (SELECT qty FROM reservations WHERE txn = ?1)
-             WHERE sku = (SELECT sku FROM reservations WHERE txn = ?1 AND state = 'held')",
-            [txn],
-        )?;
-        tx.execute(
-            "UPDATE reservations SET state = 'shipped' WHERE txn = ?1 AND state = 'held'",
-            [txn],
-        )?;
-        Ok(())
+        INVENTORY_HOLDS.commit(tx, txn)
     }
     fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        tx.execute(
-            "UPDATE reservations SET state = 'released' WHERE txn = ?1 AND state IN ('pending', 'held')",
-            [txn],
-        )?;
-        Ok(())
+        INVENTORY_HOLDS.abort(tx, txn)
     }
 }
 
@@ -213,11 +271,7 @@ impl Inventory {
         if qty <= 0 {
             return Ok(Err("qty must be positive".into()));
         }
-        tx.execute(
-            "INSERT INTO reservations (txn, sku, qty, state) VALUES (?1, ?2, ?3, 'pending')
-             ON CONFLICT (txn) DO UPDATE SET qty = qty + excluded.qty",
-            params![txn, sku, qty],
-        )?;
+        INVENTORY_HOLDS.hold(tx, txn, sku, qty)?;
         Ok(Ok(price))
     }
 
