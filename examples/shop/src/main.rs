@@ -201,9 +201,51 @@ fn participant_routes<L: Ledger + 'static>() -> Router<Shared<L>> {
         .route("/health", get(|| async { "ok" }))
 }
 
-/// The body of a business call, as JSON.
-fn body_json(body: &str) -> Result<Value, String> {
-    serde_json::from_str::<Value>(body).map_err(|e| format!("invalid JSON: {e}"))
+/// `POST /checkout` (order).
+#[derive(serde::Deserialize)]
+struct CheckoutReq {
+    customer: String,
+    sku: String,
+    qty: i64,
+}
+
+/// `POST /reserve` (inventory), as order sends it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReserveReq {
+    sku: String,
+    qty: i64,
+}
+
+/// inventory's answer to `/reserve`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReserveResp {
+    price: i64,
+    amount: i64,
+}
+
+/// `POST /charge` (payment), as order sends it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ChargeReq {
+    customer: String,
+    amount: i64,
+}
+
+/// A service's error answer.
+#[derive(serde::Deserialize)]
+struct ErrorResp {
+    error: String,
+}
+
+/// The typed body of a business call; `want` says the expected shape when
+/// the JSON is valid but not that shape (a 400 either way).
+fn body_of<T: serde::de::DeserializeOwned>(body: &str, want: &str) -> Result<T, String> {
+    serde_json::from_str::<T>(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            format!("invalid JSON: {e}")
+        } else {
+            want.to_string()
+        }
+    })
 }
 
 async fn charge(State(app): State<Shared<Payment>>, headers: HeaderMap, body: String) -> Response {
@@ -213,18 +255,12 @@ async fn charge(State(app): State<Shared<Payment>>, headers: HeaderMap, body: St
             "a charge must run in a transaction (x-txmesh-txn)",
         );
     };
-    let v = match body_json(&body) {
+    let ChargeReq { customer, amount } = match body_of(
+        &body,
+        "want {\"customer\": string, \"amount\": integer cents}",
+    ) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let (Some(customer), Some(amount)) = (
-        v["customer"].as_str().map(str::to_string),
-        v["amount"].as_i64(),
-    ) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "want {\"customer\": string, \"amount\": integer cents}",
-        );
     };
     let r = blocking(move || {
         app.p.work(&txn, deadline, |tx| {
@@ -264,15 +300,9 @@ async fn reserve(
             "a reservation must run in a transaction (x-txmesh-txn)",
         );
     };
-    let v = match body_json(&body) {
+    let ReserveReq { sku, qty } = match body_of(&body, "want {\"sku\": string, \"qty\": integer}") {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let (Some(sku), Some(qty)) = (v["sku"].as_str().map(str::to_string), v["qty"].as_i64()) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "want {\"sku\": string, \"qty\": integer}",
-        );
     };
     let r = blocking(move || {
         app.p
@@ -280,7 +310,11 @@ async fn reserve(
     })
     .await;
     match r {
-        Ok(Ok(price)) => Json(json!({"price": price, "amount": price * qty})).into_response(),
+        Ok(Ok(price)) => Json(ReserveResp {
+            price,
+            amount: price * qty,
+        })
+        .into_response(),
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
@@ -298,7 +332,14 @@ async fn stock(State(app): State<Shared<Inventory>>, Path(sku): Path<String>) ->
 }
 
 /// A call through the sidecar, forwarding the transaction.
-fn call(via: Via, host: &str, path: &str, txn: &str, body: Value) -> Result<(u16, Value), String> {
+/// Its answer: the status and the body (JSON or not).
+fn call<B: serde::Serialize>(
+    via: Via,
+    host: &str,
+    path: &str,
+    txn: &str,
+    body: &B,
+) -> Result<(u16, String), String> {
     // One agent per process: its connections to the sidecar are reused.
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
     let agent = AGENT.get_or_init(|| {
@@ -316,14 +357,15 @@ fn call(via: Via, host: &str, path: &str, txn: &str, body: Value) -> Result<(u16
     let mut resp = req
         .header("x-txmesh-txn", txn)
         .header("content-type", "application/json")
-        .send(body.to_string())
+        .send(serde_json::to_string(body).map_err(|e| e.to_string())?)
         .map_err(|e| format!("{host}: {e}"))?;
     let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap_or_default();
-    Ok((
-        status,
-        serde_json::from_str(&text).unwrap_or(json!({"error": text})),
-    ))
+    Ok((status, resp.body_mut().read_to_string().unwrap_or_default()))
+}
+
+/// What a service's 400 says (its `error`), else its whole answer.
+fn error_of(text: &str) -> String {
+    serde_json::from_str::<ErrorResp>(text).map_or_else(|_| text.to_string(), |e| e.error)
 }
 
 async fn checkout(State(app): State<Shared<Order>>, headers: HeaderMap, body: String) -> Response {
@@ -333,19 +375,12 @@ async fn checkout(State(app): State<Shared<Order>>, headers: HeaderMap, body: St
             "checkout runs in a transaction: call it through the sidecar",
         );
     };
-    let v = match body_json(&body) {
+    let CheckoutReq { customer, sku, qty } = match body_of(
+        &body,
+        "want {\"customer\": string, \"sku\": string, \"qty\": integer}",
+    ) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let (Some(customer), Some(sku), Some(qty)) = (
-        v["customer"].as_str().map(str::to_string),
-        v["sku"].as_str().map(str::to_string),
-        v["qty"].as_i64(),
-    ) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "want {\"customer\": string, \"sku\": string, \"qty\": integer}",
-        );
     };
     if qty <= 0 {
         return error(StatusCode::BAD_REQUEST, "qty must be positive");
@@ -361,43 +396,34 @@ async fn checkout(State(app): State<Shared<Order>>, headers: HeaderMap, body: St
         }
     };
     blocking(move || {
-        let (st, inv) = match call(
-            via,
-            "inventory",
-            "/reserve",
-            &txn,
-            json!({"sku": sku, "qty": qty}),
-        ) {
+        let reserve = ReserveReq {
+            sku: sku.clone(),
+            qty,
+        };
+        let (st, inv) = match call(via, "inventory", "/reserve", &txn, &reserve) {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_GATEWAY, e),
         };
         if st == 400 {
-            return error(
-                StatusCode::BAD_REQUEST,
-                inv["error"].as_str().unwrap_or("bad request"),
-            );
+            return error(StatusCode::BAD_REQUEST, error_of(&inv));
         }
-        let Some(amount) = inv["amount"].as_i64().filter(|_| st == 200) else {
+        let reserved = serde_json::from_str::<ReserveResp>(&inv).ok();
+        let Some(ReserveResp { amount, .. }) = reserved.filter(|_| st == 200) else {
             return error(
                 StatusCode::BAD_GATEWAY,
                 format!("inventory answered {st}: {inv}"),
             );
         };
-        let (st, pay) = match call(
-            via,
-            "payment",
-            "/charge",
-            &txn,
-            json!({"customer": customer, "amount": amount}),
-        ) {
+        let charge = ChargeReq {
+            customer: customer.clone(),
+            amount,
+        };
+        let (st, pay) = match call(via, "payment", "/charge", &txn, &charge) {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_GATEWAY, e),
         };
         if st == 400 {
-            return error(
-                StatusCode::BAD_REQUEST,
-                pay["error"].as_str().unwrap_or("bad request"),
-            );
+            return error(StatusCode::BAD_REQUEST, error_of(&pay));
         }
         if st != 200 {
             return error(
