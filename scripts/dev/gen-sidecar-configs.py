@@ -27,6 +27,15 @@ INGRESS_PORT = ARGS.ingress_port if ARGS.ingress_port is not None else P(10000)
 ENDPOINT = "[{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $port}}}}]}]"
 def ep(port): return Template(ENDPOINT).substitute(port=P(port))
 SPIFFE = "spiffe://txmesh.local/ns/shop/sa/"
+# The stat labels (tag, key in the stat name): txmesh_core::labels::stats_tags
+# is the definition; tests/it/configs.rs checks these configs carry each one.
+METRICS_TAGS = [(t, t) for t in ("reporter", "source_workload", "destination_service",
+                                 "response_code", "response_flags", "request_protocol")]
+TXN_TAGS = [("outcome", "outcome"), ("reason", "reason")]
+AUTHZ_TAGS = [("decision", "decision"), ("rule", "rule")]
+ROUTER_TAGS = [("service", "router_service"), ("endpoint", "router_endpoint"), ("zone", "router_zone")]
+def stats_tags(tags):
+    return "\n".join("  - {tag_name: %s, regex: '(%s=\\.=(.*?);\\.;)'}" % t for t in tags)
 CERTS = ARGS.certs   # scripts/certs.sh; scripts/shop.sh passes its own under TXMESH_HOME
 def upstream_tls(me, peer, indent):
     """Client side of mTLS: present `me`'s certificate, accept only `peer`'s SPIFFE id."""
@@ -164,19 +173,7 @@ admin:
 
 stats_config:
   stats_tags:
-  - {tag_name: reporter, regex: '(reporter=\\.=(.*?);\\.;)'}
-  - {tag_name: source_workload, regex: '(source_workload=\\.=(.*?);\\.;)'}
-  - {tag_name: destination_service, regex: '(destination_service=\\.=(.*?);\\.;)'}
-  - {tag_name: response_code, regex: '(response_code=\\.=(.*?);\\.;)'}
-  - {tag_name: response_flags, regex: '(response_flags=\\.=(.*?);\\.;)'}
-  - {tag_name: request_protocol, regex: '(request_protocol=\\.=(.*?);\\.;)'}
-  - {tag_name: outcome, regex: '(outcome=\\.=(.*?);\\.;)'}
-  - {tag_name: reason, regex: '(reason=\\.=(.*?);\\.;)'}
-  - {tag_name: decision, regex: '(decision=\\.=(.*?);\\.;)'}
-  - {tag_name: rule, regex: '(rule=\\.=(.*?);\\.;)'}
-  - {tag_name: service, regex: '(router_service=\\.=(.*?);\\.;)'}
-  - {tag_name: endpoint, regex: '(router_endpoint=\\.=(.*?);\\.;)'}
-  - {tag_name: zone, regex: '(router_zone=\\.=(.*?);\\.;)'}
+$stats_tags
 
 static_resources:
   listeners:
@@ -276,7 +273,7 @@ $outbound_block
     load_assignment:
       cluster_name: etcd
       endpoints: $etcd_ep
-$clusters""").substitute(name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
+$clusters""").substitute(stats_tags=stats_tags(METRICS_TAGS + TXN_TAGS + AUTHZ_TAGS + ROUTER_TAGS), name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
         status=P(inbound + 2), certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
         admin=P(admin), begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip(), txn_in=txn_filter(instance, begin_json, "inbound", "&txn"),
@@ -315,14 +312,7 @@ admin:
 
 stats_config:
   stats_tags:
-  - {tag_name: reporter, regex: '(reporter=\\.=(.*?);\\.;)'}
-  - {tag_name: source_workload, regex: '(source_workload=\\.=(.*?);\\.;)'}
-  - {tag_name: destination_service, regex: '(destination_service=\\.=(.*?);\\.;)'}
-  - {tag_name: response_code, regex: '(response_code=\\.=(.*?);\\.;)'}
-  - {tag_name: response_flags, regex: '(response_flags=\\.=(.*?);\\.;)'}
-  - {tag_name: request_protocol, regex: '(request_protocol=\\.=(.*?);\\.;)'}
-  - {tag_name: decision, regex: '(decision=\\.=(.*?);\\.;)'}
-  - {tag_name: rule, regex: '(rule=\\.=(.*?);\\.;)'}
+$stats_tags
 
 static_resources:
   listeners:
@@ -399,7 +389,7 @@ $payment_tls  - name: inventory
       endpoints: $inventory
 $inventory_tls''')
 write("ingress.yaml", INGRESS.substitute(
-    ingress_admin=P(9901), ingress_port=INGRESS_PORT,
+    stats_tags=stats_tags(METRICS_TAGS + AUTHZ_TAGS), ingress_admin=P(9901), ingress_port=INGRESS_PORT,
     edge_authz=wasm_filter("txmesh_authz", "FAIL_CLOSED", '{"default": "allow", "edge": {"allow_txn_begin": false}}'),
     ingress_metrics=wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "ingress"}'),
     otel=ep(4317), order=ep(15006), payment=ep(15106), inventory=ep(15206),
