@@ -62,9 +62,45 @@ pub const ENDPOINT_HEADER: &str = "x-txmesh-endpoint";
 /// Some(`ip:port`)); anything else is a plain cluster name.
 pub fn split_pinned(participant: &str) -> (&str, Option<&str>) {
     match participant.rsplit_once('@') {
-        Some((c, ep)) if ep.parse::<std::net::SocketAddr>().is_ok() => (c, Some(ep)),
+        Some((c, ep)) if is_endpoint(ep) => (c, Some(ep)),
         _ => (participant, None),
     }
+}
+
+/// Whether `s` has the shape of an `ip:port` endpoint as txmesh_router
+/// writes it (`10.0.0.7:8080`, `[fd00::7]:8080`): an IPv4 or bracketed IPv6
+/// address of address characters, and a port 1–65535. A shape check, not a
+/// parser (core's `SocketAddr` parser costs ~4 KiB of `.wasm`); Envoy's
+/// override-host policy takes only endpoints it knows anyway.
+pub fn is_endpoint(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u32>().is_ok_and(|p| (1..=65_535).contains(&p));
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => {
+            v6.len() >= 2
+                && v6.len() <= 39
+                && v6.contains(':')
+                && v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        None => {
+            let parts: Vec<&str> = host.split('.').collect();
+            parts.len() == 4
+                && parts.iter().all(|p| {
+                    !p.is_empty()
+                        && p.len() <= 3
+                        && p.bytes().all(|b| b.is_ascii_digit())
+                        && p.parse::<u16>().is_ok_and(|n| n <= 255)
+                })
+        }
+    };
+    port_ok && host_ok
 }
 
 /// Per-stream state, kept by the glue's HTTP context.

@@ -227,7 +227,7 @@ impl TxnEngine {
         let cluster = match h
             .request_header(ENDPOINT_HEADER)
             .and_then(|v| String::from_utf8(v).ok())
-            .filter(|v| v.parse::<std::net::SocketAddr>().is_ok())
+            .filter(|v| is_endpoint(v))
         {
             Some(ep) => format!("{cluster}@{ep}"),
             None => cluster,

@@ -232,3 +232,42 @@ fn a_routed_participant_is_pinned_to_its_instance() {
         "{logs:?}"
     );
 }
+
+/// The endpoint shape check agrees with std's `SocketAddr` parser on what
+/// txmesh_router writes, and refuses what it does not.
+#[test]
+fn endpoint_shapes() {
+    for ok in [
+        "10.0.0.7:8080",
+        "127.0.0.1:1",
+        "255.255.255.255:65535",
+        "[fd00::7]:8080",
+        "[::1]:15006",
+    ] {
+        assert!(is_endpoint(ok), "{ok}");
+        assert!(ok.parse::<std::net::SocketAddr>().is_ok(), "{ok}");
+    }
+    for bad in [
+        "",
+        "payment",
+        "10.0.0.7",
+        "10.0.0.7:",
+        "10.0.0.7:0",
+        "10.0.0.7:65536",
+        "10.0.0.256:80",
+        "10.0.0:80",
+        "10.0.0.7.1:80",
+        "host:80",
+        "[fd00::7:8080",
+        "fd00::7:8080",
+        "[zz::1]:80",
+        "10.0.0.7:8o",
+    ] {
+        assert!(!is_endpoint(bad), "{bad}");
+    }
+    assert_eq!(
+        split_pinned("payment@10.0.0.7:8080"),
+        ("payment", Some("10.0.0.7:8080"))
+    );
+    assert_eq!(split_pinned("payment@nowhere"), ("payment@nowhere", None));
+}
