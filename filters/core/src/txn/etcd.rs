@@ -243,7 +243,8 @@ impl Retention {
 
     /// A bucket's lease is granted up to half a bucket before the bucket
     /// begins and used until it ends: its TTL covers the retention past
-    /// the last write under it, and expires at most 2.5 buckets later.
+    /// the last write under it (by half a bucket at least), and no write
+    /// under it lives more than the retention and 2 buckets.
     pub fn ttl_s(&self) -> u64 {
         (self.retention_ms + 2 * self.bucket_ms).div_ceil(1000)
     }
