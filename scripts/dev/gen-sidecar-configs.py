@@ -34,6 +34,24 @@ METRICS_TAGS = [(t, t) for t in ("reporter", "source_workload", "destination_ser
 TXN_TAGS = [("outcome", "outcome"), ("reason", "reason")]
 AUTHZ_TAGS = [("decision", "decision"), ("rule", "rule")]
 ROUTER_TAGS = [("service", "router_service"), ("endpoint", "router_endpoint"), ("zone", "router_zone")]
+def listener_head(direction, port, stat_prefix, service):
+    """A listener's address and the head of its HTTP connection manager
+    (OpenTelemetry tracing as `service`), the same for every listener."""
+    return Template("""    traffic_direction: $direction
+    address: {socket_address: {address: 127.0.0.1, port_value: $port}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: $stat_prefix
+          tracing:
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {envoy_grpc: {cluster_name: otel_collector}, timeout: 0.25s}
+                service_name: $service""").substitute(direction=direction, port=port, stat_prefix=stat_prefix, service=service)
 def stats_tags(tags):
     return "\n".join("  - {tag_name: %s, regex: '(%s=\\.=(.*?);\\.;)'}" % t for t in tags)
 CERTS = ARGS.certs   # scripts/certs.sh; scripts/shop.sh passes its own under TXMESH_HOME
@@ -121,21 +139,7 @@ def sidecar(name, admin, inbound, outbound, app_port, routes, begin, instance=No
         out_comment = "\n#   outbound 127.0.0.1:%d -> routes by Host to %s, instances from the registry in etcd" % (P(outbound), ", ".join(r[0] for r in routes))
         outbound_block = Template("""
   - name: outbound
-    traffic_direction: OUTBOUND
-    address: {socket_address: {address: 127.0.0.1, port_value: $outbound}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          tracing:
-            provider:
-              name: envoy.tracers.opentelemetry
-              typed_config:
-                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
-                grpc_service: {envoy_grpc: {cluster_name: otel_collector}, timeout: 0.25s}
-                service_name: $name
+$listener_outbound
           route_config:
             virtual_hosts:
 $vhosts
@@ -147,7 +151,7 @@ $txn_out
 $metrics_out
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-""").substitute(name=name, outbound=P(outbound), vhosts=vhosts.rstrip(), router=wasm_filter("txmesh_router", "FAIL_CLOSED",
+""").substitute(name=name, outbound=P(outbound), listener_outbound=listener_head("OUTBOUND", P(outbound), "outbound", name), vhosts=vhosts.rstrip(), router=wasm_filter("txmesh_router", "FAIL_CLOSED",
             '{"etcd_cluster": "etcd", "poll_interval_ms": 500, "services": {%s}}' % ", ".join(
             '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes),
             why="Fails closed: without it the pick header could come from anyone.", block=True),
@@ -178,21 +182,7 @@ $stats_tags
 static_resources:
   listeners:
   - name: inbound
-    traffic_direction: INBOUND
-    address: {socket_address: {address: 127.0.0.1, port_value: $inbound}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound
-          tracing:
-            provider:
-              name: envoy.tracers.opentelemetry
-              typed_config:
-                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
-                grpc_service: {envoy_grpc: {cluster_name: otel_collector}, timeout: 0.25s}
-                service_name: $name
+$listener_inbound
           route_config:
             virtual_hosts:
             - name: local_app
@@ -273,7 +263,7 @@ $outbound_block
     load_assignment:
       cluster_name: etcd
       endpoints: $etcd_ep
-$clusters""").substitute(stats_tags=stats_tags(METRICS_TAGS + TXN_TAGS + AUTHZ_TAGS + ROUTER_TAGS), name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
+$clusters""").substitute(listener_inbound=listener_head("INBOUND", P(inbound), "inbound", name), stats_tags=stats_tags(METRICS_TAGS + TXN_TAGS + AUTHZ_TAGS + ROUTER_TAGS), name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
         status=P(inbound + 2), certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
         admin=P(admin), begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip(), txn_in=txn_filter(instance, begin_json, "inbound", "&txn"),
@@ -317,21 +307,7 @@ $stats_tags
 static_resources:
   listeners:
   - name: ingress
-    traffic_direction: OUTBOUND
-    address: {socket_address: {address: 127.0.0.1, port_value: $ingress_port}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          tracing:
-            provider:
-              name: envoy.tracers.opentelemetry
-              typed_config:
-                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
-                grpc_service: {envoy_grpc: {cluster_name: otel_collector}, timeout: 0.25s}
-                service_name: ingress
+$listener_ingress
           route_config:
             # Defense in depth: txmesh_authz (edge mode) below strips these and
             # the txmesh.txn member of baggage (docs/security.md).
@@ -389,6 +365,7 @@ $payment_tls  - name: inventory
       endpoints: $inventory
 $inventory_tls''')
 write("ingress.yaml", INGRESS.substitute(
+    listener_ingress=listener_head("OUTBOUND", INGRESS_PORT, "ingress", "ingress"),
     stats_tags=stats_tags(METRICS_TAGS + AUTHZ_TAGS), ingress_admin=P(9901), ingress_port=INGRESS_PORT,
     edge_authz=wasm_filter("txmesh_authz", "FAIL_CLOSED", '{"default": "allow", "edge": {"allow_txn_begin": false}}'),
     ingress_metrics=wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "ingress"}'),
