@@ -14,6 +14,7 @@ pub mod labels;
 pub mod metrics;
 pub mod prom;
 pub mod props;
+pub mod rng;
 pub mod router;
 #[cfg(test)]
 pub(crate) mod testhost;

@@ -85,23 +85,8 @@ fn pause(pid: u32, how_long: Duration) {
     unsafe { libc::kill(pid, libc::SIGCONT) };
 }
 
-/// splitmix64: small, seeded, good enough for schedules.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+/// The schedules' generator (txmesh-core's splitmix64: a seed replays a run).
+use txmesh_core::rng::SplitMix64 as Rng;
 
 struct Proc {
     name: String,

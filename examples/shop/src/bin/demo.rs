@@ -11,27 +11,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use txmesh_shop::services::{CUSTOMERS, SKUS};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn pick<'a, T>(&mut self, weighted: &'a [(T, u64)]) -> &'a T {
-        let total: u64 = weighted.iter().map(|(_, w)| w).sum();
-        let mut x = self.next() % total.max(1);
-        for (v, w) in weighted {
-            if x < *w {
-                return v;
-            }
-            x -= w;
-        }
-        &weighted[0].0
-    }
-}
+/// The scenario's generator (txmesh-core's splitmix64: a seed replays a run).
+use txmesh_core::rng::SplitMix64 as Rng;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -96,11 +77,11 @@ fn main() {
                         break;
                     }
                     let mut r = Rng(seed ^ (i as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
-                    let customer = r.pick(&customers);
-                    let mut sku = *r.pick(&skus);
-                    let mut qty = 1 + (r.next() % 3) as i64;
+                    let customer = r.pick(&customers).copied().unwrap_or("alice");
+                    let mut sku = r.pick(&skus).copied().unwrap_or("widget");
+                    let mut qty = 1 + r.below(3) as i64;
                     // A few bad requests: they must leave nothing behind.
-                    match r.next() % 100 {
+                    match r.below(100) {
                         0 => sku = "nothing",
                         1 => qty = 0,
                         _ => {}

@@ -1,5 +1,6 @@
 //! Transaction ids and the headers that carry them (protocol v1).
 
+use crate::rng::mix;
 use std::fmt;
 
 pub const TXN_HEADER: &str = "x-txmesh-txn";
@@ -94,13 +95,6 @@ impl TxnId {
         let (hi, lo) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
         (mix(lo ^ mix(hi)), mix(hi ^ mix(lo ^ 0x9e37_79b9_7f4a_7c15)))
     }
-}
-
-/// splitmix64's finalizer: every input bit moves every output bit.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn hex_val(c: Option<u8>) -> Result<u8, String> {
