@@ -160,12 +160,25 @@ fn a_record_outlives_its_retention_while_phase_two_is_owed() {
     let key = format!("{DECISIONS}{txn}");
     // Past the retention and the lease's whole lifetime, phase 2 to payment
     // still failing: the record stays (and the coordinator's pending key).
-    let ttl = Duration::from_secs(txmesh_core::txn::etcd::Retention::new(retention_ms).ttl_s());
+    let retention = txmesh_core::txn::etcd::Retention::new(retention_ms);
+    let ttl = Duration::from_secs(retention.ttl_s());
     let stuck = || shop.order_sc.scrape().value("txmesh_txn_phase2_stuck", &[]);
     wait_for(30, "phase 2 counted stuck", || {
         (stuck() == 1.0).then_some(())
     });
-    std::thread::sleep(ttl + Duration::from_secs(3));
+    // The event that rules expiry out: the lease of the decision's time
+    // bucket — the one any record written then went under — is gone, and
+    // with it everything etcd kept under it.
+    let decided_ms = decision(&shop.etcd, &txn).and_then(|d| d["time_ms"].as_u64());
+    let lease = retention.lease_at(decided_ms.unwrap_or_default());
+    wait_for(
+        ttl.as_secs() + 30,
+        "the decision bucket's lease to expire",
+        || {
+            let ttl_left = shop.etcd.client().lease_ttl(lease as i64).ok()?;
+            ttl_left.is_none().then_some(())
+        },
+    );
     let record = decision(&shop.etcd, &txn);
     assert_eq!(
         record.as_ref().map(|d| d["outcome"].clone()),

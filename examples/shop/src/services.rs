@@ -152,20 +152,42 @@ impl Holds {
     }
 }
 
+/// `Ledger` for a service whose tentative work is `Holds`: its schema and
+/// seed, and prepare/commit/abort from its holds.
+macro_rules! holds_ledger {
+    ($service:ident, $holds:expr, $schema:expr, |$tx:ident| $seed:block) => {
+        impl Ledger for $service {
+            fn schema(&self) -> &'static str {
+                $schema
+            }
+            fn seed(&self, $tx: &Transaction) -> rusqlite::Result<()> $seed
+            fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
+                $holds.prepare(tx, txn)
+            }
+            fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+                $holds.commit(tx, txn)
+            }
+            fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
+                $holds.abort(tx, txn)
+            }
+        }
+    };
+}
+
 pub struct Payment;
 
-impl Ledger for Payment {
-    fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS accounts (
+holds_ledger!(
+    Payment,
+    PAYMENT_HOLDS,
+    "CREATE TABLE IF NOT EXISTS accounts (
             customer TEXT PRIMARY KEY,
             balance INTEGER NOT NULL CHECK (balance >= 0));
          CREATE TABLE IF NOT EXISTS holds (
             txn TEXT PRIMARY KEY,
             customer TEXT NOT NULL,
             amount INTEGER NOT NULL CHECK (amount > 0),
-            state TEXT NOT NULL CHECK (state IN ('pending', 'held', 'charged', 'released')));"
-    }
-    fn seed(&self, tx: &Transaction) -> rusqlite::Result<()> {
+            state TEXT NOT NULL CHECK (state IN ('pending', 'held', 'charged', 'released')));",
+    |tx| {
         for (c, b) in CUSTOMERS {
             tx.execute(
                 "INSERT INTO accounts (customer, balance) VALUES (?1, ?2)",
@@ -174,16 +196,7 @@ impl Ledger for Payment {
         }
         Ok(())
     }
-    fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
-        PAYMENT_HOLDS.prepare(tx, txn)
-    }
-    fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        PAYMENT_HOLDS.commit(tx, txn)
-    }
-    fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        PAYMENT_HOLDS.abort(tx, txn)
-    }
-}
+);
 
 impl Payment {
     /// Business call: a tentative charge. `Err` for an unknown customer.
@@ -220,9 +233,10 @@ impl Payment {
 
 pub struct Inventory;
 
-impl Ledger for Inventory {
-    fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS stock (
+holds_ledger!(
+    Inventory,
+    INVENTORY_HOLDS,
+    "CREATE TABLE IF NOT EXISTS stock (
             sku TEXT PRIMARY KEY,
             available INTEGER NOT NULL CHECK (available >= 0),
             price INTEGER NOT NULL);
@@ -230,9 +244,8 @@ impl Ledger for Inventory {
             txn TEXT PRIMARY KEY,
             sku TEXT NOT NULL,
             qty INTEGER NOT NULL CHECK (qty > 0),
-            state TEXT NOT NULL CHECK (state IN ('pending', 'held', 'shipped', 'released')));"
-    }
-    fn seed(&self, tx: &Transaction) -> rusqlite::Result<()> {
+            state TEXT NOT NULL CHECK (state IN ('pending', 'held', 'shipped', 'released')));",
+    |tx| {
         for (sku, stock, price) in SKUS {
             tx.execute(
                 "INSERT INTO stock (sku, available, price) VALUES (?1, ?2, ?3)",
@@ -241,16 +254,7 @@ impl Ledger for Inventory {
         }
         Ok(())
     }
-    fn prepare(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<Result<bool, String>> {
-        INVENTORY_HOLDS.prepare(tx, txn)
-    }
-    fn commit(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        INVENTORY_HOLDS.commit(tx, txn)
-    }
-    fn abort(&self, tx: &Transaction, txn: &str) -> rusqlite::Result<()> {
-        INVENTORY_HOLDS.abort(tx, txn)
-    }
-}
+);
 
 impl Inventory {
     /// Business call: a tentative reservation; returns the unit price.

@@ -45,6 +45,13 @@ fn committed_checkout() -> (common::Stack, String) {
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
+/// The line of a table that starts with `id`.
+fn line_of<'a>(out: &'a str, id: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("no line for {id} in:\n{out}"))
+}
+
 /// A run that exits `want` and says `what` on stderr.
 fn says((code, _, err): (i32, String, String), want: i32, what: &str) {
     assert_eq!(code, want, "{err}");
@@ -58,10 +65,7 @@ fn txns_lists_decisions_and_what_sidecars_hold() {
     // As a table and as JSON.
     let (code, out, err) = ctl(&url, &sidecars, &["txns"]);
     assert_eq!(code, 0, "{err}");
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(&id))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = line_of(&out, &id);
     assert!(
         line.contains("committed") && line.contains("order"),
         "{line}"
@@ -339,10 +343,7 @@ fn a_refused_transaction_names_who_said_no() {
 
     let (code, out, err) = ctl(&url, &sidecars, &["txns", "--state", "aborted"]);
     assert_eq!(code, 0, "{err}");
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(&id))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = line_of(&out, &id);
     assert!(
         line.contains("vote_abort (payment: insufficient_funds)"),
         "{line}"

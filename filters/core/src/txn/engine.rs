@@ -238,6 +238,8 @@ struct Leases {
     asking: bool,
     /// After a failed grant: not again before this time.
     retry_at_ms: u64,
+    /// The last grant failed (logged once, until one succeeds).
+    failing: bool,
 }
 
 /// How long after a failed lease grant the next one goes.

@@ -171,17 +171,20 @@ impl TxnEngine {
         };
         if granted {
             self.leases.granted = Some(bucket.max(self.leases.granted.unwrap_or(0)));
+            self.leases.failing = false;
             let now = h.now_ms();
             self.grant_lease(h, now);
         } else {
             self.leases.retry_at_ms = h.now_ms().saturating_add(LEASE_RETRY_MS);
-            h.log(
-                LogLevel::Warn,
-                &format!(
-                    "retention lease of bucket {bucket} not granted ({}); asking again",
-                    a.describe()
-                ),
-            );
+            if !std::mem::replace(&mut self.leases.failing, true) {
+                h.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "retention lease of bucket {bucket} not granted ({}); asking again every second",
+                        a.describe()
+                    ),
+                );
+            }
         }
     }
 }

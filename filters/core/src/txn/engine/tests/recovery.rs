@@ -265,6 +265,19 @@ fn the_leader_grants_retention_leases_ahead_of_time() {
     e.on_tick(&h);
     let g = grants(&h);
     assert_eq!(body(&g[0].1).0, r.lease_id(now_bucket + 1).to_string());
+    // Refused again: still one warning for the outage, not one a second.
+    e.on_callout(&h, g[0].0, status(503));
+    let warned = |h: &Host| {
+        h.logs
+            .borrow()
+            .iter()
+            .filter(|l| l.contains("not granted"))
+            .count()
+    };
+    assert_eq!(warned(&h), 1);
+    h.advance(1_000);
+    e.on_tick(&h);
+    let g = grants(&h);
     e.on_callout(&h, g[0].0, ok(r#"{"header":{},"ID":"1","TTL":"100"}"#));
     h.advance(1_000);
     e.on_tick(&h);
