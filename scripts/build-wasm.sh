@@ -5,6 +5,7 @@
 # Usage: scripts/build-wasm.sh <cargo package>...
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || { echo "usage: scripts/build-wasm.sh <cargo package>... (e.g. txmesh-txn; make build builds them all)" >&2; exit 2; }
 dir="${CARGO_TARGET_DIR:-target}/wasm32-wasip1/release"
 args=()
 for p in "$@"; do args+=(-p "$p"); done

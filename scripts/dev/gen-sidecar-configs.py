@@ -26,6 +26,20 @@ def P(port): return port + OFFSET
 INGRESS_PORT = ARGS.ingress_port if ARGS.ingress_port is not None else P(10000)
 ENDPOINT = "[{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $port}}}}]}]"
 def ep(port): return Template(ENDPOINT).substitute(port=P(port))
+# The cluster of an OpenTelemetry collector every config names (tracing).
+OTEL_CLUSTER = '''  # An OpenTelemetry collector (OTLP/gRPC), if you run one: Envoy's spans
+  # carry the W3C trace id of the request (the txn decision log and record
+  # carry it too). Nothing listens here by default: exports fail quietly.
+  - name: otel_collector
+    type: STATIC
+    connect_timeout: 0.25s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: otel_collector
+      endpoints: ''' + ep(4317)
 SPIFFE = "spiffe://txmesh.local/ns/shop/sa/"
 # The stat labels (tag, key in the stat name): txmesh_core::labels::stats_tags
 # is the definition; tests/it/configs.rs checks these configs carry each one.
@@ -232,19 +246,7 @@ $metrics_in
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 $outbound_block
   clusters:
-  # An OpenTelemetry collector (OTLP/gRPC), if you run one: Envoy's spans
-  # carry the W3C trace id of the request (the txn decision log and record
-  # carry it too). Nothing listens here by default: exports fail quietly.
-  - name: otel_collector
-    type: STATIC
-    connect_timeout: 0.25s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-    load_assignment:
-      cluster_name: otel_collector
-      endpoints: $otel_ep
+$otel_cluster
   - name: local_app      # the app; the txn filter sends it prepare/commit/abort directly
     type: STATIC
     connect_timeout: 1s
@@ -264,7 +266,7 @@ $outbound_block
       cluster_name: etcd
       endpoints: $etcd_ep
 $clusters""").substitute(listener_inbound=listener_head("INBOUND", P(inbound), "inbound", name), stats_tags=stats_tags(METRICS_TAGS + TXN_TAGS + AUTHZ_TAGS + ROUTER_TAGS), name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
-        status=P(inbound + 2), certs=CERTS, otel_ep=ep(4317), spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
+        status=P(inbound + 2), certs=CERTS, otel_cluster=OTEL_CLUSTER, spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
         admin=P(admin), begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip(), txn_in=txn_filter(instance, begin_json, "inbound", "&txn"),
         metrics_in=metrics_filter(name, "inbound", "&metrics"))
@@ -332,19 +334,7 @@ $ingress_metrics
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 
   clusters:
-  # An OpenTelemetry collector (OTLP/gRPC), if you run one: Envoy's spans
-  # carry the W3C trace id of the request (the txn decision log and record
-  # carry it too). Nothing listens here by default: exports fail quietly.
-  - name: otel_collector
-    type: STATIC
-    connect_timeout: 0.25s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-    load_assignment:
-      cluster_name: otel_collector
-      endpoints: $otel
+$otel_cluster
   - name: order
     type: STATIC
     connect_timeout: 1s
@@ -369,7 +359,7 @@ write("ingress.yaml", INGRESS.substitute(
     stats_tags=stats_tags(METRICS_TAGS + AUTHZ_TAGS), ingress_admin=P(9901), ingress_port=INGRESS_PORT,
     edge_authz=wasm_filter("txmesh_authz", "FAIL_CLOSED", '{"default": "allow", "edge": {"allow_txn_begin": false}}'),
     ingress_metrics=wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "ingress"}'),
-    otel=ep(4317), order=ep(15006), payment=ep(15106), inventory=ep(15206),
+    otel_cluster=OTEL_CLUSTER, order=ep(15006), payment=ep(15106), inventory=ep(15206),
     order_tls=upstream_tls("ingress", "order", "    "), payment_tls=upstream_tls("ingress", "payment", "    "),
     inventory_tls=upstream_tls("ingress", "inventory", "    ")))
 

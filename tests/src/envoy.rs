@@ -300,28 +300,22 @@ impl Sidecar {
             clusters.push(static_cluster("local_app", &[app]));
         }
         let mut vhosts = Vec::new();
-        for (name, eps) in &self.routes {
-            let mut c = static_cluster(name, eps);
-            if let Some(t) = self.upstream_tls(name) {
-                c["transport_socket"] = t;
-            }
-            clusters.push(c);
-            vhosts.push(json!({
-                "name": name,
-                "domains": [name, format!("{name}:*")],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}],
-            }));
-        }
-        for c in &self.cluster_routes {
+        // A route per named upstream: its cluster (with mTLS where
+        // configured) and a virtual host for its name.
+        let routed = self
+            .routes
+            .iter()
+            .map(|(name, eps)| static_cluster(name, eps))
+            .chain(self.cluster_routes.iter().cloned());
+        for mut c in routed {
             let name = c["name"].as_str().unwrap_or("unnamed").to_string();
-            let mut c = c.clone();
             if let Some(t) = self.upstream_tls(&name) {
                 c["transport_socket"] = t;
             }
             clusters.push(c);
             vhosts.push(json!({
                 "name": name,
-                "domains": [name, format!("{name}:*")],
+                "domains": [&name, &format!("{name}:*")],
                 "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}],
             }));
         }

@@ -322,3 +322,32 @@ impl FilterHost for WasmHost {
         raw::log(l, msg);
     }
 }
+
+/// Exports `proxy_on_tick` and `proxy_on_http_call_response` for a filter
+/// whose engines run timers and callouts (router, txn): the tick goes to the
+/// root's engine, a callout's answer to the engine that must see it
+/// ([`deliver_callout`]). `$table` is the filter's `thread_local!` context
+/// table; its engine type has `on_tick(&mut self, &WasmHost)` and
+/// `on_callout(&mut self, &WasmHost, u32, CalloutResponse)`.
+#[macro_export]
+macro_rules! export_tick_and_callouts {
+    ($table:ident) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_tick(root: u32) {
+            $crate::with_root(&$table, root, |e, h| e.on_tick(h));
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_http_call_response(
+            ctx: u32,
+            token: u32,
+            headers: usize,
+            body: usize,
+            _trailers: usize,
+        ) {
+            $crate::deliver_callout(&$table, ctx, headers, body, |e, h, resp| {
+                e.on_callout(h, token, resp)
+            });
+        }
+    };
+}

@@ -11,8 +11,7 @@ use txmesh_core::router::config::RouterConfig;
 use txmesh_core::router::engine::{Routed, RouterEngine, TICK_MS};
 use txmesh_host::rt::Contexts;
 use txmesh_host::{
-    action, create_stream, deliver_callout, install_root, plugin_config, raw, with_contexts,
-    with_root, WasmHost,
+    action, create_stream, install_root, plugin_config, raw, with_contexts, WasmHost,
 };
 
 thread_local! {
@@ -32,23 +31,7 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
     install_root(&CONTEXTS, root, engine, Some(TICK_MS))
 }
 
-#[no_mangle]
-pub extern "C" fn proxy_on_tick(root: u32) {
-    with_root(&CONTEXTS, root, |e, h| e.on_tick(h));
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_http_call_response(
-    ctx: u32,
-    token: u32,
-    headers: usize,
-    body: usize,
-    _trailers: usize,
-) {
-    deliver_callout(&CONTEXTS, ctx, headers, body, |e, h, resp| {
-        e.on_callout(h, token, resp)
-    });
-}
+txmesh_host::export_tick_and_callouts!(CONTEXTS);
 
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {

@@ -120,15 +120,31 @@ fn wrk(url: &str, secs: u64, conns: u32, envoy_pid: u32, tck: f64) -> Run {
     }
 }
 
+/// Throughput, latency and Envoy CPU of each filter against no filter, in
+/// one run (BENCHMARKS.md).
+#[derive(clap::Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(default_value_t = 5)]
+    secs: u64,
+    /// Client connections.
+    #[arg(default_value_t = 16)]
+    conns: u32,
+    /// Rounds (medians are reported).
+    #[arg(default_value_t = 5)]
+    rounds: usize,
+    /// Envoy's `--concurrency`.
+    #[arg(default_value_t = 1)]
+    concurrency: u32,
+}
+
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let secs = args.first().copied().unwrap_or(5);
-    let conns = args.get(1).copied().unwrap_or(16) as u32;
-    let rounds = args.get(2).copied().unwrap_or(5) as usize;
-    let concurrency = args.get(3).copied().unwrap_or(1) as u32;
+    let Args {
+        secs,
+        conns,
+        rounds,
+        concurrency,
+    } = clap::Parser::parse();
     // Two cores: Envoy gets CPU 0 to itself; this process (the upstream's
     // threads, started below, inherit it) and wrk share CPU 1.
     let pin = |cpu: &str, pid: u32| {

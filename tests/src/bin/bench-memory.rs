@@ -23,14 +23,26 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Sidecar RSS over many transactions (BENCHMARKS.md, "Memory").
+#[derive(clap::Parser)]
+struct Args {
+    /// Transactions to run at the most.
+    #[arg(default_value_t = 1_000_000)]
+    target: u64,
+    /// Minutes to run at the most.
+    #[arg(default_value_t = 20)]
+    minutes: u64,
+    /// Concurrent clients.
+    #[arg(default_value_t = 8)]
+    clients: usize,
+}
+
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let target = args.first().copied().unwrap_or(1_000_000);
-    let minutes = args.get(1).copied().unwrap_or(20);
-    let clients = args.get(2).copied().unwrap_or(8) as usize;
+    let Args {
+        target,
+        minutes,
+        clients,
+    } = clap::Parser::parse();
     let etcd = Etcd::start();
     let cfg = |node: &str| {
         json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": node,

@@ -185,14 +185,23 @@ fn scenario(name: &str, stall: bool, secs: u64, rate: u64, rounds: usize) {
     );
 }
 
+/// Endpoint picking under a slow or failing endpoint: each strategy's
+/// latency and success (BENCHMARKS.md, "Load balancing").
+#[derive(clap::Parser)]
+struct Args {
+    /// Seconds per scenario and strategy.
+    #[arg(default_value_t = 15)]
+    secs: u64,
+    /// Requests per second.
+    #[arg(default_value_t = 200)]
+    rate: u64,
+    /// Rounds (medians are reported).
+    #[arg(default_value_t = 2)]
+    rounds: usize,
+}
+
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let secs = args.first().copied().unwrap_or(15);
-    let rate = args.get(1).copied().unwrap_or(200);
-    let rounds = args.get(2).copied().unwrap_or(2) as usize;
+    let Args { secs, rate, rounds } = clap::Parser::parse();
     println!("## bench-router: 5 endpoints, Envoy --concurrency 1, txmesh_router, ORIGINAL_DST");
     scenario("one endpoint 50 ms slower", false, secs, rate, rounds);
     scenario(

@@ -279,14 +279,27 @@ fn held(app: &str, us: Vec<u64>) {
     );
 }
 
+/// Checkouts per second and latency with and without txn, in one run
+/// (BENCHMARKS.md, "Transactions").
+#[derive(clap::Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(default_value_t = 5)]
+    secs: u64,
+    /// Concurrent clients.
+    #[arg(default_value_t = 8)]
+    clients: usize,
+    /// Rounds (medians are reported).
+    #[arg(default_value_t = 5)]
+    rounds: usize,
+}
+
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let secs = args.first().copied().unwrap_or(5);
-    let clients = args.get(1).copied().unwrap_or(8) as usize;
-    let rounds = args.get(2).copied().unwrap_or(5) as usize;
+    let Args {
+        secs,
+        clients,
+        rounds,
+    } = clap::Parser::parse();
 
     let etcd = Etcd::start();
     let cfg = |node: &str| {

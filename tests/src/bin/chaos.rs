@@ -42,7 +42,7 @@ enum Fault {
 }
 
 /// Which faults a run injects (`--faults`).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum Kinds {
     All,
     Kill,
@@ -199,38 +199,35 @@ fn read_log(path: &std::path::Path) -> BTreeMap<String, Seen> {
     m
 }
 
+/// The history checker: transactions through order → payment ×2 →
+/// inventory under faults, then atomicity checked against etcd's records
+/// (docs/protocol.md, "The history checker").
+#[derive(clap::Parser)]
+struct Args {
+    /// Transactions to run.
+    #[arg(long, default_value_t = 1000)]
+    txns: usize,
+    /// The schedule's seed (printed, so a run can be replayed).
+    #[arg(long, default_value_t = 0x7a6d_6573_6800_0001)]
+    seed: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Mean pause of each client between transactions (ms).
+    #[arg(long, default_value_t = 500)]
+    pace_ms: u64,
+    /// Which faults to draw from.
+    #[arg(long, value_enum, default_value_t = Kinds::All)]
+    faults: Kinds,
+    /// Run without faults (a baseline).
+    #[arg(long)]
+    no_faults: bool,
+}
+
 fn main() {
-    let mut txns = 1000usize;
-    let mut seed = 0x7a6d_6573_6800_0001u64;
-    let mut clients = 4usize;
-    let mut faults_on = true;
-    let mut pace_ms = 500u64;
-    let mut kinds = Kinds::All;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--txns" => txns = args.next().and_then(|v| v.parse().ok()).unwrap_or(txns),
-            "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(seed),
-            "--clients" => clients = args.next().and_then(|v| v.parse().ok()).unwrap_or(clients),
-            "--no-faults" => faults_on = false,
-            "--pace-ms" => pace_ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(pace_ms),
-            "--faults" => {
-                kinds = match args.next().as_deref() {
-                    Some("all") => Kinds::All,
-                    Some("kill") => Kinds::Kill,
-                    Some("stop") => Kinds::Stop,
-                    other => {
-                        eprintln!("--faults takes all, kill or stop, not {other:?}");
-                        std::process::exit(2);
-                    }
-                }
-            }
-            other => {
-                eprintln!("unknown argument {other}\nusage: chaos [--txns N] [--seed S] [--clients C] [--pace-ms MS] [--faults all|kill|stop] [--no-faults]");
-                std::process::exit(2);
-            }
-        }
-    }
+    let a = <Args as clap::Parser>::parse();
+    let (txns, seed, clients, pace_ms, kinds) = (a.txns, a.seed, a.clients, a.pace_ms, a.faults);
+    let faults_on = !a.no_faults;
     println!(
         "[chaos] {txns} transactions, {clients} clients, seed {seed}, faults {}",
         if faults_on { "on" } else { "off" }

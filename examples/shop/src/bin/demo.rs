@@ -3,6 +3,7 @@
 //! databases, and an excerpt of txmesh metrics. Exits 1 if an invariant fails.
 //!
 //! shop-demo [--ingress URL] [--data DIR] [--admin URL] [--checkouts N] [--concurrency C] [--seed S]
+//! (`shop-demo --help`)
 
 use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeMap;
@@ -14,10 +15,28 @@ use txmesh_shop::services::{CUSTOMERS, SKUS};
 /// The scenario's generator (txmesh-core's splitmix64: a seed replays a run).
 use txmesh_core::rng::SplitMix64 as Rng;
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+/// The checkout scenario through the shop's ingress, then the invariants
+/// read from the three databases.
+#[derive(clap::Parser)]
+struct Args {
+    /// The shop's ingress (default: 127.0.0.1 at $TXMESH_INGRESS_PORT, else 10000).
+    #[arg(long)]
+    ingress: Option<String>,
+    /// The services' databases.
+    #[arg(long, default_value = ".txmesh/data")]
+    data: String,
+    /// The order sidecar's admin (for the metrics excerpt).
+    #[arg(long, default_value = "http://127.0.0.1:15000")]
+    admin: String,
+    /// Checkouts to run.
+    #[arg(long, default_value_t = 200)]
+    checkouts: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// The scenario's seed (a seed replays the same checkouts).
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
 }
 
 fn open(dir: &str, name: &str) -> Connection {
@@ -27,24 +46,27 @@ fn open(dir: &str, name: &str) -> Connection {
 }
 
 fn count(c: &Connection, sql: &str) -> i64 {
-    c.query_row(sql, [], |r| r.get(0)).unwrap_or(-1)
+    count_where(c, sql, [])
+}
+
+/// A `SELECT count(*)`'s answer, -1 if the query fails (an invariant then fails).
+fn count_where(c: &Connection, sql: &str, params: impl rusqlite::Params) -> i64 {
+    c.query_row(sql, params, |r| r.get(0)).unwrap_or(-1)
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let port = std::env::var("TXMESH_INGRESS_PORT").unwrap_or_else(|_| "10000".into());
-    let ingress = arg(&args, "--ingress").unwrap_or(format!("http://127.0.0.1:{port}"));
-    let data = arg(&args, "--data").unwrap_or(".txmesh/data".into());
-    let admin = arg(&args, "--admin").unwrap_or("http://127.0.0.1:15000".into());
-    let n: usize = arg(&args, "--checkouts")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let conc: usize = arg(&args, "--concurrency")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
-    let seed: u64 = arg(&args, "--seed")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2026);
+    let Args {
+        ingress,
+        data,
+        admin,
+        checkouts: n,
+        concurrency: conc,
+        seed,
+    } = clap::Parser::parse();
+    let ingress = ingress.unwrap_or_else(|| {
+        let port = std::env::var("TXMESH_INGRESS_PORT").unwrap_or_else(|_| "10000".into());
+        format!("http://127.0.0.1:{port}")
+    });
 
     println!("[demo] {n} checkouts at concurrency {conc} through {ingress} (seed {seed})");
     // Orders confirmed before this run (make up keeps data across runs).
@@ -218,20 +240,16 @@ fn main() {
         .collect();
     let mut mismatched = 0;
     for (txn, customer, sku, qty, amount) in &rows {
-        let paid: i64 = payment
-            .query_row(
-                "SELECT count(*) FROM holds WHERE txn = ?1 AND state = 'charged' AND customer = ?2 AND amount = ?3",
-                rusqlite::params![txn, customer, amount],
-                |r| r.get(0),
-            )
-            .unwrap_or(0);
-        let shipped: i64 = inventory
-            .query_row(
-                "SELECT count(*) FROM reservations WHERE txn = ?1 AND state = 'shipped' AND sku = ?2 AND qty = ?3",
-                rusqlite::params![txn, sku, qty],
-                |r| r.get(0),
-            )
-            .unwrap_or(0);
+        let paid = count_where(
+            &payment,
+            "SELECT count(*) FROM holds WHERE txn = ?1 AND state = 'charged' AND customer = ?2 AND amount = ?3",
+            rusqlite::params![txn, customer, amount],
+        );
+        let shipped = count_where(
+            &inventory,
+            "SELECT count(*) FROM reservations WHERE txn = ?1 AND state = 'shipped' AND sku = ?2 AND qty = ?3",
+            rusqlite::params![txn, sku, qty],
+        );
         if paid != 1 || shipped != 1 {
             mismatched += 1;
         }

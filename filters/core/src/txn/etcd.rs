@@ -396,13 +396,34 @@ pub fn parse_range_kvs(body: &[u8]) -> Result<(Kvs, bool), String> {
     Ok((kvs, v.more))
 }
 
+/// What a participant of a pending commit is owed (its `vote` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owed {
+    /// Voted commit, not yet acknowledged the commit.
+    Commit,
+    /// Acknowledged the commit.
+    Acked,
+    /// Voted read-only: owed nothing.
+    ReadOnly,
+}
+
+impl Owed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Owed::Commit => "commit",
+            Owed::Acked => "acked",
+            Owed::ReadOnly => "readonly",
+        }
+    }
+}
+
 /// One participant of a pending commit, as the recovery loop needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct PendingTarget {
     pub name: String,
     pub cluster: String,
-    /// `commit`: owed a commit; `acked`: acknowledged it; `readonly`: owed nothing.
-    pub vote: String,
+    pub vote: Owed,
     /// Its call tree (`x-txmesh-children`), if it has one.
     #[serde(default)]
     pub tree: String,
@@ -424,12 +445,15 @@ impl Pending {
         outcome: Outcome,
         time_ms: u64,
         deadline_ms: u64,
-        targets: &[(String, String, &str, String)],
+        targets: &[(String, String, Owed, String)],
     ) -> String {
         let items: Vec<String> = targets
             .iter()
             .map(|(n, c, v, t)| {
-                let o = Obj::new().str("name", n).str("cluster", c).str("vote", v);
+                let o = Obj::new()
+                    .str("name", n)
+                    .str("cluster", c)
+                    .str("vote", v.as_str());
                 if t.is_empty() {
                     o.build()
                 } else {
@@ -579,8 +603,13 @@ mod tests {
             5,
             9,
             &[
-                ("payment".into(), "payment".into(), "commit", String::new()),
-                ("b".into(), "b".into(), "commit", "c(d)".into()),
+                (
+                    "payment".into(),
+                    "payment".into(),
+                    Owed::Commit,
+                    String::new(),
+                ),
+                ("b".into(), "b".into(), Owed::Commit, "c(d)".into()),
             ],
         );
         let p: Pending = serde_json::from_str(&j).unwrap();

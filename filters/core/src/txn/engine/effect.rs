@@ -15,6 +15,14 @@ pub(super) struct Cx<'a> {
     pub node: &'a str,
 }
 
+impl Cx<'_> {
+    /// When an etcd call sent now has failed for sure: its timeout and a
+    /// tick's slack (the tick enforces it should the answer never come).
+    pub fn etcd_deadline(&self) -> u64 {
+        self.now_ms + self.cfg.etcd_timeout_ms + TICK_SLACK_MS
+    }
+}
+
 /// A state machine's next state (None: it ended) and its effects.
 #[derive(Debug)]
 pub(super) struct Step<S> {
@@ -201,6 +209,16 @@ pub(super) enum Effect {
     /// An event its state cannot take: counted
     /// (`txmesh_txn_internal_errors_total`) and logged; the state is kept.
     Impossible(String),
+}
+
+impl Effect {
+    /// Sends `call` for stream `ctx`'s operation; the answer comes back as `op`.
+    pub fn for_op(ctx: u32, call: Callout, op: OpCall) -> Effect {
+        Effect::Dispatch {
+            call,
+            route: Call::Op { ctx, call: op },
+        }
+    }
 }
 
 pub(super) fn json_reply(ctx: u32, status: u16, body: String) -> Effect {

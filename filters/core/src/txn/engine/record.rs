@@ -48,11 +48,11 @@ pub(super) fn etcd_call(cfg: &TxnConfig, path: &str, body: String) -> Callout {
 
 /// A participant's state in the pending-work record: owed a commit, has
 /// acknowledged it, or owed nothing (read-only).
-pub(super) fn pending_state(vote: Option<&Vote>, acked: bool) -> &'static str {
+pub(super) fn pending_state(vote: Option<&Vote>, acked: bool) -> etcd::Owed {
     match (vote, acked) {
-        (Some(Vote::Commit), false) => "commit",
-        (Some(Vote::Commit), true) => "acked",
-        (Some(Vote::ReadOnly | Vote::Abort { .. }) | None, _) => "readonly",
+        (Some(Vote::Commit), false) => etcd::Owed::Commit,
+        (Some(Vote::Commit), true) => etcd::Owed::Acked,
+        (Some(Vote::ReadOnly | Vote::Abort { .. }) | None, _) => etcd::Owed::ReadOnly,
     }
 }
 
@@ -63,9 +63,9 @@ pub(super) fn pending_record<'a>(
     txn: &TxnId,
     now: u64,
     deadline_ms: u64,
-    parts: impl Iterator<Item = (&'a String, &'a String, &'static str, &'a String)>,
+    parts: impl Iterator<Item = (&'a String, &'a String, etcd::Owed, &'a String)>,
 ) -> (String, String) {
-    let targets: Vec<(String, String, &str, String)> = parts
+    let targets: Vec<(String, String, etcd::Owed, String)> = parts
         .map(|(n, c, state, tree)| (n.clone(), c.clone(), state, tree.clone()))
         .collect();
     (

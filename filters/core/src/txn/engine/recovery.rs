@@ -6,6 +6,7 @@ use super::effect::{Answer, Effect};
 use super::phase2::{Job, Participant, Start};
 use super::vote::Vote;
 use super::*;
+use crate::txn::etcd::Owed;
 
 /// Pending-work keys read per recovery scan.
 const RECOVERY_PAGE: u32 = 64;
@@ -172,10 +173,9 @@ impl TxnEngine {
                     name: t.name.clone(),
                     cluster: t.cluster.clone(),
                     tree: t.tree.clone(),
-                    vote: Some(if t.vote == "commit" {
-                        Vote::Commit
-                    } else {
-                        Vote::ReadOnly
+                    vote: Some(match t.vote {
+                        Owed::Commit => Vote::Commit,
+                        Owed::Acked | Owed::ReadOnly => Vote::ReadOnly,
                     }),
                 })
                 .collect();

@@ -303,11 +303,8 @@ impl RootOp {
         self.stage = RootStage::OnePhase {
             until_ms: cx.now_ms + cx.cfg.control_timeout_ms + TICK_SLACK_MS,
         };
-        let route = Call::Op {
-            ctx: self.ctx,
-            call: OpCall::Commit,
-        };
-        Step::stay(self, vec![Effect::Dispatch { call, route }])
+        let effect = Effect::for_op(self.ctx, call, OpCall::Commit);
+        Step::stay(self, vec![effect])
     }
 
     fn decision(&self, outcome: Outcome, cause: Cause, cx: &Cx) -> Decision {
@@ -334,7 +331,7 @@ impl RootOp {
         let pending = pending_record(cx.node, &self.txn, cx.now_ms, self.deadline_ms, parts);
         let call = record_call(cx.cfg, &d, Some(pending));
         self.stage = RootStage::WriteCommit {
-            until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+            until_ms: cx.etcd_deadline(),
             call: call.clone(),
             retries: 0,
         };
@@ -376,7 +373,7 @@ impl RootOp {
         };
         let d = self.decision(Outcome::Aborted, cause, cx);
         self.stage = RootStage::WriteAbort {
-            until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+            until_ms: cx.etcd_deadline(),
             maybe_applied: failure == WriteFailure::Unknown,
             cause,
             error,

@@ -68,13 +68,9 @@ impl StatusOp {
                         let next = StatusOp::Resolving {
                             ctx,
                             txn,
-                            until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+                            until_ms: cx.etcd_deadline(),
                         };
-                        let route = Call::Op {
-                            ctx,
-                            call: OpCall::Record,
-                        };
-                        Step::stay(next, vec![Effect::Dispatch { call, route }])
+                        Step::stay(next, vec![Effect::for_op(ctx, call, OpCall::Record)])
                     }
                     Ok(None) => Step::end(vec![json_reply(ctx, 200, status_body(&txn, miss))]),
                     Err(e) => Step::end(vec![unreachable(ctx, &e)]),
@@ -173,11 +169,10 @@ impl TxnEngine {
             miss,
             until_ms: now + self.cfg.etcd_timeout_ms + TICK_SLACK_MS,
         };
-        let route = Call::Op {
-            ctx,
-            call: OpCall::Read,
-        };
-        let step = Step::stay(Op::Status(op), vec![Effect::Dispatch { call, route }]);
+        let step = Step::stay(
+            Op::Status(op),
+            vec![Effect::for_op(ctx, call, OpCall::Read)],
+        );
         self.settle_op(h, ctx, step);
         (Stream::Owned, Verdict::Pause)
     }

@@ -159,13 +159,11 @@ impl SubFinish {
         let mut effects = Vec::new();
         let mut acks = Vec::new();
         for (i, (name, cluster, tree)) in targets.into_iter().enumerate() {
-            effects.push(Effect::Dispatch {
-                call: control_call(&cluster, &tree, path, &txn, deadline_ms, timeout),
-                route: Call::Op {
-                    ctx,
-                    call: OpCall::Ack(i),
-                },
-            });
+            effects.push(Effect::for_op(
+                ctx,
+                control_call(&cluster, &tree, path, &txn, deadline_ms, timeout),
+                OpCall::Ack(i),
+            ));
             acks.push(AckTarget {
                 name,
                 cluster,

@@ -45,13 +45,9 @@ impl Verify {
             peer,
             carried,
             known_coordinators,
-            until_ms: cx.now_ms + cx.cfg.etcd_timeout_ms + TICK_SLACK_MS,
+            until_ms: cx.etcd_deadline(),
         };
-        let route = Call::Op {
-            ctx,
-            call: OpCall::Read,
-        };
-        Step::stay(op, vec![Effect::Dispatch { call, route }])
+        Step::stay(op, vec![Effect::for_op(ctx, call, OpCall::Read)])
     }
 
     pub fn step(self, ev: OpEvent, _cx: &Cx) -> Step<Self> {

@@ -1,6 +1,6 @@
 //! Votes, the participants asked for them, and the control calls that ask.
 
-use super::effect::{Answer, Call, Effect, OpCall};
+use super::effect::{Answer, Effect, OpCall};
 use super::*;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -222,13 +222,11 @@ pub(super) fn ask_all(
             continue;
         }
         t.ballot = Ballot::Asked;
-        effects.push(Effect::Dispatch {
-            call: control_call(&t.cluster, &t.tree, PREPARE_PATH, txn, deadline_ms, timeout),
-            route: Call::Op {
-                ctx,
-                call: OpCall::Vote(i),
-            },
-        });
+        effects.push(Effect::for_op(
+            ctx,
+            control_call(&t.cluster, &t.tree, PREPARE_PATH, txn, deadline_ms, timeout),
+            OpCall::Vote(i),
+        ));
     }
     effects
 }
