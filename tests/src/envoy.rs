@@ -139,6 +139,8 @@ pub struct Sidecar {
     extra_clusters: Vec<Value>,
     concurrency: u32,
     tls: Option<(crate::Certs, Option<String>)>,
+    /// Speak HTTP/2 to the local app (a gRPC app).
+    app_http2: bool,
 }
 
 /// Ports of a running sidecar.
@@ -161,12 +163,20 @@ impl Sidecar {
             extra_clusters: Vec::new(),
             concurrency: 2,
             tls: None,
+            app_http2: false,
         }
     }
 
     /// The local app behind the inbound listener (cluster `local_app`).
     pub fn app(mut self, app: &Upstream) -> Self {
         self.app = Some(app.addr());
+        self
+    }
+
+    /// Envoy speaks HTTP/2 to the local app (a gRPC server; the upstream
+    /// serves both). Transaction control calls to it go the same way.
+    pub fn app_http2(mut self) -> Self {
+        self.app_http2 = true;
         self
     }
 
@@ -297,7 +307,16 @@ impl Sidecar {
         let stats_tags = stats_tags_json();
         let mut clusters: Vec<Value> = Vec::new();
         if let Some(app) = self.app {
-            clusters.push(static_cluster("local_app", &[app]));
+            let mut c = static_cluster("local_app", &[app]);
+            if self.app_http2 {
+                c["typed_extension_protocol_options"] = json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    }
+                });
+            }
+            clusters.push(c);
         }
         let mut vhosts = Vec::new();
         // A route per named upstream: its cluster (with mTLS where

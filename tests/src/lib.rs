@@ -16,6 +16,7 @@
 pub mod certs;
 pub mod envoy;
 pub mod etcd;
+pub mod grpc;
 pub mod http;
 pub mod ports;
 pub mod process;

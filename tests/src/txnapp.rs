@@ -51,6 +51,14 @@ impl PartialEq for Latch {
 
 type VoteFn = Arc<dyn Fn(&str) -> Vote + Send + Sync>;
 
+/// What a business request answers once its downstream calls are made:
+/// JSON with this status, or a scripted reply (a gRPC answer).
+#[derive(Clone, Debug)]
+enum BusinessReply {
+    Status(u16),
+    Scripted(Reply),
+}
+
 /// Per-transaction record of one participant.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TxnRecord {
@@ -100,7 +108,7 @@ pub struct TxnApp {
     pub server: Upstream,
     state: Arc<Mutex<State>>,
     vote: Arc<RwLock<VoteFn>>,
-    business_status: Arc<RwLock<u16>>,
+    business_status: Arc<RwLock<BusinessReply>>,
     /// While set, commit and abort answer 503 and change nothing (the app is
     /// "down" for phase 2).
     down: Arc<RwLock<bool>>,
@@ -144,7 +152,7 @@ impl TxnApp {
         let state = Arc::new(Mutex::new(State::default()));
         let v = vote.clone();
         let vote: Arc<RwLock<VoteFn>> = Arc::new(RwLock::new(Arc::new(move |_: &str| v.clone())));
-        let business_status = Arc::new(RwLock::new(200u16));
+        let business_status = Arc::new(RwLock::new(BusinessReply::Status(200)));
         let down = Arc::new(RwLock::new(false));
         let hold: Arc<RwLock<Option<Latch>>> = Arc::new(RwLock::new(None));
         let hold_commit: Arc<RwLock<Option<Latch>>> = Arc::new(RwLock::new(None));
@@ -221,7 +229,16 @@ impl TxnApp {
         *self
             .business_status
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = s;
+            .unwrap_or_else(|e| e.into_inner()) = BusinessReply::Status(s);
+    }
+
+    /// Business requests answer `reply` (e.g. [`Reply::grpc`]) once their
+    /// downstream calls are made.
+    pub fn set_business_reply(&self, reply: Reply) {
+        *self
+            .business_status
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = BusinessReply::Scripted(reply);
     }
 
     /// The first transaction (in id order) whose record satisfies `f`.
@@ -322,7 +339,7 @@ fn handle(
     name: &str,
     state: &Mutex<State>,
     vote: &RwLock<VoteFn>,
-    business_status: &RwLock<u16>,
+    business_status: &RwLock<BusinessReply>,
     downstream: &RwLock<Vec<Downstream>>,
     client: &Client,
 ) -> Reply {
@@ -440,10 +457,18 @@ fn handle(
         if !failed.is_empty() {
             return Reply::status(502).body(failed.join("; "));
         }
-        let status = *business_status.read().unwrap_or_else(|e| e.into_inner());
+        let business = business_status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         lock().work_us.push((txn.is_some(), us));
-        Reply::status(status).json(serde_json::json!({"service": name, "txn": txn}))
+        match business {
+            BusinessReply::Status(status) => {
+                Reply::status(status).json(serde_json::json!({"service": name, "txn": txn}))
+            }
+            BusinessReply::Scripted(reply) => reply,
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! Real HTTP/1.1 servers (hyper) whose behaviour a test scripts, recording
-//! every request they receive.
+//! Real HTTP servers (hyper; HTTP/1.1, and HTTP/2 with prior knowledge for
+//! gRPC apps) whose behaviour a test scripts, recording every request they
+//! receive. A reply may carry trailers (a gRPC answer's `grpc-status`).
 //!
 //! By default a server answers as the request asks, with these headers:
 //! `x-test-status` (default 200), `x-test-delay-ms` (default 0) and
@@ -7,10 +8,12 @@
 //! its own handler (`Upstream::with`).
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -54,6 +57,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Sent after the body (HTTP/2: a trailing HEADERS frame).
+    pub trailers: Vec<(String, String)>,
     pub delay: Duration,
 }
 
@@ -63,6 +68,7 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: Vec::new(),
+            trailers: Vec::new(),
             delay: Duration::ZERO,
         }
     }
@@ -81,6 +87,27 @@ impl Reply {
         self.headers.push((k.to_string(), v.to_string()));
         self
     }
+    pub fn trailer(mut self, k: &str, v: &str) -> Self {
+        self.trailers.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// A unary gRPC answer: one empty message, then `grpc-status` in the
+    /// trailers.
+    pub fn grpc(status: u32) -> Self {
+        Reply::ok()
+            .header("content-type", "application/grpc")
+            .body(crate::grpc::frame(b""))
+            .trailer("grpc-status", &status.to_string())
+    }
+
+    /// A trailers-only gRPC answer: `grpc-status` in the headers, no body.
+    pub fn grpc_trailers_only(status: u32) -> Self {
+        Reply::ok()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", &status.to_string())
+    }
+
     pub fn delay(mut self, d: Duration) -> Self {
         self.delay = d;
         self
@@ -162,7 +189,8 @@ impl Upstream {
                         let (reqs, h, mut stop_conn) = (reqs.clone(), h.clone(), stop_rx.clone());
                         tokio::spawn(async move {
                             let svc = service_fn(move |req| serve(req, reqs.clone(), h.clone(), fast));
-                            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                            let server = auto::Builder::new(TokioExecutor::new());
+                            let conn = server.serve_connection(TokioIo::new(stream), svc);
                             tokio::select! {
                                 _ = conn => {},
                                 _ = stop_conn.changed() => {},
@@ -232,10 +260,12 @@ async fn serve(
     reqs: Arc<Mutex<Vec<Recorded>>>,
     handler: Arc<RwLock<Handler>>,
     fast: bool,
-) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+) -> Result<hyper::Response<BoxBody<Bytes, Infallible>>, hyper::Error> {
     if fast {
         let _ = req.into_body().collect().await?;
-        return Ok(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))));
+        return Ok(hyper::Response::new(
+            Full::new(Bytes::from_static(b"ok")).boxed(),
+        ));
     }
     let method = req.method().to_string();
     let path = req
@@ -269,6 +299,22 @@ async fn serve(
     for (k, v) in &reply.headers {
         b = b.header(k, v);
     }
-    Ok(b.body(Full::new(Bytes::from(reply.body)))
-        .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()))))
+    let body = Full::new(Bytes::from(reply.body));
+    let body = if reply.trailers.is_empty() {
+        body.boxed()
+    } else {
+        let mut trailers = hyper::HeaderMap::new();
+        for (k, v) in &reply.trailers {
+            if let (Ok(k), Ok(v)) = (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                hyper::header::HeaderValue::from_str(v),
+            ) {
+                trailers.append(k, v);
+            }
+        }
+        body.with_trailers(async move { Some(Ok(trailers)) })
+            .boxed()
+    };
+    Ok(b.body(body)
+        .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()).boxed())))
 }

@@ -103,6 +103,14 @@ pub struct CalloutResponse {
     pub body: Vec<u8>,
 }
 
+/// Which part of a response a filter reads, edits or holds: its headers,
+/// or its trailers (where a gRPC answer with a body puts `grpc-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResponsePart {
+    Headers,
+    Trailers,
+}
+
 /// What a filter engine needs from Envoy beyond headers, properties, shared
 /// data and metrics: clocks, callouts, replies to paused streams, logs.
 pub trait FilterHost: SharedData + Metrics + RequestHeaders + Properties + Clock {
@@ -120,12 +128,16 @@ pub trait FilterHost: SharedData + Metrics + RequestHeaders + Properties + Clock
     }
     /// A local reply on stream `ctx` (paused in its request or response).
     fn send_reply(&self, ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]);
-    /// Resumes the paused response of stream `ctx` with extra headers.
-    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]);
+    /// Resumes the response of stream `ctx`, paused at `part`, with these
+    /// fields set in that part.
+    fn resume_response(&self, ctx: u32, part: ResponsePart, fields: &[(&str, &str)]);
     /// A header of the current stream's response.
     fn response_header(&self, name: &str) -> Option<Vec<u8>>;
-    /// Sets a header on the current stream's response (during its headers callback).
-    fn set_response_header(&self, name: &str, value: &str);
+    /// A trailer of the current stream's response (in its trailers callback).
+    fn response_trailer(&self, name: &str) -> Option<Vec<u8>>;
+    /// Sets a field of the current stream's response (during the callback
+    /// of that part).
+    fn set_response_field(&self, part: ResponsePart, name: &str, value: &str);
     fn log(&self, level: LogLevel, msg: &str);
 }
 

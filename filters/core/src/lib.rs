@@ -8,6 +8,7 @@ pub mod authz;
 pub mod b64;
 pub mod config;
 pub mod flags;
+pub mod grpc;
 pub mod host;
 pub mod json;
 pub mod labels;

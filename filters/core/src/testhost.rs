@@ -6,7 +6,7 @@
 use crate::host::fake::FakeHost;
 use crate::host::{
     Callout, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
-    RequestHeaders, SharedData, SharedSetError,
+    RequestHeaders, ResponsePart, SharedData, SharedSetError,
 };
 use std::cell::{Cell, RefCell};
 
@@ -24,7 +24,10 @@ pub struct Host {
     pub dispatched_in: RefCell<Vec<(u32, u32)>>,
     pub replies: RefCell<Vec<(u32, u16, Vec<(String, String)>, String)>>,
     pub resumed: RefCell<Vec<(u32, Vec<(String, String)>)>>,
+    /// Where each resume of `resumed` set its fields.
+    pub resumed_at: RefCell<Vec<ResponsePart>>,
     pub response: RefCell<Vec<(String, Vec<u8>)>>,
+    pub trailers: RefCell<Vec<(String, Vec<u8>)>>,
     pub logs: RefCell<Vec<String>>,
     pub dispatch_fails_for: RefCell<Option<String>>,
 }
@@ -105,7 +108,8 @@ impl FilterHost for Host {
             String::from_utf8_lossy(body).into_owned(),
         ));
     }
-    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]) {
+    fn resume_response(&self, ctx: u32, part: ResponsePart, headers: &[(&str, &str)]) {
+        self.resumed_at.borrow_mut().push(part);
         self.resumed.borrow_mut().push((
             ctx,
             headers
@@ -114,10 +118,20 @@ impl FilterHost for Host {
                 .collect(),
         ));
     }
-    fn set_response_header(&self, name: &str, value: &str) {
-        self.response
-            .borrow_mut()
+    fn set_response_field(&self, part: ResponsePart, name: &str, value: &str) {
+        let map = match part {
+            ResponsePart::Headers => &self.response,
+            ResponsePart::Trailers => &self.trailers,
+        };
+        map.borrow_mut()
             .push((name.to_string(), value.as_bytes().to_vec()));
+    }
+    fn response_trailer(&self, name: &str) -> Option<Vec<u8>> {
+        self.trailers
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
     }
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
         self.response

@@ -11,8 +11,16 @@ pub mod rt;
 
 use txmesh_core::host::{
     Callout, CalloutResponse, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics,
-    Properties, RequestHeaders, SharedData, SharedSetError, Verdict,
+    Properties, RequestHeaders, ResponsePart, SharedData, SharedSetError, Verdict,
 };
+
+/// The proxy-wasm header map of a response part.
+fn response_map(part: ResponsePart) -> u32 {
+    match part {
+        ResponsePart::Headers => raw::MAP_RESPONSE_HEADERS,
+        ResponsePart::Trailers => raw::MAP_RESPONSE_TRAILERS,
+    }
+}
 
 /// Lives for one callback (build one per call into the VM).
 #[derive(Debug, Default)]
@@ -295,10 +303,10 @@ impl FilterHost for WasmHost {
         });
     }
 
-    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]) {
+    fn resume_response(&self, ctx: u32, part: ResponsePart, fields: &[(&str, &str)]) {
         self.with_context(ctx, || {
-            for (k, v) in headers {
-                raw::set_header(raw::MAP_RESPONSE_HEADERS, k, Some(v.as_bytes()));
+            for (k, v) in fields {
+                raw::set_header(response_map(part), k, Some(v.as_bytes()));
             }
             raw::continue_response();
         });
@@ -308,8 +316,12 @@ impl FilterHost for WasmHost {
         raw::get_header(raw::MAP_RESPONSE_HEADERS, name)
     }
 
-    fn set_response_header(&self, name: &str, value: &str) {
-        raw::set_header(raw::MAP_RESPONSE_HEADERS, name, Some(value.as_bytes()));
+    fn response_trailer(&self, name: &str) -> Option<Vec<u8>> {
+        raw::get_header(raw::MAP_RESPONSE_TRAILERS, name)
+    }
+
+    fn set_response_field(&self, part: ResponsePart, name: &str, value: &str) {
+        raw::set_header(response_map(part), name, Some(value.as_bytes()));
     }
 
     fn log(&self, level: LogLevel, msg: &str) {

@@ -12,6 +12,7 @@ use std::ptr::{null, null_mut};
 
 pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
+pub const MAP_RESPONSE_TRAILERS: u32 = 3;
 pub const MAP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const BUFFER_CALL_RESPONSE_BODY: u32 = 4;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;

@@ -61,10 +61,22 @@ pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, _eos: u32)
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_response_headers(ctx: u32, _headers: usize, _eos: u32) -> u32 {
+pub extern "C" fn proxy_on_response_headers(ctx: u32, _headers: usize, eos: u32) -> u32 {
     with_contexts(&CONTEXTS, |c| {
         let (engine, stream) = c.stream_mut(ctx)?;
-        Some(engine.on_response_headers(&WasmHost::on(ctx), ctx, stream))
+        Some(engine.on_response_headers(&WasmHost::on(ctx), ctx, stream, eos != 0))
+    })
+    .flatten()
+    .map_or(action(Verdict::Continue), action)
+}
+
+/// A gRPC root's `grpc-status` comes here (its trailers are held until
+/// the decision); every other stream passes.
+#[no_mangle]
+pub extern "C" fn proxy_on_response_trailers(ctx: u32, _trailers: usize) -> u32 {
+    with_contexts(&CONTEXTS, |c| {
+        let (engine, stream) = c.stream_mut(ctx)?;
+        Some(engine.on_response_trailers(&WasmHost::on(ctx), ctx, stream))
     })
     .flatten()
     .map_or(action(Verdict::Continue), action)

@@ -14,6 +14,9 @@ pub enum Cause {
     Timeout,
     /// The initiating app failed (non-2xx): nobody was asked to prepare.
     AppError,
+    /// The initiating gRPC app answered a non-OK `grpc-status` (or none):
+    /// nobody was asked to prepare.
+    GrpcError,
     /// No decision could be recorded: etcd refused or did not answer.
     EtcdUnavailable,
     /// No decision could be recorded: etcd is out of space (NOSPACE alarm).
@@ -40,6 +43,7 @@ impl Cause {
             Cause::VoteAbort => "vote_abort",
             Cause::Timeout => "timeout",
             Cause::AppError => "app_error",
+            Cause::GrpcError => "grpc_error",
             Cause::EtcdUnavailable => "etcd_unavailable",
             Cause::EtcdNoSpace => "etcd_nospace",
             Cause::DecidedElsewhere => "decided_elsewhere",
@@ -60,6 +64,7 @@ impl Cause {
             | Cause::VoteAbort
             | Cause::Timeout
             | Cause::AppError
+            | Cause::GrpcError
             | Cause::EtcdUnavailable
             | Cause::EtcdNoSpace
             | Cause::DecidedElsewhere
@@ -78,6 +83,7 @@ impl Cause {
             | Cause::VoteAbort
             | Cause::Timeout
             | Cause::AppError
+            | Cause::GrpcError
             | Cause::EtcdUnavailable
             | Cause::DecidedElsewhere
             | Cause::ClientGone
@@ -100,6 +106,7 @@ mod tests {
             (Cause::VoteAbort, "vote_abort"),
             (Cause::Timeout, "timeout"),
             (Cause::AppError, "app_error"),
+            (Cause::GrpcError, "grpc_error"),
             (Cause::EtcdUnavailable, "etcd_unavailable"),
             (Cause::EtcdNoSpace, "etcd_nospace"),
             (Cause::DecidedElsewhere, "decided_elsewhere"),

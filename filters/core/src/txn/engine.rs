@@ -23,7 +23,10 @@ use super::id::{self, TxnHeader, TxnId};
 use super::seeded::{self, Bug};
 use super::table::{Entry, Mark, Phase, Role, Table, TableError};
 use super::tree::{self, Child};
-use crate::host::{Callout, CalloutResponse, FilterHost, LogLevel, MetricKind, Verdict};
+use crate::grpc;
+use crate::host::{
+    Callout, CalloutResponse, FilterHost, LogLevel, MetricKind, ResponsePart, Verdict,
+};
 use crate::json::Obj;
 use crate::labels::encode;
 use effect::{Answer, Call, Effect, OpEvent, Step};
@@ -128,6 +131,32 @@ pub enum Stream {
     Enlisted { txn: TxnId, participant: String },
     /// The engine owns this stream (an op is running for it).
     Owned,
+}
+
+/// The app's answer to a root's request as its response headers tell it;
+/// None: a gRPC answer whose status comes in the trailers.
+fn app_answer_at_headers(h: &impl FilterHost, end_of_stream: bool) -> Option<root::AppAnswer> {
+    let status: Option<u16> = h
+        .response_header(":status")
+        .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+    let grpc_answer = h
+        .response_header("content-type")
+        .is_some_and(|c| grpc::is_grpc(&c));
+    if !grpc_answer || status != Some(200) {
+        return Some(root::AppAnswer::Http(status));
+    }
+    match h.response_header(grpc::STATUS) {
+        // Trailers-only: the headers are the whole answer.
+        Some(v) => Some(root::AppAnswer::Grpc {
+            status: grpc::parse_status(&v),
+            at: ResponsePart::Headers,
+        }),
+        None if end_of_stream => Some(root::AppAnswer::Grpc {
+            status: None,
+            at: ResponsePart::Headers,
+        }),
+        None => None,
+    }
 }
 
 /// The work running for one paused stream.
@@ -377,30 +406,21 @@ impl TxnEngine {
 
     // ----- response headers ------------------------------------------------
 
+    /// The app's response headers (`end_of_stream`: nothing follows them).
     pub fn on_response_headers(
         &mut self,
         h: &impl FilterHost,
         ctx: u32,
-        stream: &Stream,
+        stream: &mut Stream,
+        end_of_stream: bool,
     ) -> Verdict {
         match stream {
-            Stream::Root {
-                txn,
-                deadline_ms,
-                started_ms,
-                started_us,
-                trace,
-            } => {
-                let begun = root::Begun {
-                    ctx,
-                    txn: *txn,
-                    deadline_ms: *deadline_ms,
-                    started_ms: *started_ms,
-                    started_us: *started_us,
-                    trace: trace.clone(),
-                };
-                self.root_respond(h, begun)
-            }
+            Stream::Root { .. } => match app_answer_at_headers(h, end_of_stream) {
+                Some(answer) => self.root_answered(h, ctx, stream, answer),
+                // A gRPC answer's status comes in its trailers: headers
+                // and messages go on, the trailers are held.
+                None => Verdict::Continue,
+            },
             Stream::LeafFinish { txn } => {
                 let status = h
                     .response_header(":status")
@@ -435,6 +455,61 @@ impl TxnEngine {
         }
     }
 
+    /// The app's response trailers: a gRPC root's answer is final here.
+    pub fn on_response_trailers(
+        &mut self,
+        h: &impl FilterHost,
+        ctx: u32,
+        stream: &mut Stream,
+    ) -> Verdict {
+        match stream {
+            Stream::Root { .. } => {
+                let answer = root::AppAnswer::Grpc {
+                    status: h
+                        .response_trailer(grpc::STATUS)
+                        .and_then(|v| grpc::parse_status(&v)),
+                    at: ResponsePart::Trailers,
+                };
+                self.root_answered(h, ctx, stream, answer)
+            }
+            Stream::LeafFinish { .. }
+            | Stream::Business { .. }
+            | Stream::Enlisted { .. }
+            | Stream::Pass
+            | Stream::Owned => Verdict::Continue,
+        }
+    }
+
+    /// A root's app answered for good: the stream is the engine's from
+    /// here (its op, or nothing once decided).
+    fn root_answered(
+        &mut self,
+        h: &impl FilterHost,
+        ctx: u32,
+        stream: &mut Stream,
+        answer: root::AppAnswer,
+    ) -> Verdict {
+        let Stream::Root {
+            txn,
+            deadline_ms,
+            started_ms,
+            started_us,
+            trace,
+        } = std::mem::replace(stream, Stream::Owned)
+        else {
+            return Verdict::Continue;
+        };
+        let begun = root::Begun {
+            ctx,
+            txn,
+            deadline_ms,
+            started_ms,
+            started_us,
+            trace,
+        };
+        self.root_respond(h, begun, answer)
+    }
+
     /// Tells the caller of a business call whom this sidecar's app has
     /// enlisted in `txn` (with their own trees), so that a prepare, commit
     /// or abort reaching another replica, or this sidecar after a restart,
@@ -463,16 +538,18 @@ impl TxnEngine {
         } else {
             &v
         };
-        h.set_response_header(tree::CHILDREN_HEADER, v);
+        h.set_response_field(ResponsePart::Headers, tree::CHILDREN_HEADER, v);
     }
 
     /// The app answered the request that began a transaction: freeze its
     /// participants and start the root's prepare.
-    fn root_respond(&mut self, h: &impl FilterHost, b: root::Begun) -> Verdict {
+    fn root_respond(
+        &mut self,
+        h: &impl FilterHost,
+        b: root::Begun,
+        answer: root::AppAnswer,
+    ) -> Verdict {
         let (ctx, txn) = (b.ctx, b.txn);
-        let status: Option<u16> = h
-            .response_header(":status")
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
         // Freeze the participant set: later enlistments are refused.
         let entry = self.table.update(h, &txn, |e| {
             e.phase = Phase::Preparing;
@@ -489,7 +566,7 @@ impl TxnEngine {
             }
         };
         let targets = self.root_targets(&entry);
-        let (step, verdict) = RootOp::start(b, targets, status, &self.cx(h));
+        let (step, verdict) = RootOp::start(b, targets, answer, &self.cx(h));
         self.settle_op(h, ctx, step.map(Op::root));
         verdict
     }

@@ -397,8 +397,7 @@ pub fn parse_range_kvs(body: &[u8]) -> Result<(Kvs, bool), String> {
 }
 
 /// What a participant of a pending commit is owed (its `vote` field).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owed {
     /// Voted commit, not yet acknowledged the commit.
     Commit,
@@ -416,6 +415,16 @@ impl Owed {
             Owed::ReadOnly => "readonly",
         }
     }
+
+    /// The field as written ([`Owed::as_str`]); anything else is owed
+    /// nothing (this build never writes anything else).
+    pub fn parse(v: &str) -> Owed {
+        match v {
+            "commit" => Owed::Commit,
+            "acked" => Owed::Acked,
+            _ => Owed::ReadOnly,
+        }
+    }
 }
 
 /// One participant of a pending commit, as the recovery loop needs it.
@@ -423,10 +432,17 @@ impl Owed {
 pub struct PendingTarget {
     pub name: String,
     pub cluster: String,
-    pub vote: Owed,
+    /// [`Owed`] as written ([`PendingTarget::owed`]).
+    pub vote: String,
     /// Its call tree (`x-txmesh-children`), if it has one.
     #[serde(default)]
     pub tree: String,
+}
+
+impl PendingTarget {
+    pub fn owed(&self) -> Owed {
+        Owed::parse(&self.vote)
+    }
 }
 
 /// The value of a pending-work key.

@@ -7,7 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use txmesh_core::host::{
     Callout, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
-    RequestHeaders, SharedData, SharedSetError,
+    RequestHeaders, ResponsePart, SharedData, SharedSetError,
 };
 
 /// What one callback asked the host to do, in order.
@@ -185,7 +185,7 @@ impl FilterHost for ModelHost {
             body: body.to_vec(),
         });
     }
-    fn resume_response(&self, ctx: u32, headers: &[(&str, &str)]) {
+    fn resume_response(&self, ctx: u32, _part: ResponsePart, headers: &[(&str, &str)]) {
         self.effects.borrow_mut().push(Effect::Resume {
             ctx,
             headers: headers
@@ -201,7 +201,11 @@ impl FilterHost for ModelHost {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.clone())
     }
-    fn set_response_header(&self, name: &str, value: &str) {
+    /// The model's apps answer HTTP: no trailers.
+    fn response_trailer(&self, _name: &str) -> Option<Vec<u8>> {
+        None
+    }
+    fn set_response_field(&self, _part: ResponsePart, name: &str, value: &str) {
         let mut h = self.response_headers.borrow_mut();
         h.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
         h.push((name.to_string(), value.as_bytes().to_vec()));

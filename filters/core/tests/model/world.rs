@@ -1084,7 +1084,7 @@ impl World {
             return;
         }
         let engine = rec.engine as usize;
-        let stream = rec.stream.clone();
+        let mut stream = rec.stream.clone();
         let status = resp.status.map(|s| s.to_string()).unwrap_or_default();
         let (verdict, host) = self.run(
             sc,
@@ -1092,7 +1092,7 @@ impl World {
             engine,
             ctx,
             |h| *h.response_headers.borrow_mut() = vec![(":status".into(), status.into_bytes())],
-            |e, h| e.on_response_headers(h, ctx, &stream),
+            |e, h| e.on_response_headers(h, ctx, &mut stream, true),
         );
         let set: Vec<(String, String)> = host
             .response_headers
@@ -1106,6 +1106,8 @@ impl World {
                 headers: set.clone(),
                 ..resp.clone()
             });
+            // What the engine made of the stream (a root's is its own now).
+            rec.stream = stream;
         }
         self.effects(sc, p, host);
         if verdict == Verdict::Continue && self.pods[p].streams.contains_key(&ctx) {
@@ -1256,7 +1258,7 @@ impl World {
         if rec.at != At::Upstream {
             return;
         }
-        let (engine, stream) = (rec.engine as usize, rec.stream.clone());
+        let (engine, mut stream) = (rec.engine as usize, rec.stream.clone());
         let mut headers: Vec<(String, Vec<u8>)> = vec![(
             ":status".into(),
             resp.status
@@ -1275,11 +1277,11 @@ impl World {
             engine,
             ctx,
             |h| *h.response_headers.borrow_mut() = headers,
-            |e, h| e.on_response_headers(h, ctx, &stream),
+            |e, h| e.on_response_headers(h, ctx, &mut stream, true),
         );
         self.effects(sc, p, host);
         if let Some(rec) = self.pods[p].streams.remove(&ctx) {
-            self.stream_done(sc, p, rec.engine as usize, ctx, &rec.stream);
+            self.stream_done(sc, p, rec.engine as usize, ctx, &stream);
         }
         self.deliver_answer(sc, Caller::App { pod: p as u8 }, resp);
     }

@@ -171,14 +171,16 @@ pub(super) enum Effect {
         headers: Vec<(&'static str, String)>,
         body: Vec<u8>,
     },
-    /// Let the root's held response go on, with these headers added.
+    /// Let the root's response, held at `part`, go on with these fields
+    /// set in that part.
     Resume {
         ctx: u32,
+        part: ResponsePart,
         headers: Vec<(&'static str, String)>,
     },
-    /// Still in the response-headers callback: add headers to the app's
-    /// own response.
-    MarkResponse(Vec<(&'static str, String)>),
+    /// Still in the callback of the response's `part`: set these fields
+    /// in the app's own response.
+    MarkResponse(ResponsePart, Vec<(&'static str, String)>),
     Table(TableOp),
     /// Start phase 2 (driven at once, then from the tick).
     StartJob(Box<Job>),
@@ -311,13 +313,13 @@ impl TxnEngine {
                 hs.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
                 h.send_reply(ctx, status, &hs, &body);
             }
-            Effect::Resume { ctx, headers } => {
+            Effect::Resume { ctx, part, headers } => {
                 let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                h.resume_response(ctx, &hs);
+                h.resume_response(ctx, part, &hs);
             }
-            Effect::MarkResponse(headers) => {
+            Effect::MarkResponse(part, headers) => {
                 for (k, v) in &headers {
-                    h.set_response_header(k, v);
+                    h.set_response_field(part, k, v);
                 }
             }
             Effect::Table(op) => match op {

@@ -173,7 +173,7 @@ impl TxnEngine {
                     name: t.name.clone(),
                     cluster: t.cluster.clone(),
                     tree: t.tree.clone(),
-                    vote: Some(match t.vote {
+                    vote: Some(match t.owed() {
                         Owed::Commit => Vote::Commit,
                         Owed::Acked | Owed::ReadOnly => Vote::ReadOnly,
                     }),

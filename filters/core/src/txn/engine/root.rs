@@ -11,6 +11,7 @@ use super::record::{
 };
 use super::vote::{ask_all, control_call, first_abort, refused_by, vote_of, Ballot, Target, Vote};
 use super::*;
+use crate::grpc;
 
 /// The root's prepare and decision, for one client stream.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -23,6 +24,90 @@ pub(super) struct RootOp {
     pub targets: Vec<Target>,
     pub times: Times,
     pub stage: RootStage,
+    /// How the client is answered.
+    pub answering: Answering,
+}
+
+/// The app's final answer to the request that began a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AppAnswer {
+    /// An HTTP answer: its `:status` (None: missing or unreadable).
+    Http(Option<u16>),
+    /// A gRPC answer: its `grpc-status` (None: missing or unreadable), and
+    /// the part of the response that carried it (held there).
+    Grpc {
+        status: Option<u32>,
+        at: ResponsePart,
+    },
+}
+
+impl AppAnswer {
+    /// Why the app's answer aborts the transaction, and how the client
+    /// learns it; None: it succeeded.
+    fn failure(self) -> Option<(Cause, String, Tell)> {
+        match self {
+            AppAnswer::Http(status) if is_2xx(status) => None,
+            // A 4xx is the client's to fix: it sees the app's own answer.
+            AppAnswer::Http(Some(s @ 400..=499)) => {
+                Some((Cause::AppError, format!("the app answered {s}"), Tell::Mark))
+            }
+            AppAnswer::Http(Some(s)) => Some((
+                Cause::AppError,
+                format!("the app answered {s}"),
+                Tell::Reply,
+            )),
+            AppAnswer::Http(None) => Some((
+                Cause::AppError,
+                "the app gave no status".to_string(),
+                Tell::Reply,
+            )),
+            AppAnswer::Grpc {
+                status: Some(grpc::OK),
+                ..
+            } => None,
+            // The client sees the app's own status, marked aborted.
+            AppAnswer::Grpc {
+                status: Some(s), ..
+            } => Some((
+                Cause::GrpcError,
+                format!("the app answered grpc-status {s}"),
+                Tell::Mark,
+            )),
+            AppAnswer::Grpc { status: None, .. } => Some((
+                Cause::GrpcError,
+                "the app's gRPC answer had no grpc-status".to_string(),
+                Tell::Reply,
+            )),
+        }
+    }
+
+    fn answering(self) -> Answering {
+        match self {
+            AppAnswer::Http(_) => Answering::Http,
+            AppAnswer::Grpc { at, .. } => Answering::Grpc(at),
+        }
+    }
+}
+
+/// How a root's client learns the outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Answering {
+    /// HTTP: the app's response, held at its headers, marked with the
+    /// outcome; an abort is a local reply (409, or 503) in its place.
+    Http,
+    /// gRPC: the app's response, held at `part` (its trailers, or the
+    /// headers of a trailers-only answer), marked with the outcome; an
+    /// abort sets `grpc-status` 10 (ABORTED) there, with a `grpc-message`.
+    Grpc(ResponsePart),
+}
+
+impl Answering {
+    fn part(self) -> ResponsePart {
+        match self {
+            Answering::Http => ResponsePart::Headers,
+            Answering::Grpc(part) => part,
+        }
+    }
 }
 
 /// When each step happened, for the decision log line (µs).
@@ -95,12 +180,12 @@ pub(super) struct Begun {
 }
 
 impl RootOp {
-    /// The app answered (`status`): prepare every participant, or abort at
-    /// once (the app failed, or the deadline passed) with nobody asked.
+    /// The app answered: prepare every participant, or abort at once (the
+    /// app failed, or the deadline passed) with nobody asked.
     pub fn start(
         b: Begun,
         targets: Vec<Target>,
-        status: Option<u16>,
+        answer: AppAnswer,
         cx: &Cx,
     ) -> (Step<RootOp>, Verdict) {
         let mut op = RootOp {
@@ -116,26 +201,17 @@ impl RootOp {
                 ..Times::default()
             },
             stage: RootStage::Voting,
+            answering: answer.answering(),
         };
         let me = cx.node.to_string();
-        if !is_2xx(status) {
+        if let Some((cause, why, tell)) = answer.failure() {
             // Nobody was asked to prepare: abort everyone, write nothing
-            // (presumed abort). A 4xx is the client's to fix: it sees the
-            // app's own answer.
-            let why = match status {
-                Some(s) => format!("the app answered {s}"),
-                None => "the app gave no status".to_string(),
+            // (presumed abort).
+            let verdict = match tell {
+                Tell::Mark => Verdict::Continue,
+                Tell::Reply => Verdict::Pause,
             };
-            return match status {
-                Some(400..=499) => (
-                    op.abort(Cause::AppError, &why, &me, false, Tell::Mark, cx),
-                    Verdict::Continue,
-                ),
-                _ => (
-                    op.abort(Cause::AppError, &why, &me, false, Tell::Reply, cx),
-                    Verdict::Pause,
-                ),
-            };
+            return (op.abort(cause, &why, &me, false, tell, cx), verdict);
         }
         if cx.now_ms >= op.deadline_ms {
             let why = "the deadline passed before the app answered";
@@ -423,14 +499,30 @@ impl RootOp {
                 let msg = format!(
                     "transaction outcome unknown: etcd did not confirm the decision ({error}; {e}); it will be resolved when etcd is reachable"
                 );
-                let body = Obj::new()
-                    .str("txn", &self.txn.to_string())
-                    .str("outcome", "unknown")
-                    .str("error", &msg)
-                    .build();
+                let tell = match self.answering {
+                    Answering::Http => {
+                        let body = Obj::new()
+                            .str("txn", &self.txn.to_string())
+                            .str("outcome", "unknown")
+                            .str("error", &msg)
+                            .build();
+                        effect::json_reply(self.ctx, 503, body)
+                    }
+                    // UNKNOWN, not UNAVAILABLE: a client must not retry a
+                    // transaction that may have committed.
+                    Answering::Grpc(part) => Effect::Resume {
+                        ctx: self.ctx,
+                        part,
+                        headers: vec![
+                            (grpc::STATUS, grpc::UNKNOWN.to_string()),
+                            (grpc::MESSAGE, grpc::encode_message(&msg)),
+                            (id::TXN_HEADER, self.txn.to_string()),
+                        ],
+                    },
+                };
                 Step::end(vec![
                     Effect::Log(LogLevel::Error, format!("txn {} in doubt: {msg}", self.txn)),
-                    effect::json_reply(self.ctx, 503, body),
+                    tell,
                     Effect::Gauge(Gauge::InDoubt, 1),
                     Effect::InFlight(-1),
                     Effect::Count(None, Cause::Unknown),
@@ -484,6 +576,7 @@ impl RootOp {
             Effect::Table(TableOp::SetPhase(self.txn, Phase::Committed)),
             Effect::Resume {
                 ctx: self.ctx,
+                part: self.answering.part(),
                 headers: self.outcome_headers(Outcome::Committed),
             },
         ];
@@ -512,11 +605,13 @@ impl RootOp {
         cx: &Cx,
     ) -> Step<RootOp> {
         let mut effects = vec![Effect::Table(TableOp::SetPhase(self.txn, Phase::Aborted))];
-        let headers = self.outcome_headers(Outcome::Aborted);
-        effects.push(match tell {
-            // Still in the response-headers callback: mark and let it pass.
-            Tell::Mark => Effect::MarkResponse(headers),
-            Tell::Reply => Effect::Reply {
+        let mut headers = self.outcome_headers(Outcome::Aborted);
+        let who = split_pinned(participant).0;
+        effects.push(match (tell, self.answering) {
+            // Still in the callback of the part that decided: mark the
+            // app's own answer and let it pass.
+            (Tell::Mark, answering) => Effect::MarkResponse(answering.part(), headers),
+            (Tell::Reply, Answering::Http) => Effect::Reply {
                 ctx: self.ctx,
                 status: cause.abort_status(),
                 headers,
@@ -524,10 +619,20 @@ impl RootOp {
                     .str("txn", &self.txn.to_string())
                     .str("outcome", "aborted")
                     .str("reason", why)
-                    .str("participant", split_pinned(participant).0)
+                    .str("participant", who)
                     .build()
                     .into_bytes(),
             },
+            (Tell::Reply, Answering::Grpc(part)) => {
+                let msg = format!("transaction aborted by {who}: {why}");
+                headers.push((grpc::STATUS, grpc::ABORTED.to_string()));
+                headers.push((grpc::MESSAGE, grpc::encode_message(&msg)));
+                Effect::Resume {
+                    ctx: self.ctx,
+                    part,
+                    headers,
+                }
+            }
         });
         effects.extend(self.decided(Outcome::Aborted, cause, why, participant, cx));
         let someone_prepared = self

@@ -147,9 +147,9 @@ fn memory_stays_flat_over_many_transactions() {
     for ctx in 0..2_000u32 {
         h.rand.set((ctx % 250) as u8);
         h.request(1, "POST", "/c", &[]);
-        let (stream, _) = inb.on_request_headers(&h, ctx);
+        let (mut stream, _) = inb.on_request_headers(&h, ctx);
         h.status("200");
-        inb.on_response_headers(&h, ctx, &stream);
+        inb.on_response_headers(&h, ctx, &mut stream, true);
         let calls = h.take_calls();
         answer(&h, &mut inb, &calls, "local_app", vote("commit"));
         let calls = h.take_calls();
@@ -169,7 +169,7 @@ fn a_routed_participant_is_pinned_to_its_instance() {
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
     h.request(1, "POST", "/checkout", &[]);
-    let (stream, _) = inb.on_request_headers(&h, 1);
+    let (mut stream, _) = inb.on_request_headers(&h, 1);
     let id = h.header("x-txmesh-txn").unwrap();
     // The router picked 10.0.0.2:15006 for this call; a bad value pins nothing.
     h.request(
@@ -195,7 +195,10 @@ fn a_routed_participant_is_pinned_to_its_instance() {
     h.cluster("inventory");
     assert_eq!(out.on_request_headers(&h, 101).1, Verdict::Continue);
     h.status("200");
-    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Pause);
+    assert_eq!(
+        inb.on_response_headers(&h, 1, &mut stream, true),
+        Verdict::Pause
+    );
     let calls = h.take_calls();
     assert_eq!(
         paths(&calls),

@@ -88,9 +88,9 @@ fn unpended(c: &Callout) -> (Vec<String>, Vec<(String, String)>) {
 /// (payment): the app answered 200 and both voted commit; the commit
 /// record's write is the next call.
 fn both_voted_commit(h: &Host, inb: &mut TxnEngine, out: &mut TxnEngine) -> TxnId {
-    let (txn, stream) = begin_with(h, inb, out, &["payment"]);
+    let (txn, mut stream) = begin_with(h, inb, out, &["payment"]);
     h.status("200");
-    inb.on_response_headers(h, 1, &stream);
+    inb.on_response_headers(h, 1, &mut stream, true);
     let calls = h.take_calls();
     answer(h, inb, &calls, "payment", vote("commit"));
     answer(h, inb, &calls, "local_app", vote("commit"));
@@ -236,6 +236,7 @@ fn commit_and_ack(h: &Host, inb: &mut TxnEngine, out: &mut TxnEngine) -> TxnId {
 const ID: &str = "0af7651916cd43dd8448eb211c80319c";
 
 mod admission;
+mod grpc;
 mod phase2;
 mod recovery;
 mod root;

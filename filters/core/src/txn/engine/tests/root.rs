@@ -7,9 +7,12 @@ fn commit_with_three_participants() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment", "inventory"]);
+    let (txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment", "inventory"]);
     h.status("200");
-    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Pause);
+    assert_eq!(
+        inb.on_response_headers(&h, 1, &mut stream, true),
+        Verdict::Pause
+    );
     let calls = h.take_calls();
     assert_eq!(
         paths(&calls),
@@ -118,9 +121,9 @@ fn a_no_vote_aborts_everyone_and_names_the_participant() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment", "inventory"]);
+    let (txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment", "inventory"]);
     h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "payment", vote("commit"));
     answer(
@@ -175,9 +178,9 @@ fn readonly_voters_get_no_phase_two() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment", "catalog"]);
+    let (_txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment", "catalog"]);
     h.status("201");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "payment", vote("commit"));
     answer(&h, &mut inb, &calls, "catalog", vote("readonly"));
@@ -196,9 +199,9 @@ fn all_readonly_commits_without_etcd() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["catalog"]);
+    let (txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["catalog"]);
     h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "catalog", vote("readonly"));
     answer(&h, &mut inb, &calls, "local_app", vote("readonly"));
@@ -214,9 +217,9 @@ fn one_participant_commits_in_one_phase() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &[]);
+    let (txn, mut stream) = begin_with(&h, &mut inb, &mut out, &[]);
     h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     assert_eq!(paths(&calls), ["local_app /txmesh/prepare"]);
     answer(&h, &mut inb, &calls, "local_app", vote("commit"));
@@ -246,9 +249,9 @@ fn one_phase_commit_unacknowledged_falls_back_to_a_durable_decision() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &[]);
+    let (_txn, mut stream) = begin_with(&h, &mut inb, &mut out, &[]);
     h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "local_app", vote("commit"));
     let calls = h.take_calls();
@@ -266,9 +269,12 @@ fn app_error_aborts_without_prepare() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    let (_txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
     h.status("503");
-    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Pause);
+    assert_eq!(
+        inb.on_response_headers(&h, 1, &mut stream, true),
+        Verdict::Pause
+    );
     // No prepare, no record (nobody prepared): the aborts go out at once.
     let calls = h.take_calls();
     assert_eq!(
@@ -292,9 +298,9 @@ fn a_stalled_participant_aborts_at_the_deadline_from_the_tick() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (_txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    let (_txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
     h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "local_app", vote("commit"));
     h.advance(4_999);
@@ -499,9 +505,9 @@ fn client_gone_during_prepare_aborts_from_the_tick() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    let (txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
     h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     answer(&h, &mut inb, &calls, "payment", vote("commit"));
     inb.on_stream_done(&h, 1, &stream);
@@ -522,9 +528,12 @@ fn an_app_4xx_aborts_but_the_client_sees_the_apps_own_error() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (txn, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    let (txn, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
     h.status("400");
-    assert_eq!(inb.on_response_headers(&h, 1, &stream), Verdict::Continue);
+    assert_eq!(
+        inb.on_response_headers(&h, 1, &mut stream, true),
+        Verdict::Continue
+    );
     assert!(
         h.replies.borrow().is_empty(),
         "no 409 replacing the app's answer"
@@ -547,10 +556,10 @@ fn the_decision_line_times_the_prepare_round_and_the_record_write() {
     let h = Host::new();
     let mut inb = engine(&h, CFG);
     let mut out = engine(&h, CFG);
-    let (_, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+    let (_, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
     h.advance(3); // the app works
     h.status("200");
-    inb.on_response_headers(&h, 1, &stream);
+    inb.on_response_headers(&h, 1, &mut stream, true);
     let calls = h.take_calls();
     h.advance(5); // the prepare round
     answer(&h, &mut inb, &calls, "payment", vote("commit"));
@@ -593,9 +602,9 @@ fn a_relayed_timeout_counts_as_timeout_and_reason_text_decides_nothing() {
         let h = Host::new();
         let mut inb = engine(&h, CFG);
         let mut out = engine(&h, CFG);
-        let (_, stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
+        let (_, mut stream) = begin_with(&h, &mut inb, &mut out, &["payment"]);
         h.status("200");
-        inb.on_response_headers(&h, 1, &stream);
+        inb.on_response_headers(&h, 1, &mut stream, true);
         let calls = h.take_calls();
         answer(&h, &mut inb, &calls, "payment", ok(body));
         assert_eq!(h.replies.borrow()[0].1, 409, "{body}");

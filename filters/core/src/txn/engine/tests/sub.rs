@@ -115,13 +115,13 @@ fn leaf_control_requests_pass_through_and_free_the_entry() {
     let (_, st, _, body) = h.replies.borrow().last().unwrap().clone();
     assert_eq!((st, body.as_str()), (200, r#"{"vote":"commit"}"#));
     h.request(1, "POST", "/txmesh/commit", &[("x-txmesh-txn", id)]);
-    let (stream, v) = inb.on_request_headers(&h, 3);
+    let (mut stream, v) = inb.on_request_headers(&h, 3);
     assert_eq!(
         (stream.clone(), v),
         (Stream::LeafFinish { txn }, Verdict::Continue)
     );
     h.status("200");
-    inb.on_response_headers(&h, 3, &stream);
+    inb.on_response_headers(&h, 3, &mut stream, true);
     assert!(inb.table().get(&h, &txn).is_none());
 }
 
@@ -175,19 +175,19 @@ fn the_call_tree_travels_up_and_back_down_to_any_replica() {
     let id = txn.to_string();
     // payment's app calls ledger (which reported its own child, audit).
     h.request(1, "POST", "/pay", &[("x-txmesh-txn", &id)]);
-    let (business, _) = inb.on_request_headers(&h, 1);
+    let (mut business, _) = inb.on_request_headers(&h, 1);
     assert_eq!(business, Stream::Business { txn });
     h.request(2, "POST", "/debit", &[("x-txmesh-txn", &id)]);
     h.cluster("ledger");
-    let (enlisted, _) = out.on_request_headers(&h, 2);
+    let (mut enlisted, _) = out.on_request_headers(&h, 2);
     h.status("200");
     h.response
         .borrow_mut()
         .push(("x-txmesh-children".into(), b"audit".to_vec()));
-    out.on_response_headers(&h, 2, &enlisted);
+    out.on_response_headers(&h, 2, &mut enlisted, true);
     // payment's answer to its caller reports the tree below it.
     h.status("200");
-    inb.on_response_headers(&h, 1, &business);
+    inb.on_response_headers(&h, 1, &mut business, true);
     assert_eq!(
         h.response_header("x-txmesh-children").as_deref(),
         Some(&b"ledger(audit)"[..])

@@ -1,0 +1,176 @@
+//! gRPC apps in transactions, on real Envoy: a gRPC call's success is its
+//! final `grpc-status` (trailers, or a trailers-only answer), never
+//! `:status` alone; the outcome travels back as trailing metadata.
+//!
+//! The initiator here is a gRPC app (HTTP/2 from its sidecar, answers
+//! framed as gRPC); it enlists `payment` and `inventory`, HTTP apps, through
+//! its sidecar. The client speaks gRPC on the wire (`txmesh_tests::grpc`),
+//! so each test sees exactly where the status came: headers or trailers.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+use txmesh_tests::envoy::Envoy;
+use txmesh_tests::{grpc, wait_for, Checkout, Reply, TxnApp, Vote};
+
+const CHECKOUT: &str = "/shop.v1.Order/Checkout";
+
+struct GrpcShop {
+    etcd: txmesh_tests::Etcd,
+    order: TxnApp,
+    payment: TxnApp,
+    inventory: TxnApp,
+    order_sc: Envoy,
+    /// Kept running (dropping a sidecar stops it).
+    _others: [Envoy; 2],
+}
+
+impl GrpcShop {
+    /// order (gRPC, begins a transaction on `/shop.v1.Order/Checkout`) ->
+    /// {payment, inventory} (HTTP), every participant voting commit.
+    fn start() -> Self {
+        Self::voting(Vote::Commit, Vote::Commit)
+    }
+
+    fn voting(payment_vote: Vote, inventory_vote: Vote) -> Self {
+        let etcd = txmesh_tests::Etcd::start();
+        let extra = json!({"begin": [{"method": "POST", "path_prefix": CHECKOUT}]});
+        let g = Checkout::start(payment_vote, inventory_vote, |name, app| {
+            let sc = sidecar_with(name, app, etcd.addr(), &extra);
+            if name == "order" {
+                sc.app_http2()
+            } else {
+                sc
+            }
+        });
+        GrpcShop {
+            etcd,
+            order: g.order,
+            payment: g.payment,
+            inventory: g.inventory,
+            order_sc: g.order_sc,
+            _others: [g.pay_sc, g.inv_sc],
+        }
+    }
+
+    fn checkout(&self) -> grpc::Answer {
+        grpc::unary(
+            self.order_sc.inbound_addr(),
+            "order",
+            CHECKOUT,
+            b"",
+            &[],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn apps(&self) -> [&TxnApp; 3] {
+        [&self.order, &self.payment, &self.inventory]
+    }
+
+    /// `txmesh_txn_total` at the order sidecar for this outcome and reason
+    /// (0 when Envoy has no such series).
+    fn txns(&self, outcome: &str, reason: &str) -> f64 {
+        self.order_sc.scrape().sum(
+            "txmesh_txn_total",
+            &[("outcome", outcome), ("reason", reason)],
+        )
+    }
+}
+
+/// The transaction id the initiator's app was given (its only business call).
+fn only_txn(app: &TxnApp) -> String {
+    let reqs = app.server.requests_to(CHECKOUT);
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    reqs[0]
+        .header("x-txmesh-txn")
+        .unwrap_or_else(|| panic!("the app got no x-txmesh-txn: {:?}", reqs[0]))
+}
+
+/// Nobody was asked to prepare; each participant got its abort and no commit.
+fn assert_aborted_unprepared(shop: &GrpcShop, txn: &str) {
+    for app in shop.apps() {
+        wait_for(10, &format!("{}'s abort", app.name), || {
+            (app.record(txn).aborts >= 1).then_some(())
+        });
+        let rec = app.record(txn);
+        assert_eq!((rec.prepares, rec.commits), (0, 0), "{}: {rec:?}", app.name);
+    }
+}
+
+#[test]
+fn an_ok_grpc_answer_commits_and_says_so_in_the_trailers() {
+    let shop = GrpcShop::start();
+    shop.order.set_business_reply(Reply::grpc(0));
+    let a = shop.checkout();
+    assert_eq!((a.http, a.grpc_status()), (200, Some(0)), "{a:?}");
+    assert!(!a.trailers_only(), "{a:?}");
+    assert_eq!(a.trailer("x-txmesh-outcome"), Some("committed"), "{a:?}");
+    let txn = only_txn(&shop.order);
+    assert_eq!(a.trailer("x-txmesh-txn"), Some(txn.as_str()), "{a:?}");
+    assert_committed_once(&shop.apps(), &txn);
+    assert_eq!(
+        decision(&shop.etcd, &txn).map(|d| d["outcome"].clone()),
+        Some(json!("committed"))
+    );
+}
+
+#[test]
+fn grpc_status_13_in_the_trailers_aborts_although_the_status_was_200() {
+    let shop = GrpcShop::start();
+    shop.order.set_business_reply(Reply::grpc(13));
+    let a = shop.checkout();
+    // The client sees the app's own failure, marked aborted.
+    assert_eq!((a.http, a.grpc_status()), (200, Some(13)), "{a:?}");
+    assert!(!a.trailers_only(), "{a:?}");
+    assert_eq!(a.trailer("x-txmesh-outcome"), Some("aborted"), "{a:?}");
+    let txn = only_txn(&shop.order);
+    assert_aborted_unprepared(&shop, &txn);
+    // Presumed abort: nobody prepared, so no record is written.
+    assert_eq!(decision(&shop.etcd, &txn), None);
+    assert_eq!(shop.txns("aborted", "grpc_error"), 1.0);
+    assert_eq!(shop.txns("committed", "ok"), 0.0);
+}
+
+#[test]
+fn a_trailers_only_error_aborts() {
+    let shop = GrpcShop::start();
+    shop.order.set_business_reply(Reply::grpc_trailers_only(9));
+    let a = shop.checkout();
+    assert_eq!((a.http, a.grpc_status()), (200, Some(9)), "{a:?}");
+    assert!(a.trailers_only(), "{a:?}");
+    assert_eq!(a.header("x-txmesh-outcome"), Some("aborted"), "{a:?}");
+    let txn = only_txn(&shop.order);
+    assert_aborted_unprepared(&shop, &txn);
+    assert_eq!(shop.txns("aborted", "grpc_error"), 1.0);
+    assert_eq!(shop.txns("committed", "ok"), 0.0);
+}
+
+#[test]
+fn a_no_vote_reaches_a_grpc_client_as_aborted_with_the_reason() {
+    let shop = GrpcShop::voting(Vote::Commit, Vote::No("out of stock: 100% sold".into()));
+    shop.order.set_business_reply(Reply::grpc(0));
+    let a = shop.checkout();
+    // The app's OK is replaced: ABORTED, naming who and why (the message
+    // percent-encoded as gRPC asks), in the trailers.
+    assert_eq!((a.http, a.grpc_status()), (200, Some(10)), "{a:?}");
+    assert!(!a.trailers_only(), "{a:?}");
+    assert_eq!(
+        a.trailer("grpc-message"),
+        Some("transaction aborted by inventory: out of stock: 100%25 sold"),
+        "{a:?}"
+    );
+    assert_eq!(a.trailer("x-txmesh-outcome"), Some("aborted"), "{a:?}");
+    let txn = only_txn(&shop.order);
+    assert_eq!(a.trailer("x-txmesh-txn"), Some(txn.as_str()), "{a:?}");
+    for app in shop.apps() {
+        wait_for(10, &format!("{}'s abort", app.name), || {
+            (app.record(&txn).aborts >= 1).then_some(())
+        });
+        assert_eq!(app.record(&txn).commits, 0, "{}", app.name);
+    }
+    assert_eq!(shop.txns("aborted", "vote_abort"), 1.0);
+}
