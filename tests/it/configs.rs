@@ -164,6 +164,7 @@ fn each_filter_exports_only_the_callbacks_it_uses() {
             &[
                 "proxy_on_request_headers",
                 "proxy_on_response_headers",
+                "proxy_on_response_trailers",
                 "proxy_on_log",
                 "proxy_on_tick",
                 "proxy_on_http_call_response",

@@ -142,7 +142,7 @@ fn app_answer_at_headers(h: &impl FilterHost, end_of_stream: bool) -> Option<roo
     let grpc_answer = h
         .response_header("content-type")
         .is_some_and(|c| grpc::is_grpc(&c));
-    if !grpc_answer || status != Some(200) {
+    if !grpc_answer || status != Some(200) || seeded::active(Bug::GrpcStatusIgnored) {
         return Some(root::AppAnswer::Http(status));
     }
     match h.response_header(grpc::STATUS) {

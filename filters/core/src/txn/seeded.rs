@@ -42,10 +42,12 @@ pub enum Bug {
     /// A commit's decision record goes under the retention lease when it
     /// is written, not when its phase 2 is done.
     LeaseOnCommit,
+    /// A gRPC root is judged by `:status` alone (its `grpc-status` ignored).
+    GrpcStatusIgnored,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 13] = [
+    pub const ALL: [Bug; 14] = [
         Bug::CommitBeforeRecord,
         Bug::AbortWithoutCas,
         Bug::UnknownPrepareYes,
@@ -59,6 +61,7 @@ impl Bug {
         Bug::ResolveUnderRoot,
         Bug::TrustAnyCaller,
         Bug::LeaseOnCommit,
+        Bug::GrpcStatusIgnored,
     ];
 
     /// The cargo feature that compiles it in.
@@ -77,6 +80,7 @@ impl Bug {
             Bug::ResolveUnderRoot => "seeded-bug-resolve-under-root",
             Bug::TrustAnyCaller => "seeded-bug-trust-any-caller",
             Bug::LeaseOnCommit => "seeded-bug-lease-on-commit",
+            Bug::GrpcStatusIgnored => "seeded-bug-grpc-status-ignored",
         }
     }
 
@@ -95,6 +99,7 @@ impl Bug {
             Bug::ResolveUnderRoot => cfg!(feature = "seeded-bug-resolve-under-root"),
             Bug::TrustAnyCaller => cfg!(feature = "seeded-bug-trust-any-caller"),
             Bug::LeaseOnCommit => cfg!(feature = "seeded-bug-lease-on-commit"),
+            Bug::GrpcStatusIgnored => cfg!(feature = "seeded-bug-grpc-status-ignored"),
         }
     }
 
@@ -113,6 +118,7 @@ impl Bug {
             Bug::ResolveUnderRoot => 11,
             Bug::TrustAnyCaller => 12,
             Bug::LeaseOnCommit => 13,
+            Bug::GrpcStatusIgnored => 14,
         }
     }
 }

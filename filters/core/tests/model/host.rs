@@ -50,6 +50,7 @@ pub struct ModelHost {
     pub request_headers: RefCell<Vec<(String, Vec<u8>)>>,
     pub properties: Vec<(String, Vec<u8>)>,
     pub response_headers: RefCell<Vec<(String, Vec<u8>)>>,
+    pub response_trailers: RefCell<Vec<(String, Vec<u8>)>>,
     /// Callout tokens still referenced somewhere in the world: not reused.
     pub tokens_in_use: RefCell<BTreeSet<u32>>,
     /// Seed of `random_id` (the sidecar and its incarnation) and a counter.
@@ -69,6 +70,7 @@ impl ModelHost {
             request_headers: RefCell::new(Vec::new()),
             properties: Vec::new(),
             response_headers: RefCell::new(Vec::new()),
+            response_trailers: RefCell::new(Vec::new()),
             tokens_in_use: RefCell::new(BTreeSet::new()),
             seed: 0,
             draws: Cell::new(0),
@@ -201,9 +203,12 @@ impl FilterHost for ModelHost {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.clone())
     }
-    /// The model's apps answer HTTP: no trailers.
-    fn response_trailer(&self, _name: &str) -> Option<Vec<u8>> {
-        None
+    fn response_trailer(&self, name: &str) -> Option<Vec<u8>> {
+        self.response_trailers
+            .borrow()
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
     }
     fn set_response_field(&self, _part: ResponsePart, name: &str, value: &str) {
         let mut h = self.response_headers.borrow_mut();

@@ -41,6 +41,8 @@ impl Check {
         for s in &self.sc.services {
             let options: &[Plan] = match s.plan {
                 Plan::CommitOrAbort => &[Plan::Commit, Plan::Abort],
+                Plan::CommitOrFails => &[Plan::Commit, Plan::Fails],
+                Plan::Fails => &[Plan::Fails],
                 Plan::Commit => &[Plan::Commit],
                 Plan::Abort => &[Plan::Abort],
                 Plan::ReadOnly => &[Plan::ReadOnly],
@@ -95,6 +97,9 @@ impl Model for Check {
                 s.record_matches()
             }),
             Property::always("client told matches", |_, s: &World| s.client_matches()),
+            Property::always("a failed call aborts", |_, s: &World| {
+                s.failed_call_aborts()
+            }),
             Property::always("one decision ever", |_, s: &World| s.one_decision()),
             Property::always(
                 "no decision on a caller's deadline",
@@ -128,11 +133,12 @@ pub struct Report {
     pub failure: Option<(&'static str, String)>,
 }
 
-const SAFETY: [&str; 7] = [
+const SAFETY: [&str; 8] = [
     "agreement",
     "validity",
     "record matches participants",
     "client told matches",
+    "a failed call aborts",
     "one decision ever",
     "no decision on a caller's deadline",
     "termination",

@@ -38,6 +38,7 @@ fn base(name: &'static str, services: Vec<Service>) -> Scenario {
         apps_ask: false,
         can_commit: true,
         can_abort: false,
+        grpc_root: false,
     }
 }
 
@@ -227,6 +228,18 @@ pub fn short() -> Vec<Scenario> {
                 7,
             )
         },
+        // The root's app speaks gRPC and may fail after its work is done
+        // (grpc-status 13 in the trailers, after a 200): the failed call
+        // never commits, though every participant would vote yes (issue 20).
+        Scenario {
+            grpc_root: true,
+            can_abort: true,
+            ..base("grpc-depth2", {
+                let mut s = depth2(Plan::Commit);
+                s[0].plan = Plan::CommitOrFails;
+                s
+            })
+        },
         Scenario {
             apps_ask: true,
             can_abort: true,
@@ -341,6 +354,7 @@ pub fn catching(bug: txmesh_core::txn::seeded::Bug) -> Scenario {
         Bug::ResolveUnderRoot => "one-phase-late",
         Bug::TrustAnyCaller => "forged-control-depth3",
         Bug::LeaseOnCommit => "retention-depth2",
+        Bug::GrpcStatusIgnored => "grpc-depth2",
     };
     short()
         .into_iter()

@@ -32,6 +32,25 @@ pub enum Plan {
     ReadOnly,
     /// Either, explored both ways.
     CommitOrAbort,
+    /// Does its work, then its business call answers a failure (HTTP 500,
+    /// or gRPC `grpc-status: 13`); asked to prepare, it votes commit.
+    Fails,
+    /// Commit or Fails, explored both ways.
+    CommitOrFails,
+}
+
+impl Plan {
+    /// Whether the app's business answer is a failure.
+    fn fails(self) -> bool {
+        match self {
+            Plan::Fails => true,
+            Plan::Commit
+            | Plan::Abort
+            | Plan::ReadOnly
+            | Plan::CommitOrAbort
+            | Plan::CommitOrFails => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +100,9 @@ pub struct Scenario {
     /// A commit is among the outcomes (checked: the scenario is not vacuous).
     pub can_commit: bool,
     pub can_abort: bool,
+    /// The root's app speaks gRPC: its answer is `:status` 200 and
+    /// `application/grpc` in the headers, its `grpc-status` in the trailers.
+    pub grpc_root: bool,
 }
 
 impl Scenario {
@@ -322,6 +344,8 @@ pub struct World {
     pub net: BTreeSet<Msg>,
     pub late: BTreeSet<Msg>,
     pub client: Told,
+    /// The root's app answered the client's call with a failure.
+    pub root_failed: bool,
     pub txn: Option<String>,
     pub used: Budget,
     /// What an app saw that the protocol forbids.
@@ -427,6 +451,7 @@ impl World {
             net: BTreeSet::new(),
             late: BTreeSet::new(),
             client: Told::Nothing,
+            root_failed: false,
             txn: None,
             used: Budget::default(),
             violations: BTreeSet::new(),
@@ -963,7 +988,8 @@ impl World {
                 } else {
                     self.pods[p].busy = None;
                     if self.pods[p].life == life {
-                        let status = if failed { 500 } else { 200 };
+                        let fails = failed || self.dbs[self.pods[p].svc as usize].plan.fails();
+                        let status = if fails { 500 } else { 200 };
                         self.app_answers(sc, p, ctx, Resp::json(status, "{}"));
                     }
                 }
@@ -1085,15 +1111,58 @@ impl World {
         }
         let engine = rec.engine as usize;
         let mut stream = rec.stream.clone();
-        let status = resp.status.map(|s| s.to_string()).unwrap_or_default();
-        let (verdict, host) = self.run(
-            sc,
-            p,
-            engine,
-            ctx,
-            |h| *h.response_headers.borrow_mut() = vec![(":status".into(), status.into_bytes())],
-            |e, h| e.on_response_headers(h, ctx, &mut stream, true),
-        );
+        let root = matches!(stream, Stream::Root { .. });
+        let ok = matches!(resp.status, Some(200..=299));
+        if root && !ok {
+            self.root_failed = true;
+        }
+        let (verdict, host) = if root && sc.grpc_root {
+            // The headers (the status is in the trailers)...
+            let (verdict, host) = self.run(
+                sc,
+                p,
+                engine,
+                ctx,
+                |h| {
+                    *h.response_headers.borrow_mut() = vec![
+                        (":status".into(), b"200".to_vec()),
+                        ("content-type".into(), b"application/grpc".to_vec()),
+                    ]
+                },
+                |e, h| e.on_response_headers(h, ctx, &mut stream, false),
+            );
+            if verdict == Verdict::Pause {
+                // Held at the headers: the trailers wait behind them.
+                (verdict, host)
+            } else {
+                // ...passed: the trailers decide.
+                self.effects(sc, p, host);
+                let status: &[u8] = if ok { b"0" } else { b"13" };
+                self.run(
+                    sc,
+                    p,
+                    engine,
+                    ctx,
+                    |h| {
+                        *h.response_trailers.borrow_mut() =
+                            vec![("grpc-status".into(), status.to_vec())]
+                    },
+                    |e, h| e.on_response_trailers(h, ctx, &mut stream),
+                )
+            }
+        } else {
+            let status = resp.status.map(|s| s.to_string()).unwrap_or_default();
+            self.run(
+                sc,
+                p,
+                engine,
+                ctx,
+                |h| {
+                    *h.response_headers.borrow_mut() = vec![(":status".into(), status.into_bytes())]
+                },
+                |e, h| e.on_response_headers(h, ctx, &mut stream, true),
+            )
+        };
         let set: Vec<(String, String)> = host
             .response_headers
             .borrow()
@@ -1162,7 +1231,12 @@ impl World {
         }
         let children = sc.services[svc as usize].children.clone();
         if children.is_empty() {
-            self.app_answers(sc, p, ctx, Resp::json(200, "{}"));
+            let status = if self.dbs[svc as usize].plan.fails() {
+                500
+            } else {
+                200
+            };
+            self.app_answers(sc, p, ctx, Resp::json(status, "{}"));
             return;
         }
         let life = self.pods[p].life;
@@ -1298,7 +1372,10 @@ impl World {
                 let vote = match db.work {
                     Work::Working => {
                         let v = match db.plan {
-                            Plan::Commit | Plan::CommitOrAbort => Voted::Commit,
+                            Plan::Commit
+                            | Plan::CommitOrAbort
+                            | Plan::Fails
+                            | Plan::CommitOrFails => Voted::Commit,
                             Plan::Abort => Voted::Abort,
                             Plan::ReadOnly => Voted::ReadOnly,
                         };
@@ -1417,6 +1494,17 @@ impl World {
     }
 
     /// What the client was told agrees with the record and the participants.
+    /// The call that began the transaction failed (its app answered a
+    /// failure: HTTP non-2xx, gRPC non-OK): nothing commits, and the client
+    /// is not told committed.
+    pub fn failed_call_aborts(&self) -> bool {
+        let (c, _) = self.final_outcomes();
+        !self.root_failed
+            || (!c
+                && self.client != Told::Committed
+                && self.etcd.decision().map(|d| d.0) != Some(Outcome::Committed))
+    }
+
     pub fn client_matches(&self) -> bool {
         let (c, a) = self.final_outcomes();
         let record = self.etcd.decision().map(|d| d.0);
