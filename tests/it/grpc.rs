@@ -56,12 +56,16 @@ impl GrpcShop {
     }
 
     fn checkout(&self) -> grpc::Answer {
+        self.checkout_with(&[])
+    }
+
+    fn checkout_with(&self, metadata: &[(&str, &str)]) -> grpc::Answer {
         grpc::unary(
             self.order_sc.inbound_addr(),
             "order",
             CHECKOUT,
             b"",
-            &[],
+            metadata,
             Duration::from_secs(10),
         )
         .unwrap_or_else(|e| panic!("{e}"))
@@ -173,4 +177,36 @@ fn a_no_vote_reaches_a_grpc_client_as_aborted_with_the_reason() {
         assert_eq!(app.record(&txn).commits, 0, "{}", app.name);
     }
     assert_eq!(shop.txns("aborted", "vote_abort"), 1.0);
+}
+
+#[test]
+fn grpc_timeout_bounds_the_transaction() {
+    // payment stalls past the client's 800 ms (the configured timeout is 2 s).
+    let shop = GrpcShop::voting(Vote::Stall(Duration::from_millis(3000)), Vote::Commit);
+    shop.order.set_business_reply(Reply::grpc(0));
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let before = wall_ms();
+    let a = shop.checkout_with(&[("grpc-timeout", "800m")]);
+    let after = wall_ms();
+    assert_eq!(a.grpc_status(), Some(10), "{a:?}");
+    assert_eq!(
+        a.trailer("grpc-message"),
+        Some("transaction aborted by payment: no answer before the deadline"),
+        "{a:?}"
+    );
+    // The transaction's deadline is the client's: 800 ms after its call.
+    let deadline: u64 = shop.order.server.requests_to(CHECKOUT)[0]
+        .header("x-txmesh-deadline")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no deadline given to the app"));
+    assert!(
+        (before + 800..=after + 800).contains(&deadline),
+        "deadline {deadline}, call from {before} to {after}"
+    );
+    eprintln!("aborted {} ms after the call", after - before);
+    assert_eq!(shop.txns("aborted", "timeout"), 1.0);
 }

@@ -32,6 +32,41 @@ pub fn parse_status(v: &[u8]) -> Option<u32> {
     Some(v.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
 }
 
+/// The request field that carries a gRPC call's timeout.
+pub const TIMEOUT: &str = "grpc-timeout";
+
+/// A `grpc-timeout` value in ms, rounded up: 1–8 ASCII digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_timeout(v: &[u8]) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "{TIMEOUT} {:?} is not 1-8 digits and a unit (H, M, S, m, u, n)",
+            String::from_utf8_lossy(v)
+        )
+    };
+    let (unit, digits) = v.split_last().ok_or_else(bad)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(bad());
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    let (per_ms, ns_per_unit) = match unit {
+        b'H' => (3_600_000, 0),
+        b'M' => (60_000, 0),
+        b'S' => (1_000, 0),
+        b'm' => (1, 0),
+        b'u' => (0, 1_000),
+        b'n' => (0, 1),
+        _ => return Err(bad()),
+    };
+    Ok(if per_ms > 0 {
+        n * per_ms
+    } else {
+        (n * ns_per_unit).div_ceil(1_000_000)
+    })
+}
+
 /// `msg` as gRPC's `grpc-message` spells it: bytes outside printable ASCII,
 /// and `%`, percent-encoded.
 pub fn encode_message(msg: &str) -> String {
@@ -80,6 +115,35 @@ mod tests {
         assert_eq!(parse_status(b"999"), Some(999));
         for bad in [&b""[..], b"1x", b" 0", b"-1", b"1000", b"0x1"] {
             assert_eq!(parse_status(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn timeouts_are_digits_and_a_unit() {
+        assert_eq!(parse_timeout(b"1S"), Ok(1_000));
+        assert_eq!(parse_timeout(b"500m"), Ok(500));
+        assert_eq!(parse_timeout(b"2M"), Ok(120_000));
+        assert_eq!(parse_timeout(b"1H"), Ok(3_600_000));
+        assert_eq!(parse_timeout(b"99999999H"), Ok(99_999_999 * 3_600_000));
+        // Sub-millisecond timeouts round up.
+        assert_eq!(parse_timeout(b"1500u"), Ok(2));
+        assert_eq!(parse_timeout(b"1n"), Ok(1));
+        assert_eq!(parse_timeout(b"0m"), Ok(0));
+        for bad in [
+            &b""[..],
+            b"S",
+            b"10",
+            b"1s",
+            b"123456789S",
+            b" 1S",
+            b"-1S",
+            b"1.5S",
+        ] {
+            assert!(
+                parse_timeout(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -70,9 +70,13 @@ impl TxnEngine {
         }
     }
 
-    /// A new transaction's deadline: the default, or less if the client asks.
+    /// A new transaction's deadline: the default, or less if the client
+    /// asks (`x-txmesh-deadline`, or a gRPC client's `grpc-timeout`).
     fn deadline_from(&self, h: &impl FilterHost, now: u64) -> Result<u64, String> {
-        let default = now.saturating_add(self.cfg.default_timeout_ms);
+        let mut default = now.saturating_add(self.cfg.default_timeout_ms);
+        if let Some(v) = h.request_header(grpc::TIMEOUT) {
+            default = default.min(now.saturating_add(grpc::parse_timeout(&v)?));
+        }
         match h.request_header(id::DEADLINE_HEADER) {
             None => Ok(default),
             Some(v) => {

@@ -175,3 +175,26 @@ fn a_grpc_answer_that_is_not_200_is_judged_by_its_status() {
     assert_eq!(h.replies.borrow().len(), 1);
     assert_eq!(txns(&h, "aborted", "app_error"), Some(1));
 }
+
+#[test]
+fn grpc_timeout_bounds_the_deadline() {
+    let h = Host::new();
+    let mut inb = engine(&h, CFG);
+    // Shorter than the configured 5 s: it wins (rounded up to the ms).
+    h.request(1, "POST", "/checkout", &[("grpc-timeout", "300000u")]);
+    let (_, v) = inb.on_request_headers(&h, 1);
+    assert_eq!(v, Verdict::Continue);
+    assert_eq!(h.header("x-txmesh-deadline").unwrap(), "1000300");
+    // Longer: the configured timeout stays.
+    h.request(1, "POST", "/checkout", &[("grpc-timeout", "1H")]);
+    let (_, v) = inb.on_request_headers(&h, 2);
+    assert_eq!(v, Verdict::Continue);
+    assert_eq!(h.header("x-txmesh-deadline").unwrap(), "1005000");
+    // Malformed: refused, nothing begun.
+    h.request(1, "POST", "/checkout", &[("grpc-timeout", "5 seconds")]);
+    let (_, v) = inb.on_request_headers(&h, 3);
+    assert_eq!(v, Verdict::Pause);
+    let (ctx, status, _, body) = h.replies.borrow_mut().pop().unwrap();
+    assert_eq!((ctx, status), (3, 400));
+    assert!(body.contains("grpc-timeout"), "{body}");
+}
