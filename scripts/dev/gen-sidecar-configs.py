@@ -44,7 +44,8 @@ SPIFFE = "spiffe://txmesh.local/ns/shop/sa/"
 # The stat labels (tag, key in the stat name): txmesh_core::labels::stats_tags
 # is the definition; tests/it/configs.rs checks these configs carry each one.
 METRICS_TAGS = [(t, t) for t in ("reporter", "source_workload", "destination_service",
-                                 "response_code", "response_flags", "request_protocol")]
+                                 "response_code", "response_flags", "request_protocol",
+                                 "grpc_response_status")]
 TXN_TAGS = [("outcome", "outcome"), ("reason", "reason")]
 AUTHZ_TAGS = [("decision", "decision"), ("rule", "rule")]
 ROUTER_TAGS = [("service", "router_service"), ("endpoint", "router_endpoint"), ("zone", "router_zone")]

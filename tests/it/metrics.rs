@@ -271,3 +271,61 @@ fn bad_plugin_config_is_refused_with_one_clear_line() {
         assert!(err.contains("Unable to create Wasm plugin txmesh_metrics"), "{err}");
     }
 }
+
+/// gRPC requests carry their final `grpc-status` (trailers, or a
+/// trailers-only answer) as `grpc_response_status`; HTTP requests none.
+#[test]
+fn grpc_requests_are_labelled_with_their_grpc_status() {
+    let app = Upstream::with(|r| match r.path.as_str() {
+        "/shop.v1.Inventory/Reserve" => txmesh_tests::Reply::grpc(0),
+        "/shop.v1.Inventory/Ship" => txmesh_tests::Reply::grpc(13),
+        "/shop.v1.Inventory/Count" => txmesh_tests::Reply::grpc_trailers_only(5),
+        _ => txmesh_tests::Reply::ok(),
+    });
+    let inventory = Sidecar::new("inventory")
+        .app(&app)
+        .app_http2()
+        .filter(Filter::metrics(json!({"workload": "inventory"})))
+        .start();
+    let call = |method: &str, n: usize| {
+        for _ in 0..n {
+            let a = txmesh_tests::grpc::unary(
+                inventory.inbound_addr(),
+                "inventory",
+                &format!("/shop.v1.Inventory/{method}"),
+                b"",
+                &[],
+                std::time::Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(a.http, 200, "{a:?}");
+        }
+    };
+    call("Reserve", 3);
+    call("Ship", 2);
+    call("Count", 1);
+    Client::new().must("GET", &inventory.inbound_url("/health"), &[], b"");
+    let grpc = |status: &'static str| {
+        let mut l = labels("inbound", "unknown", "inventory", "200");
+        l[5] = ("request_protocol", "grpc");
+        l.push(("grpc_response_status", status));
+        l
+    };
+    let s = inventory.scrape_until("6 gRPC and 1 HTTP requests", |s| s.sum(REQ, &[]) == 7.0);
+    assert_eq!(s.value(REQ, &grpc("0")), 3.0, "{}", s.text_of(REQ));
+    assert_eq!(s.value(REQ, &grpc("13")), 2.0, "{}", s.text_of(REQ));
+    assert_eq!(s.value(REQ, &grpc("5")), 1.0, "{}", s.text_of(REQ));
+    let http = labels("inbound", "unknown", "inventory", "200");
+    let found = s.find(REQ, &http);
+    assert_eq!(found.len(), 1, "{}", s.text_of(REQ));
+    assert_eq!(found[0].value, 1.0);
+    assert_eq!(
+        found[0]
+            .labels
+            .get("grpc_response_status")
+            .map(String::as_str),
+        Some(""),
+        "{}",
+        s.text_of(REQ)
+    );
+}

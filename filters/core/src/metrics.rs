@@ -28,13 +28,14 @@ pub const RESPONSE_BYTES: &str = "txmesh_response_bytes";
 pub const OVERFLOW_TOTAL: &str = "txmesh_metrics_label_overflow_total";
 
 /// Label names, in the order they are encoded into stat names.
-pub const LABELS: [&str; 6] = [
+pub const LABELS: [&str; 7] = [
     "reporter",
     "source_workload",
     "destination_service",
     "response_code",
     "response_flags",
     "request_protocol",
+    "grpc_response_status",
 ];
 
 /// Header by which an outbound sidecar tells the inbound sidecar who is
@@ -165,6 +166,10 @@ pub struct Observation {
     pub response_code: u32,
     pub response_flags: String,
     pub request_protocol: &'static str,
+    /// A gRPC request's final `grpc-status` (trailers, or a trailers-only
+    /// answer; `unknown` if it had none); empty for HTTP (Istio's
+    /// convention: the label is then absent in Prometheus).
+    pub grpc_response_status: String,
     pub duration_ms: u64,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -181,6 +186,7 @@ impl Observation {
                 ("response_code", &code),
                 ("response_flags", &self.response_flags),
                 ("request_protocol", self.request_protocol),
+                ("grpc_response_status", &self.grpc_response_status),
             ],
             "",
         )
@@ -196,6 +202,7 @@ fn overflow_key(reporter: Reporter) -> String {
             ("response_code", "other"),
             ("response_flags", "other"),
             ("request_protocol", "other"),
+            ("grpc_response_status", "other"),
         ],
         "",
     )
@@ -452,7 +459,7 @@ impl MetricsStream {
         };
         let grpc = host
             .request_header("content-type")
-            .is_some_and(|ct| ct.starts_with(b"application/grpc"));
+            .is_some_and(|ct| crate::grpc::is_grpc(&ct));
         Some(Self {
             reporter,
             source_workload,
@@ -512,6 +519,15 @@ impl MetricsStream {
             response_code: u32::try_from(prop_u64(&["response", "code"])).unwrap_or(0),
             response_flags: flags::render(prop_u64(&["response", "flags"])),
             request_protocol: if self.grpc { "grpc" } else { "http" },
+            // One more attribute, for gRPC requests only.
+            grpc_response_status: if self.grpc {
+                host.property(&["response", "grpc_status"])
+                    .as_deref()
+                    .and_then(props::as_u64)
+                    .map_or_else(|| "unknown".to_string(), |s| s.to_string())
+            } else {
+                String::new()
+            },
             duration_ms: match self.started_us {
                 Some(t) => host.monotonic_us().saturating_sub(t) / 1000,
                 None => {

@@ -33,7 +33,8 @@ function envoy_on_response(h)
   local code = h:headers():get(":status") or "0"
   local tuple = "reporter=.=inbound;.;source_workload=.=" .. (md.source or "unknown")
     .. ";.;destination_service=.=bench;.;response_code=.=" .. code
-    .. ";.;response_flags=.=-;.;request_protocol=.=" .. (md.protocol or "http") .. ";.;"
+    .. ";.;response_flags=.=-;.;request_protocol=.=" .. (md.protocol or "http")
+    .. ";.;grpc_response_status=.=;.;"
   h:streamInfo():dynamicMetadata():set("txmesh", "tuple", tuple)
 end
 "#;

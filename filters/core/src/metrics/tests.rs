@@ -14,7 +14,7 @@ fn stream_host(cluster: &str, code: u64, flags: u64) -> FakeHost {
         .prop_u64(&["response", "size"], 2048)
 }
 
-const OUT_200: &str = "reporter=.=outbound;.;source_workload=.=order;.;destination_service=.=payment;.;response_code=.=200;.;response_flags=.=-;.;request_protocol=.=http;.;";
+const OUT_200: &str = "reporter=.=outbound;.;source_workload=.=order;.;destination_service=.=payment;.;response_code=.=200;.;response_flags=.=-;.;request_protocol=.=http;.;grpc_response_status=.=;.;";
 
 #[test]
 fn config_defaults_and_validation() {
@@ -106,6 +106,8 @@ fn inbound_reads_and_removes_peer_header_and_maps_cluster() {
     assert_eq!(obs.response_code, 503);
     assert_eq!(obs.response_flags, "UH");
     assert_eq!(obs.request_protocol, "grpc");
+    // No grpc-status at all (the call broke): said so.
+    assert_eq!(obs.grpc_response_status, "unknown");
 
     // Unmapped inbound cluster: the destination is this workload.
     let s = stream_host("other_cluster", 200, 0);
@@ -242,7 +244,7 @@ fn tuple_bound_sends_the_rest_to_overflow() {
         .filter(|n| n.ends_with(REQUESTS_TOTAL))
         .collect();
     assert_eq!(request_stats.len(), 3, "{request_stats:?}");
-    let other = "reporter=.=outbound;.;source_workload=.=other;.;destination_service=.=other;.;response_code=.=other;.;response_flags=.=other;.;request_protocol=.=other;.;txmesh_requests_total";
+    let other = "reporter=.=outbound;.;source_workload=.=other;.;destination_service=.=other;.;response_code=.=other;.;response_flags=.=other;.;request_protocol=.=other;.;grpc_response_status=.=other;.;txmesh_requests_total";
     assert_eq!(root.counter(other), Some(4));
 }
 
@@ -288,4 +290,30 @@ fn a_bodyless_request_records_zero_request_bytes() {
     let st = st.bodyless();
     assert_eq!(st.observe(&engine, &s).request_bytes, 0);
     assert_eq!(st.observe(&engine, &s).response_bytes, 2048);
+}
+
+#[test]
+fn grpc_requests_carry_their_final_status() {
+    let mut engine = MetricsEngine::new(
+        cfg(r#"{"reporter":"outbound","workload":"order"}"#),
+        &FakeHost::new(),
+    )
+    .unwrap();
+    let s = stream_host("payment", 200, 0)
+        .header("content-type", b"application/grpc")
+        .prop_u64(&["response", "grpc_status"], 13);
+    let st = MetricsStream::on_request_headers(&engine, &s).unwrap();
+    let obs = st.observe(&engine, &s);
+    assert_eq!(
+        (obs.request_protocol, obs.grpc_response_status.as_str()),
+        ("grpc", "13")
+    );
+    engine.record(&s, &obs).unwrap();
+    let grpc_13 = "reporter=.=outbound;.;source_workload=.=order;.;destination_service=.=payment;.;response_code=.=200;.;response_flags=.=-;.;request_protocol=.=grpc;.;grpc_response_status=.=13;.;";
+    assert_eq!(s.counter(&format!("{grpc_13}{REQUESTS_TOTAL}")), Some(1));
+    // HTTP: the label is empty (absent in Prometheus), and the attribute
+    // is not read.
+    let s = stream_host("payment", 200, 0).prop_u64(&["response", "grpc_status"], 13);
+    let st = MetricsStream::on_request_headers(&engine, &s).unwrap();
+    assert_eq!(st.observe(&engine, &s).grpc_response_status, "");
 }
