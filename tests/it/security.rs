@@ -382,3 +382,61 @@ fn a_commit_or_abort_from_a_non_coordinator_identity_is_refused() {
         }
     });
 }
+
+/// Rules on gRPC methods (`/package.Service/Method`), and the gRPC control
+/// service `txmesh.v1.Participant` kept to coordinators like `/txmesh/*`,
+/// whatever the rules say. A denial reaches a gRPC client as Envoy's
+/// trailers-only PERMISSION_DENIED (7), and the app sees nothing.
+#[test]
+fn rules_on_grpc_methods_and_the_grpc_control_service() {
+    let app = Upstream::with(|_| txmesh_tests::Reply::grpc(0));
+    let inventory = Sidecar::new("inventory")
+        .app(&app)
+        .app_http2()
+        .inbound_filter(Filter::authz(json!({
+            "default": "deny",
+            "coordinators": coordinators(),
+            "rules": [
+                {"name": "no-ship", "action": "deny", "paths": ["/shop.v1.Inventory/Ship"]},
+                {"name": "inventory-api", "action": "allow",
+                 "principals": [{"exact": "anonymous"}], "methods": ["POST"],
+                 "paths": ["/shop.v1.Inventory/"]},
+                // Does not open the control service.
+                {"name": "everything", "action": "allow", "principals": [{"exact": "anonymous"}]},
+            ],
+        })))
+        .start();
+    let grpc_status = |path: &str| {
+        let a = txmesh_tests::grpc::unary(
+            inventory.inbound_addr(),
+            "inventory",
+            path,
+            b"",
+            &[],
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (a.grpc_status(), a.trailers_only())
+    };
+    assert_eq!(grpc_status("/shop.v1.Inventory/Reserve"), (Some(0), false));
+    assert_eq!(grpc_status("/shop.v1.Inventory/Ship"), (Some(7), true));
+    for m in ["Prepare", "Commit", "Abort"] {
+        assert_eq!(
+            grpc_status(&format!("/txmesh.v1.Participant/{m}")),
+            (Some(7), true),
+            "{m}"
+        );
+    }
+    let paths: Vec<String> = app.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, vec!["/shop.v1.Inventory/Reserve"]);
+    let s = inventory.scrape();
+    let n = |d: &str, r: &str| {
+        s.sum(
+            "txmesh_authz_decisions_total",
+            &[("decision", d), ("rule", r)],
+        )
+    };
+    assert_eq!(n("allow", "inventory-api"), 1.0);
+    assert_eq!(n("deny", "no-ship"), 1.0);
+    assert_eq!(n("deny", "txmesh-control"), 3.0);
+}

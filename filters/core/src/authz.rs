@@ -3,7 +3,8 @@
 //!
 //! A policy is a list of rules (principals × methods × path prefixes → allow
 //! or deny); the first rule that matches decides, else the default. Paths
-//! under `/txmesh/` (the transaction control endpoints) are decided apart:
+//! under `/txmesh/` (the transaction control endpoints) and the methods of
+//! the gRPC control service `txmesh.v1.Participant` are decided apart:
 //! allowed only to the listed coordinators, whatever the rules say. Paths are
 //! normalized first (percent-decoding, `//`, `.` and `..` segments, case of
 //! the control prefix) so that no spelling of a control path slips through.
@@ -19,6 +20,8 @@ pub const DECISIONS_TOTAL: &str = "txmesh_authz_decisions_total";
 pub const ANONYMOUS: &str = "anonymous";
 /// The transaction control endpoints.
 pub const CONTROL_PREFIX: &str = "/txmesh/";
+/// The gRPC participant control service (`/txmesh.v1.Participant/Prepare`…).
+pub const GRPC_CONTROL_SERVICE: &str = "/txmesh.v1.Participant";
 /// Rule label of the decisions on control paths.
 pub const CONTROL_RULE: &str = "txmesh-control";
 pub const DEFAULT_RULE: &str = "default";
@@ -349,15 +352,19 @@ impl AuthzConfig {
     }
 }
 
-/// Whether a normalized path is a control path (case-insensitively: an app
-/// may route paths without regard to case).
+/// Whether a normalized path is a control path: `/txmesh` or the gRPC
+/// control service, then the end or a `/` (case-insensitively: an app may
+/// route paths without regard to case).
 pub fn is_control(path: &str) -> bool {
-    // "/txmesh" then the end or a '/'.
-    let head = CONTROL_PREFIX.trim_end_matches('/').as_bytes();
     let p = path.as_bytes();
-    p.get(..head.len())
-        .is_some_and(|h| h.eq_ignore_ascii_case(head))
-        && matches!(p.get(head.len()), None | Some(b'/'))
+    [CONTROL_PREFIX.trim_end_matches('/'), GRPC_CONTROL_SERVICE]
+        .iter()
+        .any(|head| {
+            let head = head.as_bytes();
+            p.get(..head.len())
+                .is_some_and(|h| h.eq_ignore_ascii_case(head))
+                && matches!(p.get(head.len()), None | Some(b'/'))
+        })
 }
 
 /// The path without query, percent-decoded, with `//` merged and `.`/`..`
@@ -591,6 +598,10 @@ mod tests {
             b"/%74xmesh/prepare",
             b"/txmesh",
             b"/txmesh/",
+            b"/txmesh.v1.Participant/Prepare",
+            b"/txmesh.v1.participant/Commit",
+            b"//txmesh.v1.Participant/Abort",
+            b"/txmesh.v1.Participant",
         ] {
             assert_eq!(
                 p.decide(MALLORY, b"POST", path),
@@ -616,6 +627,11 @@ mod tests {
         assert_eq!(
             p.decide(ORDER, b"GET", b"/txmeshy"),
             (Action::Allow, "shop-reads")
+        );
+        assert_ne!(
+            p.decide(MALLORY, b"POST", b"/txmesh.v1.ParticipantX/Prepare")
+                .1,
+            CONTROL_RULE
         );
         // Encoded separators are refused.
         assert_eq!(
