@@ -168,6 +168,8 @@ fn each_filter_exports_only_the_callbacks_it_uses() {
                 "proxy_on_log",
                 "proxy_on_tick",
                 "proxy_on_http_call_response",
+                "proxy_on_grpc_receive",
+                "proxy_on_grpc_close",
             ],
         ),
     ];

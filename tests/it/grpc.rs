@@ -210,3 +210,134 @@ fn grpc_timeout_bounds_the_transaction() {
     eprintln!("aborted {} ms after the call", after - before);
     assert_eq!(shop.txns("aborted", "timeout"), 1.0);
 }
+
+/// order (HTTP, begins on `/checkout`) -> inventory, a gRPC app that takes
+/// prepare, commit and abort as `txmesh.v1.Participant` from its sidecar.
+struct GrpcParticipantShop {
+    etcd: txmesh_tests::Etcd,
+    order: TxnApp,
+    inventory: grpc::Participant,
+    order_sc: Envoy,
+    inventory_sc: Envoy,
+}
+
+impl GrpcParticipantShop {
+    fn start(vote: grpc::Vote) -> Self {
+        let etcd = txmesh_tests::Etcd::start();
+        let inventory = grpc::Participant::start("inventory", vote);
+        let mut cfg = txn_cfg("inventory");
+        cfg["app_protocol"] = json!("grpc");
+        let inventory_sc = txmesh_tests::Sidecar::new("inventory")
+            .app(&inventory.server)
+            .app_http2()
+            .etcd_addr(etcd.addr())
+            .filter(txmesh_tests::Filter::txn(cfg))
+            .start();
+        let calls = std::sync::Arc::new(std::sync::RwLock::new(Vec::new()));
+        let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+        let order_sc = sidecar("order", &order, etcd.addr())
+            .route("inventory", &[inventory_sc.inbound_addr()])
+            .start();
+        *calls.write().unwrap_or_else(|e| e.into_inner()) =
+            txmesh_tests::Downstream::each(&["inventory"], order_sc.ports.outbound);
+        GrpcParticipantShop {
+            etcd,
+            order,
+            inventory,
+            order_sc,
+            inventory_sc,
+        }
+    }
+
+    fn checkout(&self) -> txmesh_tests::Resp {
+        txmesh_tests::Client::new().must(
+            "POST",
+            &self.order_sc.inbound_url("/checkout"),
+            &[("content-type", "application/json")],
+            b"{}",
+        )
+    }
+}
+
+#[test]
+fn a_grpc_participant_commits_through_its_sidecar() {
+    let shop = GrpcParticipantShop::start(grpc::Vote::Commit);
+    let r = shop.checkout();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-txmesh-outcome"), Some("committed"));
+    let txn = txn_of(&r);
+    wait_for(10, "inventory's commit", || {
+        (shop.inventory.record(&txn).commits == 1).then_some(())
+    });
+    let rec = shop.inventory.record(&txn);
+    assert_eq!(
+        (rec.business, rec.prepares, rec.commits, rec.aborts),
+        (1, 1, 1, 0),
+        "{rec:?}"
+    );
+    assert_committed_once(&[&shop.order], &txn);
+    assert_eq!(
+        decision(&shop.etcd, &txn).map(|d| d["outcome"].clone()),
+        Some(json!("committed"))
+    );
+    assert!(
+        shop.inventory.errors().is_empty(),
+        "{:?}",
+        shop.inventory.errors()
+    );
+    // Only gRPC reached the app for control: no HTTP /txmesh/ call.
+    assert!(shop
+        .inventory
+        .server
+        .requests_to("/txmesh/prepare")
+        .is_empty());
+}
+
+#[test]
+fn a_grpc_participants_no_vote_aborts_with_its_reason() {
+    let shop = GrpcParticipantShop::start(grpc::Vote::No("out of stock".into()));
+    let r = shop.checkout();
+    assert_eq!(r.status, 409, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["reason"], "out of stock");
+    assert_eq!(v["participant"], "inventory");
+    let txn = v["txn"].as_str().unwrap_or_default().to_string();
+    wait_for(10, "order's abort", || {
+        (shop.order.record(&txn).aborts >= 1).then_some(())
+    });
+    assert_eq!(shop.order.record(&txn).commits, 0);
+    assert_eq!(shop.inventory.record(&txn).commits, 0);
+    assert!(
+        shop.inventory.errors().is_empty(),
+        "{:?}",
+        shop.inventory.errors()
+    );
+}
+
+/// Bytes that are not a `PrepareResponse`, and a failed call: abort votes
+/// that say what was wrong; the VM goes on serving.
+#[test]
+fn a_malformed_or_failed_grpc_prepare_is_an_abort_vote() {
+    let shop = GrpcParticipantShop::start(grpc::Vote::Malformed);
+    let r = shop.checkout();
+    assert_eq!(r.status, 409, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["participant"], "inventory");
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("not valid protobuf"), "{reason}");
+    let txn = v["txn"].as_str().unwrap_or_default().to_string();
+    wait_for(10, "inventory's abort", || {
+        (shop.inventory.record(&txn).aborts >= 1).then_some(())
+    });
+    let log = shop.inventory_sc.log();
+    assert!(!log.contains("panicked"), "{log}");
+    // The same sidecar, a failing app: the gRPC status is the reason.
+    shop.inventory.set_vote(grpc::Vote::Fail(13));
+    let r = shop.checkout();
+    assert_eq!(r.status, 409, "{}", r.text());
+    let reason = r.json()["reason"].as_str().unwrap_or_default().to_string();
+    assert!(
+        reason.starts_with("Prepare failed: grpc-status 13"),
+        "{reason}"
+    );
+}

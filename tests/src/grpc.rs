@@ -137,3 +137,150 @@ async fn call(
         trailers,
     })
 }
+
+/// The message of a one-message gRPC body (None: not one whole frame).
+pub fn unframe(body: &[u8]) -> Option<&[u8]> {
+    let (head, rest) = body.split_at_checked(5)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    (head[0] == 0 && rest.len() == len).then_some(rest)
+}
+
+/// How a [`Participant`] answers `Prepare`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Vote {
+    Commit,
+    ReadOnly,
+    No(String),
+    /// Answers OK with bytes that are not a `PrepareResponse`.
+    Malformed,
+    /// Answers with this gRPC status and no message.
+    Fail(u32),
+}
+
+/// A gRPC app that implements `txmesh.v1.Participant` (decoding and
+/// encoding the messages with txmesh-core's `prost` types) and takes its
+/// business calls over HTTP: what each transaction saw, as
+/// [`crate::TxnRecord`]s, plus any breach of the contract its sidecar made.
+pub struct Participant {
+    pub name: String,
+    pub server: crate::Upstream,
+    state: std::sync::Arc<std::sync::Mutex<ParticipantState>>,
+}
+
+#[derive(Default)]
+struct ParticipantState {
+    txns: std::collections::BTreeMap<String, crate::TxnRecord>,
+    vote: Option<Vote>,
+    errors: Vec<String>,
+}
+
+impl Participant {
+    pub fn start(name: &str, vote: Vote) -> Self {
+        use prost::Message;
+        use txmesh_core::txn::pb;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(ParticipantState {
+            vote: Some(vote),
+            ..ParticipantState::default()
+        }));
+        let st = state.clone();
+        let server = crate::Upstream::with(move |r: &crate::Recorded| {
+            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(method) = r.path.strip_prefix("/txmesh.v1.Participant/") else {
+                // Business call.
+                if let Some(t) = r.header("x-txmesh-txn") {
+                    s.txns.entry(t).or_default().business += 1;
+                }
+                return crate::Reply::ok().json(serde_json::json!({"ok": true}));
+            };
+            let Some(msg) = unframe(&r.body) else {
+                s.errors.push(format!("{method}: not one gRPC frame"));
+                return crate::Reply::grpc(3);
+            };
+            let txn = match method {
+                "Prepare" => pb::PrepareRequest::decode(msg).map(|m| m.txn),
+                _ => pb::FinishRequest::decode(msg).map(|m| m.txn),
+            };
+            let Ok(txn) = txn else {
+                s.errors.push(format!("{method}: bad message"));
+                return crate::Reply::grpc(3);
+            };
+            if r.header("x-txmesh-txn").as_deref() != Some(txn.as_str()) {
+                s.errors
+                    .push(format!("{method}: metadata and message disagree"));
+            }
+            let vote = s.vote.clone();
+            let rec = s.txns.entry(txn.clone()).or_default();
+            match method {
+                "Prepare" => {
+                    rec.prepares += 1;
+                    let (v, reason) = match vote {
+                        Some(Vote::Commit) | None => (pb::Vote::Commit, ""),
+                        Some(Vote::ReadOnly) => (pb::Vote::ReadOnly, ""),
+                        Some(Vote::No(ref why)) => (pb::Vote::Abort, why.as_str()),
+                        Some(Vote::Malformed) => {
+                            rec.voted = Some("malformed".into());
+                            return crate::Reply::grpc_ok(&[0xff, 0xff, 0xff]);
+                        }
+                        Some(Vote::Fail(code)) => {
+                            rec.voted = Some("fail".into());
+                            return crate::Reply::grpc(code);
+                        }
+                    };
+                    rec.voted = Some(
+                        match v {
+                            pb::Vote::Commit => "commit",
+                            pb::Vote::ReadOnly => "readonly",
+                            pb::Vote::Abort | pb::Vote::Unspecified => "abort",
+                        }
+                        .into(),
+                    );
+                    let answer = pb::PrepareResponse {
+                        vote: v as i32,
+                        reason: reason.to_string(),
+                    };
+                    crate::Reply::grpc_ok(&answer.encode_to_vec())
+                }
+                "Commit" => {
+                    rec.commits += 1;
+                    if rec.aborts > 0 {
+                        s.errors.push(format!("commit after abort for {txn}"));
+                    }
+                    crate::Reply::grpc_ok(b"")
+                }
+                "Abort" => {
+                    rec.aborts += 1;
+                    if rec.commits > 0 {
+                        s.errors.push(format!("abort after commit for {txn}"));
+                    }
+                    crate::Reply::grpc_ok(b"")
+                }
+                other => {
+                    s.errors.push(format!("unknown method {other}"));
+                    crate::Reply::grpc(12)
+                }
+            }
+        });
+        Participant {
+            name: name.to_string(),
+            server,
+            state,
+        }
+    }
+
+    pub fn set_vote(&self, vote: Vote) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).vote = Some(vote);
+    }
+
+    pub fn record(&self, txn: &str) -> crate::TxnRecord {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.txns.get(txn).cloned().unwrap_or_default()
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .errors
+            .clone()
+    }
+}

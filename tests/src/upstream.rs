@@ -95,10 +95,18 @@ impl Reply {
     /// A unary gRPC answer: one empty message, then `grpc-status` in the
     /// trailers.
     pub fn grpc(status: u32) -> Self {
+        Self::grpc_message(b"").trailer("grpc-status", &status.to_string())
+    }
+
+    /// A unary gRPC answer OK with this (encoded) message.
+    pub fn grpc_ok(message: &[u8]) -> Self {
+        Self::grpc_message(message).trailer("grpc-status", "0")
+    }
+
+    fn grpc_message(message: &[u8]) -> Self {
         Reply::ok()
             .header("content-type", "application/grpc")
-            .body(crate::grpc::frame(b""))
-            .trailer("grpc-status", &status.to_string())
+            .body(crate::grpc::frame(message))
     }
 
     /// A trailers-only gRPC answer: `grpc-status` in the headers, no body.

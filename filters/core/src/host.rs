@@ -90,9 +90,20 @@ pub struct Callout {
     pub cluster: String,
     pub method: &'static str,
     pub path: String,
+    /// Headers (a gRPC call: its initial metadata).
     pub headers: Vec<(String, String)>,
+    /// The body (a gRPC call: the request message).
     pub body: Vec<u8>,
     pub timeout_ms: u64,
+    /// A gRPC unary call to this service and method instead of an HTTP call.
+    pub grpc: Option<GrpcMethod>,
+}
+
+/// A gRPC method a callout calls (`/service/method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GrpcMethod {
+    pub service: &'static str,
+    pub method: &'static str,
 }
 
 /// The answer to a callout: `status` is `None` when there was no HTTP
@@ -101,6 +112,36 @@ pub struct Callout {
 pub struct CalloutResponse {
     pub status: Option<u16>,
     pub body: Vec<u8>,
+}
+
+impl CalloutResponse {
+    /// A gRPC call's answer as an engine reads answers: OK is 200 with the
+    /// response message; DEADLINE_EXCEEDED (4) and UNAVAILABLE (14, which
+    /// is also what Envoy reports for a timeout) are no answer; any other
+    /// status is 502 with the status and its message as the body.
+    pub fn from_grpc(status: u32, body: Vec<u8>) -> Self {
+        match status {
+            0 => CalloutResponse {
+                status: Some(200),
+                body,
+            },
+            4 | 14 => CalloutResponse {
+                status: None,
+                body: Vec::new(),
+            },
+            s => {
+                let mut text = format!("grpc-status {s}").into_bytes();
+                if !body.is_empty() {
+                    text.extend_from_slice(b": ");
+                    text.extend(body.iter().take(200));
+                }
+                CalloutResponse {
+                    status: Some(502),
+                    body: text,
+                }
+            }
+        }
+    }
 }
 
 /// Which part of a response a filter reads, edits or holds: its headers,

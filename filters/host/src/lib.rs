@@ -127,6 +127,29 @@ pub fn deliver_callout<R, S>(
     with_contexts(table, |c| c.for_callout(ctx, |e| f(e, &host, resp.clone())));
 }
 
+/// Marks the tokens of gRPC calls apart from HTTP callouts' (Envoy counts
+/// the two from 1 each): an engine keys its calls by token.
+pub const GRPC_TOKEN: u32 = 1 << 31;
+
+/// `proxy_on_grpc_receive` / `proxy_on_grpc_close` of a unary gRPC call:
+/// its answer (status 0 with the response message, or the failure and its
+/// message) handed to the engine that must see it, under its
+/// [`GRPC_TOKEN`]-marked token.
+pub fn deliver_grpc<R, S>(
+    table: &'static std::thread::LocalKey<std::cell::RefCell<rt::Contexts<R, S>>>,
+    ctx: u32,
+    token: u32,
+    status: u32,
+    body: Vec<u8>,
+    mut f: impl FnMut(&mut R, &WasmHost, u32, CalloutResponse),
+) {
+    let resp = CalloutResponse::from_grpc(status, body);
+    let host = WasmHost::on(ctx);
+    with_contexts(table, |c| {
+        c.for_callout(ctx, |e| f(e, &host, token | GRPC_TOKEN, resp.clone()))
+    });
+}
+
 /// The ABI's filter status for an engine's verdict (0 Continue, 1 Pause).
 pub fn action(v: Verdict) -> u32 {
     match v {
@@ -275,6 +298,23 @@ impl FilterHost for WasmHost {
     }
 
     fn dispatch(&self, c: &Callout) -> Result<u32, HostError> {
+        if let Some(g) = c.grpc {
+            let metadata: Vec<(&str, &str)> = c
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            return raw::grpc_call(
+                &c.cluster,
+                g.service,
+                g.method,
+                &metadata,
+                &c.body,
+                c.timeout_ms,
+            )
+            .map(|t| t | GRPC_TOKEN)
+            .map_err(|s| HostError(format!("gRPC call to {}: status {s}", c.cluster)));
+        }
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", c.method),
             (":path", &c.path),

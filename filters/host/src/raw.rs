@@ -15,6 +15,7 @@ pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const MAP_RESPONSE_TRAILERS: u32 = 3;
 pub const MAP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const BUFFER_CALL_RESPONSE_BODY: u32 = 4;
+pub const BUFFER_GRPC_RECEIVE: u32 = 5;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 pub const STREAM_RESPONSE: u32 = 1;
 pub const STATUS_OK: u32 = 0;
@@ -103,6 +104,25 @@ extern "C" {
         trailers_size: usize,
         timeout_ms: u32,
         return_token: *mut u32,
+    ) -> u32;
+    fn proxy_grpc_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        service_name_data: *const u8,
+        service_name_size: usize,
+        method_name_data: *const u8,
+        method_name_size: usize,
+        initial_metadata_data: *const u8,
+        initial_metadata_size: usize,
+        message_data: *const u8,
+        message_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_get_status(
+        return_code: *mut u32,
+        return_message_data: *mut *mut u8,
+        return_message_size: *mut usize,
     ) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
@@ -331,6 +351,55 @@ pub fn http_call(
     } else {
         Err(status)
     }
+}
+
+/// Starts a unary gRPC call of `service`/`method` on `cluster`; the answer
+/// arrives in `proxy_on_grpc_receive` (OK) or `proxy_on_grpc_close` (any
+/// other status) of the current context. Its token is counted apart from
+/// HTTP callouts' by the host.
+pub fn grpc_call(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    metadata: &[(&str, &str)],
+    message: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, u32> {
+    let m = serialize_map(metadata);
+    let mut token = 0u32;
+    // SAFETY: pointers and lengths describe live slices; token is written on Ok.
+    let status = unsafe {
+        proxy_grpc_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            m.as_ptr(),
+            m.len(),
+            message.as_ptr(),
+            message.len(),
+            u32::try_from(timeout_ms).unwrap_or(u32::MAX),
+            &mut token,
+        )
+    };
+    if status == STATUS_OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
+/// The message of the gRPC status being reported (in `proxy_on_grpc_close`).
+pub fn grpc_status_message() -> Vec<u8> {
+    let (mut code, mut p, mut n) = (0u32, null_mut(), 0usize);
+    // SAFETY: as above.
+    let status = unsafe { proxy_get_status(&mut code, &mut p, &mut n) };
+    if status != STATUS_OK {
+        return Vec::new();
+    }
+    unsafe { take(p, n) }
 }
 
 /// Calls `proxy_on_tick` of the current (root) context every `ms` milliseconds.

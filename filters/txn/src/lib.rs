@@ -35,6 +35,24 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
 
 txmesh_host::export_tick_and_callouts!(CONTEXTS);
 
+/// A unary gRPC call to a gRPC app (`txmesh.v1.Participant`) answered OK.
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_receive(ctx: u32, token: u32, size: usize) {
+    let body = raw::get_buffer(raw::BUFFER_GRPC_RECEIVE, 0, size);
+    txmesh_host::deliver_grpc(&CONTEXTS, ctx, token, 0, body, |e, h, t, resp| {
+        e.on_callout(h, t, resp)
+    });
+}
+
+/// A unary gRPC call failed (`status`, with the host's message).
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_close(ctx: u32, token: u32, status: u32) {
+    let message = raw::grpc_status_message();
+    txmesh_host::deliver_grpc(&CONTEXTS, ctx, token, status, message, |e, h, t, resp| {
+        e.on_callout(h, t, resp)
+    });
+}
+
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(ctx: u32, root: u32) {
     create_stream(&CONTEXTS, "txmesh_txn", ctx, root, Stream::Pass);

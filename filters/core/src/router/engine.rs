@@ -396,6 +396,7 @@ impl RouterEngine {
             headers: vec![("content-type".into(), "application/json".into())],
             body: range_prefix_body(&self.cfg.registry_prefix, limit).into_bytes(),
             timeout_ms: self.cfg.poll_timeout_ms,
+            grpc: None,
         };
         match h.dispatch(&c) {
             Ok(token) => {

@@ -41,6 +41,17 @@ impl BeginRule {
     }
 }
 
+/// How this sidecar's own app takes prepare, commit and abort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// The HTTP endpoints `/txmesh/prepare`, `/txmesh/commit`, `/txmesh/abort`.
+    #[default]
+    Http,
+    /// The gRPC service `txmesh.v1.Participant` (`proto/txmesh/v1/participant.proto`).
+    Grpc,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TxnConfig {
@@ -66,6 +77,10 @@ pub struct TxnConfig {
     /// Envoy cluster of the local app (prepare/commit/abort to this sidecar's own app).
     #[serde(default = "d_app_cluster")]
     pub app_cluster: String,
+    /// `http` (default) or `grpc`: how the app takes prepare/commit/abort.
+    /// Sidecar-to-sidecar control and the status query stay HTTP/JSON.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
     /// Envoy cluster of etcd's JSON gateway.
     #[serde(default = "d_etcd_cluster")]
     pub etcd_cluster: String,
@@ -149,6 +164,12 @@ pub const MAX_PARTICIPANTS_LIMIT: u32 = 64;
 pub const MAX_RETENTION_MS: u64 = 366 * 86_400_000;
 
 impl TxnConfig {
+    /// Whether calls to `cluster` are gRPC control calls (this sidecar's
+    /// own app, speaking gRPC).
+    pub fn grpc_app(&self, cluster: &str) -> bool {
+        self.app_protocol == AppProtocol::Grpc && cluster == self.app_cluster
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         let cfg: Self = parse_json(bytes)?;
         cfg.validate()?;

@@ -17,15 +17,16 @@
 //! decides what a request is; [`effect`] carries effects out.
 
 use super::cause::Cause;
-use super::config::{Direction, TxnConfig};
+use super::config::{AppProtocol, Direction, TxnConfig};
 use super::etcd::{self, CasResult, Decision, Outcome};
 use super::id::{self, TxnHeader, TxnId};
+use super::pb;
 use super::seeded::{self, Bug};
 use super::table::{Entry, Mark, Phase, Role, Table, TableError};
 use super::tree::{self, Child};
 use crate::grpc;
 use crate::host::{
-    Callout, CalloutResponse, FilterHost, LogLevel, MetricKind, ResponsePart, Verdict,
+    Callout, CalloutResponse, FilterHost, GrpcMethod, LogLevel, MetricKind, ResponsePart, Verdict,
 };
 use crate::json::Obj;
 use crate::labels::encode;

@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod etcd;
 pub mod id;
+pub mod pb;
 pub mod seeded;
 pub mod table;
 pub mod tree;

@@ -924,6 +924,7 @@ impl World {
                 headers: Vec::new(),
                 body: req.body.clone(),
                 timeout_ms: 1,
+                grpc: None,
             })
         })
     }

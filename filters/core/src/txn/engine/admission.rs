@@ -359,6 +359,11 @@ impl TxnEngine {
         match (kind, has_children) {
             (None, true) => self.sub_prepare(h, ctx, txn, entry, carried),
             (Some(outcome), true) => self.sub_finish(h, ctx, txn, entry, carried, outcome),
+            // A gRPC app takes commit and abort from its sidecar, as a call
+            // on txmesh.v1.Participant (an op with one target).
+            (Some(outcome), false) if self.cfg.app_protocol == AppProtocol::Grpc => {
+                self.sub_finish(h, ctx, txn, entry, carried, outcome)
+            }
             (Some(_), false) => {
                 h.set_request_header(id::TXN_HEADER, Some(&txn.to_string()));
                 (Stream::LeafFinish { txn }, Verdict::Continue)

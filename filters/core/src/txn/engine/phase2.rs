@@ -266,6 +266,7 @@ impl Job {
                     continue;
                 }
                 let call = control_call(
+                    cx.cfg,
                     &t.cluster,
                     &t.tree,
                     path,

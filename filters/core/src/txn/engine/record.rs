@@ -43,6 +43,7 @@ pub(super) fn etcd_call(cfg: &TxnConfig, path: &str, body: String) -> Callout {
         headers: vec![("content-type".into(), "application/json".into())],
         body: body.into_bytes(),
         timeout_ms: cfg.etcd_timeout_ms,
+        grpc: None,
     }
 }
 

@@ -220,7 +220,7 @@ impl RootOp {
                 Verdict::Pause,
             );
         }
-        let mut effects = ask_all(op.ctx, &mut op.targets, &op.txn, op.deadline_ms, cx.now_ms);
+        let mut effects = ask_all(op.ctx, &mut op.targets, &op.txn, op.deadline_ms, cx);
         // A target that could not be asked has voted already.
         let mut step = op.evaluate(cx);
         effects.append(&mut step.effects);
@@ -244,7 +244,13 @@ impl RootOp {
                 let Some(t) = self.targets.get_mut(i) else {
                     return Step::impossible(self, format!("a vote from target {i} of none"));
                 };
-                t.ballot = Ballot::Voted(vote_of(&a, &t.name, self.deadline_ms, cx.now_ms));
+                t.ballot = Ballot::Voted(vote_of(
+                    &a,
+                    &t.name,
+                    cx.cfg.grpc_app(&t.cluster),
+                    self.deadline_ms,
+                    cx.now_ms,
+                ));
                 self.evaluate(cx)
             }
             (RootStage::Voting, OpEvent::Expired) => {
@@ -369,6 +375,7 @@ impl RootOp {
             return Step::impossible(self, "one-phase commit with no participant".to_string());
         };
         let call = control_call(
+            cx.cfg,
             &t.cluster,
             &t.tree,
             COMMIT_PATH,

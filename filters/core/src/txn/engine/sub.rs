@@ -31,7 +31,7 @@ impl SubPrepare {
             deadline_ms,
             targets,
         };
-        let effects = ask_all(ctx, &mut op.targets, &txn, deadline_ms, cx.now_ms);
+        let effects = ask_all(ctx, &mut op.targets, &txn, deadline_ms, cx);
         op.evaluate(effects)
     }
 
@@ -41,7 +41,13 @@ impl SubPrepare {
                 let Some(t) = self.targets.get_mut(i) else {
                     return Step::impossible(self, format!("a vote from target {i} of none"));
                 };
-                let vote = vote_of(&a, &t.name, self.deadline_ms, cx.now_ms);
+                let vote = vote_of(
+                    &a,
+                    &t.name,
+                    cx.cfg.grpc_app(&t.cluster),
+                    self.deadline_ms,
+                    cx.now_ms,
+                );
                 let mark = match &vote {
                     Vote::Commit => Mark::Commit,
                     Vote::ReadOnly => Mark::ReadOnly,
@@ -161,7 +167,7 @@ impl SubFinish {
         for (i, (name, cluster, tree)) in targets.into_iter().enumerate() {
             effects.push(Effect::for_op(
                 ctx,
-                control_call(&cluster, &tree, path, &txn, deadline_ms, timeout),
+                control_call(cx.cfg, &cluster, &tree, path, &txn, deadline_ms, timeout),
                 OpCall::Ack(i),
             ));
             acks.push(AckTarget {

@@ -1,6 +1,6 @@
 //! Votes, the participants asked for them, and the control calls that ask.
 
-use super::effect::{Answer, Effect, OpCall};
+use super::effect::{Answer, Cx, Effect, OpCall};
 use super::*;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -99,7 +99,15 @@ pub(super) fn first_abort(targets: &[Target]) -> Option<(Cause, String, String)>
 /// A prepare's answer as a vote. A callout cut off by its timeout (the time
 /// left to the deadline) comes back as Envoy's 504 or as no answer: a
 /// timeout vote when the deadline is (about) here.
-pub(super) fn vote_of(answer: &Answer, name: &str, deadline_ms: u64, now_ms: u64) -> Vote {
+/// A prepare's answer as a vote (`grpc`: the answer of a gRPC app's
+/// `Prepare`).
+pub(super) fn vote_of(
+    answer: &Answer,
+    name: &str,
+    grpc: bool,
+    deadline_ms: u64,
+    now_ms: u64,
+) -> Vote {
     let late = now_ms + TICK_SLACK_MS >= deadline_ms && matches!(answer.status(), None | Some(504));
     match answer {
         Answer::Got(_) if late => Vote::Abort {
@@ -107,6 +115,7 @@ pub(super) fn vote_of(answer: &Answer, name: &str, deadline_ms: u64, now_ms: u64
             reason: NO_ANSWER.to_string(),
             participant: name.to_string(),
         },
+        Answer::Got(resp) if grpc => grpc_vote(resp, name),
         Answer::Got(resp) => parse_vote(resp, name),
         Answer::NotSent(e) => Vote::Abort {
             cause: Cause::VoteAbort,
@@ -162,9 +171,38 @@ pub(super) fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
     }
 }
 
+/// A gRPC app's `PrepareResponse` as a vote: anything but a clear commit or
+/// read-only is an abort, naming what was wrong.
+fn grpc_vote(resp: &CalloutResponse, name: &str) -> Vote {
+    let abort = |cause: Cause, reason: String| Vote::Abort {
+        cause,
+        reason,
+        participant: name.to_string(),
+    };
+    match resp.status {
+        None => abort(Cause::Timeout, NO_ANSWER.to_string()),
+        Some(200) => match pb::vote(&resp.body) {
+            Ok((pb::Vote::Commit, _)) => Vote::Commit,
+            Ok((pb::Vote::ReadOnly, _)) => Vote::ReadOnly,
+            Ok((pb::Vote::Abort, reason)) if !reason.is_empty() => abort(Cause::VoteAbort, reason),
+            Ok((pb::Vote::Abort, _)) => abort(Cause::VoteAbort, "voted abort".to_string()),
+            Ok((pb::Vote::Unspecified, _)) => abort(
+                Cause::VoteAbort,
+                "the app's PrepareResponse has no vote".to_string(),
+            ),
+            Err(e) => abort(Cause::VoteAbort, e),
+        },
+        Some(_) => abort(
+            Cause::VoteAbort,
+            format!("Prepare failed: {}", String::from_utf8_lossy(&resp.body)),
+        ),
+    }
+}
+
 /// A prepare, commit or abort to `cluster` (pinned to an instance when the
 /// participant was reached through txmesh_router).
 pub(super) fn control_call(
+    cfg: &TxnConfig,
     cluster: &str,
     tree: &str,
     path: &str,
@@ -172,6 +210,25 @@ pub(super) fn control_call(
     deadline_ms: u64,
     timeout_ms: u64,
 ) -> Callout {
+    // This sidecar's own gRPC app: the same call on txmesh.v1.Participant.
+    if let Some(m) = pb::ControlMethod::of_path(path).filter(|_| cfg.grpc_app(cluster)) {
+        let id = txn.to_string();
+        return Callout {
+            cluster: cluster.to_string(),
+            method: "POST",
+            path: format!("/{}/{}", pb::SERVICE, m.name()),
+            body: pb::request(m, &id, deadline_ms),
+            headers: vec![
+                (id::TXN_HEADER.to_string(), id),
+                (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
+            ],
+            timeout_ms: timeout_ms.max(1),
+            grpc: Some(GrpcMethod {
+                service: pb::SERVICE,
+                method: m.name(),
+            }),
+        };
+    }
     let mut headers = vec![
         (id::TXN_HEADER.to_string(), txn.to_string()),
         (id::DEADLINE_HEADER.to_string(), deadline_ms.to_string()),
@@ -191,6 +248,7 @@ pub(super) fn control_call(
         headers,
         body: Vec::new(),
         timeout_ms: timeout_ms.max(1),
+        grpc: None,
     }
 }
 
@@ -205,9 +263,9 @@ pub(super) fn ask_all(
     targets: &mut [Target],
     txn: &TxnId,
     deadline_ms: u64,
-    now_ms: u64,
+    cx: &Cx,
 ) -> Vec<Effect> {
-    let timeout = deadline_ms.saturating_sub(now_ms);
+    let timeout = deadline_ms.saturating_sub(cx.now_ms);
     let mut effects = Vec::new();
     for (i, t) in targets.iter_mut().enumerate() {
         if t.tree == UNTRACKABLE {
@@ -224,7 +282,15 @@ pub(super) fn ask_all(
         t.ballot = Ballot::Asked;
         effects.push(Effect::for_op(
             ctx,
-            control_call(&t.cluster, &t.tree, PREPARE_PATH, txn, deadline_ms, timeout),
+            control_call(
+                cx.cfg,
+                &t.cluster,
+                &t.tree,
+                PREPARE_PATH,
+                txn,
+                deadline_ms,
+                timeout,
+            ),
             OpCall::Vote(i),
         ));
     }
