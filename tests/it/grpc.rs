@@ -341,3 +341,23 @@ fn a_malformed_or_failed_grpc_prepare_is_an_abort_vote() {
         "{reason}"
     );
 }
+
+/// Only unary calls can be transactions: a begin rule naming a streaming
+/// method (as `grpc_streaming` declares it) is refused at load.
+#[test]
+fn a_begin_rule_on_a_streaming_method_is_refused_at_load() {
+    let app = txmesh_tests::Upstream::start();
+    let err = txmesh_tests::Sidecar::new("order")
+        .app(&app)
+        .filter(txmesh_tests::Filter::txn(json!({
+            "begin": [{"path_prefix": "/shop.v1.Order/Watch"}],
+            "grpc_streaming": ["/shop.v1.Order/Watch"],
+        })))
+        .try_start()
+        .err()
+        .unwrap_or_else(|| panic!("Envoy must refuse the config"));
+    assert!(
+        err.contains("invalid plugin configuration at `begin[0].path_prefix`: \"/shop.v1.Order/Watch\" names the streaming gRPC method"),
+        "{err}"
+    );
+}

@@ -114,6 +114,12 @@ pub struct TxnConfig {
     /// time bucket (docs/protocol.md, "Decision-record retention").
     #[serde(default = "d_retention")]
     pub decision_retention_ms: u64,
+    /// gRPC methods that stream (`/pkg.Service/Method`, or a service
+    /// `/pkg.Service/`), as the app's `.proto` says: only unary calls can be
+    /// part of a transaction, so a call to one is never enlisted, and a
+    /// begin rule naming one is refused.
+    #[serde(default)]
+    pub grpc_streaming: Vec<String>,
 }
 
 fn d_default_timeout() -> u64 {
@@ -168,6 +174,18 @@ impl TxnConfig {
     /// own app, speaking gRPC).
     pub fn grpc_app(&self, cluster: &str) -> bool {
         self.app_protocol == AppProtocol::Grpc && cluster == self.app_cluster
+    }
+
+    /// Whether `path` is a streaming gRPC method ([`TxnConfig::grpc_streaming`]).
+    pub fn is_streaming(&self, path: &[u8]) -> bool {
+        let path = path.split(|&b| b == b'?').next().unwrap_or(path);
+        self.grpc_streaming.iter().any(|m| {
+            if m.ends_with('/') {
+                path.starts_with(m.as_bytes())
+            } else {
+                path == m.as_bytes()
+            }
+        })
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
@@ -239,7 +257,28 @@ impl TxnConfig {
                 ));
             }
         }
+        for (i, m) in self.grpc_streaming.iter().enumerate() {
+            if !m.starts_with('/') || m.len() < 2 || m.bytes().any(|b| b.is_ascii_whitespace()) {
+                return Err(ConfigError::at(
+                    format!("grpc_streaming[{i}]"),
+                    format!("must be a gRPC path like /pkg.Service/Method (or /pkg.Service/), got {m:?}"),
+                ));
+            }
+        }
         for (i, r) in self.begin.iter().enumerate() {
+            if let Some(m) = self
+                .grpc_streaming
+                .iter()
+                .find(|m| m.starts_with(&r.path_prefix) || r.path_prefix.starts_with(m.as_str()))
+            {
+                return Err(ConfigError::at(
+                    format!("begin[{i}].path_prefix"),
+                    format!(
+                        "{:?} names the streaming gRPC method {m:?} (grpc_streaming): only unary calls can be transactions",
+                        r.path_prefix
+                    ),
+                ));
+            }
             if !r.path_prefix.starts_with('/') {
                 return Err(ConfigError::at(
                     format!("begin[{i}].path_prefix"),
@@ -465,6 +504,9 @@ mod tests {
             (r#"{"begin": [{"method": "post", "path_prefix": "/c"}]}"#, "at `begin[0].method`: must be an upper-case HTTP method, got \"post\""),
             (r#"{"begin": [{"path_prefix": "/txmesh/x"}]}"#, "at `begin[0].path_prefix`: /txmesh/ paths are the control endpoints and cannot begin a transaction"),
             (r#"{"app_cluster": "a b"}"#, "at `app_cluster`: \"a b\" is not a usable cluster name (non-empty, no whitespace)"),
+            (r#"{"app_protocol": "soap"}"#, "at `app_protocol`: unknown variant `soap`, expected `http` or `grpc` at line 1 column 23"),
+            (r#"{"grpc_streaming": ["Watch"]}"#, "at `grpc_streaming[0]`: must be a gRPC path like /pkg.Service/Method (or /pkg.Service/), got \"Watch\""),
+            (r#"{"grpc_streaming": ["/shop.v1.Inventory/Watch"], "begin": [{"path_prefix": "/shop.v1.Inventory/"}]}"#, "at `begin[0].path_prefix`: \"/shop.v1.Inventory/\" names the streaming gRPC method \"/shop.v1.Inventory/Watch\" (grpc_streaming): only unary calls can be transactions"),
         ];
         for (json, want) in cases {
             assert_eq!(
@@ -474,6 +516,20 @@ mod tests {
         }
         let e = TxnConfig::parse(br#"{"begin": [{"path": "/x"}]}"#).unwrap_err();
         assert_eq!(e.path, "begin[0].path");
+    }
+
+    #[test]
+    fn streaming_methods_by_name_or_service() {
+        let c = TxnConfig::parse(
+            br#"{"grpc_streaming": ["/shop.v1.Inventory/Watch", "/shop.v1.Feed/"],
+                 "begin": [{"path_prefix": "/shop.v1.Order/Checkout"}]}"#,
+        )
+        .unwrap();
+        assert!(c.is_streaming(b"/shop.v1.Inventory/Watch"));
+        assert!(!c.is_streaming(b"/shop.v1.Inventory/WatchMore"));
+        assert!(!c.is_streaming(b"/shop.v1.Inventory/Reserve"));
+        assert!(c.is_streaming(b"/shop.v1.Feed/Anything"));
+        assert!(!c.is_streaming(b"/shop.v1.Feeds/X"));
     }
 
     #[test]

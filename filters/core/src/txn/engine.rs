@@ -247,6 +247,9 @@ pub struct TxnEngine {
     leases: Leases,
     /// See [`TxnEngine::set_root_context`].
     root_ctx: u32,
+    /// A streaming gRPC call inside a transaction was let through unenlisted
+    /// (logged once per engine).
+    streaming_logged: bool,
 }
 
 /// How often finished transactions' pending-work keys are deleted, in one
@@ -370,6 +373,7 @@ impl TxnEngine {
             next_unpend_ms: 0,
             leases: Leases::default(),
             root_ctx: 0,
+            streaming_logged: false,
         }
     }
 

@@ -218,6 +218,23 @@ impl TxnEngine {
             // enlists nobody.
             return (Stream::Pass, Verdict::Continue);
         }
+        if self.cfg.is_streaming(path) {
+            // Only unary calls take part: this one goes on outside the
+            // transaction (its headers removed, so nobody below enlists).
+            h.set_request_header(id::TXN_HEADER, None);
+            h.set_request_header(id::DEADLINE_HEADER, None);
+            if !self.streaming_logged {
+                self.streaming_logged = true;
+                h.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "txn {txn}: the streaming gRPC call {} is not part of the transaction (only unary calls are enlisted; logged once)",
+                        String::from_utf8_lossy(path)
+                    ),
+                );
+            }
+            return (Stream::Pass, Verdict::Continue);
+        }
         let Some(cluster) = h
             .property(&["xds", "cluster_name"])
             .and_then(|c| String::from_utf8(c).ok())

@@ -198,3 +198,49 @@ fn grpc_timeout_bounds_the_deadline() {
     assert_eq!((ctx, status), (3, 400));
     assert!(body.contains("grpc-timeout"), "{body}");
 }
+
+#[test]
+fn a_streaming_call_inside_a_transaction_is_not_enlisted() {
+    let cfg = r#"{"begin":[{"method":"POST","path_prefix":"/checkout"}],"node":"order",
+        "grpc_streaming":["/shop.v1.Inventory/Watch"]}"#;
+    let h = Host::new();
+    let mut inb = engine(&h, cfg);
+    let mut out = engine(&h, cfg);
+    h.request(1, "POST", "/checkout", &[]);
+    let (_, v) = inb.on_request_headers(&h, 1);
+    assert_eq!(v, Verdict::Continue);
+    let txn = h.header("x-txmesh-txn").unwrap();
+    for ctx in [100, 101] {
+        h.request(
+            2,
+            "POST",
+            "/shop.v1.Inventory/Watch",
+            &[("x-txmesh-txn", &txn)],
+        );
+        h.cluster("inventory");
+        let (stream, v) = out.on_request_headers(&h, ctx);
+        assert_eq!((stream, v), (Stream::Pass, Verdict::Continue));
+        // It goes on outside the transaction.
+        assert_eq!(h.header("x-txmesh-txn"), None);
+        assert_eq!(h.header("x-txmesh-deadline"), None);
+    }
+    let id = TxnId::parse(txn.as_bytes()).unwrap();
+    assert!(inb.table().get(&h, &id).unwrap().participants.is_empty());
+    let warned = h
+        .logs
+        .borrow()
+        .iter()
+        .filter(|l| l.contains("streaming gRPC call /shop.v1.Inventory/Watch is not part"))
+        .count();
+    assert_eq!(warned, 1, "logged once: {:?}", h.logs.borrow());
+    // A unary call is enlisted as ever.
+    h.request(
+        2,
+        "POST",
+        "/shop.v1.Inventory/Reserve",
+        &[("x-txmesh-txn", &txn)],
+    );
+    h.cluster("inventory");
+    let (stream, _) = out.on_request_headers(&h, 102);
+    assert!(matches!(stream, Stream::Enlisted { .. }), "{stream:?}");
+}
