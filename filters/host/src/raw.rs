@@ -320,6 +320,15 @@ pub fn send_local_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -
     s == STATUS_OK
 }
 
+/// A dispatch's token, or the host's refusal.
+fn token_or(status: u32, token: u32) -> Result<u32, u32> {
+    if status == STATUS_OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
 /// Starts an HTTP callout to `cluster`; the answer arrives in
 /// `proxy_on_http_call_response` of the current context. `Err(status)` when
 /// the host refuses it (unknown cluster, bad headers).
@@ -346,11 +355,7 @@ pub fn http_call(
             &mut token,
         )
     };
-    if status == STATUS_OK {
-        Ok(token)
-    } else {
-        Err(status)
-    }
+    token_or(status, token)
 }
 
 /// Starts a unary gRPC call of `service`/`method` on `cluster`; the answer
@@ -384,11 +389,7 @@ pub fn grpc_call(
             &mut token,
         )
     };
-    if status == STATUS_OK {
-        Ok(token)
-    } else {
-        Err(status)
-    }
+    token_or(status, token)
 }
 
 /// The message of the gRPC status being reported (in `proxy_on_grpc_close`).

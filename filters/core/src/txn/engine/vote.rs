@@ -115,8 +115,7 @@ pub(super) fn vote_of(
             reason: NO_ANSWER.to_string(),
             participant: name.to_string(),
         },
-        Answer::Got(resp) if grpc => grpc_vote(resp, name),
-        Answer::Got(resp) => parse_vote(resp, name),
+        Answer::Got(resp) => parse_vote(resp, name, grpc),
         Answer::NotSent(e) => Vote::Abort {
             cause: Cause::VoteAbort,
             reason: format!("prepare could not be sent: {e}"),
@@ -125,7 +124,32 @@ pub(super) fn vote_of(
     }
 }
 
-pub(super) fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
+fn abort_vote(cause: Cause, reason: String, name: &str) -> Vote {
+    Vote::Abort {
+        cause,
+        reason,
+        participant: name.to_string(),
+    }
+}
+
+/// A prepare's answer (`grpc`: a gRPC app's `PrepareResponse`): anything
+/// but a clear commit or read-only vote is an abort, naming what was wrong.
+fn parse_vote(resp: &CalloutResponse, name: &str, grpc: bool) -> Vote {
+    match resp.status {
+        None => abort_vote(Cause::Timeout, NO_ANSWER.to_string(), name),
+        Some(200) if grpc => grpc_vote(&resp.body, name),
+        Some(200) => json_vote(&resp.body, name),
+        Some(_) if grpc => abort_vote(
+            Cause::VoteAbort,
+            format!("Prepare failed: {}", String::from_utf8_lossy(&resp.body)),
+            name,
+        ),
+        Some(s) => abort_vote(Cause::VoteAbort, format!("prepare answered {s}"), name),
+    }
+}
+
+/// `{"vote": …}` from an HTTP participant or a sidecar.
+fn json_vote(body: &[u8], name: &str) -> Vote {
     /// A sub-coordinator relays a child's timeout as `"cause":"timeout"`.
     #[derive(Deserialize)]
     #[serde(rename_all = "snake_case")]
@@ -144,58 +168,40 @@ pub(super) fn parse_vote(resp: &CalloutResponse, name: &str) -> Vote {
         #[serde(default)]
         cause: Option<WireCause>,
     }
-    let abort = |cause: Cause, reason: String| Vote::Abort {
-        cause,
-        reason,
-        participant: name.to_string(),
-    };
-    match resp.status {
-        None => abort(Cause::Timeout, NO_ANSWER.to_string()),
-        Some(200) => match serde_json::from_slice::<V>(&resp.body) {
-            Ok(v) if v.vote == "commit" => Vote::Commit,
-            Ok(v) if v.vote == "readonly" => Vote::ReadOnly,
-            Ok(v) => Vote::Abort {
-                cause: match v.cause {
-                    Some(WireCause::Timeout) => Cause::Timeout,
-                    Some(WireCause::Other) | None => Cause::VoteAbort,
-                },
-                reason: v.reason.unwrap_or_else(|| format!("voted {}", v.vote)),
-                participant: v.participant.unwrap_or_else(|| name.to_string()),
+    match serde_json::from_slice::<V>(body) {
+        Ok(v) if v.vote == "commit" => Vote::Commit,
+        Ok(v) if v.vote == "readonly" => Vote::ReadOnly,
+        Ok(v) => Vote::Abort {
+            cause: match v.cause {
+                Some(WireCause::Timeout) => Cause::Timeout,
+                Some(WireCause::Other) | None => Cause::VoteAbort,
             },
-            Err(_) => abort(
-                Cause::VoteAbort,
-                "prepare answered 200 without a vote".to_string(),
-            ),
+            reason: v.reason.unwrap_or_else(|| format!("voted {}", v.vote)),
+            participant: v.participant.unwrap_or_else(|| name.to_string()),
         },
-        Some(s) => abort(Cause::VoteAbort, format!("prepare answered {s}")),
+        Err(_) => abort_vote(
+            Cause::VoteAbort,
+            "prepare answered 200 without a vote".to_string(),
+            name,
+        ),
     }
 }
 
-/// A gRPC app's `PrepareResponse` as a vote: anything but a clear commit or
-/// read-only is an abort, naming what was wrong.
-fn grpc_vote(resp: &CalloutResponse, name: &str) -> Vote {
-    let abort = |cause: Cause, reason: String| Vote::Abort {
-        cause,
-        reason,
-        participant: name.to_string(),
-    };
-    match resp.status {
-        None => abort(Cause::Timeout, NO_ANSWER.to_string()),
-        Some(200) => match pb::vote(&resp.body) {
-            Ok((pb::Vote::Commit, _)) => Vote::Commit,
-            Ok((pb::Vote::ReadOnly, _)) => Vote::ReadOnly,
-            Ok((pb::Vote::Abort, reason)) if !reason.is_empty() => abort(Cause::VoteAbort, reason),
-            Ok((pb::Vote::Abort, _)) => abort(Cause::VoteAbort, "voted abort".to_string()),
-            Ok((pb::Vote::Unspecified, _)) => abort(
-                Cause::VoteAbort,
-                "the app's PrepareResponse has no vote".to_string(),
-            ),
-            Err(e) => abort(Cause::VoteAbort, e),
-        },
-        Some(_) => abort(
+/// A gRPC app's `PrepareResponse`.
+fn grpc_vote(body: &[u8], name: &str) -> Vote {
+    match pb::vote(body) {
+        Ok((pb::Vote::Commit, _)) => Vote::Commit,
+        Ok((pb::Vote::ReadOnly, _)) => Vote::ReadOnly,
+        Ok((pb::Vote::Abort, reason)) if !reason.is_empty() => {
+            abort_vote(Cause::VoteAbort, reason, name)
+        }
+        Ok((pb::Vote::Abort, _)) => abort_vote(Cause::VoteAbort, "voted abort".to_string(), name),
+        Ok((pb::Vote::Unspecified, _)) => abort_vote(
             Cause::VoteAbort,
-            format!("Prepare failed: {}", String::from_utf8_lossy(&resp.body)),
+            "the app's PrepareResponse has no vote".to_string(),
+            name,
         ),
+        Err(e) => abort_vote(Cause::VoteAbort, e, name),
     }
 }
 
