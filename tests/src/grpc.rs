@@ -62,7 +62,7 @@ fn find<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// Calls `path` (`/package.Service/Method`) at `addr` with one message and
-/// `metadata`; at most `timeout` in all.
+/// `metadata`; at most `timeout` in all (connection included).
 pub fn unary(
     addr: SocketAddr,
     authority: &str,
@@ -71,71 +71,101 @@ pub fn unary(
     metadata: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Answer, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    rt.block_on(async {
-        tokio::time::timeout(timeout, call(addr, authority, path, message, metadata))
-            .await
-            .map_err(|_| format!("no answer from {addr}{path} within {timeout:?}"))?
-    })
+    Channel::connect(addr, authority, timeout)?.unary(path, message, metadata)
 }
 
-async fn call(
-    addr: SocketAddr,
-    authority: &str,
-    path: &str,
-    message: &[u8],
-    metadata: &[(&str, &str)],
-) -> Result<Answer, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("h2 handshake with {addr}: {e}"))?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://{authority}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    for (k, v) in metadata {
-        req = req.header(*k, *v);
+/// One HTTP/2 connection for any number of unary calls (a client thread's
+/// own: it runs on a runtime of its own, driven by each call).
+pub struct Channel {
+    rt: tokio::runtime::Runtime,
+    send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: String,
+    timeout: Duration,
+}
+
+impl Channel {
+    /// Connects to `addr`; each call then takes at most `timeout`.
+    pub fn connect(addr: SocketAddr, authority: &str, timeout: Duration) -> Result<Self, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?;
+        let send = rt.block_on(async {
+            let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| format!("connect {addr}: no answer within {timeout:?}"))?
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| format!("h2 handshake with {addr}: {e}"))?;
+            tokio::spawn(conn);
+            Ok::<_, String>(send)
+        })?;
+        Ok(Channel {
+            rt,
+            send,
+            authority: authority.to_string(),
+            timeout,
+        })
     }
-    let req = req
-        .body(Full::new(Bytes::from(frame(message))))
-        .map_err(|e| format!("request: {e}"))?;
-    let resp = send
-        .send_request(req)
-        .await
-        .map_err(|e| format!("{path}: {e}"))?;
-    let http = resp.status().as_u16();
-    let pairs = |m: &hyper::HeaderMap| -> Vec<(String, String)> {
-        m.iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
+
+    /// One unary call of `path` with one message and `metadata`.
+    pub fn unary(
+        &mut self,
+        path: &str,
+        message: &[u8],
+        metadata: &[(&str, &str)],
+    ) -> Result<Answer, String> {
+        let timeout = self.timeout;
+        let mut req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", self.authority))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (k, v) in metadata {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(frame(message))))
+            .map_err(|e| format!("request: {e}"))?;
+        let send = &mut self.send;
+        self.rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("{path}: {e}"))?;
+                let http = resp.status().as_u16();
+                let pairs = |m: &hyper::HeaderMap| -> Vec<(String, String)> {
+                    m.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect()
+                };
+                let headers = pairs(resp.headers());
+                let collected = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("{path} body: {e}"))?;
+                let trailers = collected.trailers().map(pairs).unwrap_or_default();
+                Ok(Answer {
+                    http,
+                    headers,
+                    body: collected.to_bytes().to_vec(),
+                    trailers,
+                })
             })
-            .collect()
-    };
-    let headers = pairs(resp.headers());
-    let collected = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{path} body: {e}"))?;
-    let trailers = collected.trailers().map(pairs).unwrap_or_default();
-    Ok(Answer {
-        http,
-        headers,
-        body: collected.to_bytes().to_vec(),
-        trailers,
-    })
+            .await
+            .map_err(|_| format!("no answer to {path} within {timeout:?}"))?
+        })
+    }
 }
 
 /// The message of a one-message gRPC body (None: not one whole frame).

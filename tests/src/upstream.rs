@@ -194,6 +194,9 @@ impl Upstream {
                     _ = stop_rx.changed() => break,
                     acc = listener.accept() => {
                         let Ok((stream, _)) = acc else { continue };
+                        // HTTP/2 answers go out in several writes (headers,
+                        // data, trailers): no Nagle delay between them.
+                        let _ = stream.set_nodelay(true);
                         let (reqs, h, mut stop_conn) = (reqs.clone(), h.clone(), stop_rx.clone());
                         tokio::spawn(async move {
                             let svc = service_fn(move |req| serve(req, reqs.clone(), h.clone(), fast));

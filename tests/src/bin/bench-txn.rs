@@ -9,7 +9,7 @@
 use serde_json::json;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use txmesh_tests::{median, Checkout, Client, Etcd, Filter, Sidecar, TxnApp, Vote};
+use txmesh_tests::{grpc, median, Checkout, Client, Etcd, Filter, Reply, Sidecar, TxnApp, Vote};
 
 /// Transactions' ids with when the client had their answers.
 type Answers = Vec<(String, Instant)>;
@@ -38,30 +38,76 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// What the clients call: an HTTP URL, or a gRPC method at an address.
+#[derive(Clone)]
+enum Target {
+    Http(String),
+    Grpc {
+        addr: std::net::SocketAddr,
+        path: &'static str,
+    },
+}
+
+/// A client thread's connection to a [`Target`], kept for its calls.
+enum Conn {
+    Http(Client),
+    Grpc(grpc::Channel),
+}
+
+impl Conn {
+    fn to(t: &Target) -> Self {
+        match t {
+            Target::Http(_) => Conn::Http(Client::keep_alive()),
+            Target::Grpc { addr, .. } => Conn::Grpc(
+                grpc::Channel::connect(*addr, "order", Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
+        }
+    }
+
+    /// One call: `Some(txn id, if any)` when it succeeded (HTTP 200, gRPC OK).
+    fn call(&mut self, t: &Target) -> Option<Option<String>> {
+        match (self, t) {
+            (Conn::Http(c), Target::Http(url)) => {
+                match c.request("POST", url, &[("content-type", "application/json")], b"{}") {
+                    Ok(r) if r.status == 200 => Some(r.header("x-txmesh-txn").map(str::to_string)),
+                    _ => None,
+                }
+            }
+            (Conn::Grpc(ch), Target::Grpc { path, .. }) => match ch.unary(path, b"", &[]) {
+                Ok(a) if a.grpc_status() == Some(0) => {
+                    Some(a.metadata("x-txmesh-txn").map(str::to_string))
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 /// `clients` closed-loop clients for `secs`; each waits `think` after each
 /// answer (zero: back to back).
-fn load(url: &str, secs: u64, clients: usize, think: Duration) -> Run {
+fn load(target: &Target, secs: u64, clients: usize, think: Duration) -> Run {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let results: Vec<(Vec<f64>, usize, Answers)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients)
             .map(|_| {
                 s.spawn(|| {
-                    let c = Client::keep_alive();
+                    let mut c = Conn::to(target);
                     let mut lat = Vec::new();
                     let mut errors = 0;
                     let mut answered = Vec::new();
                     while Instant::now() < deadline {
                         let t = Instant::now();
-                        match c.request("POST", url, &[("content-type", "application/json")], b"{}")
-                        {
-                            Ok(r) if r.status == 200 => {
+                        match c.call(target) {
+                            Some(id) => {
                                 let at = Instant::now();
                                 lat.push((at - t).as_secs_f64() * 1e3);
-                                if let Some(id) = r.header("x-txmesh-txn") {
-                                    answered.push((id.to_string(), at));
+                                if let Some(id) = id {
+                                    answered.push((id, at));
                                 }
                             }
-                            _ => errors += 1,
+                            None => errors += 1,
                         }
                         if !think.is_zero() {
                             std::thread::sleep(think);
@@ -94,7 +140,7 @@ fn load(url: &str, secs: u64, clients: usize, think: Duration) -> Run {
 
 fn measure(
     graph: &str,
-    (plain, txn): (&str, &str),
+    (plain, txn): (&Target, &Target),
     secs: u64,
     rounds: usize,
     level: usize,
@@ -292,6 +338,9 @@ struct Args {
     /// Rounds (medians are reported).
     #[arg(default_value_t = 5)]
     rounds: usize,
+    /// Only the gRPC graph (the HTTP graphs and the limits are skipped).
+    #[arg(long)]
+    grpc_only: bool,
 }
 
 fn main() {
@@ -299,9 +348,14 @@ fn main() {
         secs,
         clients,
         rounds,
+        grpc_only,
     } = clap::Parser::parse();
 
     let etcd = Etcd::start();
+    if grpc_only {
+        grpc_graph(&etcd, secs, rounds, clients);
+        return;
+    }
     let cfg = |node: &str| {
         json!({"begin": [{"method": "POST", "path_prefix": "/checkout"}], "node": node,
                "default_timeout_ms": 5000, "max_in_flight": 4096})
@@ -450,8 +504,8 @@ fn main() {
         for p in &parts {
             p.keep_commit_times();
         }
-        let plain = sc.inbound_url("/plain");
-        let txn = sc.inbound_url("/checkout");
+        let plain = Target::Http(sc.inbound_url("/plain"));
+        let txn = Target::Http(sc.inbound_url("/checkout"));
         // Warm up both paths.
         load(&plain, 1, clients, Duration::ZERO);
         load(&txn, 1, clients, Duration::ZERO);
@@ -479,6 +533,7 @@ fn main() {
             held(&app.name, app.take_held_us());
         }
     }
+    grpc_graph(&etcd, secs, rounds, clients);
     let committed = order_sc
         .scrape()
         .sum("txmesh_txn_total", &[("outcome", "committed")]);
@@ -490,5 +545,68 @@ fn main() {
         let rq = scrape.sum("envoy_cluster_upstream_rq_total", &l);
         let cx = scrape.sum("envoy_cluster_upstream_cx_total", &l);
         println!("# root sidecar, cluster {cluster}: {rq} requests over {cx} connections");
+    }
+}
+
+/// The 3-participant graph with gRPC apps: the client calls order over
+/// gRPC (`/shop.v1.Order/Checkout` begins a transaction, `/Plain` does not),
+/// order calls payment and inventory, which take prepare/commit/abort as
+/// `txmesh.v1.Participant` from their sidecars (`app_protocol: grpc`).
+fn grpc_graph(etcd: &Etcd, secs: u64, rounds: usize, clients: usize) {
+    let cfg = |node: &str, grpc_app: bool| {
+        json!({"begin": [{"method": "POST", "path_prefix": "/shop.v1.Order/Checkout"}],
+               "node": node, "default_timeout_ms": 5000, "max_in_flight": 4096,
+               "app_protocol": if grpc_app { "grpc" } else { "http" }})
+    };
+    let parts: Vec<(grpc::Participant, txmesh_tests::envoy::Envoy)> = ["payment", "inventory"]
+        .iter()
+        .map(|n| {
+            let p = grpc::Participant::start(n, grpc::Vote::Commit);
+            let sc = Sidecar::new(n)
+                .app(&p.server)
+                .app_http2()
+                .etcd(etcd)
+                .filter(Filter::txn(cfg(n, true)))
+                .start();
+            (p, sc)
+        })
+        .collect();
+    let calls = Arc::new(RwLock::new(Vec::new()));
+    let order = TxnApp::calling("order", Vote::Commit, calls.clone());
+    order.set_business_reply(Reply::grpc(0));
+    let mut sc = Sidecar::new("order")
+        .app(&order.server)
+        .app_http2()
+        .etcd(etcd)
+        .filter(Filter::txn(cfg("order", false)));
+    for (p, psc) in &parts {
+        sc = sc.route(&p.name, &[psc.inbound_addr()]);
+    }
+    let order_sc = sc.start();
+    *calls.write().unwrap_or_else(|e| e.into_inner()) =
+        txmesh_tests::Downstream::each(&["payment", "inventory"], order_sc.ports.outbound);
+    let addr = order_sc.inbound_addr();
+    let plain = Target::Grpc {
+        addr,
+        path: "/shop.v1.Order/Plain",
+    };
+    let txn = Target::Grpc {
+        addr,
+        path: "/shop.v1.Order/Checkout",
+    };
+    load(&plain, 1, clients, Duration::ZERO);
+    load(&txn, 1, clients, Duration::ZERO);
+    let graph = "3 participants over gRPC (order -> payment, inventory; gRPC apps)";
+    for level in [1usize, clients] {
+        measure(graph, (&plain, &txn), secs, rounds, level, Duration::ZERO);
+    }
+    let s = order_sc.scrape();
+    println!(
+        "\n# gRPC graph: transactions committed by the root: {}, aborted: {}",
+        s.sum("txmesh_txn_total", &[("outcome", "committed")]) + 0.0,
+        s.sum("txmesh_txn_total", &[("outcome", "aborted")]) + 0.0
+    );
+    for (p, _) in &parts {
+        assert!(p.errors().is_empty(), "{}: {:?}", p.name, p.errors());
     }
 }
