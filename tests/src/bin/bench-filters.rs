@@ -188,7 +188,7 @@ fn main() {
             ],
         }))
     };
-    let configs: Vec<(&str, Sidecar)> = vec![
+    let mut configs: Vec<(&str, Sidecar)> = vec![
         ("no filter (baseline)", Sidecar::new("base")),
         (
             "trivial wasm on the SDK (sets one header)",
@@ -219,7 +219,7 @@ fn main() {
         ),
         (
             "txmesh_txn behind its gate, non-txn traffic",
-            Sidecar::new("txngated").inbound_filter(txn().gated(gate)),
+            Sidecar::new("txngated").inbound_filter(txn().gated(gate.clone())),
         ),
         (
             "txmesh_router (peak_ewma)",
@@ -239,6 +239,24 @@ fn main() {
                 .inbound_filter(metrics()),
         ),
     ];
+    // BENCH_COMPARE_TXN=<another txmesh_txn.wasm>: that build too, in the
+    // same run (e.g. before a change that adds callbacks).
+    if let Ok(path) = std::env::var("BENCH_COMPARE_TXN") {
+        let compared = || {
+            let mut f = txn();
+            f.0["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+                json!(path.clone());
+            f
+        };
+        configs.push((
+            "txmesh_txn (compared build), non-txn traffic",
+            Sidecar::new("txncmp").inbound_filter(compared()),
+        ));
+        configs.push((
+            "txmesh_txn (compared build) behind its gate, non-txn traffic",
+            Sidecar::new("txncmpgated").inbound_filter(compared().gated(gate.clone())),
+        ));
+    }
     // BENCH_PROFILE=N: instead of the filters, what one host call of each
     // kind costs: txmesh_probe with no call and with N calls of one kind
     // per request (see `profile_configs`).
