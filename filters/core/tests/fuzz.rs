@@ -1,6 +1,6 @@
 //! Property tests ("fuzzing" with shrinking, bounded in time so they run in
 //! `make test`): the authz policy matcher and path normalizer, and the header
-//! parsers every filter runs on untrusted bytes.
+//! and gRPC parsers every filter runs on untrusted bytes.
 
 #![allow(clippy::indexing_slicing, clippy::unwrap_used)]
 
@@ -10,6 +10,7 @@ use txmesh_core::authz::{
 };
 use txmesh_core::txn::id::TxnHeader;
 use txmesh_core::txn::id::{parse_deadline, read_txn, TxnId};
+use txmesh_core::{grpc, txn::pb};
 
 /// A plain recursive glob matcher to check the DP one against.
 fn reference(p: &[u8], s: &[u8]) -> bool {
@@ -143,5 +144,27 @@ proptest! {
             Ok(id) => prop_assert_eq!(id.to_string(), hex),
             Err(_) => prop_assert!(bytes.iter().all(|b| *b == 0)),
         }
+    }
+
+    /// A gRPC app's answer, a client's `grpc-timeout` and `grpc-status`,
+    /// a `content-type`: any bytes give a value or an error, never a panic;
+    /// a well-formed `PrepareResponse` decodes to its vote and reason.
+    #[test]
+    fn grpc_parsers_take_any_bytes(
+        body in prop::collection::vec(any::<u8>(), 0..64),
+        field in prop::collection::vec(any::<u8>(), 0..16),
+        vote in 0i32..6,
+        reason in "[ -~]{0,20}",
+    ) {
+        let _ = pb::vote(&body);
+        let _ = grpc::parse_timeout(&field);
+        let _ = grpc::parse_status(&field);
+        let _ = grpc::is_grpc(&field);
+        let _ = grpc::encode_message(&String::from_utf8_lossy(&body));
+        use prost::Message;
+        let bytes = pb::PrepareResponse { vote, reason: reason.clone() }.encode_to_vec();
+        let (v, r) = pb::vote(&bytes).unwrap();
+        prop_assert_eq!(v as i32, if vote <= 3 { vote } else { 0 });
+        prop_assert_eq!(r, reason);
     }
 }
