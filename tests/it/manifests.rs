@@ -182,8 +182,8 @@ fn istio_manifests_have_what_istio_requires() {
     }
     assert_eq!(
         kinds.iter().filter(|k| *k == "WasmPlugin").count(),
-        4,
-        "txn + metrics inbound/outbound + authz"
+        5,
+        "txn (HTTP and gRPC participants) + metrics inbound/outbound + authz"
     );
     assert!(kinds.iter().any(|k| k == "AuthorizationPolicy"));
 }

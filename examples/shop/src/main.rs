@@ -193,6 +193,91 @@ async fn abort<L: Ledger + 'static>(State(app): State<Shared<L>>, headers: Heade
     finish(app, headers, false).await
 }
 
+/// `txmesh.v1.Participant` (proto/txmesh/v1/participant.proto), generated
+/// by tonic-build.
+mod pb {
+    tonic::include_proto!("txmesh.v1");
+}
+
+/// The participant endpoints as the gRPC service `txmesh.v1.Participant`:
+/// the same ledger, the same semantics; inventory's sidecar calls it
+/// (`app_protocol: grpc` in its txn filter).
+struct GrpcControl<L: Ledger>(Shared<L>);
+
+fn txn_in<T>(req: &tonic::Request<T>, txn: &str) -> Result<String, tonic::Status> {
+    if txn.is_empty() {
+        return Err(tonic::Status::invalid_argument("txn is required"));
+    }
+    // The metadata names the same transaction (the sidecar sends both).
+    match req.metadata().get("x-txmesh-txn").map(|v| v.to_str()) {
+        Some(Ok(m)) if m != txn => Err(tonic::Status::invalid_argument(format!(
+            "x-txmesh-txn {m} and the message's txn {txn} differ"
+        ))),
+        _ => Ok(txn.to_string()),
+    }
+}
+
+impl<L: Ledger + 'static> GrpcControl<L> {
+    async fn finish(&self, txn: String, commit: bool) -> Result<(), tonic::Status> {
+        let app = self.0.clone();
+        let r = blocking(move || {
+            if commit {
+                app.p.commit(&txn)
+            } else {
+                app.p.abort(&txn)
+            }
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(conflict)) => {
+                eprintln!("PROTOCOL VIOLATION: {conflict}");
+                Err(tonic::Status::failed_precondition(conflict))
+            }
+            Err(e) => Err(tonic::Status::internal(e)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<L: Ledger + 'static> pb::participant_server::Participant for GrpcControl<L> {
+    async fn prepare(
+        &self,
+        req: tonic::Request<pb::PrepareRequest>,
+    ) -> Result<tonic::Response<pb::PrepareResponse>, tonic::Status> {
+        let txn = txn_in(&req, &req.get_ref().txn)?;
+        let app = self.0.clone();
+        let (vote, reason) = match blocking(move || app.p.prepare(&txn)).await {
+            Ok(Vote::Commit) => (pb::Vote::Commit, String::new()),
+            Ok(Vote::ReadOnly) => (pb::Vote::ReadOnly, String::new()),
+            Ok(Vote::Abort(reason)) => (pb::Vote::Abort, reason),
+            Err(e) => return Err(tonic::Status::internal(e)),
+        };
+        Ok(tonic::Response::new(pb::PrepareResponse {
+            vote: vote as i32,
+            reason,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        req: tonic::Request<pb::CommitRequest>,
+    ) -> Result<tonic::Response<pb::CommitResponse>, tonic::Status> {
+        let txn = txn_in(&req, &req.get_ref().txn)?;
+        self.finish(txn, true).await?;
+        Ok(tonic::Response::new(pb::CommitResponse {}))
+    }
+
+    async fn abort(
+        &self,
+        req: tonic::Request<pb::AbortRequest>,
+    ) -> Result<tonic::Response<pb::AbortResponse>, tonic::Status> {
+        let txn = txn_in(&req, &req.get_ref().txn)?;
+        self.finish(txn, false).await?;
+        Ok(tonic::Response::new(pb::AbortResponse {}))
+    }
+}
+
 fn participant_routes<L: Ledger + 'static>() -> Router<Shared<L>> {
     Router::new()
         .route("/txmesh/prepare", post(prepare::<L>))
@@ -548,10 +633,15 @@ async fn main() {
             .route("/charge", post(charge))
             .route("/accounts/{customer}", get(account))
             .with_state(start(&o, Payment)),
-        Service::Inventory => participant_routes::<Inventory>()
-            .route("/reserve", post(reserve))
-            .route("/stock/{sku}", get(stock))
-            .with_state(start(&o, Inventory)),
+        Service::Inventory => {
+            let app = start(&o, Inventory);
+            let grpc = pb::participant_server::ParticipantServer::new(GrpcControl(app.clone()));
+            participant_routes::<Inventory>()
+                .route("/reserve", post(reserve))
+                .route("/stock/{sku}", get(stock))
+                .with_state(app)
+                .merge(tonic::service::Routes::new(grpc).into_axum_router())
+        }
         Service::Order => participant_routes::<Order>()
             .route("/checkout", post(checkout))
             .route("/orders/{id}", get(get_order))

@@ -46,6 +46,17 @@ fn checkouts_commit_and_abort_atomically() {
     assert_eq!(r.json()["reason"], "out_of_stock");
     wait_drained(&s);
     assert_eq!((s.balance("alice"), s.stock("gizmo")), (995_000, 3));
+
+    // inventory's part went over gRPC: its sidecar reached the app on
+    // HTTP/2 only (txmesh.v1.Participant and the business calls alike).
+    let scrape = s.inventory_sc.scrape();
+    let app = [("envoy_cluster_name", "local_app")];
+    assert!(
+        scrape.sum("envoy_cluster_upstream_cx_http2_total", &app) >= 1.0,
+        "{}",
+        scrape.text_of("local_app")
+    );
+    assert_eq!(scrape.sum("envoy_cluster_upstream_cx_http1_total", &app), 0.0);
 }
 
 #[test]

@@ -38,7 +38,17 @@ impl Stack {
                 .filter(Filter::metrics(json!({"workload": name})))
         };
         let payment_sc = side("payment", ports[1]).start();
-        let inventory_sc = side("inventory", ports[2]).start();
+        // inventory takes prepare/commit/abort as txmesh.v1.Participant
+        // (gRPC, HTTP/2 to the app), as envoy/inventory-sidecar.yaml says.
+        let mut grpc_cfg = txn_cfg("inventory");
+        grpc_cfg["app_protocol"] = json!("grpc");
+        let inventory_sc = Sidecar::new("inventory")
+            .app_addr(std::net::SocketAddr::from(([127, 0, 0, 1], ports[2])))
+            .app_http2()
+            .etcd(&etcd)
+            .filter(Filter::txn(grpc_cfg))
+            .filter(Filter::metrics(json!({"workload": "inventory"})))
+            .start();
         let router = Filter::router(json!({"poll_interval_ms": 200, "services": {
             "payment": {"strategy": "peak_ewma"},
             "inventory": {"strategy": "peak_ewma"},
