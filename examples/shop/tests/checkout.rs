@@ -56,7 +56,10 @@ fn checkouts_commit_and_abort_atomically() {
         "{}",
         scrape.text_of("local_app")
     );
-    assert_eq!(scrape.sum("envoy_cluster_upstream_cx_http1_total", &app), 0.0);
+    assert_eq!(
+        scrape.sum("envoy_cluster_upstream_cx_http1_total", &app),
+        0.0
+    );
 }
 
 #[test]
