@@ -2,10 +2,13 @@
 //! scripts/setup.sh installs Debian's protobuf-compiler).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "../../proto/txmesh/v1/participant.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    tonic_prost_build::configure()
-        .build_client(false)
-        .compile_protos(&[proto], &["../../proto"])?;
+    let protos = [
+        "../../proto/txmesh/v1/participant.proto",
+        "../../proto/shop/v1/inventory.proto",
+    ];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure().compile_protos(&protos, &["../../proto"])?;
     Ok(())
 }

@@ -135,6 +135,13 @@ APP_H2 = """    # The app speaks gRPC (txmesh.v1.Participant): HTTP/2.
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {http2_protocol_options: {}}
 """
+# A route cluster to a gRPC service (order calls shop.v1.Inventory): HTTP/2.
+UPSTREAM_H2 = """    # %s speaks gRPC (shop.v1.Inventory): HTTP/2 to its sidecar.
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+"""
 def metrics_filter(name, direction, anchor):
     return wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "%s", "reporter": "%s"}' % (name, direction), anchor)
 def sidecar(name, admin, inbound, outbound, app_port, routes, begin, instance=None):
@@ -157,7 +164,7 @@ def sidecar(name, admin, inbound, outbound, app_port, routes, begin, instance=No
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 1s
     original_dst_lb_config: {use_http_header: true, http_header_name: x-txmesh-endpoint}
-""").substitute(svc=svc) + upstream_tls(name, svc, "    ")
+""").substitute(svc=svc) + (UPSTREAM_H2 % svc if APP_PROTOCOL[svc] == "grpc" else "") + upstream_tls(name, svc, "    ")
     begin_json = '"begin": [{"method": "POST", "path_prefix": "/checkout"}], ' if begin else ""
     role = "initiator (begins transactions on POST /checkout)" if begin else "participant"
     outbound_block = ""

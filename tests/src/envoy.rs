@@ -23,6 +23,17 @@ pub fn stats_tags_json() -> Vec<Value> {
 
 /// An ORIGINAL_DST cluster that sends each request to the `ip:port` in
 /// request header `header` (the router's pick).
+/// `cluster` speaking HTTP/2 to its endpoints (a gRPC service).
+pub fn http2(mut cluster: Value) -> Value {
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    });
+    cluster
+}
+
 pub fn original_dst_cluster(name: &str, header: &str) -> Value {
     json!({
         "name": name,
@@ -307,16 +318,8 @@ impl Sidecar {
         let stats_tags = stats_tags_json();
         let mut clusters: Vec<Value> = Vec::new();
         if let Some(app) = self.app {
-            let mut c = static_cluster("local_app", &[app]);
-            if self.app_http2 {
-                c["typed_extension_protocol_options"] = json!({
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    }
-                });
-            }
-            clusters.push(c);
+            let c = static_cluster("local_app", &[app]);
+            clusters.push(if self.app_http2 { http2(c) } else { c });
         }
         let mut vhosts = Vec::new();
         // A route per named upstream: its cluster (with mTLS where

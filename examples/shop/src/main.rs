@@ -10,8 +10,10 @@
 //! Each service listens on loopback, keeps its data in SQLite, implements the
 //! txmesh participant endpoints, and on start (and every second) asks its
 //! sidecar for the outcome of every transaction it still holds prepared.
-//! `order` calls inventory and payment through its sidecar's outbound
-//! listener, forwarding `x-txmesh-txn`.
+//! `order` calls inventory (gRPC, `shop.v1.Inventory`) and payment (HTTP)
+//! through its sidecar's outbound listener, forwarding `x-txmesh-txn`;
+//! inventory also takes prepare/commit/abort as `txmesh.v1.Participant`
+//! (gRPC) from its sidecar, next to its HTTP API on the same port.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -197,6 +199,111 @@ async fn abort<L: Ledger + 'static>(State(app): State<Shared<L>>, headers: Heade
 /// by tonic-build.
 mod pb {
     tonic::include_proto!("txmesh.v1");
+}
+
+/// `shop.v1.Inventory` (proto/shop/v1/inventory.proto): how order calls
+/// inventory.
+mod shop_pb {
+    tonic::include_proto!("shop.v1");
+}
+
+/// inventory's `shop.v1.Inventory`: the reservation `POST /reserve` makes,
+/// as a gRPC method (order calls this one).
+struct GrpcInventory(Shared<Inventory>);
+
+#[tonic::async_trait]
+impl shop_pb::inventory_server::Inventory for GrpcInventory {
+    async fn reserve(
+        &self,
+        req: tonic::Request<shop_pb::ReserveRequest>,
+    ) -> Result<tonic::Response<shop_pb::ReserveResponse>, tonic::Status> {
+        let meta = |k: &str| {
+            req.metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let Some(txn) = meta("x-txmesh-txn") else {
+            return Err(tonic::Status::invalid_argument(
+                "a reservation must run in a transaction (x-txmesh-txn)",
+            ));
+        };
+        let deadline = meta("x-txmesh-deadline")
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0);
+        let shop_pb::ReserveRequest { sku, qty } = req.into_inner();
+        let app = self.0.clone();
+        let r = blocking(move || {
+            app.p
+                .work(&txn, deadline, |tx| Inventory::reserve(tx, &txn, &sku, qty))
+        })
+        .await;
+        match r {
+            Ok(Ok(price)) => Ok(tonic::Response::new(shop_pb::ReserveResponse {
+                price,
+                amount: price * qty,
+            })),
+            Ok(Err(e)) => Err(tonic::Status::invalid_argument(e)),
+            Err(e) => Err(tonic::Status::internal(e)),
+        }
+    }
+}
+
+/// order's gRPC channel to inventory (through its sidecar's outbound
+/// listener, `:authority` inventory; or by name in a mesh), made once.
+fn inventory_channel(via: Via) -> Result<tonic::transport::Channel, String> {
+    static CHANNEL: std::sync::OnceLock<tonic::transport::Channel> = std::sync::OnceLock::new();
+    if let Some(c) = CHANNEL.get() {
+        return Ok(c.clone());
+    }
+    let (url, host) = via.url("inventory", "");
+    let mut ep = tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|e| format!("inventory at {url}: {e}"))?
+        .timeout(Duration::from_secs(10));
+    if let Some(h) = host {
+        let origin = format!("http://{h}")
+            .parse()
+            .map_err(|e| format!("authority {h}: {e}"))?;
+        ep = ep.origin(origin);
+    }
+    Ok(CHANNEL.get_or_init(|| ep.connect_lazy()).clone())
+}
+
+/// Reserves at inventory over gRPC inside `txn`: (price, amount), or the
+/// HTTP status and message the checkout answers with.
+async fn reserve_at_inventory(
+    via: Via,
+    txn: &str,
+    sku: &str,
+    qty: i64,
+) -> Result<(i64, i64), (StatusCode, String)> {
+    let channel = inventory_channel(via).map_err(|e| (StatusCode::BAD_GATEWAY, e))?;
+    let mut client = shop_pb::inventory_client::InventoryClient::new(channel);
+    let mut req = tonic::Request::new(shop_pb::ReserveRequest {
+        sku: sku.to_string(),
+        qty,
+    });
+    // The one header an app forwards.
+    let txn = txn.parse().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("bad transaction id {txn:?}"),
+        )
+    })?;
+    req.metadata_mut().insert("x-txmesh-txn", txn);
+    match client.reserve(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            Ok((r.price, r.amount))
+        }
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            Err((StatusCode::BAD_REQUEST, s.message().to_string()))
+        }
+        Err(s) => Err((
+            StatusCode::BAD_GATEWAY,
+            format!("inventory answered {:?}: {}", s.code(), s.message()),
+        )),
+    }
 }
 
 /// The participant endpoints as the gRPC service `txmesh.v1.Participant`:
@@ -480,25 +587,12 @@ async fn checkout(State(app): State<Shared<Order>>, headers: HeaderMap, body: St
             )
         }
     };
+    // inventory over gRPC, then payment over HTTP (and the order itself).
+    let amount = match reserve_at_inventory(via, &txn, &sku, qty).await {
+        Ok((_, amount)) => amount,
+        Err((status, msg)) => return error(status, msg),
+    };
     blocking(move || {
-        let reserve = ReserveReq {
-            sku: sku.clone(),
-            qty,
-        };
-        let (st, inv) = match call(via, "inventory", "/reserve", &txn, &reserve) {
-            Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_GATEWAY, e),
-        };
-        if st == 400 {
-            return error(StatusCode::BAD_REQUEST, error_of(&inv));
-        }
-        let reserved = serde_json::from_str::<ReserveResp>(&inv).ok();
-        let Some(ReserveResp { amount, .. }) = reserved.filter(|_| st == 200) else {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!("inventory answered {st}: {inv}"),
-            );
-        };
         let charge = ChargeReq {
             customer: customer.clone(),
             amount,
@@ -635,12 +729,17 @@ async fn main() {
             .with_state(start(&o, Payment)),
         Service::Inventory => {
             let app = start(&o, Inventory);
-            let grpc = pb::participant_server::ParticipantServer::new(GrpcControl(app.clone()));
+            let control = pb::participant_server::ParticipantServer::new(GrpcControl(app.clone()));
+            let api = shop_pb::inventory_server::InventoryServer::new(GrpcInventory(app.clone()));
             participant_routes::<Inventory>()
                 .route("/reserve", post(reserve))
                 .route("/stock/{sku}", get(stock))
                 .with_state(app)
-                .merge(tonic::service::Routes::new(grpc).into_axum_router())
+                .merge(
+                    tonic::service::Routes::new(control)
+                        .add_service(api)
+                        .into_axum_router(),
+                )
         }
         Service::Order => participant_routes::<Order>()
             .route("/checkout", post(checkout))

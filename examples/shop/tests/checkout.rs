@@ -47,6 +47,23 @@ fn checkouts_commit_and_abort_atomically() {
     wait_drained(&s);
     assert_eq!((s.balance("alice"), s.stock("gizmo")), (995_000, 3));
 
+    // order called inventory over gRPC: its outbound metrics count each
+    // reservation under its grpc-status (three checkouts, three
+    // reservations: gizmo ×4 is refused at prepare, not at the reservation).
+    let out = s.order_sc.scrape();
+    let grpc = |status: &str| {
+        out.sum(
+            "txmesh_requests_total",
+            &[
+                ("reporter", "outbound"),
+                ("destination_service", "inventory"),
+                ("request_protocol", "grpc"),
+                ("grpc_response_status", status),
+            ],
+        )
+    };
+    assert_eq!(grpc("0"), 3.0, "{}", out.text_of("txmesh_requests_total"));
+
     // inventory's part went over gRPC: its sidecar reached the app on
     // HTTP/2 only (txmesh.v1.Participant and the business calls alike).
     let scrape = s.inventory_sc.scrape();

@@ -298,7 +298,10 @@ fn main() {
             (l.starts_with("txmesh_txn_total")
                 || l.starts_with("txmesh_txn_in_flight")
                 || l.starts_with("txmesh_router_requests_total")
-                || l.starts_with("txmesh_requests_total{reporter=\"inbound\""))
+                || l.starts_with("txmesh_requests_total{reporter=\"inbound\"")
+                // order's gRPC calls to inventory, by grpc-status.
+                || (l.starts_with("txmesh_requests_total{reporter=\"outbound\"")
+                    && l.contains("request_protocol=\"grpc\"")))
                 && !l.ends_with(" 0")
         }) {
             println!("  {l}");

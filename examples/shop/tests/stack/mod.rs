@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 use std::process::Command;
-use txmesh_tests::envoy::{original_dst_cluster, Envoy};
+use txmesh_tests::envoy::{http2, original_dst_cluster, Envoy};
 use txmesh_tests::ports::free_port;
 use txmesh_tests::process::ChildGuard;
 use txmesh_tests::{wait_for, Client, Etcd, Filter, Sidecar};
@@ -62,7 +62,11 @@ impl Stack {
             .outbound_filter(Filter::txn(txn_cfg("order")))
             .outbound_filter(Filter::metrics(json!({"workload": "order"})))
             .route_cluster(original_dst_cluster("payment", "x-txmesh-endpoint"))
-            .route_cluster(original_dst_cluster("inventory", "x-txmesh-endpoint"))
+            // inventory speaks gRPC (shop.v1.Inventory): HTTP/2.
+            .route_cluster(http2(original_dst_cluster(
+                "inventory",
+                "x-txmesh-endpoint",
+            )))
             .start();
         let spawn = |name: &str, port: u16, sc: &Envoy, outbound: bool| {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_shop"));
