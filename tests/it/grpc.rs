@@ -223,6 +223,12 @@ struct GrpcParticipantShop {
 
 impl GrpcParticipantShop {
     fn start(vote: grpc::Vote) -> Self {
+        Self::with_root(vote, false)
+    }
+
+    /// `grpc_root`: order is a gRPC app too (begins on
+    /// `/shop.v1.Order/Checkout`, answers gRPC): gRPC end to end.
+    fn with_root(vote: grpc::Vote, grpc_root: bool) -> Self {
         let etcd = txmesh_tests::Etcd::start();
         let inventory = grpc::Participant::start("inventory", vote);
         let mut cfg = txn_cfg("inventory");
@@ -235,9 +241,15 @@ impl GrpcParticipantShop {
             .start();
         let calls = std::sync::Arc::new(std::sync::RwLock::new(Vec::new()));
         let order = TxnApp::calling("order", Vote::Commit, calls.clone());
-        let order_sc = sidecar("order", &order, etcd.addr())
-            .route("inventory", &[inventory_sc.inbound_addr()])
-            .start();
+        let order_sc = if grpc_root {
+            order.set_business_reply(Reply::grpc(0));
+            let extra = json!({"begin": [{"method": "POST", "path_prefix": CHECKOUT}]});
+            sidecar_with("order", &order, etcd.addr(), &extra).app_http2()
+        } else {
+            sidecar("order", &order, etcd.addr())
+        }
+        .route("inventory", &[inventory_sc.inbound_addr()])
+        .start();
         *calls.write().unwrap_or_else(|e| e.into_inner()) =
             txmesh_tests::Downstream::each(&["inventory"], order_sc.ports.outbound);
         GrpcParticipantShop {
@@ -360,4 +372,81 @@ fn a_begin_rule_on_a_streaming_method_is_refused_at_load() {
         err.contains("invalid plugin configuration at `begin[0].path_prefix`: \"/shop.v1.Order/Watch\" names the streaming gRPC method"),
         "{err}"
     );
+}
+
+/// gRPC end to end (a gRPC client, initiator and participant): the
+/// participant's VOTE_ABORT reaches the client as ABORTED with its reason.
+#[test]
+fn a_grpc_participants_no_reaches_a_grpc_client_as_aborted() {
+    let shop = GrpcParticipantShop::with_root(grpc::Vote::No("sold out".into()), true);
+    let a = grpc::unary(
+        shop.order_sc.inbound_addr(),
+        "order",
+        CHECKOUT,
+        b"",
+        &[],
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.grpc_status(), Some(10), "{a:?}");
+    assert_eq!(
+        a.trailer("grpc-message"),
+        Some("transaction aborted by inventory: sold out"),
+        "{a:?}"
+    );
+    let txn = a.trailer("x-txmesh-txn").unwrap_or_default().to_string();
+    wait_for(10, "order's abort", || {
+        (shop.order.record(&txn).aborts >= 1).then_some(())
+    });
+    assert_eq!(shop.inventory.record(&txn).commits, 0);
+    assert!(
+        shop.inventory.errors().is_empty(),
+        "{:?}",
+        shop.inventory.errors()
+    );
+}
+
+/// A gRPC participant slower than the client's grpc-timeout: the
+/// transaction aborts at that deadline, not the configured 2 s.
+#[test]
+fn a_grpc_participant_slower_than_grpc_timeout_aborts_on_time() {
+    let shop = GrpcParticipantShop::with_root(grpc::Vote::Stall(Duration::from_millis(3000)), true);
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let (t, before) = (std::time::Instant::now(), wall_ms());
+    let a = grpc::unary(
+        shop.order_sc.inbound_addr(),
+        "order",
+        CHECKOUT,
+        b"",
+        &[("grpc-timeout", "700m")],
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (took, after) = (t.elapsed(), wall_ms());
+    assert_eq!(a.grpc_status(), Some(10), "{a:?}");
+    assert_eq!(
+        a.trailer("grpc-message"),
+        Some("transaction aborted by inventory: no answer before the deadline"),
+        "{a:?}"
+    );
+    eprintln!("aborted after {took:?} (grpc-timeout 700 ms, configured 2 s)");
+    let txn = a.trailer("x-txmesh-txn").unwrap_or_default().to_string();
+    // The deadline the transaction ran under (in its id) is the client's:
+    // 700 ms after its call, not the configured 2 s.
+    let d = txmesh_core::txn::id::TxnId::parse(txn.as_bytes())
+        .ok()
+        .and_then(|id| id.deadline_ms())
+        .unwrap_or_else(|| panic!("{txn}: no deadline in the id"));
+    assert!(
+        (before + 700..=after + 700).contains(&d),
+        "deadline {d}, call from {before} to {after}"
+    );
+    wait_for(10, "inventory's abort", || {
+        (shop.inventory.record(&txn).aborts >= 1).then_some(())
+    });
+    assert_eq!(shop.inventory.record(&txn).commits, 0);
 }
