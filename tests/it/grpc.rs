@@ -261,6 +261,19 @@ impl GrpcParticipantShop {
         }
     }
 
+    /// A gRPC client's checkout (the shop started `with_root(_, true)`).
+    fn grpc_checkout(&self, metadata: &[(&str, &str)]) -> grpc::Answer {
+        grpc::unary(
+            self.order_sc.inbound_addr(),
+            "order",
+            CHECKOUT,
+            b"",
+            metadata,
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     fn checkout(&self) -> txmesh_tests::Resp {
         txmesh_tests::Client::new().must(
             "POST",
@@ -379,15 +392,7 @@ fn a_begin_rule_on_a_streaming_method_is_refused_at_load() {
 #[test]
 fn a_grpc_participants_no_reaches_a_grpc_client_as_aborted() {
     let shop = GrpcParticipantShop::with_root(grpc::Vote::No("sold out".into()), true);
-    let a = grpc::unary(
-        shop.order_sc.inbound_addr(),
-        "order",
-        CHECKOUT,
-        b"",
-        &[],
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let a = shop.grpc_checkout(&[]);
     assert_eq!(a.grpc_status(), Some(10), "{a:?}");
     assert_eq!(
         a.trailer("grpc-message"),
@@ -417,15 +422,7 @@ fn a_grpc_participant_slower_than_grpc_timeout_aborts_on_time() {
             .map_or(0, |d| d.as_millis() as u64)
     };
     let (t, before) = (std::time::Instant::now(), wall_ms());
-    let a = grpc::unary(
-        shop.order_sc.inbound_addr(),
-        "order",
-        CHECKOUT,
-        b"",
-        &[("grpc-timeout", "700m")],
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let a = shop.grpc_checkout(&[("grpc-timeout", "700m")]);
     let (took, after) = (t.elapsed(), wall_ms());
     assert_eq!(a.grpc_status(), Some(10), "{a:?}");
     assert_eq!(

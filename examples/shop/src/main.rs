@@ -165,10 +165,13 @@ async fn prepare<L: Ledger + 'static>(
     }
 }
 
-async fn finish<L: Ledger + 'static>(app: Shared<L>, headers: HeaderMap, commit: bool) -> Response {
-    let Some((txn, _)) = txn_of(&headers) else {
-        return error(StatusCode::BAD_REQUEST, "x-txmesh-txn is required");
-    };
+/// Commits or aborts `txn` (HTTP and gRPC alike): `Ok(Err(conflict))` is
+/// a commit of work never prepared, a protocol violation to report.
+async fn apply<L: Ledger + 'static>(
+    app: Shared<L>,
+    txn: String,
+    commit: bool,
+) -> Result<Result<(), String>, String> {
     let r = blocking(move || {
         if commit {
             app.p.commit(&txn)
@@ -177,12 +180,19 @@ async fn finish<L: Ledger + 'static>(app: Shared<L>, headers: HeaderMap, commit:
         }
     })
     .await;
-    match r {
+    if let Ok(Err(conflict)) = &r {
+        eprintln!("PROTOCOL VIOLATION: {conflict}");
+    }
+    r
+}
+
+async fn finish<L: Ledger + 'static>(app: Shared<L>, headers: HeaderMap, commit: bool) -> Response {
+    let Some((txn, _)) = txn_of(&headers) else {
+        return error(StatusCode::BAD_REQUEST, "x-txmesh-txn is required");
+    };
+    match apply(app, txn, commit).await {
         Ok(Ok(())) => Json(json!({"ok": true})).into_response(),
-        Ok(Err(conflict)) => {
-            eprintln!("PROTOCOL VIOLATION: {conflict}");
-            error(StatusCode::CONFLICT, conflict)
-        }
+        Ok(Err(conflict)) => error(StatusCode::CONFLICT, conflict),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
@@ -326,21 +336,9 @@ fn txn_in<T>(req: &tonic::Request<T>, txn: &str) -> Result<String, tonic::Status
 
 impl<L: Ledger + 'static> GrpcControl<L> {
     async fn finish(&self, txn: String, commit: bool) -> Result<(), tonic::Status> {
-        let app = self.0.clone();
-        let r = blocking(move || {
-            if commit {
-                app.p.commit(&txn)
-            } else {
-                app.p.abort(&txn)
-            }
-        })
-        .await;
-        match r {
+        match apply(self.0.clone(), txn, commit).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(conflict)) => {
-                eprintln!("PROTOCOL VIOLATION: {conflict}");
-                Err(tonic::Status::failed_precondition(conflict))
-            }
+            Ok(Err(conflict)) => Err(tonic::Status::failed_precondition(conflict)),
             Err(e) => Err(tonic::Status::internal(e)),
         }
     }

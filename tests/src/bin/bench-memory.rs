@@ -10,18 +10,7 @@ use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use txmesh_tests::{Checkout, Client, Etcd, Filter, Sidecar, Vote};
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
+use txmesh_tests::{rss_kib, Checkout, Client, Etcd, Filter, Sidecar, Vote};
 
 /// Sidecar RSS over many transactions (BENCHMARKS.md, "Memory").
 #[derive(clap::Parser)]
