@@ -26,6 +26,13 @@ def P(port): return port + OFFSET
 INGRESS_PORT = ARGS.ingress_port if ARGS.ingress_port is not None else P(10000)
 ENDPOINT = "[{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $port}}}}]}]"
 def ep(port): return Template(ENDPOINT).substitute(port=P(port))
+# A cluster's options for speaking HTTP/2 to its endpoints (gRPC: the OTel
+# collector, a gRPC app, a route to a gRPC service).
+HTTP2 = """    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+"""
 # The cluster of an OpenTelemetry collector every config names (tracing).
 OTEL_CLUSTER = '''  # An OpenTelemetry collector (OTLP/gRPC), if you run one: Envoy's spans
   # carry the W3C trace id of the request (the txn decision log and record
@@ -33,11 +40,7 @@ OTEL_CLUSTER = '''  # An OpenTelemetry collector (OTLP/gRPC), if you run one: En
   - name: otel_collector
     type: STATIC
     connect_timeout: 0.25s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-    load_assignment:
+''' + HTTP2 + '''    load_assignment:
       cluster_name: otel_collector
       endpoints: ''' + ep(4317)
 SPIFFE = "spiffe://txmesh.local/ns/shop/sa/"
@@ -129,19 +132,9 @@ def txn_filter(name, begin_json, direction, anchor, app_protocol="http"):
         anchor, "A transaction filter never fails open: without it a request\ncould run outside its transaction.", block=True)
 # The cluster options of a gRPC app: HTTP/2 (its gRPC control service; HTTP/1
 # business calls from the inbound listener go over it too).
-APP_H2 = """    # The app speaks gRPC (txmesh.v1.Participant): HTTP/2.
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-"""
+APP_H2 = "    # The app speaks gRPC (txmesh.v1.Participant): HTTP/2.\n" + HTTP2
 # A route cluster to a gRPC service (order calls shop.v1.Inventory): HTTP/2.
-UPSTREAM_H2 = """    # %s speaks gRPC (shop.v1.Inventory): HTTP/2 to its sidecar.
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-"""
+UPSTREAM_H2 = "    # %s speaks gRPC (shop.v1.Inventory): HTTP/2 to its sidecar.\n" + HTTP2
 def metrics_filter(name, direction, anchor):
     return wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "%s", "reporter": "%s"}' % (name, direction), anchor)
 def sidecar(name, admin, inbound, outbound, app_port, routes, begin, instance=None):

@@ -184,14 +184,9 @@ fn grpc_timeout_bounds_the_transaction() {
     // payment stalls past the client's 800 ms (the configured timeout is 2 s).
     let shop = GrpcShop::voting(Vote::Stall(Duration::from_millis(3000)), Vote::Commit);
     shop.order.set_business_reply(Reply::grpc(0));
-    let wall_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    };
-    let before = wall_ms();
+    let before = txmesh_tests::epoch_ms();
     let a = shop.checkout_with(&[("grpc-timeout", "800m")]);
-    let after = wall_ms();
+    let after = txmesh_tests::epoch_ms();
     assert_eq!(a.grpc_status(), Some(10), "{a:?}");
     assert_eq!(
         a.trailer("grpc-message"),
@@ -261,6 +256,20 @@ impl GrpcParticipantShop {
         }
     }
 
+    /// `txn` aborted: order's app got its abort, inventory no commit, and
+    /// inventory saw nothing the contract forbids.
+    fn assert_aborted(&self, txn: &str) {
+        wait_for(10, "order's abort", || {
+            (self.order.record(txn).aborts >= 1).then_some(())
+        });
+        assert_eq!(self.inventory.record(txn).commits, 0);
+        assert!(
+            self.inventory.errors().is_empty(),
+            "{:?}",
+            self.inventory.errors()
+        );
+    }
+
     /// A gRPC client's checkout (the shop started `with_root(_, true)`).
     fn grpc_checkout(&self, metadata: &[(&str, &str)]) -> grpc::Answer {
         grpc::unary(
@@ -327,16 +336,8 @@ fn a_grpc_participants_no_vote_aborts_with_its_reason() {
     assert_eq!(v["reason"], "out of stock");
     assert_eq!(v["participant"], "inventory");
     let txn = v["txn"].as_str().unwrap_or_default().to_string();
-    wait_for(10, "order's abort", || {
-        (shop.order.record(&txn).aborts >= 1).then_some(())
-    });
+    shop.assert_aborted(&txn);
     assert_eq!(shop.order.record(&txn).commits, 0);
-    assert_eq!(shop.inventory.record(&txn).commits, 0);
-    assert!(
-        shop.inventory.errors().is_empty(),
-        "{:?}",
-        shop.inventory.errors()
-    );
 }
 
 /// Bytes that are not a `PrepareResponse`, and a failed call: abort votes
@@ -400,30 +401,21 @@ fn a_grpc_participants_no_reaches_a_grpc_client_as_aborted() {
         "{a:?}"
     );
     let txn = a.trailer("x-txmesh-txn").unwrap_or_default().to_string();
-    wait_for(10, "order's abort", || {
-        (shop.order.record(&txn).aborts >= 1).then_some(())
-    });
-    assert_eq!(shop.inventory.record(&txn).commits, 0);
-    assert!(
-        shop.inventory.errors().is_empty(),
-        "{:?}",
-        shop.inventory.errors()
-    );
+    shop.assert_aborted(&txn);
 }
 
 /// A gRPC participant slower than the client's grpc-timeout: the
 /// transaction aborts at that deadline, not the configured 2 s.
 #[test]
 fn a_grpc_participant_slower_than_grpc_timeout_aborts_on_time() {
-    let shop = GrpcParticipantShop::with_root(grpc::Vote::Stall(Duration::from_millis(3000)), true);
-    let wall_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    };
-    let (t, before) = (std::time::Instant::now(), wall_ms());
+    // inventory answers its prepare only once the test has the client's
+    // answer: never before the deadline, on any machine.
+    let answered = txmesh_tests::Latch::default();
+    let shop = GrpcParticipantShop::with_root(grpc::Vote::Until(answered.clone()), true);
+    let (t, before) = (std::time::Instant::now(), txmesh_tests::epoch_ms());
     let a = shop.grpc_checkout(&[("grpc-timeout", "700m")]);
-    let (took, after) = (t.elapsed(), wall_ms());
+    let (took, after) = (t.elapsed(), txmesh_tests::epoch_ms());
+    answered.open();
     assert_eq!(a.grpc_status(), Some(10), "{a:?}");
     assert_eq!(
         a.trailer("grpc-message"),

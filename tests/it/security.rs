@@ -105,12 +105,7 @@ fn a_non_coordinator_gets_403_on_the_control_endpoints() {
     let order = client("order", &payment, |s| s.mtls(&certs, "order"));
     let c = Client::new();
     let txn = "0123456789abcdef0123456789abcdef";
-    let deadline = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        + 5000)
-        .to_string();
+    let deadline = (txmesh_tests::epoch_ms() + 5000).to_string();
     let h = [
         ("x-txmesh-txn", txn),
         ("x-txmesh-deadline", deadline.as_str()),

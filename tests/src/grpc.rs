@@ -185,8 +185,9 @@ pub enum Vote {
     Malformed,
     /// Answers with this gRPC status and no message.
     Fail(u32),
-    /// Votes commit after this long (past the deadline: a stall).
-    Stall(Duration),
+    /// Votes commit once the test opens the latch (at most 10 s): a prepare
+    /// held for exactly as long as the test needs.
+    Until(crate::Latch),
 }
 
 /// A gRPC app that implements `txmesh.v1.Participant` (decoding and
@@ -245,15 +246,15 @@ impl Participant {
             match method {
                 "Prepare" => {
                     rec.prepares += 1;
-                    if let Some(Vote::Stall(d)) = vote {
-                        // The state is not held while stalling.
+                    if let Some(Vote::Until(latch)) = &vote {
+                        // The state is not held while waiting.
                         drop(s);
-                        std::thread::sleep(d);
+                        latch.wait(Duration::from_secs(10));
                         s = st.lock().unwrap_or_else(|e| e.into_inner());
                     }
                     let rec = s.txns.entry(txn.clone()).or_default();
                     let (v, reason) = match vote {
-                        Some(Vote::Commit | Vote::Stall(_)) | None => (pb::Vote::Commit, ""),
+                        Some(Vote::Commit | Vote::Until(_)) | None => (pb::Vote::Commit, ""),
                         Some(Vote::ReadOnly) => (pb::Vote::ReadOnly, ""),
                         Some(Vote::No(ref why)) => (pb::Vote::Abort, why.as_str()),
                         Some(Vote::Malformed) => {

@@ -125,6 +125,13 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
 }
 
 /// The median of a benchmark's samples (the upper one for an even count).
+/// The wall clock in epoch ms (what transaction deadlines are in).
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A process's resident memory (VmRSS), KiB; 0 if unknown.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -34,7 +34,8 @@ impl Latch {
     pub fn open(&self) {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    fn wait(&self, at_most: Duration) {
+    /// Waits until the latch is open, at most `at_most`.
+    pub fn wait(&self, at_most: Duration) {
         let until = std::time::Instant::now() + at_most;
         while !self.0.load(std::sync::atomic::Ordering::SeqCst) && std::time::Instant::now() < until
         {

@@ -21,8 +21,22 @@ struct Args {
     compare: Vec<PathBuf>,
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    txmesh_tests::rss_kib(pid) as f64 / 1024.0
+/// Resident memory once it has settled: V8 tiers code up in the background
+/// after start, so sample until two readings 100 ms apart differ by less
+/// than 64 KiB (at most 5 s; then the last reading).
+fn settled_rss_mib(pid: u32) -> f64 {
+    let until = Instant::now() + std::time::Duration::from_secs(5);
+    let mut last = txmesh_tests::rss_kib(pid);
+    while Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = txmesh_tests::rss_kib(pid);
+        if now.abs_diff(last) < 64 {
+            last = now;
+            break;
+        }
+        last = now;
+    }
+    last as f64 / 1024.0
 }
 
 /// The txn filter loaded from `path`.
@@ -68,10 +82,7 @@ fn main() {
                 let t = Instant::now();
                 let envoy = sc.start();
                 ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                // V8 tiers code up in the background after the first
-                // calls: read the memory once that has settled.
-                std::thread::sleep(std::time::Duration::from_secs(2));
-                rss.push(rss_mib(envoy.guard.pid()));
+                rss.push(settled_rss_mib(envoy.guard.pid()));
             }
             let (ms, rss) = (median(ms), median(rss));
             println!("| {name} | {workers} | {ms:.0} | {rss:.1} |");

@@ -38,11 +38,7 @@ struct Participant {
 
 impl Participant {
     fn append(&self, mut line: serde_json::Value) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        line["t"] = serde_json::json!(now);
+        line["t"] = serde_json::json!(txmesh_tests::epoch_ms());
         let mut f = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(f, "{line}");
     }

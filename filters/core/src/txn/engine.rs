@@ -494,25 +494,34 @@ impl TxnEngine {
         stream: &mut Stream,
         answer: root::AppAnswer,
     ) -> Verdict {
-        let Stream::Root {
-            txn,
-            deadline_ms,
-            started_ms,
-            started_us,
-            trace,
-        } = std::mem::replace(stream, Stream::Owned)
-        else {
-            return Verdict::Continue;
-        };
-        let begun = root::Begun {
-            ctx,
-            txn,
-            deadline_ms,
-            started_ms,
-            started_us,
-            trace,
-        };
-        self.root_respond(h, begun, answer)
+        match std::mem::replace(stream, Stream::Owned) {
+            Stream::Root {
+                txn,
+                deadline_ms,
+                started_ms,
+                started_us,
+                trace,
+            } => {
+                let begun = root::Begun {
+                    ctx,
+                    txn,
+                    deadline_ms,
+                    started_ms,
+                    started_us,
+                    trace,
+                };
+                self.root_respond(h, begun, answer)
+            }
+            // Not a root's stream: left as it was.
+            other @ (Stream::Pass
+            | Stream::LeafFinish { .. }
+            | Stream::Business { .. }
+            | Stream::Enlisted { .. }
+            | Stream::Owned) => {
+                *stream = other;
+                Verdict::Continue
+            }
+        }
     }
 
     /// Tells the caller of a business call whom this sidecar's app has
