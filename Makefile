@@ -6,7 +6,7 @@ FILTERS := txmesh-metrics txmesh-txn txmesh-router txmesh-authz
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit model-deep model-known test-outage test-retention validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos clean
+.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit model-deep model-known test-outage test-retention validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos chaos-seeded clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
@@ -21,7 +21,8 @@ help:
 	@echo "make model-known  - the model scenarios today's protocol is known to fail, each with its counterexample"
 	@echo "make test-outage  - in-doubt participants resolve after a 90 s etcd outage (make test: 6 s)"
 	@echo "make test-retention - 50,000 transactions: decision records expire, etcd stays bounded (make test: 2,000)"
-	@echo "make chaos   - the history checker: 1000 transactions, depth 3 with replicas, under kills, SIGSTOPs and etcd quorum loss"
+	@echo "make chaos   - the history checker: 1000 transactions, depth 3 with replicas, in pods, under partitions, packet loss, link faults, kills, SIGSTOPs"
+	@echo "make chaos-seeded - the history checker on a txn filter with a seeded bug (SEEDED_BUG=obey-ignores-abort): must fail"
 	@echo "make txmeshctl - build the operations CLI (target/release/txmeshctl; docs/operations.md)"
 
 setup:
@@ -100,13 +101,29 @@ up:
 down:
 	@scripts/shop.sh down
 
-# The history checker: randomized transactions under kills of sidecars,
-# participants and etcd members. CHAOS_ARGS: --txns N --seed S --clients C --pace-ms MS (docs/protocol.md).
+# The history checker: randomized transactions, each service and etcd member
+# in a pod (network namespace), under partitions, packet loss, link-proxy
+# faults (delay, reordering, duplicates, lost answers), kills and SIGSTOPs.
+# CHAOS_ARGS: --txns N --seed S --clients C --pace-ms MS --faults all|network|process
+# --net auto|pods|loopback (docs/testing.md, "The history checker").
 CHAOS_ARGS ?= --txns 1000
 chaos: build
 	@echo "[chaos] building the checker and the participant service (profile bench-native)"
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin chaos --bin participant
 	@./target/bench-native/chaos $(CHAOS_ARGS)
+
+# The history checker on a txn filter with a seeded protocol bug compiled in
+# (txmesh-core src/txn/seeded.rs): it must report violations (exit 1).
+# SEEDED_BUG=name (without the seeded-bug- prefix); CHAOS_ARGS as for chaos.
+SEEDED_BUG ?= obey-ignores-abort
+SEEDED_CHAOS_ARGS ?= --txns 300 --faults network --pace-ms 300
+chaos-seeded: build
+	@echo "[chaos] txmesh_txn.wasm with seeded-bug-$(SEEDED_BUG) (target/seeded/$(SEEDED_BUG)/)"
+	@$(CARGO) build --quiet --release --target $(WASM_TARGET) -p txmesh-txn --features seeded-bug-$(SEEDED_BUG) --target-dir target/seeded/$(SEEDED_BUG)
+	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin chaos --bin participant
+	@if TXMESH_WASM_DIR=target/seeded/$(SEEDED_BUG)/$(WASM_TARGET)/release ./target/bench-native/chaos $(SEEDED_CHAOS_ARGS); then \
+	  echo "[chaos] seeded-bug-$(SEEDED_BUG) was NOT caught"; exit 1; \
+	else echo "[chaos] seeded-bug-$(SEEDED_BUG) caught: the checker reports violations"; fi
 
 bench: bench-filters bench-txn bench-router
 

@@ -92,6 +92,16 @@ else
   step "protoc" "ok ($(protoc --version))"
 fi
 
+# 3c'. iproute2 and nftables, for the history checker's pods (network
+# namespaces) and its partition and packet-loss faults (tests/src/netns.rs).
+if command -v ip >/dev/null && command -v nft >/dev/null; then
+  step "iproute2, nftables" "ok ($(nft --version | cut -d' ' -f1-2))"
+else
+  step "iproute2, nftables" "installing Debian packages iproute2 nftables..."
+  apt_install iproute2 nftables || die "ip and nft are missing: install the Debian packages iproute2 and nftables"
+  step "iproute2, nftables" "ok ($(nft --version | cut -d' ' -f1-2))"
+fi
+
 # 3d. Prometheus, for `make up PROMETHEUS=1` and the dashboard test.
 if command -v "${PROMETHEUS_BIN:-prometheus}" >/dev/null; then
   step "prometheus" "ok ($("${PROMETHEUS_BIN:-prometheus}" --version 2>&1 | head -n1 | cut -d' ' -f1-3))"

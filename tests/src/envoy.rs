@@ -152,6 +152,8 @@ pub struct Sidecar {
     tls: Option<(crate::Certs, Option<String>)>,
     /// Speak HTTP/2 to the local app (a gRPC app).
     app_http2: bool,
+    /// The pod it runs in (listening on the pod's address), or loopback.
+    pod: Option<crate::netns::Pod>,
 }
 
 /// Ports of a running sidecar.
@@ -175,6 +177,7 @@ impl Sidecar {
             concurrency: 2,
             tls: None,
             app_http2: false,
+            pod: None,
         }
     }
 
@@ -307,6 +310,14 @@ impl Sidecar {
         self.cluster(static_cluster("etcd", &[addr]))
     }
 
+    /// Runs in `pod` (its network namespace): every listener on the pod's
+    /// address, so that other pods reach the inbound one and the app in the
+    /// pod reaches the outbound one on 127.0.0.1.
+    pub fn pod(mut self, pod: &crate::netns::Pod) -> Self {
+        self.pod = Some(pod.clone());
+        self
+    }
+
     /// Envoy worker threads (default 2, so cross-worker behaviour is exercised).
     pub fn concurrency(mut self, n: u32) -> Self {
         self.concurrency = n;
@@ -315,6 +326,7 @@ impl Sidecar {
 
     /// The bootstrap for these ports.
     pub fn bootstrap(&self, ports: Ports) -> Value {
+        let bind = bind_addr(self.pod.as_ref());
         let stats_tags = stats_tags_json();
         let mut clusters: Vec<Value> = Vec::new();
         if let Some(app) = self.app {
@@ -351,6 +363,7 @@ impl Sidecar {
         // No app, no inbound listener (an edge or client-only Envoy).
         if self.app.is_some() {
             let mut l = listener(
+                bind,
                 "inbound",
                 "INBOUND",
                 ports.inbound,
@@ -363,6 +376,7 @@ impl Sidecar {
             listeners.push(l);
         }
         listeners.push(listener(
+            bind,
             "outbound",
             "OUTBOUND",
             ports.outbound,
@@ -372,7 +386,7 @@ impl Sidecar {
         json!({
             "node": {"id": format!("{}-sidecar", self.workload), "cluster": self.workload,
                      "metadata": {"WORKLOAD_NAME": self.workload}},
-            "admin": {"address": sock(ports.admin)},
+            "admin": {"address": sock(bind, ports.admin)},
             "stats_flush_on_admin": true,
             "stats_config": {"stats_tags": stats_tags},
             "static_resources": {"listeners": listeners, "clusters": clusters},
@@ -402,7 +416,8 @@ impl Sidecar {
             let text =
                 serde_json::to_string_pretty(&self.bootstrap(ports)).map_err(|e| e.to_string())?;
             std::fs::write(&cfg_path, text).map_err(|e| e.to_string())?;
-            match Envoy::launch(&self.workload, &cfg_path, &dir, ports, self.concurrency) {
+            let at = self.pod.as_ref();
+            match Envoy::launch(&self.workload, &cfg_path, &dir, ports, self.concurrency, at) {
                 Ok(e) => return Ok(e),
                 Err(log) if log.contains("ddress already in use") => last = log,
                 Err(log) => return Err(log),
@@ -412,8 +427,16 @@ impl Sidecar {
     }
 }
 
-fn sock(port: u16) -> Value {
-    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+/// Where a sidecar's listeners bind: loopback, or every address of its pod.
+fn bind_addr(pod: Option<&crate::netns::Pod>) -> &'static str {
+    match pod {
+        Some(_) => "0.0.0.0",
+        None => "127.0.0.1",
+    }
+}
+
+fn sock(address: &str, port: u16) -> Value {
+    json!({"socket_address": {"address": address, "port_value": port}})
 }
 
 fn static_cluster(name: &str, eps: &[SocketAddr]) -> Value {
@@ -432,7 +455,14 @@ fn static_cluster(name: &str, eps: &[SocketAddr]) -> Value {
     })
 }
 
-fn listener(name: &str, dir: &str, port: u16, routes: Value, filters: &[Filter]) -> Value {
+fn listener(
+    bind: &str,
+    name: &str,
+    dir: &str,
+    port: u16,
+    routes: Value,
+    filters: &[Filter],
+) -> Value {
     let mut http_filters: Vec<Value> = filters.iter().map(|f| f.0.clone()).collect();
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
@@ -441,7 +471,7 @@ fn listener(name: &str, dir: &str, port: u16, routes: Value, filters: &[Filter])
     json!({
         "name": name,
         "traffic_direction": dir,
-        "address": sock(port),
+        "address": sock(bind, port),
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
@@ -462,6 +492,7 @@ pub struct Envoy {
     client: Client,
     name: String,
     concurrency: u32,
+    pod: Option<crate::netns::Pod>,
 }
 
 impl Envoy {
@@ -471,8 +502,12 @@ impl Envoy {
         dir: &Path,
         ports: Ports,
         concurrency: u32,
+        pod: Option<&crate::netns::Pod>,
     ) -> Result<Self, String> {
-        let mut cmd = Command::new(crate::envoy_bin());
+        let mut cmd = match pod {
+            Some(p) => p.command(crate::envoy_bin()),
+            None => Command::new(crate::envoy_bin()),
+        };
         cmd.arg("-c")
             .arg(cfg)
             .args(["--base-id", &ports.admin.to_string()])
@@ -480,7 +515,8 @@ impl Envoy {
             .args(["-l", "info"]);
         let mut guard = ChildGuard::spawn(&format!("envoy-{name}"), cmd, dir, vec![]);
         let client = Client::new();
-        let ready = format!("http://127.0.0.1:{}/ready", ports.admin);
+        let host = pod.map_or(std::net::Ipv4Addr::LOCALHOST, |p| p.ip);
+        let ready = format!("http://{host}:{}/ready", ports.admin);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             if let Some(status) = guard.exited() {
@@ -505,6 +541,7 @@ impl Envoy {
             client,
             name: name.to_string(),
             concurrency,
+            pod: pod.cloned(),
         })
     }
 
@@ -519,7 +556,8 @@ impl Envoy {
         self.guard.kill();
         let cfg = self.dir.join("envoy.json");
         let fresh = crate::wait_for(20, "envoy restart (ports free again)", || {
-            Envoy::launch(&self.name, &cfg, &self.dir, self.ports, self.concurrency).ok()
+            let (name, ports, n) = (&self.name, self.ports, self.concurrency);
+            Envoy::launch(name, &cfg, &self.dir, ports, n, self.pod.as_ref()).ok()
         });
         let Envoy { guard, .. } = fresh;
         // Swap the new child in; the old guard (dead) is dropped quietly.
@@ -527,20 +565,27 @@ impl Envoy {
         std::mem::forget(old_guard);
     }
 
+    /// Its address as the test reaches it: loopback, or its pod's.
+    pub fn host(&self) -> std::net::Ipv4Addr {
+        self.pod
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |p| p.ip)
+    }
+
     pub fn inbound_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.ports.inbound)
+        format!("http://{}:{}{path}", self.host(), self.ports.inbound)
     }
 
     pub fn outbound_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.ports.outbound)
+        format!("http://{}:{}{path}", self.host(), self.ports.outbound)
     }
 
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.ports.admin)
+        format!("http://{}:{}{path}", self.host(), self.ports.admin)
     }
 
     pub fn inbound_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.ports.inbound))
+        SocketAddr::from((self.host(), self.ports.inbound))
     }
 
     /// `/stats/prometheus`, parsed.

@@ -10,6 +10,10 @@ use std::process::Command;
 
 pub struct Etcd {
     pub guard: ChildGuard,
+    /// The address it listens on: loopback, or its pod's.
+    pub host: std::net::Ipv4Addr,
+    /// The pod it runs in (`None`: the test's own network namespace).
+    pod: Option<crate::netns::Pod>,
     pub client_port: u16,
     pub peer_port: u16,
     pub dir: PathBuf,
@@ -38,10 +42,28 @@ pub fn etcd_bin() -> String {
     std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
 }
 
-/// Starts one etcd member on loopback. `state`: `new` for a fresh cluster,
+/// Where a member runs: its address and, in a pod network, its pod.
+#[derive(Clone)]
+struct Place {
+    host: std::net::Ipv4Addr,
+    pod: Option<crate::netns::Pod>,
+}
+
+impl Place {
+    fn loopback() -> Self {
+        Self {
+            host: std::net::Ipv4Addr::LOCALHOST,
+            pod: None,
+        }
+    }
+}
+
+/// Starts one etcd member. `state`: `new` for a fresh cluster,
 /// `existing` to rejoin (ignored when the data dir already holds a member).
+#[allow(clippy::too_many_arguments)]
 fn spawn_member(
     name: &str,
+    at: &Place,
     client: u16,
     peer: u16,
     dir: &Path,
@@ -49,9 +71,12 @@ fn spawn_member(
     state: &str,
     extra: &[String],
 ) -> ChildGuard {
-    let curl = format!("http://127.0.0.1:{client}");
-    let purl = format!("http://127.0.0.1:{peer}");
-    let mut cmd = Command::new(etcd_bin());
+    let curl = format!("http://{}:{client}", at.host);
+    let purl = format!("http://{}:{peer}", at.host);
+    let mut cmd = match &at.pod {
+        Some(pod) => pod.command(etcd_bin()),
+        None => Command::new(etcd_bin()),
+    };
     cmd.args(["--name", name])
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -78,24 +103,51 @@ fn spawn_member(
     ChildGuard::spawn(&format!("etcd-{name}"), cmd, dir, vec![])
 }
 
-/// A multi-member etcd cluster on loopback (each member its own process).
+/// A multi-member etcd cluster (each member its own process), on loopback or
+/// one member per pod.
 pub struct EtcdCluster {
     pub members: Vec<Etcd>,
 }
 
 impl EtcdCluster {
+    /// `n` members on loopback.
     pub fn start(n: usize) -> Self {
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        Self::start_at(vec![Place::loopback(); n])
+    }
+
+    /// One member in each pod (their addresses, etcd's usual ports).
+    pub fn start_in(pods: &[crate::netns::Pod]) -> Self {
+        Self::start_at(
+            pods.iter()
+                .map(|p| Place {
+                    host: p.ip,
+                    pod: Some(p.clone()),
+                })
+                .collect(),
+        )
+    }
+
+    fn start_at(places: Vec<Place>) -> Self {
+        // In a pod every port is free: etcd's own. On loopback, free ones.
+        let ports: Vec<(u16, u16)> = places
+            .iter()
+            .map(|p| match p.pod {
+                Some(_) => (2379, 2380),
+                None => (free_port(), free_port()),
+            })
+            .collect();
         let initial = ports
             .iter()
+            .zip(&places)
             .enumerate()
-            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .map(|(i, ((_, p), at))| format!("m{i}=http://{}:{p}", at.host))
             .collect::<Vec<_>>()
             .join(",");
         let members: Vec<Etcd> = ports
             .iter()
+            .zip(places)
             .enumerate()
-            .map(|(i, (c, p))| Etcd::member(&format!("m{i}"), *c, *p, &initial))
+            .map(|(i, ((c, p), at))| Etcd::member(&format!("m{i}"), at, *c, *p, &initial))
             .collect();
         for m in &members {
             m.wait_healthy();
@@ -144,27 +196,39 @@ impl Etcd {
         let (client, peer) = (free_port(), free_port());
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let initial = format!("t=http://127.0.0.1:{peer}");
-        let etcd = Self::member_with("t", client, peer, &initial, extra);
+        let etcd = Self::member_with("t", Place::loopback(), client, peer, &initial, extra);
         etcd.wait_healthy();
         etcd
     }
 
-    fn member(name: &str, client_port: u16, peer_port: u16, initial: &str) -> Self {
-        Self::member_with(name, client_port, peer_port, initial, Vec::new())
+    fn member(name: &str, at: Place, client_port: u16, peer_port: u16, initial: &str) -> Self {
+        Self::member_with(name, at, client_port, peer_port, initial, Vec::new())
     }
 
     fn member_with(
         name: &str,
+        at: Place,
         client_port: u16,
         peer_port: u16,
         initial: &str,
         extra: Vec<String>,
     ) -> Self {
         let dir = crate::scratch_dir(&format!("etcd-{name}"));
-        let guard = spawn_member(name, client_port, peer_port, &dir, initial, "new", &extra);
+        let guard = spawn_member(
+            name,
+            &at,
+            client_port,
+            peer_port,
+            &dir,
+            initial,
+            "new",
+            &extra,
+        );
         Self {
             extra,
             guard,
+            host: at.host,
+            pod: at.pod,
             client_port,
             peer_port,
             dir,
@@ -176,8 +240,13 @@ impl Etcd {
 
     fn relaunch(&mut self, state: &str) {
         self.guard.kill();
+        let at = Place {
+            host: self.host,
+            pod: self.pod.clone(),
+        };
         let guard = spawn_member(
             &self.name,
+            &at,
             self.client_port,
             self.peer_port,
             &self.dir,
@@ -200,11 +269,11 @@ impl Etcd {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.host, self.client_port)
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port))
+        std::net::SocketAddr::from((self.host, self.client_port))
     }
 
     /// The client (txmesh-etcd, the project's one etcd client): calls that

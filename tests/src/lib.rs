@@ -18,6 +18,8 @@ pub mod envoy;
 pub mod etcd;
 pub mod grpc;
 pub mod http;
+pub mod linkproxy;
+pub mod netns;
 pub mod ports;
 pub mod process;
 pub mod prom;
@@ -47,11 +49,14 @@ fn target_dir() -> PathBuf {
 }
 
 /// Path of a release wasm artifact, e.g. `wasm("txmesh_metrics")`. Panics
-/// with the command to run when it has not been built.
+/// with the command to run when it has not been built. `TXMESH_WASM_DIR`
+/// points at another build (a txn filter with a seeded bug compiled in:
+/// `make chaos-seeded`).
 pub fn wasm(name: &str) -> PathBuf {
-    let p = target_dir()
-        .join("wasm32-wasip1/release")
-        .join(format!("{name}.wasm"));
+    let dir = std::env::var_os("TXMESH_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("wasm32-wasip1/release"));
+    let p = dir.join(format!("{name}.wasm"));
     assert!(
         p.exists(),
         "{} is missing: run `make build` (or `make test`, which builds it) first",

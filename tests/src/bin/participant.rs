@@ -4,13 +4,16 @@
 //! kernel has accepted), and recovering on start by asking its sidecar for the
 //! outcome of every transaction it holds prepared.
 //!
-//! Usage: participant <name> <log file> --listen <port>:<sidecar inbound>[:<sidecar outbound>]...
+//! Usage: participant <name> <log file>
+//!        --listen <port>:<sidecar inbound>[:<sidecar outbound>][@<netns>]...
 //!        [--calls <downstream host>]...
 //!
 //! Each `--listen` is one replica's pod: the port the app listens on behind
 //! that replica's sidecar, and the sidecar's listeners (business calls that
 //! arrive there go downstream through the same replica's outbound sidecar).
 //! The replicas share this process's state, as replicas share a database.
+//! With `@<netns>` the replica is in that pod (network namespace): its
+//! listener and every call it makes (downstream, recovery) are the pod's.
 //!
 //! Per-transaction behaviour comes from the business request's
 //! `x-chaos-vote-<name>` header (`no` or `stall`; default: commit), which an
@@ -97,12 +100,25 @@ impl Participant {
     }
 }
 
-/// One replica's ports: the app's, and its sidecar's listeners.
-#[derive(Clone, Copy)]
+/// One replica's ports: the app's, and its sidecar's listeners; its pod.
+#[derive(Clone)]
 struct Pod {
     port: u16,
     inbound: u16,
     outbound: Option<u16>,
+    netns: Option<String>,
+}
+
+impl Pod {
+    /// Moves the calling thread into this replica's pod (if it has one).
+    fn enter(&self) {
+        if let Some(ns) = &self.netns {
+            if let Err(e) = txmesh_tests::netns::enter_ns(ns) {
+                eprintln!("cannot enter network namespace {ns}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
 }
 
 fn usage() -> ! {
@@ -111,6 +127,10 @@ fn usage() -> ! {
 }
 
 fn parse_pod(s: &str) -> Option<Pod> {
+    let (s, netns) = match s.split_once('@') {
+        Some((ports, ns)) => (ports, Some(ns.to_string())),
+        None => (s, None),
+    };
     let mut it = s.split(':').map(str::parse::<u16>);
     let port = it.next()?.ok()?;
     let inbound = it.next()?.ok()?;
@@ -122,6 +142,7 @@ fn parse_pod(s: &str) -> Option<Pod> {
         port,
         inbound,
         outbound,
+        netns,
     })
 }
 
@@ -156,12 +177,17 @@ fn main() {
     });
     p.append(serde_json::json!({"op": "start", "txn": null}));
 
+    // Handlers run on a shared thread pool: each enters its replica's pod
+    // first, so that its calls (and its client's connections) are the pod's.
     let _servers: Vec<Upstream> = pods
         .iter()
         .map(|pod| {
             let (handler_p, downstream, outbound) = (p.clone(), downstream.clone(), pod.outbound);
             let client = Client::new();
+            let here = pod.clone();
+            pod.enter(); // the listener is bound in the pod
             Upstream::with_on(pod.port, move |r: &Recorded| {
+                here.enter();
                 handle(&handler_p, r, outbound, &downstream, &client)
             })
         })
@@ -169,7 +195,7 @@ fn main() {
 
     // Recovery: ask a sidecar about every transaction held prepared (each
     // replica's in turn: one may be stopped).
-    let client = Client::new();
+    let clients: Vec<Client> = pods.iter().map(|_| Client::new()).collect();
     for round in 0usize.. {
         let undecided: Vec<(String, Option<String>)> = p
             .txns
@@ -179,7 +205,9 @@ fn main() {
             .filter(|(_, t)| t.vote.as_deref() == Some("commit") && t.outcome.is_none())
             .map(|(id, t)| (id.clone(), t.deadline.clone()))
             .collect();
-        let inbound = pods[round % pods.len()].inbound;
+        let (pod, client) = (&pods[round % pods.len()], &clients[round % pods.len()]);
+        pod.enter();
+        let inbound = pod.inbound;
         for (txn, deadline) in undecided {
             let url = format!("http://127.0.0.1:{inbound}/txmesh/txns/{txn}");
             let mut headers = vec![];
