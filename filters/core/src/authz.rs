@@ -10,12 +10,22 @@
 //! the control prefix) so that no spelling of a control path slips through.
 
 use crate::config::{parse_json, ConfigError};
-use crate::host::{HostError, MetricKind, Metrics, Properties, RequestHeaders};
+use crate::host::{Family, HostError, Label, MetricKind, Metrics, Properties, RequestHeaders};
 use crate::json::Obj;
-use crate::labels::{encode, is_clean_value, AUTHZ_LABELS};
+use crate::labels::{is_clean_value, AUTHZ_LABELS};
 use serde::Deserialize;
 
 pub const DECISIONS_TOTAL: &str = "txmesh_authz_decisions_total";
+
+/// `txmesh_authz_decisions_total{decision, rule}`.
+pub static DECISIONS: Family = Family::new(
+    MetricKind::Counter,
+    DECISIONS_TOTAL,
+    &[Label::named(AUTHZ_LABELS[0]), Label::named(AUTHZ_LABELS[1])],
+);
+
+/// The authz filter's stat families.
+pub static FAMILIES: [&Family; 1] = [&DECISIONS];
 /// The principal of a request without a (verified) peer certificate.
 pub const ANONYMOUS: &str = "anonymous";
 /// The transaction control endpoints.
@@ -458,11 +468,8 @@ impl AuthzEngine {
         let mut stats = Vec::new();
         for r in rules {
             for a in [Action::Allow, Action::Deny] {
-                let name = encode(
-                    &[(AUTHZ_LABELS[0], a.as_str()), (AUTHZ_LABELS[1], &r)],
-                    DECISIONS_TOTAL,
-                );
-                stats.push((r.clone(), a, m.define_metric(MetricKind::Counter, &name)?));
+                let id = m.define_metric(&DECISIONS, &[a.as_str(), &r])?;
+                stats.push((r.clone(), a, id));
             }
         }
         Ok(Self { cfg, stats })

@@ -21,11 +21,60 @@ impl std::fmt::Display for HostError {
     }
 }
 
+/// A stat label: its Prometheus name, and the key that carries it inside a
+/// wasm stat name (`labels::encode`; the bootstrap's `stats_tags` turn it
+/// back into a tag). The router's keys are prefixed so that `service=` does
+/// not also match inside `destination_service=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Label {
+    pub name: &'static str,
+    pub key: &'static str,
+}
+
+impl Label {
+    /// A label whose wasm key is its name.
+    pub const fn named(name: &'static str) -> Self {
+        Label { name, key: name }
+    }
+}
+
+/// A family of stats: one name and kind, a fixed list of labels. Each
+/// filter declares its families once; a host defines a stat of a family for
+/// given label values. The wasm host encodes the values into the stat name;
+/// a native host defines every family with its label names when the filter
+/// config is created (Envoy freezes definitions after that) and records with
+/// the values as real tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Family {
+    pub kind: MetricKind,
+    pub name: &'static str,
+    pub labels: &'static [Label],
+}
+
+impl Family {
+    pub const fn new(kind: MetricKind, name: &'static str, labels: &'static [Label]) -> Self {
+        Family { kind, name, labels }
+    }
+
+    /// The wasm stat name of the stat with these label values (Istio's
+    /// `key=.=value;.;` encoding; values must be sanitized).
+    pub fn encoded(&self, values: &[&str]) -> String {
+        let pairs: Vec<(&str, &str)> = self
+            .labels
+            .iter()
+            .zip(values)
+            .map(|(l, v)| (l.key, *v))
+            .collect();
+        crate::labels::encode(&pairs, self.name)
+    }
+}
+
 /// Envoy stats defined by the plugin.
 pub trait Metrics {
-    /// Defines (or looks up) a stat by its full name. Costly in Envoy (takes the
-    /// symbol-table lock): call once per name and cache the id.
-    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError>;
+    /// Defines (or looks up) the stat of `family` with these label values
+    /// (one per label, in the family's order). Costly in Envoy (the wasm host
+    /// takes the symbol-table lock): call once per value tuple and cache the id.
+    fn define_metric(&self, family: &'static Family, values: &[&str]) -> Result<u32, HostError>;
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError>;
     fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError>;
 }
@@ -271,7 +320,13 @@ pub mod fake {
     }
 
     impl Metrics for FakeHost {
-        fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        fn define_metric(
+            &self,
+            family: &'static Family,
+            values: &[&str],
+        ) -> Result<u32, HostError> {
+            let (kind, name) = (family.kind, family.encoded(values));
+            let name = name.as_str();
             *self.define_calls.borrow_mut() += 1;
             let mut ids = self.metric_ids.borrow_mut();
             let next = ids.len() as u32 + 1;

@@ -14,7 +14,8 @@
 use crate::config::{parse_json, ConfigError};
 use crate::flags;
 use crate::host::{
-    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Clock, Family, HostError, Label, MetricKind, Metrics, Properties, RequestHeaders, SharedData,
+    SharedSetError,
 };
 use crate::labels::{encode, is_clean_value, sanitize_value};
 use crate::props;
@@ -36,6 +37,34 @@ pub const LABELS: [&str; 7] = [
     "response_flags",
     "request_protocol",
     "grpc_response_status",
+];
+
+/// The labels of every per-request stat (Istio's, in [`LABELS`] order).
+pub const REQUEST_LABELS: [Label; 7] = [
+    Label::named(LABELS[0]),
+    Label::named(LABELS[1]),
+    Label::named(LABELS[2]),
+    Label::named(LABELS[3]),
+    Label::named(LABELS[4]),
+    Label::named(LABELS[5]),
+    Label::named(LABELS[6]),
+];
+
+pub static REQUESTS: Family = Family::new(MetricKind::Counter, REQUESTS_TOTAL, &REQUEST_LABELS);
+pub static DURATION: Family = Family::new(MetricKind::Histogram, REQUEST_DURATION, &REQUEST_LABELS);
+pub static REQUEST_SIZE: Family =
+    Family::new(MetricKind::Histogram, REQUEST_BYTES, &REQUEST_LABELS);
+pub static RESPONSE_SIZE: Family =
+    Family::new(MetricKind::Histogram, RESPONSE_BYTES, &REQUEST_LABELS);
+pub static OVERFLOW: Family = Family::new(MetricKind::Counter, OVERFLOW_TOTAL, &[]);
+
+/// The metrics filter's stat families.
+pub static FAMILIES: [&Family; 5] = [
+    &REQUESTS,
+    &DURATION,
+    &REQUEST_SIZE,
+    &RESPONSE_SIZE,
+    &OVERFLOW,
 ];
 
 /// Header by which an outbound sidecar tells the inbound sidecar who is
@@ -176,36 +205,42 @@ pub struct Observation {
 }
 
 impl Observation {
-    fn tuple_key(&self) -> String {
-        let code = self.response_code.to_string();
-        encode(
-            &[
-                ("reporter", self.reporter.as_str()),
-                ("source_workload", &self.source_workload),
-                ("destination_service", &self.destination_service),
-                ("response_code", &code),
-                ("response_flags", &self.response_flags),
-                ("request_protocol", self.request_protocol),
-                ("grpc_response_status", &self.grpc_response_status),
-            ],
-            "",
-        )
+    /// The label values, in [`LABELS`] order.
+    fn label_values(&self) -> [String; 7] {
+        [
+            self.reporter.as_str().to_string(),
+            self.source_workload.clone(),
+            self.destination_service.clone(),
+            self.response_code.to_string(),
+            self.response_flags.clone(),
+            self.request_protocol.to_string(),
+            self.grpc_response_status.clone(),
+        ]
     }
 }
 
-fn overflow_key(reporter: Reporter) -> String {
-    encode(
-        &[
-            ("reporter", reporter.as_str()),
-            ("source_workload", "other"),
-            ("destination_service", "other"),
-            ("response_code", "other"),
-            ("response_flags", "other"),
-            ("request_protocol", "other"),
-            ("grpc_response_status", "other"),
-        ],
-        "",
-    )
+/// A tuple's key (its labels encoded): the id cache's and shared data's key.
+fn tuple_key(values: &[String; 7]) -> String {
+    let pairs: Vec<(&str, &str)> = LABELS
+        .iter()
+        .zip(values)
+        .map(|(l, v)| (*l, v.as_str()))
+        .collect();
+    encode(&pairs, "")
+}
+
+/// The overflow tuple's label values: every label but `reporter` is `other`.
+fn overflow_values(reporter: Reporter) -> [String; 7] {
+    let other = || "other".to_string();
+    [
+        reporter.as_str().to_string(),
+        other(),
+        other(),
+        other(),
+        other(),
+        other(),
+        other(),
+    ]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,13 +252,13 @@ struct TupleIds {
 }
 
 impl TupleIds {
-    fn define(host: &impl Metrics, prefix: &str) -> Result<Self, HostError> {
-        let name = |m: &str| format!("{prefix}{m}");
+    fn define(host: &impl Metrics, values: &[String; 7]) -> Result<Self, HostError> {
+        let v: Vec<&str> = values.iter().map(String::as_str).collect();
         Ok(Self {
-            requests: host.define_metric(MetricKind::Counter, &name(REQUESTS_TOTAL))?,
-            duration: host.define_metric(MetricKind::Histogram, &name(REQUEST_DURATION))?,
-            request_bytes: host.define_metric(MetricKind::Histogram, &name(REQUEST_BYTES))?,
-            response_bytes: host.define_metric(MetricKind::Histogram, &name(RESPONSE_BYTES))?,
+            requests: host.define_metric(&REQUESTS, &v)?,
+            duration: host.define_metric(&DURATION, &v)?,
+            request_bytes: host.define_metric(&REQUEST_SIZE, &v)?,
+            response_bytes: host.define_metric(&RESPONSE_SIZE, &v)?,
         })
     }
 }
@@ -253,7 +288,7 @@ impl MetricsEngine {
                 .map(|b| sanitize_value(&b))
                 .unwrap_or_else(|| "unknown".to_string()),
         };
-        let overflow_counter = host.define_metric(MetricKind::Counter, OVERFLOW_TOTAL)?;
+        let overflow_counter = host.define_metric(&OVERFLOW, &[])?;
         Ok(Self {
             config,
             workload,
@@ -294,8 +329,9 @@ impl MetricsEngine {
         host: &(impl Metrics + SharedData),
         obs: &Observation,
     ) -> Result<bool, HostError> {
-        let key = obs.tuple_key();
-        let (ids, overflowed) = match self.lookup(host, &key)? {
+        let values = obs.label_values();
+        let key = tuple_key(&values);
+        let (ids, overflowed) = match self.lookup(host, &key, &values)? {
             Some(ids) => (ids, false),
             None => (self.overflow_ids(host, obs.reporter)?, true),
         };
@@ -321,7 +357,7 @@ impl MetricsEngine {
         if let Some(ids) = slot {
             return Ok(*ids);
         }
-        let ids = TupleIds::define(host, &overflow_key(reporter))?;
+        let ids = TupleIds::define(host, &overflow_values(reporter))?;
         *slot = Some(ids);
         Ok(ids)
     }
@@ -331,6 +367,7 @@ impl MetricsEngine {
         &mut self,
         host: &(impl Metrics + SharedData),
         key: &str,
+        values: &[String; 7],
     ) -> Result<Option<TupleIds>, HostError> {
         if let Some(hit) = self.tuples.get(key) {
             return Ok(*hit);
@@ -338,7 +375,7 @@ impl MetricsEngine {
         let max = self.config.max_label_tuples;
         let admitted = admit(host, key, max);
         let ids = if admitted {
-            Some(TupleIds::define(host, key)?)
+            Some(TupleIds::define(host, values)?)
         } else {
             None
         };

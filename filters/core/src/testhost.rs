@@ -5,8 +5,8 @@
 
 use crate::host::fake::FakeHost;
 use crate::host::{
-    Callout, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
-    RequestHeaders, ResponsePart, SharedData, SharedSetError,
+    Callout, Clock, Family, FilterHost, HostError, LogLevel, Metrics, Properties, RequestHeaders,
+    ResponsePart, SharedData, SharedSetError,
 };
 use std::cell::{Cell, RefCell};
 
@@ -41,8 +41,8 @@ impl SharedData for Host {
     }
 }
 impl Metrics for Host {
-    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
-        self.base.define_metric(kind, name)
+    fn define_metric(&self, family: &'static Family, values: &[&str]) -> Result<u32, HostError> {
+        self.base.define_metric(family, values)
     }
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
         self.base.increment_metric(id, delta)

@@ -10,7 +10,7 @@ pub mod raw;
 pub mod rt;
 
 use txmesh_core::host::{
-    Callout, CalloutResponse, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics,
+    Callout, CalloutResponse, Clock, Family, FilterHost, HostError, LogLevel, MetricKind, Metrics,
     Properties, RequestHeaders, ResponsePart, SharedData, SharedSetError, Verdict,
 };
 
@@ -199,13 +199,16 @@ pub fn callout_response(num_headers: usize, body_size: usize) -> CalloutResponse
 }
 
 impl Metrics for WasmHost {
-    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
-        let t = match kind {
+    /// Labels go into the stat name (Istio's encoding); the bootstrap's
+    /// `stats_tags` turn them into tags.
+    fn define_metric(&self, family: &'static Family, values: &[&str]) -> Result<u32, HostError> {
+        let t = match family.kind {
             MetricKind::Counter => 0,
             MetricKind::Gauge => 1,
             MetricKind::Histogram => 2,
         };
-        raw::define_metric(t, name)
+        let name = family.encoded(values);
+        raw::define_metric(t, &name)
             .map_err(|s| HostError(format!("define_metric {name}: status {s}")))
     }
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {

@@ -18,7 +18,7 @@
 use serde::Deserialize;
 use std::cell::RefCell;
 use txmesh_core::host::{
-    Clock, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
+    Clock, Family, HostError, Metrics, Properties, RequestHeaders, SharedData, SharedSetError,
 };
 use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
 use txmesh_host::raw;
@@ -28,7 +28,7 @@ use txmesh_host::raw;
 struct Instant;
 
 impl Metrics for Instant {
-    fn define_metric(&self, _: MetricKind, _: &str) -> Result<u32, HostError> {
+    fn define_metric(&self, _: &'static Family, _: &[&str]) -> Result<u32, HostError> {
         Ok(1)
     }
     fn increment_metric(&self, _: u32, _: i64) -> Result<(), HostError> {

@@ -19,10 +19,11 @@ use super::balance::{
 use super::config::{RouterConfig, ServiceConfig, ServiceFrom, Strategy};
 use super::registry::{parse_record, Table};
 use crate::host::{
-    Callout, CalloutResponse, FilterHost as Host, LogLevel, MetricKind, SharedSetError, Verdict,
+    Callout, CalloutResponse, Family, FilterHost as Host, Label, LogLevel, MetricKind,
+    SharedSetError, Verdict,
 };
 use crate::json::Obj;
-use crate::labels::{encode, sanitize_value};
+use crate::labels::sanitize_value;
 use crate::props;
 use crate::txn::etcd::{parse_range_kvs, range_prefix_body};
 
@@ -44,9 +45,46 @@ pub const REGISTRY_UPDATES_TOTAL: &str = "txmesh_router_registry_updates_total";
 /// Prometheus label each becomes (`stats_tags`). Not `service=`: that would
 /// also match inside the metrics filter's `destination_service=`.
 pub const LABEL_KEYS: [(&str, &str); 3] = [
-    ("service", "router_service"),
-    ("endpoint", "router_endpoint"),
-    ("zone", "router_zone"),
+    (SERVICE.name, SERVICE.key),
+    (ENDPOINT.name, ENDPOINT.key),
+    (ZONE.name, ZONE.key),
+];
+
+const SERVICE: Label = Label {
+    name: "service",
+    key: "router_service",
+};
+const ENDPOINT: Label = Label {
+    name: "endpoint",
+    key: "router_endpoint",
+};
+const ZONE: Label = Label {
+    name: "zone",
+    key: "router_zone",
+};
+
+const PER_ENDPOINT: &[Label] = &[SERVICE, ENDPOINT, ZONE];
+pub static PICKS: Family = Family::new(MetricKind::Counter, PICKS_TOTAL, PER_ENDPOINT);
+pub static REQUESTS: Family = Family::new(MetricKind::Counter, REQUESTS_TOTAL, PER_ENDPOINT);
+pub static ERRORS: Family = Family::new(MetricKind::Counter, ERRORS_TOTAL, PER_ENDPOINT);
+pub static EJECTIONS: Family = Family::new(MetricKind::Counter, EJECTIONS_TOTAL, PER_ENDPOINT);
+pub static EWMA: Family = Family::new(MetricKind::Gauge, EWMA_GAUGE, PER_ENDPOINT);
+pub static ENDPOINTS: Family = Family::new(MetricKind::Gauge, ENDPOINTS_GAUGE, &[SERVICE]);
+pub static NO_ENDPOINT: Family = Family::new(MetricKind::Counter, NO_ENDPOINT_TOTAL, &[SERVICE]);
+pub static REGISTRY_ERRORS: Family = Family::new(MetricKind::Counter, REGISTRY_ERRORS_TOTAL, &[]);
+pub static REGISTRY_UPDATES: Family = Family::new(MetricKind::Counter, REGISTRY_UPDATES_TOTAL, &[]);
+
+/// The router's stat families.
+pub static FAMILIES: [&Family; 9] = [
+    &PICKS,
+    &REQUESTS,
+    &ERRORS,
+    &EJECTIONS,
+    &EWMA,
+    &ENDPOINTS,
+    &NO_ENDPOINT,
+    &REGISTRY_ERRORS,
+    &REGISTRY_UPDATES,
 ];
 
 /// Response flags that mean the endpoint could not be reached or failed the
@@ -157,25 +195,14 @@ fn slot_key(key_slot: &str, slot: u32) -> String {
     format!("{key_slot}{slot}")
 }
 
-fn metric_name(pairs: &[(&str, &str)], metric: &str) -> String {
-    let keyed: Vec<(&str, &str)> = pairs
-        .iter()
-        .map(|(label, v)| {
-            let key = LABEL_KEYS
-                .iter()
-                .find(|(l, _)| l == label)
-                .map_or(*label, |(_, k)| *k);
-            (key, *v)
-        })
-        .collect();
-    encode(&keyed, metric)
-}
-
-fn define(h: &impl Host, kind: MetricKind, name: &str) -> Option<u32> {
-    match h.define_metric(kind, name) {
+fn define(h: &impl Host, family: &'static Family, values: &[&str]) -> Option<u32> {
+    match h.define_metric(family, values) {
         Ok(id) => Some(id),
         Err(e) => {
-            h.log(LogLevel::Warn, &format!("cannot define {name}: {e}"));
+            h.log(
+                LogLevel::Warn,
+                &format!("cannot define {}: {e}", family.name),
+            );
             None
         }
     }
@@ -311,12 +338,12 @@ impl RouterEngine {
 
     /// Defines the per-service and global stats (once, at configure time).
     pub fn define_metrics(&mut self, h: &impl Host) {
-        self.g.registry_errors = define(h, MetricKind::Counter, REGISTRY_ERRORS_TOTAL);
-        self.g.registry_updates = define(h, MetricKind::Counter, REGISTRY_UPDATES_TOTAL);
+        self.g.registry_errors = define(h, &REGISTRY_ERRORS, &[]);
+        self.g.registry_updates = define(h, &REGISTRY_UPDATES, &[]);
         for s in &mut self.services {
-            let l = [("service", s.name.as_str())];
-            s.no_endpoint = define(h, MetricKind::Counter, &metric_name(&l, NO_ENDPOINT_TOTAL));
-            s.endpoints_gauge = define(h, MetricKind::Gauge, &metric_name(&l, ENDPOINTS_GAUGE));
+            let l = [s.name.as_str()];
+            s.no_endpoint = define(h, &NO_ENDPOINT, &l);
+            s.endpoints_gauge = define(h, &ENDPOINTS, &l);
         }
     }
 
@@ -540,21 +567,13 @@ impl RouterEngine {
                 );
                 let m = old.map(|o| o.m).unwrap_or_else(|| {
                     let zone = if e.zone.is_empty() { "none" } else { &e.zone };
-                    let l = [
-                        ("service", s.name.as_str()),
-                        ("endpoint", e.address.as_str()),
-                        ("zone", zone),
-                    ];
+                    let l = [s.name.as_str(), e.address.as_str(), zone];
                     EpMetrics {
-                        picks: define(h, MetricKind::Counter, &metric_name(&l, PICKS_TOTAL)),
-                        requests: define(h, MetricKind::Counter, &metric_name(&l, REQUESTS_TOTAL)),
-                        errors: define(h, MetricKind::Counter, &metric_name(&l, ERRORS_TOTAL)),
-                        ejections: define(
-                            h,
-                            MetricKind::Counter,
-                            &metric_name(&l, EJECTIONS_TOTAL),
-                        ),
-                        ewma: define(h, MetricKind::Gauge, &metric_name(&l, EWMA_GAUGE)),
+                        picks: define(h, &PICKS, &l),
+                        requests: define(h, &REQUESTS, &l),
+                        errors: define(h, &ERRORS, &l),
+                        ejections: define(h, &EJECTIONS, &l),
+                        ewma: define(h, &EWMA, &l),
                     }
                 });
                 eps.push(Ep {

@@ -29,7 +29,6 @@ use crate::host::{
     Callout, CalloutResponse, FilterHost, GrpcMethod, LogLevel, MetricKind, ResponsePart, Verdict,
 };
 use crate::json::Obj;
-use crate::labels::encode;
 use effect::{Answer, Call, Effect, OpEvent, Step};
 use phase2::Job;
 use root::RootOp;
@@ -712,6 +711,8 @@ impl TxnEngine {
 mod admission;
 mod effect;
 mod observe;
+/// The txn filter's stat families (a native host defines them up front).
+pub use observe::FAMILIES;
 mod phase2;
 mod record;
 mod recovery;

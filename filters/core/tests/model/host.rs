@@ -6,8 +6,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use txmesh_core::host::{
-    Callout, Clock, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
-    RequestHeaders, ResponsePart, SharedData, SharedSetError,
+    Callout, Clock, Family, FilterHost, HostError, LogLevel, Metrics, Properties, RequestHeaders,
+    ResponsePart, SharedData, SharedSetError,
 };
 
 /// What one callback asked the host to do, in order.
@@ -107,8 +107,8 @@ impl SharedData for ModelHost {
 }
 
 impl Metrics for ModelHost {
-    fn define_metric(&self, _kind: MetricKind, name: &str) -> Result<u32, HostError> {
-        Ok(cas_of(name.as_bytes()))
+    fn define_metric(&self, family: &'static Family, values: &[&str]) -> Result<u32, HostError> {
+        Ok(cas_of(family.encoded(values).as_bytes()))
     }
     fn increment_metric(&self, _id: u32, _delta: i64) -> Result<(), HostError> {
         Ok(())

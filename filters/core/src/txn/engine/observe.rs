@@ -1,7 +1,36 @@
 //! The transaction metrics (the decision log line is built by the root, see root.rs).
 
 use super::*;
+use crate::host::{Family, Label};
 use crate::labels::TXN_LABELS;
+
+const OUTCOME: Label = Label::named(TXN_LABELS[0]);
+const REASON: Label = Label::named(TXN_LABELS[1]);
+
+pub static DURATION: Family = Family::new(
+    MetricKind::Histogram,
+    "txmesh_txn_duration_milliseconds",
+    &[OUTCOME],
+);
+pub static PARTICIPANTS: Family =
+    Family::new(MetricKind::Histogram, "txmesh_txn_participants", &[]);
+pub static TOTAL: Family = Family::new(MetricKind::Counter, "txmesh_txn_total", &[OUTCOME, REASON]);
+pub static IN_FLIGHT: Family = Family::new(MetricKind::Gauge, "txmesh_txn_in_flight", &[]);
+pub static IN_DOUBT: Family = Family::new(MetricKind::Gauge, "txmesh_txn_in_doubt", &[]);
+pub static STUCK: Family = Family::new(MetricKind::Gauge, "txmesh_txn_phase2_stuck", &[]);
+pub static INTERNAL_ERRORS: Family =
+    Family::new(MetricKind::Counter, "txmesh_txn_internal_errors_total", &[]);
+
+/// The txn filter's stat families.
+pub static FAMILIES: [&Family; 7] = [
+    &DURATION,
+    &PARTICIPANTS,
+    &TOTAL,
+    &IN_FLIGHT,
+    &IN_DOUBT,
+    &STUCK,
+    &INTERNAL_ERRORS,
+];
 
 impl TxnEngine {
     /// A root decided: how long it took and how many took part.
@@ -16,8 +45,7 @@ impl TxnEngine {
         let id = match self.metrics.duration.get(o) {
             Some(id) => Some(*id),
             None => {
-                let name = encode(&[(TXN_LABELS[0], o)], "txmesh_txn_duration_milliseconds");
-                let id = h.define_metric(MetricKind::Histogram, &name).ok();
+                let id = h.define_metric(&DURATION, &[o]).ok();
                 if let Some(id) = id {
                     self.metrics.duration.insert(o, id);
                 }
@@ -28,9 +56,7 @@ impl TxnEngine {
             let _ = h.record_metric(id, duration_ms);
         }
         if self.metrics.participants.is_none() {
-            self.metrics.participants = h
-                .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
-                .ok();
+            self.metrics.participants = h.define_metric(&PARTICIPANTS, &[]).ok();
         }
         if let Some(id) = self.metrics.participants {
             let _ = h.record_metric(id, participants);
@@ -49,11 +75,7 @@ impl TxnEngine {
         let id = match self.metrics.total.get(&(o, r)) {
             Some(id) => Some(*id),
             None => {
-                let name = encode(
-                    &[(TXN_LABELS[0], o), (TXN_LABELS[1], r)],
-                    "txmesh_txn_total",
-                );
-                let id = h.define_metric(MetricKind::Counter, &name).ok();
+                let id = h.define_metric(&TOTAL, &[o, r]).ok();
                 if let Some(id) = id {
                     self.metrics.total.insert((o, r), id);
                 }
@@ -67,9 +89,7 @@ impl TxnEngine {
 
     pub(super) fn gauge_in_flight(&mut self, h: &impl FilterHost, delta: i64) {
         if self.metrics.in_flight.is_none() {
-            self.metrics.in_flight = h
-                .define_metric(MetricKind::Gauge, "txmesh_txn_in_flight")
-                .ok();
+            self.metrics.in_flight = h.define_metric(&IN_FLIGHT, &[]).ok();
         }
         if let Some(id) = self.metrics.in_flight {
             let _ = h.increment_metric(id, delta);
@@ -77,25 +97,13 @@ impl TxnEngine {
     }
 
     pub(super) fn gauge(&mut self, h: &impl FilterHost, which: Gauge, delta: i64) {
-        let (slot, kind, name) = match which {
-            Gauge::InDoubt => (
-                &mut self.metrics.in_doubt,
-                MetricKind::Gauge,
-                "txmesh_txn_in_doubt",
-            ),
-            Gauge::Stuck => (
-                &mut self.metrics.stuck,
-                MetricKind::Gauge,
-                "txmesh_txn_phase2_stuck",
-            ),
-            Gauge::InternalErrors => (
-                &mut self.metrics.internal_errors,
-                MetricKind::Counter,
-                "txmesh_txn_internal_errors_total",
-            ),
+        let (slot, family) = match which {
+            Gauge::InDoubt => (&mut self.metrics.in_doubt, &IN_DOUBT),
+            Gauge::Stuck => (&mut self.metrics.stuck, &STUCK),
+            Gauge::InternalErrors => (&mut self.metrics.internal_errors, &INTERNAL_ERRORS),
         };
         if slot.is_none() {
-            *slot = h.define_metric(kind, name).ok();
+            *slot = h.define_metric(family, &[]).ok();
         }
         if let Some(id) = *slot {
             let _ = h.increment_metric(id, delta);
@@ -109,9 +117,7 @@ impl TxnEngine {
         self.gauge(h, Gauge::Stuck, 0);
         self.gauge(h, Gauge::InternalErrors, 0);
         if self.metrics.participants.is_none() {
-            self.metrics.participants = h
-                .define_metric(MetricKind::Histogram, "txmesh_txn_participants")
-                .ok();
+            self.metrics.participants = h.define_metric(&PARTICIPANTS, &[]).ok();
         }
     }
 }
