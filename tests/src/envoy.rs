@@ -106,9 +106,34 @@ impl Filter {
         Self::wasm("txmesh_router", config)
     }
 
-    /// Authorization (fails closed).
+    /// Authorization (fails closed), on the host this run tests
+    /// ([`FilterHost::current`]).
     pub fn authz(config: Value) -> Self {
-        Self::wasm("txmesh_authz", config)
+        match FilterHost::current() {
+            FilterHost::Wasm => Self::wasm("txmesh_authz", config),
+            FilterHost::Native => Self::native("authz", config),
+        }
+    }
+
+    /// A filter of the native module (`libtxmesh.so`, Envoy's
+    /// `DynamicModuleFilter`) with the same JSON config as its wasm twin.
+    pub fn native(filter_name: &str, config: Value) -> Self {
+        let config_str = match &config {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Filter(json!({
+            "name": "envoy.filters.http.dynamic_modules",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                "dynamic_module_config": {"name": "txmesh", "metrics_namespace": "txmesh"},
+                "filter_name": filter_name,
+                "filter_config": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": config_str,
+                },
+            }
+        }))
     }
 
     /// The transaction filter (fails closed).
@@ -136,6 +161,32 @@ impl Filter {
         }
         self
     }
+}
+
+/// Which build of txmesh's filters a test run uses for the filters that
+/// have both (authz today): `TXMESH_HOST=native` selects the dynamic module
+/// (`make test` runs those suites once per host); default wasm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterHost {
+    Wasm,
+    Native,
+}
+
+impl FilterHost {
+    pub fn current() -> Self {
+        match std::env::var("TXMESH_HOST").as_deref() {
+            Ok("native") => FilterHost::Native,
+            _ => FilterHost::Wasm,
+        }
+    }
+}
+
+/// Runtime flags every txmesh bootstrap sets: the native module's stats
+/// without Envoy's `envoy_<namespace>_` prefix (named as the wasm filters').
+pub fn runtime_layer() -> Value {
+    json!({"layers": [{"name": "static", "static_layer": {
+        "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix": true
+    }}]})
 }
 
 /// Builder of a sidecar Envoy.
@@ -388,6 +439,7 @@ impl Sidecar {
                      "metadata": {"WORKLOAD_NAME": self.workload}},
             "admin": {"address": sock(bind, ports.admin)},
             "stats_flush_on_admin": true,
+            "layered_runtime": runtime_layer(),
             "stats_config": {"stats_tags": stats_tags},
             "static_resources": {"listeners": listeners, "clusters": clusters},
         })
@@ -508,6 +560,8 @@ impl Envoy {
             Some(p) => p.command(crate::envoy_bin()),
             None => Command::new(crate::envoy_bin()),
         };
+        // Where Envoy finds libtxmesh.so (`dynamic_module_config.name`).
+        cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", crate::native_dir());
         cmd.arg("-c")
             .arg(cfg)
             .args(["--base-id", &ports.admin.to_string()])

@@ -48,6 +48,22 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// Where `make build-native` puts libtxmesh.so (profile `native`).
+pub fn native_dir() -> PathBuf {
+    target_dir().join("native")
+}
+
+/// The native module; panics with the command to run when it is missing.
+pub fn native_module() -> PathBuf {
+    let p = native_dir().join("libtxmesh.so");
+    assert!(
+        p.exists(),
+        "{} is missing: run `make build-native` (or `make test`, which builds it) first",
+        p.display()
+    );
+    p
+}
+
 /// Path of a release wasm artifact, e.g. `wasm("txmesh_metrics")`. Panics
 /// with the command to run when it has not been built. `TXMESH_WASM_DIR`
 /// points at another build (a txn filter with a seeded bug compiled in:

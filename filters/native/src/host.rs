@@ -1,0 +1,324 @@
+//! txmesh-core's host traits on the dynamic-modules ABI.
+
+use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer};
+use std::cell::RefCell;
+use txmesh_core::host::{Family, HostError, MetricKind, Metrics, Properties, RequestHeaders};
+
+/// Logs through Envoy (its `dynamic_modules` logger).
+pub fn log(level: u32, msg: &str) {
+    // SAFETY: a module buffer valid for the call.
+    unsafe { abi::envoy_dynamic_module_callback_log(level, ModuleBuffer::of(msg.as_bytes())) }
+}
+
+/// A local reply on the stream.
+pub fn send_response(f: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+    let hs: Vec<abi::ModuleHttpHeader> = headers
+        .iter()
+        .map(|(k, v)| abi::ModuleHttpHeader {
+            key_ptr: k.as_ptr(),
+            key_len: k.len(),
+            value_ptr: v.as_ptr(),
+            value_len: v.len(),
+        })
+        .collect();
+    // SAFETY: every buffer lives until the call returns.
+    unsafe {
+        abi::envoy_dynamic_module_callback_http_send_response(
+            f,
+            status,
+            hs.as_ptr(),
+            hs.len(),
+            ModuleBuffer::of(body),
+            ModuleBuffer::of(b"txmesh"),
+        )
+    }
+}
+
+/// A denied request's answer: 403 with the JSON body, or for a gRPC
+/// request a trailers-only `grpc-status: 7` (PERMISSION_DENIED), as Envoy
+/// turns the wasm filter's local reply into for gRPC clients.
+pub fn deny(f: FilterEnvoyPtr, body: &[u8]) {
+    let grpc = request_header(f, b"content-type").is_some_and(|ct| txmesh_core::grpc::is_grpc(&ct));
+    if grpc {
+        send_response(
+            f,
+            200,
+            &[
+                ("content-type", "application/grpc"),
+                ("grpc-status", "7"),
+                ("grpc-message", "forbidden"),
+            ],
+            b"",
+        );
+    } else {
+        send_response(f, 403, &[("content-type", "application/json")], body);
+    }
+}
+
+/// The first value of request header `name`.
+fn request_header(f: FilterEnvoyPtr, name: &[u8]) -> Option<Vec<u8>> {
+    let mut out = EnvoyBuffer::EMPTY;
+    // SAFETY: `out` is written by Envoy; the key lives for the call.
+    let found = unsafe {
+        abi::envoy_dynamic_module_callback_http_get_header(
+            f,
+            abi::REQUEST_HEADERS,
+            ModuleBuffer::of(name),
+            &mut out,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    if !found || out.ptr.is_null() {
+        return None;
+    }
+    // SAFETY: Envoy's buffer, valid until the end of this hook; copied.
+    Some(unsafe { out.bytes() }.to_vec())
+}
+
+/// The stat families of one filter config and their Envoy ids, defined
+/// while the config is created (Envoy freezes definitions after it).
+pub struct Families(Vec<(&'static Family, usize)>);
+
+impl Families {
+    pub fn define(config: ConfigEnvoyPtr, families: &[&'static Family]) -> Result<Self, String> {
+        let mut out = Vec::with_capacity(families.len());
+        for f in families {
+            let names: Vec<ModuleBuffer> = f
+                .labels
+                .iter()
+                .map(|l| ModuleBuffer::of(l.name.as_bytes()))
+                .collect();
+            let name = ModuleBuffer::of(f.name.as_bytes());
+            let mut id = 0usize;
+            // SAFETY: buffers live until the call returns; `id` is written.
+            let r = unsafe {
+                match f.kind {
+                    MetricKind::Counter => {
+                        abi::envoy_dynamic_module_callback_http_filter_config_define_counter(
+                            config,
+                            name,
+                            names.as_ptr(),
+                            names.len(),
+                            &mut id,
+                        )
+                    }
+                    MetricKind::Gauge => {
+                        abi::envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                            config,
+                            name,
+                            names.as_ptr(),
+                            names.len(),
+                            &mut id,
+                        )
+                    }
+                    MetricKind::Histogram => {
+                        abi::envoy_dynamic_module_callback_http_filter_config_define_histogram(
+                            config,
+                            name,
+                            names.as_ptr(),
+                            names.len(),
+                            &mut id,
+                        )
+                    }
+                }
+            };
+            if r != abi::METRICS_SUCCESS {
+                return Err(format!("defining {} failed (result {r})", f.name));
+            }
+            out.push((*f, id));
+        }
+        Ok(Families(out))
+    }
+
+    /// The Envoy id of `family` (by identity: families are statics).
+    fn id(&self, family: &'static Family) -> Option<usize> {
+        self.0
+            .iter()
+            .find(|(f, _)| std::ptr::eq(*f, family))
+            .map(|(_, id)| *id)
+    }
+}
+
+/// A stat the engines defined: its family's Envoy id and label values.
+struct Stat {
+    kind: MetricKind,
+    envoy_id: usize,
+    values: Vec<String>,
+}
+
+thread_local! {
+    /// This worker's stats; an engine's stat id is an index here. Engines
+    /// define each value tuple once and cache the id (bounded by their own
+    /// bounds, e.g. the metrics filter's `max_label_tuples`).
+    static STATS: RefCell<Vec<Stat>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The host for one hook call on one stream.
+pub struct NativeHost<'a> {
+    filter: FilterEnvoyPtr,
+    families: &'a Families,
+}
+
+impl<'a> NativeHost<'a> {
+    pub fn new(filter: FilterEnvoyPtr, families: &'a Families) -> Self {
+        Self { filter, families }
+    }
+
+    fn record(&self, id: u32, value: u64, how: Record) -> Result<(), HostError> {
+        STATS.with(|stats| {
+            let stats = stats.borrow();
+            let Some(s) = stats.get(id as usize) else {
+                return Err(HostError(format!("no stat {id}")));
+            };
+            let values: Vec<ModuleBuffer> = s
+                .values
+                .iter()
+                .map(|v| ModuleBuffer::of(v.as_bytes()))
+                .collect();
+            let (p, n) = (values.as_ptr(), values.len());
+            // SAFETY: buffers live until the call returns.
+            let r = unsafe {
+                match (s.kind, how) {
+                    (MetricKind::Counter, Record::Add) => {
+                        abi::envoy_dynamic_module_callback_http_filter_increment_counter(
+                            self.filter,
+                            s.envoy_id,
+                            p,
+                            n,
+                            value,
+                        )
+                    }
+                    (MetricKind::Gauge, Record::Add) => {
+                        abi::envoy_dynamic_module_callback_http_filter_increment_gauge(
+                            self.filter,
+                            s.envoy_id,
+                            p,
+                            n,
+                            value,
+                        )
+                    }
+                    (MetricKind::Gauge, Record::Sub) => {
+                        abi::envoy_dynamic_module_callback_http_filter_decrement_gauge(
+                            self.filter,
+                            s.envoy_id,
+                            p,
+                            n,
+                            value,
+                        )
+                    }
+                    (MetricKind::Histogram, Record::Sample) => {
+                        abi::envoy_dynamic_module_callback_http_filter_record_histogram_value(
+                            self.filter,
+                            s.envoy_id,
+                            p,
+                            n,
+                            value,
+                        )
+                    }
+                    (MetricKind::Counter, Record::Sub | Record::Sample)
+                    | (MetricKind::Gauge, Record::Sample)
+                    | (MetricKind::Histogram, Record::Add | Record::Sub) => {
+                        return Err(HostError(format!("stat {id} cannot be recorded so")))
+                    }
+                }
+            };
+            match r {
+                abi::METRICS_SUCCESS => Ok(()),
+                other => Err(HostError(format!("recording stat {id}: result {other}"))),
+            }
+        })
+    }
+}
+
+/// How a value goes into a stat.
+#[derive(Clone, Copy)]
+enum Record {
+    Add,
+    Sub,
+    Sample,
+}
+
+impl Metrics for NativeHost<'_> {
+    fn define_metric(&self, family: &'static Family, values: &[&str]) -> Result<u32, HostError> {
+        let Some(envoy_id) = self.families.id(family) else {
+            return Err(HostError(format!(
+                "{} was not defined with the filter config",
+                family.name
+            )));
+        };
+        if values.len() != family.labels.len() {
+            return Err(HostError(format!(
+                "{}: {} label values for {} labels",
+                family.name,
+                values.len(),
+                family.labels.len()
+            )));
+        }
+        STATS.with(|stats| {
+            let mut stats = stats.borrow_mut();
+            let id = u32::try_from(stats.len()).map_err(|_| HostError("too many stats".into()))?;
+            stats.push(Stat {
+                kind: family.kind,
+                envoy_id,
+                values: values.iter().map(|v| v.to_string()).collect(),
+            });
+            Ok(id)
+        })
+    }
+
+    fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
+        match delta {
+            0 => Ok(()),
+            d if d > 0 => self.record(id, d.unsigned_abs(), Record::Add),
+            d => self.record(id, d.unsigned_abs(), Record::Sub),
+        }
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
+        self.record(id, value, Record::Sample)
+    }
+}
+
+impl RequestHeaders for NativeHost<'_> {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        request_header(self.filter, name.as_bytes())
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) {
+        let value = value.map_or(ModuleBuffer::NONE, |v| ModuleBuffer::of(v.as_bytes()));
+        // SAFETY: buffers live for the call; a null value removes the header.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_set_header(
+                self.filter,
+                abi::REQUEST_HEADERS,
+                ModuleBuffer::of(name.as_bytes()),
+                value,
+            );
+        }
+    }
+}
+
+impl Properties for NativeHost<'_> {
+    /// The attributes the native filters read, by Envoy's attribute id (the
+    /// ABI has no path lookup).
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let id = match path {
+            ["connection", "uri_san_peer_certificate"] => {
+                abi::ATTR_CONNECTION_URI_SAN_PEER_CERTIFICATE
+            }
+            _ => return None,
+        };
+        let mut out = EnvoyBuffer::EMPTY;
+        // SAFETY: `out` is written by Envoy.
+        let found = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.filter,
+                id,
+                &mut out,
+            )
+        };
+        // SAFETY: Envoy's buffer, valid until the end of this hook; copied.
+        found.then(|| unsafe { out.bytes() }.to_vec())
+    }
+}

@@ -1,0 +1,380 @@
+//! libtxmesh.so: txmesh-core's filters as an Envoy dynamic module (the
+//! native tier; docs/native.md). One module provides the filters, chosen by
+//! the `filter_name` of Envoy's `DynamicModuleFilter`; each takes exactly the
+//! JSON its wasm twin takes, parsed by the same parser in core.
+//!
+//! Threads: Envoy creates a filter config on the main thread and streams on
+//! its workers. The parsed config is shared (read-only); each worker builds
+//! its own engine from it on its first stream (engines keep per-worker
+//! caches, as the wasm filters keep one per VM), so no lock is taken per
+//! request.
+//!
+//! Never panics across the boundary: `panic = "abort"` in the native
+//! profile, and the workspace lints deny unwrap, expect and panic.
+
+pub mod abi;
+mod host;
+
+use abi::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr};
+use host::{Families, NativeHost};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+use txmesh_core::authz::{AuthzConfig, AuthzEngine, Verdict};
+use txmesh_core::host::Family;
+
+/// Which filter a config is.
+enum Kind {
+    Authz(AuthzConfig),
+}
+
+impl Kind {
+    fn families(&self) -> &'static [&'static Family] {
+        match self {
+            Kind::Authz(_) => &txmesh_core::authz::FAMILIES,
+        }
+    }
+}
+
+/// One filter config: what Envoy's `filter_name` and `filter_config` said,
+/// and the stat families defined for it.
+pub struct Config {
+    id: u64,
+    kind: Kind,
+    families: Families,
+}
+
+/// A worker's engine for one config.
+enum Engine {
+    Authz(AuthzEngine),
+}
+
+thread_local! {
+    /// This worker's engines, by config id (a config reload adds one; the
+    /// old one stays until the worker ends: bounded by reloads).
+    static ENGINES: RefCell<HashMap<u64, Engine>> = RefCell::new(HashMap::new());
+}
+
+/// Why a config was refused.
+fn refuse(filter_name: &str, why: &str) -> *const c_void {
+    host::log(
+        abi::LOG_ERROR,
+        &format!("txmesh native filter {filter_name:?}: {why}"),
+    );
+    std::ptr::null()
+}
+
+/// Whether the host is the Envoy these declarations match (a callback only
+/// it exports is there).
+fn host_matches() -> bool {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks
+    // the symbol up.
+    !unsafe { libc::dlsym(libc::RTLD_DEFAULT, abi::PROBE_SYMBOL.as_ptr()) }.is_null()
+}
+
+/// Checks the host's ABI before anything else runs: a module built for
+/// Envoy 1.40 refuses to load into another Envoy instead of crashing it.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    if host_matches() {
+        return abi::ABI_VERSION.as_ptr();
+    }
+    // Not this ABI: its log callback may differ too, so say it on stderr
+    // (Envoy's log goes there as well).
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "libtxmesh.so: this module is built for Envoy {} (dynamic-modules ABI {}); this Envoy lacks {} — refusing to load. Use the build for this Envoy, or the wasm filters.",
+        abi::ENVOY_VERSION,
+        abi::ABI_VERSION.to_string_lossy(),
+        abi::PROBE_SYMBOL.to_string_lossy(),
+    );
+    std::ptr::null()
+}
+
+/// A filter config: `name` is the `filter_name` (metrics, authz, router),
+/// `config` the `filter_config` string (the wasm filter's JSON).
+///
+/// # Safety
+/// Envoy passes buffers valid for the duration of the call.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    config_envoy: ConfigEnvoyPtr,
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> *const c_void {
+    // SAFETY: Envoy's buffers, valid during this call.
+    let (name, config) = unsafe { (name.bytes(), config.bytes()) };
+    let name = String::from_utf8_lossy(name).into_owned();
+    let kind = match name.as_str() {
+        "authz" => match AuthzConfig::parse(config) {
+            Ok(c) => Kind::Authz(c),
+            // Worded as the wasm filter's refusal.
+            Err(e) => return refuse(&name, &format!("invalid plugin configuration {e}")),
+        },
+        "metrics" | "router" => {
+            return refuse(
+                &name,
+                "not in this build of the native module yet (authz is); use the wasm filter",
+            )
+        }
+        other => {
+            return refuse(
+                other,
+                "unknown filter_name (the module provides \"authz\", \"metrics\", \"router\")",
+            )
+        }
+    };
+    let families = match Families::define(config_envoy, kind.families()) {
+        Ok(f) => f,
+        Err(e) => return refuse(&name, &format!("cannot define its metrics: {e}")),
+    };
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let cfg = Config {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        kind,
+        families,
+    };
+    host::log(
+        abi::LOG_INFO,
+        &format!("txmesh native filter {name:?} configured"),
+    );
+    Box::into_raw(Box::new(cfg)) as *const c_void
+}
+
+/// # Safety
+/// `config` is a pointer this module returned from `config_new`.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *mut c_void) {
+    if !config.is_null() {
+        // SAFETY: created by Box::into_raw in config_new, destroyed once.
+        drop(unsafe { Box::from_raw(config as *mut Config) });
+    }
+}
+
+/// One stream's filter: which config it belongs to.
+struct Stream {
+    config: *const Config,
+}
+
+/// # Safety
+/// `config` is a pointer this module returned from `config_new`.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: *const c_void,
+    _filter_envoy: FilterEnvoyPtr,
+) -> *mut c_void {
+    Box::into_raw(Box::new(Stream {
+        config: config as *const Config,
+    })) as *mut c_void
+}
+
+/// # Safety
+/// `filter` is a pointer this module returned from `filter_new`.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *mut c_void) {
+    if !filter.is_null() {
+        // SAFETY: created by Box::into_raw in filter_new, destroyed once.
+        drop(unsafe { Box::from_raw(filter as *mut Stream) });
+    }
+}
+
+/// Runs `f` with this worker's engine for the stream's config (built on
+/// first use).
+fn with_engine<R>(
+    envoy: FilterEnvoyPtr,
+    filter: *mut c_void,
+    f: impl FnOnce(&mut Engine, &NativeHost) -> R,
+) -> Option<R> {
+    if filter.is_null() {
+        return None;
+    }
+    // SAFETY: a Stream this module created; Envoy calls its hooks on one thread.
+    let stream = unsafe { &*(filter as *const Stream) };
+    if stream.config.is_null() {
+        return None;
+    }
+    // SAFETY: Envoy keeps a filter's config alive while it has streams.
+    let config = unsafe { &*stream.config };
+    let host = NativeHost::new(envoy, &config.families);
+    ENGINES.with(|engines| {
+        let mut engines = engines.borrow_mut();
+        let engine = match engines.entry(config.id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let built = match &config.kind {
+                    Kind::Authz(c) => AuthzEngine::new(c.clone(), &host).map(Engine::Authz),
+                };
+                match built {
+                    Ok(e) => v.insert(e),
+                    Err(e) => {
+                        host::log(abi::LOG_ERROR, &format!("txmesh native filter: {e}"));
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(f(engine, &host))
+    })
+}
+
+/// # Safety
+/// Envoy's pointers for this stream.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    envoy: FilterEnvoyPtr,
+    filter: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    let verdict = with_engine(envoy, filter, |engine, host| match engine {
+        Engine::Authz(e) => e.on_request_headers(host),
+    })
+    // No engine (its metrics could not be defined): deny rather than guess,
+    // as the wasm filter does.
+    .unwrap_or_else(|| Verdict::Deny(txmesh_core::authz::denial_body(b"unknown")));
+    match verdict {
+        Verdict::Allow => abi::CONTINUE,
+        Verdict::Deny(body) => {
+            host::deny(envoy, &body);
+            abi::STOP_ITERATION
+        }
+    }
+}
+
+// The hooks Envoy requires of an HTTP filter module that txmesh's filters
+// do not act on: pass everything through.
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    abi::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+) -> u32 {
+    abi::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    abi::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    abi::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+) -> u32 {
+    abi::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _callout_id: u64,
+    _result: u32,
+    _headers: *const c_void,
+    _headers_len: usize,
+    _body_chunks: *const EnvoyBuffer,
+    _body_chunks_len: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _event_id: u64,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _stream_id: u64,
+    _headers: *const c_void,
+    _headers_len: usize,
+    _end_stream: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _stream_id: u64,
+    _data: *const EnvoyBuffer,
+    _data_len: usize,
+    _end_stream: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _stream_id: u64,
+    _trailers: *const c_void,
+    _trailers_len: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _stream_id: u64,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+    _stream_id: u64,
+    _reason: u32,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _envoy: FilterEnvoyPtr,
+    _filter: *mut c_void,
+) {
+}

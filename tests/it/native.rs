@@ -1,0 +1,133 @@
+//! The native module (libtxmesh.so) in real Envoy: it loads with its ABI
+//! version matched, refuses what it cannot run with a clear error, and its
+//! Prometheus output is the wasm filter's. The authz behaviour itself runs
+//! through `tests/it/security.rs` on both hosts (`TXMESH_HOST=native`).
+//!
+//! On another Envoy than 1.40 (`make test-matrix` sets `ENVOY_BIN`), the
+//! load test checks the opposite: a clean refusal, not a crash.
+
+use serde_json::json;
+use std::collections::BTreeMap;
+use txmesh_tests::{Client, Filter, Sidecar, Upstream};
+
+fn envoy_minor() -> String {
+    let out = std::process::Command::new(txmesh_tests::envoy_bin())
+        .arg("--version")
+        .output()
+        .expect("envoy --version");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // ".../1.40.0/Clean/RELEASE/..."
+    text.split('/')
+        .find(|p| p.matches('.').count() == 2 && p.starts_with("1."))
+        .map(|v| v.rsplit_once('.').map_or(v, |(mm, _)| mm).to_string())
+        .unwrap_or_else(|| panic!("no version in {text:?}"))
+}
+
+fn policy() -> serde_json::Value {
+    json!({"default": "allow", "rules": [{"name": "no-admin", "action": "deny", "paths": ["/admin/"]}]})
+}
+
+#[test]
+fn the_module_loads_with_its_abi_matched_or_refuses_cleanly() {
+    txmesh_tests::native_module();
+    let app = Upstream::start();
+    let started = Sidecar::new("payment")
+        .app(&app)
+        .inbound_filter(Filter::native("authz", policy()))
+        .try_start();
+    let minor = envoy_minor();
+    if minor == "1.40" {
+        let envoy = started.unwrap_or_else(|log| panic!("the module must load on 1.40:\n{log}"));
+        let log = envoy.log();
+        assert!(
+            log.contains("Dynamic module ABI version v0.2.0 matched"),
+            "{log}"
+        );
+        assert!(!log.contains("deprecated"), "{log}");
+        assert!(
+            log.contains("txmesh native filter \"authz\" configured"),
+            "{log}"
+        );
+        let r = Client::new().must("GET", &envoy.inbound_url("/admin/x"), &[], b"");
+        assert_eq!(r.status, 403);
+    } else {
+        let log = started
+            .err()
+            .unwrap_or_else(|| panic!("Envoy {minor} must refuse a module built for 1.40"));
+        assert!(
+            log.contains("envoy exited with exit status: 1"),
+            "a crash, not a refusal:\n{log}"
+        );
+        assert!(
+            log.contains("libtxmesh.so: this module is built for Envoy 1.40"),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_filter_name_or_a_filter_not_yet_native_is_refused_with_the_reason() {
+    txmesh_tests::native_module();
+    let app = Upstream::start();
+    let refused = |name: &str| {
+        Sidecar::new("payment")
+            .app(&app)
+            .inbound_filter(Filter::native(name, json!({})))
+            .try_start()
+            .err()
+            .unwrap_or_else(|| panic!("Envoy must refuse filter_name {name:?}"))
+    };
+    let log = refused("authorisation");
+    assert!(
+        log.contains("txmesh native filter \"authorisation\": unknown filter_name"),
+        "{log}"
+    );
+    for name in ["metrics", "router"] {
+        let log = refused(name);
+        assert!(
+            log.contains(&format!(
+                "txmesh native filter \"{name}\": not in this build of the native module yet"
+            )),
+            "{log}"
+        );
+    }
+}
+
+/// The authz decisions as Prometheus shows them, recorded series only
+/// (the wasm filter also shows its defined-but-unused ones at 0).
+fn decisions(envoy: &txmesh_tests::envoy::Envoy) -> BTreeMap<String, f64> {
+    envoy
+        .scrape()
+        .find("txmesh_authz_decisions_total", &[])
+        .into_iter()
+        .filter(|s| s.value > 0.0)
+        .map(|s| (format!("{:?}", s.labels), s.value))
+        .collect()
+}
+
+#[test]
+fn prometheus_names_and_labels_are_the_wasm_filters() {
+    txmesh_tests::native_module();
+    txmesh_tests::wasm("txmesh_authz");
+    let app = Upstream::start();
+    let run = |filter: Filter| {
+        let envoy = Sidecar::new("payment")
+            .app(&app)
+            .inbound_filter(filter)
+            .start();
+        let c = Client::new();
+        for path in ["/a", "/b", "/admin/x", "/admin/y", "/admin/z"] {
+            c.must("GET", &envoy.inbound_url(path), &[], b"");
+        }
+        let mut seen = BTreeMap::new();
+        txmesh_tests::wait_for(10, "5 decisions counted", || {
+            seen = decisions(&envoy);
+            (seen.values().sum::<f64>() == 5.0).then_some(())
+        });
+        seen
+    };
+    let wasm = run(Filter::wasm("txmesh_authz", policy()));
+    let native = run(Filter::native("authz", policy()));
+    assert_eq!(native, wasm);
+    assert_eq!(wasm.len(), 2, "{wasm:?}");
+}
