@@ -268,7 +268,8 @@ fn bad_plugin_config_is_refused_with_one_clear_line() {
             1,
             "want exactly one line with {line:?} in:\n{err}"
         );
-        assert!(err.contains("Unable to create Wasm plugin txmesh_metrics"), "{err}");
+        let refused = txmesh_tests::envoy::FilterHost::current().config_refusal("txmesh_metrics");
+        assert!(err.contains(&refused), "{err}");
     }
 }
 

@@ -97,7 +97,10 @@ impl Filter {
     }
 
     pub fn metrics(config: Value) -> Self {
-        Self::wasm("txmesh_metrics", config)
+        match FilterHost::current() {
+            FilterHost::Wasm => Self::wasm("txmesh_metrics", config),
+            FilterHost::Native => Self::native("metrics", config),
+        }
     }
 
     /// The router (fails closed: a request it cannot route must not go
@@ -164,7 +167,7 @@ impl Filter {
 }
 
 /// Which build of txmesh's filters a test run uses for the filters that
-/// have both (authz today): `TXMESH_HOST=native` selects the dynamic module
+/// have both (authz and metrics today): `TXMESH_HOST=native` selects the dynamic module
 /// (`make test` runs those suites once per host); default wasm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterHost {
@@ -177,6 +180,15 @@ impl FilterHost {
         match std::env::var("TXMESH_HOST").as_deref() {
             Ok("native") => FilterHost::Native,
             _ => FilterHost::Wasm,
+        }
+    }
+
+    /// The line Envoy logs when it refuses the filter `wasm_name` (or its
+    /// native twin) for a bad config.
+    pub fn config_refusal(self, wasm_name: &str) -> String {
+        match self {
+            FilterHost::Wasm => format!("Unable to create Wasm plugin {wasm_name}"),
+            FilterHost::Native => "Failed to initialize dynamic module".to_string(),
         }
     }
 }
@@ -375,6 +387,33 @@ impl Sidecar {
         self
     }
 
+    /// The filters, with the native metrics filter told this sidecar's
+    /// workload where its config does not name one (`xds.node` does not
+    /// answer on the dynamic-modules ABI, so a native deployment sets
+    /// `workload`, as the wasm filter reads it from the node metadata).
+    fn with_workload(&self, filters: &[Filter]) -> Vec<Filter> {
+        filters
+            .iter()
+            .map(|f| {
+                let mut f = f.clone();
+                let tc = &mut f.0["typed_config"];
+                if tc["filter_name"] == "metrics" {
+                    let value = &mut tc["filter_config"]["value"];
+                    if let Some(mut cfg) = value
+                        .as_str()
+                        .and_then(|v| serde_json::from_str::<Value>(v).ok())
+                    {
+                        if cfg.get("workload").is_none() && cfg.is_object() {
+                            cfg["workload"] = json!(self.workload);
+                            *value = json!(cfg.to_string());
+                        }
+                    }
+                }
+                f
+            })
+            .collect()
+    }
+
     /// The bootstrap for these ports.
     pub fn bootstrap(&self, ports: Ports) -> Value {
         let bind = bind_addr(self.pod.as_ref());
@@ -419,7 +458,7 @@ impl Sidecar {
                 "INBOUND",
                 ports.inbound,
                 inbound_routes,
-                &self.inbound_filters,
+                &self.with_workload(&self.inbound_filters),
             );
             if let Some(t) = self.downstream_tls() {
                 l["filter_chains"][0]["transport_socket"] = t;
@@ -432,7 +471,7 @@ impl Sidecar {
             "OUTBOUND",
             ports.outbound,
             json!({"virtual_hosts": vhosts}),
-            &self.outbound_filters,
+            &self.with_workload(&self.outbound_filters),
         ));
         json!({
             "node": {"id": format!("{}-sidecar", self.workload), "cluster": self.workload,

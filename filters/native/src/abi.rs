@@ -97,8 +97,17 @@ pub const LOG_INFO: u32 = 2;
 pub const LOG_WARN: u32 = 3;
 pub const LOG_ERROR: u32 = 4;
 
-/// `envoy_dynamic_module_type_attribute_id` (the ones txmesh reads).
+/// `envoy_dynamic_module_type_attribute_id` (the ones txmesh reads; the
+/// numbering checked on 1.40 by reading every id on a known stream).
+pub const ATTR_REQUEST_DURATION: u32 = 12;
+pub const ATTR_REQUEST_SIZE: u32 = 13;
+pub const ATTR_RESPONSE_CODE: u32 = 15;
+pub const ATTR_RESPONSE_FLAGS: u32 = 17;
+pub const ATTR_RESPONSE_GRPC_STATUS: u32 = 18;
+pub const ATTR_RESPONSE_SIZE: u32 = 21;
 pub const ATTR_CONNECTION_URI_SAN_PEER_CERTIFICATE: u32 = 37;
+pub const ATTR_XDS_CLUSTER_NAME: u32 = 57;
+pub const ATTR_XDS_LISTENER_DIRECTION: u32 = 59;
 
 /// `envoy_dynamic_module_type_metrics_result_Success`.
 pub const METRICS_SUCCESS: u32 = 0;
@@ -140,6 +149,12 @@ extern "C" {
         filter: FilterEnvoyPtr,
         attribute_id: u32,
         result: *mut EnvoyBuffer,
+    ) -> bool;
+
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_int(
+        filter: FilterEnvoyPtr,
+        attribute_id: u32,
+        result: *mut u64,
     ) -> bool;
 
     pub fn envoy_dynamic_module_callback_http_filter_config_define_counter(

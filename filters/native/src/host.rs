@@ -2,7 +2,11 @@
 
 use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer};
 use std::cell::RefCell;
-use txmesh_core::host::{Family, HostError, MetricKind, Metrics, Properties, RequestHeaders};
+use std::collections::HashMap;
+use txmesh_core::host::{
+    Clock, Family, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData,
+    SharedSetError,
+};
 
 /// Logs through Envoy (its `dynamic_modules` logger).
 pub fn log(level: u32, msg: &str) {
@@ -299,26 +303,103 @@ impl RequestHeaders for NativeHost<'_> {
     }
 }
 
+/// How an attribute reads: a string, or an integer (handed to core as 8
+/// little-endian bytes, as proxy-wasm's `get_property` hands them).
+enum Attr {
+    Str(u32),
+    Int(u32),
+}
+
 impl Properties for NativeHost<'_> {
-    /// The attributes the native filters read, by Envoy's attribute id (the
-    /// ABI has no path lookup).
+    /// The attributes the engines read, by Envoy's attribute id (the ABI has
+    /// no path lookup). `xds.node` does not answer on this ABI: the metrics
+    /// filter's `workload` comes from its config.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        let id = match path {
+        let attr = match path {
             ["connection", "uri_san_peer_certificate"] => {
-                abi::ATTR_CONNECTION_URI_SAN_PEER_CERTIFICATE
+                Attr::Str(abi::ATTR_CONNECTION_URI_SAN_PEER_CERTIFICATE)
             }
+            ["xds", "cluster_name"] => Attr::Str(abi::ATTR_XDS_CLUSTER_NAME),
+            ["xds", "listener_direction"] => Attr::Int(abi::ATTR_XDS_LISTENER_DIRECTION),
+            ["response", "code"] => Attr::Int(abi::ATTR_RESPONSE_CODE),
+            ["response", "flags"] => Attr::Int(abi::ATTR_RESPONSE_FLAGS),
+            ["response", "grpc_status"] => Attr::Int(abi::ATTR_RESPONSE_GRPC_STATUS),
+            ["response", "size"] => Attr::Int(abi::ATTR_RESPONSE_SIZE),
+            ["request", "size"] => Attr::Int(abi::ATTR_REQUEST_SIZE),
+            ["request", "duration"] => Attr::Int(abi::ATTR_REQUEST_DURATION),
             _ => return None,
         };
-        let mut out = EnvoyBuffer::EMPTY;
-        // SAFETY: `out` is written by Envoy.
-        let found = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
-                self.filter,
-                id,
-                &mut out,
-            )
-        };
-        // SAFETY: Envoy's buffer, valid until the end of this hook; copied.
-        found.then(|| unsafe { out.bytes() }.to_vec())
+        match attr {
+            Attr::Str(id) => {
+                let mut out = EnvoyBuffer::EMPTY;
+                // SAFETY: `out` is written by Envoy.
+                let found = unsafe {
+                    abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                        self.filter,
+                        id,
+                        &mut out,
+                    )
+                };
+                // SAFETY: Envoy's buffer, valid until the end of this hook; copied.
+                found.then(|| unsafe { out.bytes() }.to_vec())
+            }
+            Attr::Int(id) => {
+                let mut n = 0u64;
+                // SAFETY: `n` is written by Envoy.
+                let found = unsafe {
+                    abi::envoy_dynamic_module_callback_http_filter_get_attribute_int(
+                        self.filter,
+                        id,
+                        &mut n,
+                    )
+                };
+                found.then(|| n.to_le_bytes().to_vec())
+            }
+        }
+    }
+}
+
+impl Clock for NativeHost<'_> {
+    fn now_us(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+    fn monotonic_us(&self) -> u64 {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let origin = ORIGIN.get_or_init(std::time::Instant::now);
+        u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Process-wide key/value data shared by every worker (the metrics
+/// filter's admitted label tuples): a plain lock, held for one map operation.
+/// Bounded by its users' keys (`max_label_tuples` markers and a count).
+static SHARED: std::sync::Mutex<Option<SharedMap>> = std::sync::Mutex::new(None);
+
+/// key -> (value, CAS token).
+type SharedMap = HashMap<String, (Vec<u8>, u32)>;
+
+impl SharedData for NativeHost<'_> {
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        let map = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        match map.as_ref().and_then(|m| m.get(key)) {
+            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedSetError> {
+        let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        let map = guard.get_or_insert_with(HashMap::new);
+        let current = map.get(key).map(|(_, c)| *c);
+        if let (Some(want), Some(have)) = (cas, current) {
+            if want != have {
+                return Err(SharedSetError::CasMismatch);
+            }
+        }
+        let next = current.unwrap_or(0).wrapping_add(1);
+        map.insert(key.to_string(), (value.to_vec(), next));
+        Ok(())
     }
 }

@@ -23,16 +23,19 @@ use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use txmesh_core::authz::{AuthzConfig, AuthzEngine, Verdict};
 use txmesh_core::host::Family;
+use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
 
 /// Which filter a config is.
 enum Kind {
     Authz(AuthzConfig),
+    Metrics(MetricsConfig),
 }
 
 impl Kind {
     fn families(&self) -> &'static [&'static Family] {
         match self {
             Kind::Authz(_) => &txmesh_core::authz::FAMILIES,
+            Kind::Metrics(_) => &txmesh_core::metrics::FAMILIES,
         }
     }
 }
@@ -48,6 +51,7 @@ pub struct Config {
 /// A worker's engine for one config.
 enum Engine {
     Authz(AuthzEngine),
+    Metrics(MetricsEngine),
 }
 
 thread_local! {
@@ -108,15 +112,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     let (name, config) = unsafe { (name.bytes(), config.bytes()) };
     let name = String::from_utf8_lossy(name).into_owned();
     let kind = match name.as_str() {
+        // Refusals worded as the wasm filter's.
         "authz" => match AuthzConfig::parse(config) {
             Ok(c) => Kind::Authz(c),
-            // Worded as the wasm filter's refusal.
             Err(e) => return refuse(&name, &format!("invalid plugin configuration {e}")),
         },
-        "metrics" | "router" => {
+        "metrics" => match MetricsConfig::parse(config) {
+            Ok(c) => Kind::Metrics(c),
+            Err(e) => return refuse(&name, &format!("invalid plugin configuration {e}")),
+        },
+        "router" => {
             return refuse(
                 &name,
-                "not in this build of the native module yet (authz is); use the wasm filter",
+                "not in this build of the native module yet (authz and metrics are); use the wasm filter",
             )
         }
         other => {
@@ -153,9 +161,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
     }
 }
 
-/// One stream's filter: which config it belongs to.
+/// One stream's filter: which config it belongs to, and what the metrics
+/// filter kept from its request headers.
 struct Stream {
     config: *const Config,
+    metrics: Option<MetricsStream>,
 }
 
 /// # Safety
@@ -167,6 +177,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
 ) -> *mut c_void {
     Box::into_raw(Box::new(Stream {
         config: config as *const Config,
+        metrics: None,
     })) as *mut c_void
 }
 
@@ -185,13 +196,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *mu
 fn with_engine<R>(
     envoy: FilterEnvoyPtr,
     filter: *mut c_void,
-    f: impl FnOnce(&mut Engine, &NativeHost) -> R,
+    f: impl FnOnce(&mut Engine, &mut Stream, &NativeHost) -> R,
 ) -> Option<R> {
     if filter.is_null() {
         return None;
     }
-    // SAFETY: a Stream this module created; Envoy calls its hooks on one thread.
-    let stream = unsafe { &*(filter as *const Stream) };
+    // SAFETY: a Stream this module created; Envoy calls its hooks on one
+    // thread, one at a time.
+    let stream = unsafe { &mut *(filter as *mut Stream) };
     if stream.config.is_null() {
         return None;
     }
@@ -205,6 +217,7 @@ fn with_engine<R>(
             std::collections::hash_map::Entry::Vacant(v) => {
                 let built = match &config.kind {
                     Kind::Authz(c) => AuthzEngine::new(c.clone(), &host).map(Engine::Authz),
+                    Kind::Metrics(c) => MetricsEngine::new(c.clone(), &host).map(Engine::Metrics),
                 };
                 match built {
                     Ok(e) => v.insert(e),
@@ -215,7 +228,7 @@ fn with_engine<R>(
                 }
             }
         };
-        Some(f(engine, &host))
+        Some(f(engine, stream, &host))
     })
 }
 
@@ -225,10 +238,15 @@ fn with_engine<R>(
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     envoy: FilterEnvoyPtr,
     filter: *mut c_void,
-    _end_of_stream: bool,
+    end_of_stream: bool,
 ) -> u32 {
-    let verdict = with_engine(envoy, filter, |engine, host| match engine {
+    let verdict = with_engine(envoy, filter, |engine, stream, host| match engine {
         Engine::Authz(e) => e.on_request_headers(host),
+        Engine::Metrics(e) => {
+            stream.metrics = MetricsStream::on_request_headers(e, host)
+                .map(|s| s.ended_at_headers(end_of_stream));
+            Verdict::Allow
+        }
     })
     // No engine (its metrics could not be defined): deny rather than guess,
     // as the wasm filter does.
@@ -240,6 +258,25 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             abi::STOP_ITERATION
         }
     }
+}
+
+/// The end of a stream (Envoy's log phase): the metrics filter records it.
+///
+/// # Safety
+/// Envoy's pointers for this stream.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    envoy: FilterEnvoyPtr,
+    filter: *mut c_void,
+) {
+    with_engine(envoy, filter, |engine, stream, host| match engine {
+        Engine::Metrics(e) => {
+            if let Err(err) = e.finish(host, stream.metrics.take()) {
+                host::log(abi::LOG_WARN, &format!("cannot record metrics: {err}"));
+            }
+        }
+        Engine::Authz(_) => {}
+    });
 }
 
 // The hooks Envoy requires of an HTTP filter module that txmesh's filters
@@ -286,13 +323,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
     _filter: *mut c_void,
 ) -> u32 {
     abi::CONTINUE
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
-    _envoy: FilterEnvoyPtr,
-    _filter: *mut c_void,
-) {
 }
 
 #[no_mangle]
