@@ -144,7 +144,7 @@ bench: bench-filters bench-txn bench-router
 # FILTER_BENCH_ARGS: seconds, connections, rounds (BENCH_ONLY=metrics,lua runs only those and the baseline;
 # BENCH_PROFILE=N measures host calls of each kind with filters/probe instead).
 FILTER_BENCH_ARGS ?= 5 16 7
-bench-filters: build
+bench-filters: build build-native
 	@scripts/setup.sh --bench >/dev/null
 	@scripts/build-wasm.sh txmesh-trivial txmesh-trivial-raw txmesh-probe >/dev/null
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-filters

@@ -175,19 +175,22 @@ fn main() {
     let gate = txmesh_core::txn::config::TxnConfig::parse(txn_config.to_string().as_bytes())
         .map(|c| c.gate_matcher())
         .unwrap_or_else(|e| panic!("bench txn config: {e}"));
-    let metrics = || Filter::metrics(json!({"workload": "bench", "reporter": "inbound"}));
+    let metrics_config = json!({"workload": "bench", "reporter": "inbound"});
+    let metrics = || Filter::wasm("txmesh_metrics", metrics_config.clone());
+    // The native module (libtxmesh.so): the same configs.
+    let native_metrics = || Filter::native("metrics", metrics_config.clone());
     let router = || Filter::router(json!({"services": {"local_app": {"strategy": "peak_ewma"}}}));
-    let authz = || {
-        Filter::authz(json!({
-            "default": "allow",
-            "coordinators": [{"prefix": "spiffe://txmesh.local/ns/shop/sa/"}],
-            "rules": [
-                {"name": "no-admin", "action": "deny", "paths": ["/admin"]},
-                {"name": "mesh-reads", "action": "allow", "methods": ["GET"],
-                 "principals": [{"glob": "spiffe://txmesh.local/ns/*/sa/*"}]},
-            ],
-        }))
-    };
+    let authz_config = json!({
+        "default": "allow",
+        "coordinators": [{"prefix": "spiffe://txmesh.local/ns/shop/sa/"}],
+        "rules": [
+            {"name": "no-admin", "action": "deny", "paths": ["/admin"]},
+            {"name": "mesh-reads", "action": "allow", "methods": ["GET"],
+             "principals": [{"glob": "spiffe://txmesh.local/ns/*/sa/*"}]},
+        ],
+    });
+    let authz = || Filter::wasm("txmesh_authz", authz_config.clone());
+    let native_authz = || Filter::native("authz", authz_config.clone());
     let mut configs: Vec<(&str, Sidecar)> = vec![
         ("no filter (baseline)", Sidecar::new("base")),
         (
@@ -228,6 +231,23 @@ fn main() {
         (
             "txmesh_authz",
             Sidecar::new("authz").inbound_filter(authz()),
+        ),
+        (
+            "txmesh metrics, native (libtxmesh.so)",
+            Sidecar::new("nmetrics").inbound_filter(native_metrics()),
+        ),
+        (
+            "txmesh authz, native (libtxmesh.so)",
+            Sidecar::new("nauthz").inbound_filter(native_authz()),
+        ),
+        (
+            "chain: authz+metrics native, router wasm, txn wasm behind its gate",
+            Sidecar::new("nchain")
+                .etcd(&etcd)
+                .inbound_filter(native_authz())
+                .inbound_filter(router())
+                .inbound_filter(txn().gated(gate.clone()))
+                .inbound_filter(native_metrics()),
         ),
         (
             "full chain: authz+router+txn+metrics",
