@@ -90,30 +90,45 @@ fn a_bad_filter_name_or_a_filter_not_yet_native_is_refused_with_the_reason() {
     );
 }
 
-/// The authz decisions as Prometheus shows them, recorded series only
-/// (the wasm filter also shows its defined-but-unused ones at 0).
-fn decisions(envoy: &txmesh_tests::envoy::Envoy) -> BTreeMap<String, f64> {
-    envoy
-        .scrape()
-        .find("txmesh_authz_decisions_total", &[])
-        .into_iter()
-        .filter(|s| s.value > 0.0)
-        .map(|s| (format!("{:?}", s.labels), s.value))
-        .collect()
-}
-
-/// The request metrics as Prometheus shows them: (name, labels) -> value.
-fn requests(envoy: &txmesh_tests::envoy::Envoy) -> BTreeMap<String, f64> {
-    let scrape = envoy.scrape();
-    [
-        "txmesh_requests_total",
-        "txmesh_request_duration_milliseconds_count",
-    ]
-    .iter()
-    .flat_map(|n| scrape.find(n, &[]))
-    .filter(|s| s.value > 0.0)
-    .map(|s| (format!("{} {:?}", s.name, s.labels), s.value))
-    .collect()
+/// Starts a sidecar with `filter`, sends `requests` (path, status the app
+/// answers), waits until each of `names` sums to one count per request, and
+/// returns those series as Prometheus shows them: "name {labels}" -> value
+/// (recorded series only: the wasm filter also shows defined ones at 0).
+fn series_after(
+    app: &Upstream,
+    filter: Filter,
+    requests: &[(&str, &str)],
+    names: &[&str],
+) -> BTreeMap<String, f64> {
+    let envoy = Sidecar::new("payment")
+        .app(app)
+        .inbound_filter(filter)
+        .start();
+    let c = Client::new();
+    for (path, status) in requests {
+        c.request(
+            "GET",
+            &envoy.inbound_url(path),
+            &[("x-test-status", status)],
+            b"",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut seen = BTreeMap::new();
+    txmesh_tests::wait_for(10, "every request counted", || {
+        let scrape = envoy.scrape();
+        seen = names
+            .iter()
+            .flat_map(|n| scrape.find(n, &[]))
+            .filter(|s| s.value > 0.0)
+            .map(|s| (format!("{} {:?}", s.name, s.labels), s.value))
+            .collect();
+        names
+            .iter()
+            .all(|n| scrape.sum(n, &[]) == requests.len() as f64)
+            .then_some(())
+    });
+    seen
 }
 
 #[test]
@@ -121,40 +136,25 @@ fn the_metrics_filters_prometheus_output_is_the_wasm_filters() {
     txmesh_tests::native_module();
     txmesh_tests::wasm("txmesh_metrics");
     let app = Upstream::start();
-    let run = |filter: Filter| {
-        let envoy = Sidecar::new("payment")
-            .app(&app)
-            .inbound_filter(filter)
-            .start();
-        let c = Client::new();
-        for status in ["200", "200", "404", "503"] {
-            c.request(
-                "GET",
-                &envoy.inbound_url("/x"),
-                &[("x-test-status", status)],
-                b"",
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-        let mut seen = BTreeMap::new();
-        txmesh_tests::wait_for(10, "4 requests counted and timed", || {
-            seen = requests(&envoy);
-            let sum = |name: &str| -> f64 {
-                seen.iter()
-                    .filter(|(k, _)| k.starts_with(name))
-                    .map(|(_, v)| v)
-                    .sum()
-            };
-            (sum("txmesh_requests_total ") == 4.0
-                && sum("txmesh_request_duration_milliseconds_count ") == 4.0)
-                .then_some(())
-        });
-        seen
-    };
+    let requests = [("/x", "200"), ("/x", "200"), ("/x", "404"), ("/x", "503")];
+    let names = [
+        "txmesh_requests_total",
+        "txmesh_request_duration_milliseconds_count",
+    ];
     // The native filter is told the workload the wasm filter reads from the
     // node metadata.
-    let wasm = run(Filter::wasm("txmesh_metrics", json!({})));
-    let native = run(Filter::native("metrics", json!({"workload": "payment"})));
+    let wasm = series_after(
+        &app,
+        Filter::wasm("txmesh_metrics", json!({})),
+        &requests,
+        &names,
+    );
+    let native = series_after(
+        &app,
+        Filter::native("metrics", json!({"workload": "payment"})),
+        &requests,
+        &names,
+    );
     assert_eq!(native, wasm);
     assert_eq!(wasm.len(), 6, "{wasm:#?}");
 }
@@ -164,24 +164,21 @@ fn prometheus_names_and_labels_are_the_wasm_filters() {
     txmesh_tests::native_module();
     txmesh_tests::wasm("txmesh_authz");
     let app = Upstream::start();
-    let run = |filter: Filter| {
-        let envoy = Sidecar::new("payment")
-            .app(&app)
-            .inbound_filter(filter)
-            .start();
-        let c = Client::new();
-        for path in ["/a", "/b", "/admin/x", "/admin/y", "/admin/z"] {
-            c.must("GET", &envoy.inbound_url(path), &[], b"");
-        }
-        let mut seen = BTreeMap::new();
-        txmesh_tests::wait_for(10, "5 decisions counted", || {
-            seen = decisions(&envoy);
-            (seen.values().sum::<f64>() == 5.0).then_some(())
-        });
-        seen
-    };
-    let wasm = run(Filter::wasm("txmesh_authz", policy()));
-    let native = run(Filter::native("authz", policy()));
+    let requests = [
+        ("/a", "200"),
+        ("/b", "200"),
+        ("/admin/x", "200"),
+        ("/admin/y", "200"),
+        ("/admin/z", "200"),
+    ];
+    let names = ["txmesh_authz_decisions_total"];
+    let wasm = series_after(
+        &app,
+        Filter::wasm("txmesh_authz", policy()),
+        &requests,
+        &names,
+    );
+    let native = series_after(&app, Filter::native("authz", policy()), &requests, &names);
     assert_eq!(native, wasm);
     assert_eq!(wasm.len(), 2, "{wasm:?}");
 }

@@ -94,39 +94,20 @@ impl Families {
                 .map(|l| ModuleBuffer::of(l.name.as_bytes()))
                 .collect();
             let name = ModuleBuffer::of(f.name.as_bytes());
-            let mut id = 0usize;
-            // SAFETY: buffers live until the call returns; `id` is written.
-            let r = unsafe {
-                match f.kind {
-                    MetricKind::Counter => {
-                        abi::envoy_dynamic_module_callback_http_filter_config_define_counter(
-                            config,
-                            name,
-                            names.as_ptr(),
-                            names.len(),
-                            &mut id,
-                        )
-                    }
-                    MetricKind::Gauge => {
-                        abi::envoy_dynamic_module_callback_http_filter_config_define_gauge(
-                            config,
-                            name,
-                            names.as_ptr(),
-                            names.len(),
-                            &mut id,
-                        )
-                    }
-                    MetricKind::Histogram => {
-                        abi::envoy_dynamic_module_callback_http_filter_config_define_histogram(
-                            config,
-                            name,
-                            names.as_ptr(),
-                            names.len(),
-                            &mut id,
-                        )
-                    }
+            let define = match f.kind {
+                MetricKind::Counter => {
+                    abi::envoy_dynamic_module_callback_http_filter_config_define_counter
+                }
+                MetricKind::Gauge => {
+                    abi::envoy_dynamic_module_callback_http_filter_config_define_gauge
+                }
+                MetricKind::Histogram => {
+                    abi::envoy_dynamic_module_callback_http_filter_config_define_histogram
                 }
             };
+            let mut id = 0usize;
+            // SAFETY: buffers live until the call returns; `id` is written.
+            let r = unsafe { define(config, name, names.as_ptr(), names.len(), &mut id) };
             if r != abi::METRICS_SUCCESS {
                 return Err(format!("defining {} failed (result {r})", f.name));
             }
@@ -181,52 +162,27 @@ impl<'a> NativeHost<'a> {
                 .map(|v| ModuleBuffer::of(v.as_bytes()))
                 .collect();
             let (p, n) = (values.as_ptr(), values.len());
-            // SAFETY: buffers live until the call returns.
-            let r = unsafe {
-                match (s.kind, how) {
-                    (MetricKind::Counter, Record::Add) => {
-                        abi::envoy_dynamic_module_callback_http_filter_increment_counter(
-                            self.filter,
-                            s.envoy_id,
-                            p,
-                            n,
-                            value,
-                        )
-                    }
-                    (MetricKind::Gauge, Record::Add) => {
-                        abi::envoy_dynamic_module_callback_http_filter_increment_gauge(
-                            self.filter,
-                            s.envoy_id,
-                            p,
-                            n,
-                            value,
-                        )
-                    }
-                    (MetricKind::Gauge, Record::Sub) => {
-                        abi::envoy_dynamic_module_callback_http_filter_decrement_gauge(
-                            self.filter,
-                            s.envoy_id,
-                            p,
-                            n,
-                            value,
-                        )
-                    }
-                    (MetricKind::Histogram, Record::Sample) => {
-                        abi::envoy_dynamic_module_callback_http_filter_record_histogram_value(
-                            self.filter,
-                            s.envoy_id,
-                            p,
-                            n,
-                            value,
-                        )
-                    }
-                    (MetricKind::Counter, Record::Sub | Record::Sample)
-                    | (MetricKind::Gauge, Record::Sample)
-                    | (MetricKind::Histogram, Record::Add | Record::Sub) => {
-                        return Err(HostError(format!("stat {id} cannot be recorded so")))
-                    }
+            let record = match (s.kind, how) {
+                (MetricKind::Counter, Record::Add) => {
+                    abi::envoy_dynamic_module_callback_http_filter_increment_counter
+                }
+                (MetricKind::Gauge, Record::Add) => {
+                    abi::envoy_dynamic_module_callback_http_filter_increment_gauge
+                }
+                (MetricKind::Gauge, Record::Sub) => {
+                    abi::envoy_dynamic_module_callback_http_filter_decrement_gauge
+                }
+                (MetricKind::Histogram, Record::Sample) => {
+                    abi::envoy_dynamic_module_callback_http_filter_record_histogram_value
+                }
+                (MetricKind::Counter, Record::Sub | Record::Sample)
+                | (MetricKind::Gauge, Record::Sample)
+                | (MetricKind::Histogram, Record::Add | Record::Sub) => {
+                    return Err(HostError(format!("stat {id} cannot be recorded so")))
                 }
             };
+            // SAFETY: buffers live until the call returns.
+            let r = unsafe { record(self.filter, s.envoy_id, p, n, value) };
             match r {
                 abi::METRICS_SUCCESS => Ok(()),
                 other => Err(HostError(format!("recording stat {id}: result {other}"))),
