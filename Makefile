@@ -75,7 +75,7 @@ test-retention: build
 model-known:
 	@$(CARGO) test --quiet -p txmesh-core --test model known -- --ignored --nocapture
 
-validate: build
+validate: build build-native
 	@scripts/validate-configs.sh
 
 # The native tier: libtxmesh.so, an Envoy 1.40 dynamic module (docs/native.md),
@@ -103,7 +103,9 @@ test: setup fmt-check lint unit build build-native validate it
 PAYMENT_INSTANCES ?= 1
 INVENTORY_INSTANCES ?= 1
 PROMETHEUS ?= 0
-export PAYMENT_INSTANCES INVENTORY_INSTANCES
+# TXMESH_HOST=native: authz and metrics from libtxmesh.so (docs/native.md).
+TXMESH_HOST ?= wasm
+export PAYMENT_INSTANCES INVENTORY_INSTANCES TXMESH_HOST
 export TXMESH_PROMETHEUS = $(PROMETHEUS)
 demo:
 	@scripts/shop.sh demo

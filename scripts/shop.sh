@@ -17,7 +17,9 @@
 # on the first one's ports + 10·(k-1) and shares its database; every instance
 # registers itself in etcd and order's sidecar routes among them.
 # TXMESH_PROMETHEUS=1 also starts a Prometheus (Debian package) on 9090
-# scraping every Envoy (deploy/prometheus.yml).
+# scraping every Envoy (deploy/prometheus.yml). TXMESH_HOST=native runs authz
+# and metrics from the native module libtxmesh.so instead of wasm
+# (envoy/native/, docs/native.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -30,6 +32,13 @@ ETCD=${ETCD_BIN:-etcd}
 BIN=$ROOT/target/bench-native
 SHOP_BIN=${SHOP_BIN:-$BIN/shop}
 DEMO_BIN=${DEMO_BIN:-$BIN/shop-demo}
+HOST=${TXMESH_HOST:-wasm}
+case "$HOST" in
+  wasm|native) ;;
+  *) printf '[shop] ERROR: TXMESH_HOST must be wasm or native, got %s\n' "$HOST"; exit 2 ;;
+esac
+# Where the sidecars find libtxmesh.so (TXMESH_HOST=native).
+export ENVOY_DYNAMIC_MODULES_SEARCH_PATH=${ENVOY_DYNAMIC_MODULES_SEARCH_PATH:-$ROOT/target/native}
 
 p() { echo $(( $1 + OFF )); }
 INGRESS_PORT=${TXMESH_INGRESS_PORT:-$(p 10000)}
@@ -90,7 +99,7 @@ configs() {
       say "ERROR: PAYMENT_INSTANCES and INVENTORY_INSTANCES must be 1 to 9, got '$n'"; exit 2
     fi
   done
-  python3 scripts/dev/gen-sidecar-configs.py --out "$RUN" --offset "$OFF" --ingress-port "$INGRESS_PORT" \
+  python3 scripts/dev/gen-sidecar-configs.py --host "$HOST" --out "$RUN" --offset "$OFF" --ingress-port "$INGRESS_PORT" \
     --certs "$HOME_DIR/certs" --instances "payment=${PAYMENT_INSTANCES:-1},inventory=${INVENTORY_INSTANCES:-1}"
 }
 
@@ -142,6 +151,10 @@ build() {
   scripts/setup.sh
   say "building the filters (release wasm) and the shop (profile bench-native)..."
   scripts/build-wasm.sh txmesh-metrics txmesh-txn txmesh-router txmesh-authz >/dev/null
+  if [ "$HOST" = native ]; then
+    say "building the native module (profile native): target/native/libtxmesh.so"
+    cargo build --quiet --profile native -p txmesh-native
+  fi
   cargo build --quiet --profile bench-native -p txmesh-shop
 }
 

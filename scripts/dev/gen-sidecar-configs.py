@@ -3,7 +3,10 @@
 # payment and inventory and the ingress (run from the repo root).
 #
 #   scripts/dev/gen-sidecar-configs.py            writes envoy/*.yaml (the committed ones)
+#   scripts/dev/gen-sidecar-configs.py --host native   writes envoy/native/*.yaml: authz and
+#                                                 metrics from libtxmesh.so (docs/native.md)
 #   scripts/dev/gen-sidecar-configs.py --check    fails (exit 1) if a committed file differs
+#                                                 (envoy/ and envoy/native/)
 #   scripts/dev/gen-sidecar-configs.py --out DIR --offset N --ingress-port P --certs DIR \
 #       --instances payment=2,inventory=1         what scripts/shop.sh runs (`make up`)
 #
@@ -14,13 +17,19 @@ import argparse, filecmp, os, sys, tempfile
 from string import Template
 
 ap = argparse.ArgumentParser(description="generate the shop's Envoy configs")
-ap.add_argument("--out", default="envoy")
+ap.add_argument("--out", default=None, help="default: envoy (wasm) or envoy/native (native)")
+ap.add_argument("--host", choices=("wasm", "native"), default="wasm",
+                help="native: authz and metrics from the dynamic module libtxmesh.so")
 ap.add_argument("--offset", type=int, default=0, help="added to every port")
 ap.add_argument("--ingress-port", type=int, default=None, help="default: 10000 + offset")
 ap.add_argument("--certs", default=".txmesh/certs")
 ap.add_argument("--instances", default="", help="service=n,... (payment and inventory; default 1 each)")
 ap.add_argument("--check", action="store_true", help="compare the committed envoy/*.yaml with what this writes")
 ARGS = ap.parse_args()
+HOST = ARGS.host
+COMMITTED = "envoy/native" if HOST == "native" else "envoy"
+if ARGS.out is None:
+    ARGS.out = COMMITTED
 OFFSET = ARGS.offset
 def P(port): return port + OFFSET
 INGRESS_PORT = ARGS.ingress_port if ARGS.ingress_port is not None else P(10000)
@@ -119,6 +128,36 @@ ${why}                failure_policy: $policy
                   runtime: envoy.wasm.runtime.v8
                   code: {local: {filename: target/wasm32-wasip1/release/$artifact.wasm}}""").substitute(
         head=head, artifact=artifact, why=why, policy=policy, value=value)
+def native_filter(filter_name, value, anchor=None):
+    """One filter of the native module libtxmesh.so (Envoy's dynamic-modules
+    HTTP filter, found in $ENVOY_DYNAMIC_MODULES_SEARCH_PATH): the same JSON
+    config as its wasm twin."""
+    head = "          - %s\n            name: envoy.filters.http.dynamic_modules" % anchor if anchor \
+        else "          - name: envoy.filters.http.dynamic_modules"
+    return Template("""$head
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {name: txmesh, metrics_namespace: txmesh}
+              filter_name: $filter_name
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: '$value'""").substitute(head=head, filter_name=filter_name, value=value)
+def authz_filter(value):
+    if HOST == "native":
+        return native_filter("authz", value)
+    return wasm_filter("txmesh_authz", "FAIL_CLOSED", value)
+# The native module's stats are named as the wasm filters' (not
+# envoy_txmesh_...): a runtime flag every native config sets.
+NATIVE_RUNTIME = '''
+# Native tier: authz and metrics come from libtxmesh.so. Run from the
+# repository root after `make build build-native`:
+#   ENVOY_DYNAMIC_MODULES_SEARCH_PATH=target/native .venv/bin/envoy -c <this file> ...
+# libtxmesh.so's stats without Envoy's envoy_<namespace>_ prefix (docs/native.md).
+layered_runtime:
+  layers:
+  - name: static
+    static_layer:
+      envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix: true'''
 # The txn and metrics filters, per listener: the direction is set in each
 # configuration (it saves a lookup of the listener's direction per request).
 # How each service's app takes prepare/commit/abort (docs/protocol.md): inventory
@@ -136,7 +175,10 @@ APP_H2 = "    # The app speaks gRPC (txmesh.v1.Participant): HTTP/2.\n" + HTTP2
 # A route cluster to a gRPC service (order calls shop.v1.Inventory): HTTP/2.
 UPSTREAM_H2 = "    # %s speaks gRPC (shop.v1.Inventory): HTTP/2 to its sidecar.\n" + HTTP2
 def metrics_filter(name, direction, anchor):
-    return wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "%s", "reporter": "%s"}' % (name, direction), anchor)
+    value = '{"workload": "%s", "reporter": "%s"}' % (name, direction)
+    if HOST == "native":
+        return native_filter("metrics", value, anchor)
+    return wasm_filter("txmesh_metrics", "FAIL_OPEN", value, anchor)
 def sidecar(name, admin, inbound, outbound, app_port, routes, begin, instance=None):
     instance = instance or name
     vhosts = ""
@@ -279,7 +321,7 @@ $app_h2    load_assignment:
       cluster_name: etcd
       endpoints: $etcd_ep
 $clusters""").substitute(listener_inbound=listener_head("INBOUND", P(inbound), "inbound", name), stats_tags=stats_tags(METRICS_TAGS + TXN_TAGS + AUTHZ_TAGS + ROUTER_TAGS), name=name, instance=instance, role=role, inbound=P(inbound), app_port=P(app_port), out_comment=out_comment,
-        status=P(inbound + 2), certs=CERTS, otel_cluster=OTEL_CLUSTER, spiffe=SPIFFE, authz_filter=wasm_filter("txmesh_authz", "FAIL_CLOSED", authz_policy(COORDINATORS[name])),
+        status=P(inbound + 2), certs=CERTS, otel_cluster=OTEL_CLUSTER, spiffe=SPIFFE, authz_filter=authz_filter(authz_policy(COORDINATORS[name])),
         admin=P(admin), begin_json=begin_json, outbound_block=outbound_block, app_ep=ep(app_port), etcd_ep=ep(2379),
         clusters=clusters.rstrip(), txn_in=txn_filter(instance, begin_json, "inbound", "&txn", APP_PROTOCOL[name]),
         app_h2=APP_H2 if APP_PROTOCOL[name] == "grpc" else "",
@@ -287,6 +329,8 @@ $clusters""").substitute(listener_inbound=listener_head("INBOUND", P(inbound), "
 OUT = tempfile.mkdtemp(prefix="txmesh-configs-") if ARGS.check else ARGS.out
 os.makedirs(OUT, exist_ok=True)
 def write(name, text):
+    if HOST == "native":
+        text = text.rstrip() + "\n" + NATIVE_RUNTIME
     with open(os.path.join(OUT, name), "w") as f:
         f.write(text.rstrip() + "\n")
 INSTANCES = {"payment": 1, "inventory": 1}
@@ -371,15 +415,17 @@ $inventory_tls''')
 write("ingress.yaml", INGRESS.substitute(
     listener_ingress=listener_head("OUTBOUND", INGRESS_PORT, "ingress", "ingress"),
     stats_tags=stats_tags(METRICS_TAGS + AUTHZ_TAGS), ingress_admin=P(9901), ingress_port=INGRESS_PORT,
-    edge_authz=wasm_filter("txmesh_authz", "FAIL_CLOSED", '{"default": "allow", "edge": {"allow_txn_begin": false}}'),
-    ingress_metrics=wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "ingress"}'),
+    edge_authz=authz_filter('{"default": "allow", "edge": {"allow_txn_begin": false}}'),
+    ingress_metrics=native_filter("metrics", '{"workload": "ingress"}') if HOST == "native"
+        else wasm_filter("txmesh_metrics", "FAIL_OPEN", '{"workload": "ingress"}'),
     otel_cluster=OTEL_CLUSTER, order=ep(15006), payment=ep(15106), inventory=ep(15206),
     order_tls=upstream_tls("ingress", "order", "    "), payment_tls=upstream_tls("ingress", "payment", "    "),
     inventory_tls=upstream_tls("ingress", "inventory", "    ")))
 
 if ARGS.check:
     differ = [f for f in sorted(os.listdir(OUT))
-              if not os.path.exists(os.path.join("envoy", f)) or not filecmp.cmp(os.path.join(OUT, f), os.path.join("envoy", f), shallow=False)]
+              if not os.path.exists(os.path.join(COMMITTED, f)) or not filecmp.cmp(os.path.join(OUT, f), os.path.join(COMMITTED, f), shallow=False)]
+    flag = " --host native" if HOST == "native" else ""
     if differ:
-        sys.exit("envoy/ differs from scripts/dev/gen-sidecar-configs.py for: %s (regenerate: scripts/dev/gen-sidecar-configs.py)" % ", ".join(differ))
-    print("envoy/: %d configs as generated" % len(os.listdir(OUT)))
+        sys.exit("%s/ differs from scripts/dev/gen-sidecar-configs.py%s for: %s (regenerate: scripts/dev/gen-sidecar-configs.py%s)" % (COMMITTED, flag, ", ".join(differ), flag))
+    print("%s/: %d configs as generated" % (COMMITTED, len(os.listdir(OUT))))

@@ -6,10 +6,11 @@ use txmesh_core::metrics::LABELS as METRICS_LABELS;
 use txmesh_tests::envoy::validate;
 use txmesh_tests::workspace_root;
 
+/// envoy/*.yaml and envoy/native/*.yaml (the native tier's, docs/native.md).
 fn shipped_configs() -> Vec<std::path::PathBuf> {
-    let dir = workspace_root().join("envoy");
-    let mut v: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
+    let read = |d: &str| std::fs::read_dir(workspace_root().join(d)).unwrap();
+    let mut v: Vec<_> = read("envoy")
+        .chain(read("envoy/native"))
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
@@ -24,6 +25,7 @@ fn shipped_configs() -> Vec<std::path::PathBuf> {
 #[test]
 fn every_shipped_config_validates() {
     txmesh_tests::wasm("txmesh_metrics");
+    txmesh_tests::native_module();
     // The sidecar configs name the demo certificates (.txmesh/certs).
     let st = std::process::Command::new(workspace_root().join("scripts/certs.sh"))
         .current_dir(workspace_root())
@@ -186,21 +188,22 @@ fn each_filter_exports_only_the_callbacks_it_uses() {
 /// generator with its ports, certificates and instances).
 #[test]
 fn the_committed_shop_configs_are_what_the_generator_writes() {
-    let out = std::process::Command::new("python3")
-        .arg("scripts/dev/gen-sidecar-configs.py")
-        .arg("--check")
-        .current_dir(workspace_root())
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("envoy/: 4 configs as generated"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    for (host, dir) in [("wasm", "envoy/"), ("native", "envoy/native/")] {
+        let out = std::process::Command::new("python3")
+            .arg("scripts/dev/gen-sidecar-configs.py")
+            .args(["--check", "--host", host])
+            .current_dir(workspace_root())
+            .output()
+            .expect("python3");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("{dir}: 4 configs as generated")),
+            "{text}"
+        );
+    }
 }

@@ -719,6 +719,7 @@ impl Envoy {
 pub fn validate(path: &Path) -> (bool, String) {
     let root = crate::workspace_root();
     let out = Command::new(crate::envoy_bin())
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", crate::native_dir())
         .current_dir(&root)
         .args(["--mode", "validate", "-c"])
         .arg(path)
