@@ -87,7 +87,7 @@ build-native: setup
 
 # Native-tier suites run a second time with the native module as the host of
 # the filters it provides (TXMESH_HOST=native; docs/native.md).
-NATIVE_SUITES := --test security --test metrics --test native
+NATIVE_SUITES := --test security --test metrics
 it: build build-native
 	@echo "[it] integration tests on real Envoy and etcd"
 	@$(CARGO) test --quiet -p txmesh-tests -p txmesh-shop -p txmeshctl -- --test-threads=$(IT_THREADS)
