@@ -18,6 +18,51 @@ fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
 }
 
+/// One EnvoyFilter patch inserting a filter of libtxmesh.so: an HTTP filter
+/// of the HTTP connection manager, the dynamic-module filter type, a filter
+/// name the module provides, and a config its parser accepts.
+fn native_patch(at: &str, p: &Value) {
+    assert_eq!(s(p, &["applyTo"]), Some("HTTP_FILTER"), "{at}");
+    let context = s(p, &["match", "context"]).unwrap_or_default();
+    assert!(
+        ["SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY"].contains(&context),
+        "{at}: context {context}"
+    );
+    assert_eq!(
+        s(p, &["match", "listener", "filterChain", "filter", "name"]),
+        Some("envoy.filters.network.http_connection_manager"),
+        "{at}"
+    );
+    let op = s(p, &["patch", "operation"]).unwrap_or_default();
+    assert!(
+        ["INSERT_FIRST", "INSERT_BEFORE", "INSERT_AFTER"].contains(&op),
+        "{at}: operation {op}"
+    );
+    let tc = &p["patch"]["value"]["typed_config"];
+    assert_eq!(
+        s(tc, &["@type"]),
+        Some("type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"),
+        "{at}"
+    );
+    assert_eq!(
+        s(tc, &["dynamic_module_config", "name"]),
+        Some("txmesh"),
+        "{at}"
+    );
+    let cfg = s(tc, &["filter_config", "value"])
+        .unwrap_or_else(|| panic!("{at}: filter_config.value"))
+        .as_bytes();
+    match s(tc, &["filter_name"]) {
+        Some("authz") => {
+            txmesh_core::authz::AuthzConfig::parse(cfg).unwrap_or_else(|e| panic!("{at}: {e}"));
+        }
+        Some("metrics") => {
+            txmesh_core::metrics::MetricsConfig::parse(cfg).unwrap_or_else(|e| panic!("{at}: {e}"));
+        }
+        other => panic!("{at}: filter_name {other:?} is not one libtxmesh.so provides"),
+    }
+}
+
 #[test]
 fn istio_manifests_have_what_istio_requires() {
     let dir = workspace_root().join("istio");
@@ -164,6 +209,22 @@ fn istio_manifests_have_what_istio_requires() {
                         .unwrap_or_else(|| panic!("{at}: rules"));
                     assert!(!rules.is_empty(), "{at}: rules");
                 }
+                "EnvoyFilter" => {
+                    assert_eq!(api, "networking.istio.io/v1alpha3", "{at}");
+                    assert!(
+                        d["spec"]["workloadSelector"]["labels"]
+                            .as_mapping()
+                            .is_some_and(|m| !m.is_empty()),
+                        "{at}: workloadSelector.labels"
+                    );
+                    let patches = d["spec"]["configPatches"]
+                        .as_sequence()
+                        .unwrap_or_else(|| panic!("{at}: configPatches"));
+                    assert!(!patches.is_empty(), "{at}: configPatches");
+                    for p in patches {
+                        native_patch(&at, p);
+                    }
+                }
                 "Namespace" | "ServiceAccount" => {}
                 other => panic!("{at}: unexpected kind {other}"),
             }
@@ -186,6 +247,10 @@ fn istio_manifests_have_what_istio_requires() {
         "txn (HTTP and gRPC participants) + metrics inbound/outbound + authz"
     );
     assert!(kinds.iter().any(|k| k == "AuthorizationPolicy"));
+    assert!(
+        kinds.iter().any(|k| k == "EnvoyFilter"),
+        "the native tier's EnvoyFilter"
+    );
 }
 
 #[test]
@@ -220,7 +285,11 @@ fn docker_compose_runs_the_same_envoy_configs() {
         );
         assert!(root.join("envoy").join(cfg).exists(), "{cfg} missing");
     }
-    for f in ["docker/shop.Dockerfile", "docker/wasm.Dockerfile"] {
+    for f in [
+        "docker/shop.Dockerfile",
+        "docker/wasm.Dockerfile",
+        "docker/native.Dockerfile",
+    ] {
         let t = std::fs::read_to_string(root.join(f)).unwrap();
         assert!(t.contains("FROM "), "{f}");
     }
@@ -228,5 +297,21 @@ fn docker_compose_runs_the_same_envoy_configs() {
     assert!(
         wasm.contains("FROM scratch") && wasm.contains("plugin.wasm"),
         "the OCI wasm image layout"
+    );
+    // The native tier: Envoy 1.40 (what the module is built for) with the
+    // module where `dynamic_module_config: {name: txmesh}` finds it.
+    let native = std::fs::read_to_string(root.join("docker/native.Dockerfile")).unwrap();
+    assert!(native.contains("FROM envoyproxy/envoy:v1.40"), "{native}");
+    assert!(
+        native.contains("--profile native -p txmesh-native"),
+        "{native}"
+    );
+    let dir = native
+        .lines()
+        .find_map(|l| l.strip_prefix("ENV ENVOY_DYNAMIC_MODULES_SEARCH_PATH="))
+        .unwrap_or_else(|| panic!("no search path in {native}"));
+    assert!(
+        native.contains(&format!("{dir}/libtxmesh.so")),
+        "the module is copied into {dir}"
     );
 }
