@@ -88,7 +88,7 @@ impl ControlMethod {
 /// `PrepareResponse`.
 pub fn vote(body: &[u8]) -> Result<(Vote, String), String> {
     let r = PrepareResponse::decode(body)
-        .map_err(|e| format!("the app's PrepareResponse is not valid protobuf ({e})"))?;
+        .map_err(|_| "the app's PrepareResponse is not valid protobuf".to_string())?;
     let v = Vote::try_from(r.vote).unwrap_or(Vote::Unspecified);
     Ok((v, r.reason))
 }

@@ -460,6 +460,17 @@ impl Table {
         txn: &TxnId,
         f: impl Fn(&mut Entry) -> Result<(), String>,
     ) -> Result<Entry, TableError> {
+        // One body for every caller's closure (a copy per closure cost the
+        // wasm filter ~5 KB).
+        self.update_with(h, txn, &f)
+    }
+
+    fn update_with(
+        &self,
+        h: &impl SharedData,
+        txn: &TxnId,
+        f: &dyn Fn(&mut Entry) -> Result<(), String>,
+    ) -> Result<Entry, TableError> {
         for _ in 0..CAS_ATTEMPTS {
             let mut found = false;
             for k in self.bucket_keys(txn) {

@@ -318,11 +318,11 @@ impl Job {
             // a participant may hold locks until it hears the outcome, and an
             // in-doubt one until etcd answers.
             self.stuck = true;
-            let missing: Vec<&str> = self
+            let missing: Vec<String> = self
                 .targets
                 .iter()
                 .filter(|t| t.delivery != Delivery::Acked)
-                .map(|t| t.name.as_str())
+                .map(|t| t.name.clone())
                 .collect();
             let (outcome, record_pending) = match self.duty {
                 Duty::Resolve(_) => ("unknown: etcd has not answered", true),
