@@ -60,15 +60,7 @@ impl GrpcShop {
     }
 
     fn checkout_with(&self, metadata: &[(&str, &str)]) -> grpc::Answer {
-        grpc::unary(
-            self.order_sc.inbound_addr(),
-            "order",
-            CHECKOUT,
-            b"",
-            metadata,
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
+        grpc_checkout(&self.order_sc, metadata)
     }
 
     fn apps(&self) -> [&TxnApp; 3] {
@@ -272,15 +264,7 @@ impl GrpcParticipantShop {
 
     /// A gRPC client's checkout (the shop started `with_root(_, true)`).
     fn grpc_checkout(&self, metadata: &[(&str, &str)]) -> grpc::Answer {
-        grpc::unary(
-            self.order_sc.inbound_addr(),
-            "order",
-            CHECKOUT,
-            b"",
-            metadata,
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
+        grpc_checkout(&self.order_sc, metadata)
     }
 
     fn checkout(&self) -> txmesh_tests::Resp {
@@ -438,4 +422,17 @@ fn a_grpc_participant_slower_than_grpc_timeout_aborts_on_time() {
         (shop.inventory.record(&txn).aborts >= 1).then_some(())
     });
     assert_eq!(shop.inventory.record(&txn).commits, 0);
+}
+
+/// A gRPC client's `Checkout` through order's sidecar.
+fn grpc_checkout(order_sc: &txmesh_tests::envoy::Envoy, metadata: &[(&str, &str)]) -> grpc::Answer {
+    grpc::unary(
+        order_sc.inbound_addr(),
+        "order",
+        CHECKOUT,
+        b"",
+        metadata,
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -205,42 +205,35 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// The label values, in [`LABELS`] order.
-    fn label_values(&self) -> [String; 7] {
+    /// The label values, in [`LABELS`] order (`code`: the response code as
+    /// text), borrowed: a request recorded under a known tuple allocates
+    /// only its code and its key.
+    fn label_values<'a>(&'a self, code: &'a str) -> [&'a str; 7] {
         [
-            self.reporter.as_str().to_string(),
-            self.source_workload.clone(),
-            self.destination_service.clone(),
-            self.response_code.to_string(),
-            self.response_flags.clone(),
-            self.request_protocol.to_string(),
-            self.grpc_response_status.clone(),
+            self.reporter.as_str(),
+            &self.source_workload,
+            &self.destination_service,
+            code,
+            &self.response_flags,
+            self.request_protocol,
+            &self.grpc_response_status,
         ]
     }
 }
 
 /// A tuple's key (its labels encoded): the id cache's and shared data's key.
-fn tuple_key(values: &[String; 7]) -> String {
-    let pairs: Vec<(&str, &str)> = LABELS
-        .iter()
-        .zip(values)
-        .map(|(l, v)| (*l, v.as_str()))
-        .collect();
+fn tuple_key(values: &[&str; 7]) -> String {
+    let mut pairs = [("", ""); 7];
+    for (p, (l, v)) in pairs.iter_mut().zip(LABELS.iter().zip(values)) {
+        *p = (l, v);
+    }
     encode(&pairs, "")
 }
 
 /// The overflow tuple's label values: every label but `reporter` is `other`.
-fn overflow_values(reporter: Reporter) -> [String; 7] {
-    let other = || "other".to_string();
-    [
-        reporter.as_str().to_string(),
-        other(),
-        other(),
-        other(),
-        other(),
-        other(),
-        other(),
-    ]
+fn overflow_values(reporter: Reporter) -> [&'static str; 7] {
+    let o = "other";
+    [reporter.as_str(), o, o, o, o, o, o]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,13 +245,12 @@ struct TupleIds {
 }
 
 impl TupleIds {
-    fn define(host: &impl Metrics, values: &[String; 7]) -> Result<Self, HostError> {
-        let v: Vec<&str> = values.iter().map(String::as_str).collect();
+    fn define(host: &impl Metrics, v: &[&str; 7]) -> Result<Self, HostError> {
         Ok(Self {
-            requests: host.define_metric(&REQUESTS, &v)?,
-            duration: host.define_metric(&DURATION, &v)?,
-            request_bytes: host.define_metric(&REQUEST_SIZE, &v)?,
-            response_bytes: host.define_metric(&RESPONSE_SIZE, &v)?,
+            requests: host.define_metric(&REQUESTS, v)?,
+            duration: host.define_metric(&DURATION, v)?,
+            request_bytes: host.define_metric(&REQUEST_SIZE, v)?,
+            response_bytes: host.define_metric(&RESPONSE_SIZE, v)?,
         })
     }
 }
@@ -329,7 +321,8 @@ impl MetricsEngine {
         host: &(impl Metrics + SharedData),
         obs: &Observation,
     ) -> Result<bool, HostError> {
-        let values = obs.label_values();
+        let code = obs.response_code.to_string();
+        let values = obs.label_values(&code);
         let key = tuple_key(&values);
         let (ids, overflowed) = match self.lookup(host, &key, &values)? {
             Some(ids) => (ids, false),
@@ -367,7 +360,7 @@ impl MetricsEngine {
         &mut self,
         host: &(impl Metrics + SharedData),
         key: &str,
-        values: &[String; 7],
+        values: &[&str; 7],
     ) -> Result<Option<TupleIds>, HostError> {
         if let Some(hit) = self.tuples.get(key) {
             return Ok(*hit);

@@ -125,6 +125,9 @@ impl Families {
     }
 }
 
+/// The most labels a family has (the metrics filter's seven, with room).
+const MAX_LABELS: usize = 8;
+
 /// A stat the engines defined: its family's Envoy id and label values.
 struct Stat {
     kind: MetricKind,
@@ -156,12 +159,13 @@ impl<'a> NativeHost<'a> {
             let Some(s) = stats.get(id as usize) else {
                 return Err(HostError(format!("no stat {id}")));
             };
-            let values: Vec<ModuleBuffer> = s
-                .values
-                .iter()
-                .map(|v| ModuleBuffer::of(v.as_bytes()))
-                .collect();
-            let (p, n) = (values.as_ptr(), values.len());
+            // On the stack: families have at most MAX_LABELS labels.
+            let mut values = [ModuleBuffer::NONE; MAX_LABELS];
+            let n = s.values.len().min(MAX_LABELS);
+            for (b, v) in values.iter_mut().zip(&s.values) {
+                *b = ModuleBuffer::of(v.as_bytes());
+            }
+            let p = values.as_ptr();
             let record = match (s.kind, how) {
                 (MetricKind::Counter, Record::Add) => {
                     abi::envoy_dynamic_module_callback_http_filter_increment_counter
@@ -207,7 +211,7 @@ impl Metrics for NativeHost<'_> {
                 family.name
             )));
         };
-        if values.len() != family.labels.len() {
+        if values.len() != family.labels.len() || values.len() > MAX_LABELS {
             return Err(HostError(format!(
                 "{}: {} label values for {} labels",
                 family.name,

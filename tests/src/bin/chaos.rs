@@ -160,14 +160,11 @@ struct Args {
     no_faults: bool,
 }
 
-/// Stops a process (SIGSTOP) for `how_long`, then lets it go on (SIGCONT):
-/// it keeps its sockets and state but answers nothing meanwhile.
-fn pause(pid: u32, how_long: Duration) {
-    let pid = pid as libc::pid_t;
-    // SAFETY: plain signals to a child of ours (killed on drop either way).
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(how_long);
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+/// Sends `signal` to a child of ours (SIGSTOP: it keeps its sockets and
+/// state but answers nothing until SIGCONT).
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: a plain signal to a child of ours (killed on drop either way).
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
 }
 
 /// A participant process (restartable with the same arguments).
@@ -745,7 +742,97 @@ struct Injected {
     lasted: Duration,
 }
 
-/// Injects one fault of `category`, waits its time, heals it.
+/// The process faults.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProcessFault {
+    KillSidecar,
+    KillApp,
+    KillEtcd,
+    EtcdQuorum,
+    StopSidecar,
+    StopApp,
+    StopEtcd,
+}
+
+impl ProcessFault {
+    const ALL: [ProcessFault; 7] = [
+        ProcessFault::KillSidecar,
+        ProcessFault::KillApp,
+        ProcessFault::KillEtcd,
+        ProcessFault::EtcdQuorum,
+        ProcessFault::StopSidecar,
+        ProcessFault::StopApp,
+        ProcessFault::StopEtcd,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ProcessFault::KillSidecar => "kill -9 sidecar",
+            ProcessFault::KillApp => "kill -9 participant",
+            ProcessFault::KillEtcd => "kill -9 etcd member",
+            ProcessFault::EtcdQuorum => "etcd quorum lost (2 of 3 killed)",
+            ProcessFault::StopSidecar => "SIGSTOP sidecar",
+            ProcessFault::StopApp => "SIGSTOP participant",
+            ProcessFault::StopEtcd => "SIGSTOP etcd member",
+        }
+    }
+
+    fn is_stop(self) -> bool {
+        matches!(
+            self,
+            ProcessFault::StopSidecar | ProcessFault::StopApp | ProcessFault::StopEtcd
+        )
+    }
+}
+
+/// A fault chosen with its target: [`Fault::apply`] breaks, [`Fault::undo`]
+/// heals.
+enum Fault<'a> {
+    KillSidecar(usize),
+    KillApp(usize),
+    /// One member, or two (quorum lost).
+    KillEtcd(Vec<usize>),
+    Stop(u32),
+    Block(&'a Pod, Vec<std::net::Ipv4Addr>, Direction),
+    Loss(&'a Pod, u32),
+    Link(&'a LinkProxy, Mode),
+}
+
+impl Fault<'_> {
+    fn apply(&self, sidecars: &mut [(&str, Envoy)], procs: &mut [Proc], etcd: &mut EtcdCluster) {
+        let must = |r: Result<(), String>| {
+            if let Err(e) = r {
+                eprintln!("[chaos] fault rule failed: {e}");
+            }
+        };
+        match self {
+            Fault::KillSidecar(i) => sidecars[*i].1.crash(),
+            Fault::KillApp(i) => procs[*i].guard.kill(),
+            Fault::KillEtcd(ms) => ms.iter().for_each(|m| etcd.kill(*m)),
+            Fault::Stop(pid) => signal(*pid, libc::SIGSTOP),
+            Fault::Block(pod, peers, dir) => must(pod.block(peers, *dir)),
+            Fault::Loss(pod, pct) => must(pod.loss(*pct)),
+            Fault::Link(proxy, mode) => proxy.set(*mode),
+        }
+    }
+
+    fn undo(&self, sidecars: &mut [(&str, Envoy)], procs: &mut [Proc], etcd: &mut EtcdCluster) {
+        match self {
+            Fault::KillSidecar(i) => sidecars[*i].1.restart(),
+            Fault::KillApp(i) => procs[*i].restart(),
+            Fault::KillEtcd(ms) => ms.iter().for_each(|m| etcd.restart(*m)),
+            Fault::Stop(pid) => signal(*pid, libc::SIGCONT),
+            Fault::Block(pod, ..) | Fault::Loss(pod, _) => {
+                if let Err(e) = pod.heal() {
+                    eprintln!("[chaos] healing {} failed: {e}", pod.name);
+                }
+            }
+            Fault::Link(proxy, _) => proxy.set(Mode::Pass),
+        }
+    }
+}
+
+/// Injects one fault of `category`, lets it last its time, heals it.
 #[allow(clippy::too_many_arguments)]
 fn inject(
     category: Category,
@@ -761,17 +848,12 @@ fn inject(
     // Longer than the deadline (1.5 s) and than the give-up time.
     let stopped = Duration::from_millis(GIVE_UP_MS + 500 + r.below(2500));
     let cut = Duration::from_millis(500 + r.below(3000));
-    let start = |kind: &str, what: &str| {
-        events.push(json!({"src": "fault", "op": "start", "kind": kind, "what": what}));
-    };
-    let heal = |kind: &str| events.push(json!({"src": "fault", "op": "heal", "kind": kind}));
-    let must = |r: Result<(), String>| {
-        if let Err(e) = r {
-            eprintln!("[chaos] fault rule failed: {e}");
-        }
-    };
     let ip = |n: &str| topo.ip(n);
     let etcd_ips: Vec<std::net::Ipv4Addr> = ETCD_PODS.iter().map(|m| ip(m)).collect();
+    let pod = |name: &str| {
+        topo.pod(name)
+            .unwrap_or_else(|| unreachable!("network rules run only with pods"))
+    };
     // (coordinator, participant) edges of the call graph.
     const EDGES: [(&str, &str); 4] = [
         ("order", "payment-1"),
@@ -779,161 +861,123 @@ fn inject(
         ("payment-1", "inventory"),
         ("payment-2", "inventory"),
     ];
-    let (kind, what, lasted): (&'static str, String, Duration) = match category {
+    let (kind, what, lasted, fault): (&'static str, String, Duration, Fault) = match category {
         Category::Process => {
-            let kills = [
-                "kill -9 sidecar",
-                "kill -9 participant",
-                "kill -9 etcd member",
-                "etcd quorum lost (2 of 3 killed)",
-            ];
-            let stops = [
-                "SIGSTOP sidecar",
-                "SIGSTOP participant",
-                "SIGSTOP etcd member",
-            ];
-            let menu: Vec<&'static str> = kills
-                .iter()
-                .filter(|_| kinds.kills())
-                .chain(stops.iter().filter(|_| kinds.stops()))
-                .copied()
+            let menu: Vec<ProcessFault> = ProcessFault::ALL
+                .into_iter()
+                .filter(|f| {
+                    if f.is_stop() {
+                        kinds.stops()
+                    } else {
+                        kinds.kills()
+                    }
+                })
                 .collect();
-            let kind = menu[r.below(menu.len() as u64) as usize];
-            let what = match kind {
-                "kill -9 sidecar" => {
-                    let (name, sc) = &mut sidecars[r.below(4) as usize];
-                    start(kind, name);
-                    sc.crash();
-                    std::thread::sleep(down);
-                    sc.restart();
-                    format!("sidecar {name} killed")
+            let f = menu[r.below(menu.len() as u64) as usize];
+            let (what, fault) = match f {
+                ProcessFault::KillSidecar => {
+                    let i = r.below(4) as usize;
+                    (
+                        format!("sidecar {} killed", sidecars[i].0),
+                        Fault::KillSidecar(i),
+                    )
                 }
-                "kill -9 participant" => {
-                    let p = &mut procs[r.below(3) as usize];
-                    start(kind, &p.name);
-                    p.guard.kill();
-                    std::thread::sleep(down);
-                    p.restart();
-                    format!("participant {} killed", p.name)
+                ProcessFault::KillApp => {
+                    let i = r.below(3) as usize;
+                    (
+                        format!("participant {} killed", procs[i].name),
+                        Fault::KillApp(i),
+                    )
                 }
-                "kill -9 etcd member" => {
+                ProcessFault::KillEtcd => {
                     let m = r.below(3) as usize;
-                    start(kind, ETCD_PODS[m]);
-                    etcd.kill(m);
-                    std::thread::sleep(down);
-                    etcd.restart(m);
-                    format!("etcd member {} killed", ETCD_PODS[m])
+                    (
+                        format!("etcd member {} killed", ETCD_PODS[m]),
+                        Fault::KillEtcd(vec![m]),
+                    )
                 }
-                "etcd quorum lost (2 of 3 killed)" => {
+                ProcessFault::EtcdQuorum => {
                     let keep = r.below(3) as usize;
-                    let gone: Vec<usize> = (0..3).filter(|m| *m != keep).collect();
-                    start(kind, "2 of 3 members");
-                    for m in &gone {
-                        etcd.kill(*m);
-                    }
-                    std::thread::sleep(down);
-                    for m in &gone {
-                        etcd.restart(*m);
-                    }
-                    "etcd quorum lost (2 of 3 members killed)".to_string()
+                    let gone = (0..3).filter(|m| *m != keep).collect();
+                    (
+                        "etcd quorum lost (2 of 3 members killed)".to_string(),
+                        Fault::KillEtcd(gone),
+                    )
                 }
-                "SIGSTOP sidecar" => {
+                ProcessFault::StopSidecar => {
                     let (name, sc) = &sidecars[r.below(4) as usize];
-                    start(kind, name);
-                    pause(sc.guard.pid(), stopped);
-                    format!("sidecar {name} stopped (SIGSTOP)")
+                    (
+                        format!("sidecar {name} stopped (SIGSTOP)"),
+                        Fault::Stop(sc.guard.pid()),
+                    )
                 }
-                "SIGSTOP participant" => {
+                ProcessFault::StopApp => {
                     let p = &procs[r.below(3) as usize];
-                    start(kind, &p.name);
-                    pause(p.guard.pid(), stopped);
-                    format!("participant {} stopped (SIGSTOP)", p.name)
+                    (
+                        format!("participant {} stopped (SIGSTOP)", p.name),
+                        Fault::Stop(p.guard.pid()),
+                    )
                 }
-                _ => {
+                ProcessFault::StopEtcd => {
                     let m = r.below(3) as usize;
-                    start(kind, ETCD_PODS[m]);
-                    pause(etcd.members[m].guard.pid(), stopped);
-                    format!("etcd member {} stopped (SIGSTOP)", ETCD_PODS[m])
+                    (
+                        format!("etcd member {} stopped (SIGSTOP)", ETCD_PODS[m]),
+                        Fault::Stop(etcd.members[m].guard.pid()),
+                    )
                 }
             };
-            let lasted = if kind.starts_with("SIGSTOP") {
-                stopped
-            } else {
-                down
-            };
-            heal(kind);
-            (kind, what, lasted)
+            let lasted = if f.is_stop() { stopped } else { down };
+            (f.label(), what, lasted, fault)
         }
-        Category::Partition => {
-            let pick = r.below(4);
-            let (kind, what, pod, peers, dir) = match pick {
-                0 => (
-                    "partition: root sidecar ↮ etcd",
-                    "order ↮ etcd (order still reaches payment)".to_string(),
-                    "order",
-                    etcd_ips.clone(),
-                    Direction::Both,
-                ),
-                1 => {
-                    let (c, p) = EDGES[r.below(4) as usize];
-                    (
-                        "partition: participant ↮ coordinator",
-                        format!("{p} ↮ {c}"),
-                        p,
-                        vec![ip(c)],
-                        Direction::Both,
-                    )
-                }
-                2 => {
-                    let (c, p) = EDGES[r.below(4) as usize];
-                    (
-                        "one-way: participant's packets to its coordinator lost",
-                        format!("{p} → {c} dropped ({c} → {p} still arrives)"),
-                        p,
-                        vec![ip(c)],
-                        Direction::Outgoing,
-                    )
-                }
-                _ => {
-                    let m = r.below(3) as usize;
-                    let others: Vec<_> = (0..3).filter(|o| *o != m).map(|o| etcd_ips[o]).collect();
-                    (
-                        "partition: etcd minority ↮ majority",
-                        format!(
-                            "{} ↮ the other two members (clients still reach it)",
-                            ETCD_PODS[m]
-                        ),
-                        ETCD_PODS[m],
-                        others,
-                        Direction::Both,
-                    )
-                }
-            };
-            let Some(p) = topo.pod(pod) else {
-                unreachable!("partitions run only with pods")
-            };
-            start(kind, &what);
-            must(p.block(&peers, dir));
-            std::thread::sleep(cut);
-            must(p.heal());
-            heal(kind);
-            (kind, what, cut)
-        }
+        Category::Partition => match r.below(4) {
+            0 => (
+                "partition: root sidecar ↮ etcd",
+                "order ↮ etcd (order still reaches payment)".to_string(),
+                cut,
+                Fault::Block(pod("order"), etcd_ips.clone(), Direction::Both),
+            ),
+            1 => {
+                let (c, p) = EDGES[r.below(4) as usize];
+                (
+                    "partition: participant ↮ coordinator",
+                    format!("{p} ↮ {c}"),
+                    cut,
+                    Fault::Block(pod(p), vec![ip(c)], Direction::Both),
+                )
+            }
+            2 => {
+                let (c, p) = EDGES[r.below(4) as usize];
+                (
+                    "one-way: participant's packets to its coordinator lost",
+                    format!("{p} → {c} dropped ({c} → {p} still arrives)"),
+                    cut,
+                    Fault::Block(pod(p), vec![ip(c)], Direction::Outgoing),
+                )
+            }
+            _ => {
+                let m = r.below(3) as usize;
+                let others: Vec<_> = (0..3).filter(|o| *o != m).map(|o| etcd_ips[o]).collect();
+                (
+                    "partition: etcd minority ↮ majority",
+                    format!(
+                        "{} ↮ the other two members (clients still reach it)",
+                        ETCD_PODS[m]
+                    ),
+                    cut,
+                    Fault::Block(pod(ETCD_PODS[m]), others, Direction::Both),
+                )
+            }
+        },
         Category::Loss => {
             let all: Vec<&str> = PODS.iter().chain(&ETCD_PODS).copied().collect();
-            let pod = all[r.below(all.len() as u64) as usize];
+            let name = all[r.below(all.len() as u64) as usize];
             let pct = 10 + r.below(31) as u32;
-            let kind = "packet loss";
-            let what = format!("{pod} drops {pct}% of its packets");
-            let Some(p) = topo.pod(pod) else {
-                unreachable!("packet loss runs only with pods")
-            };
-            start(kind, &what);
-            must(p.loss(pct));
-            std::thread::sleep(cut);
-            must(p.heal());
-            heal(kind);
-            (kind, what, cut)
+            (
+                "packet loss",
+                format!("{name} drops {pct}% of its packets"),
+                cut,
+                Fault::Loss(pod(name), pct),
+            )
         }
         Category::Proxy => {
             // Half on the links between sidecars (prepare, commit, abort,
@@ -974,15 +1018,15 @@ fn inject(
                 ),
             };
             let what = format!("{} → {}: {mode:?}", key.0, key.1);
-            let proxy = &topo.links[key];
-            start(kind, &what);
-            proxy.set(mode);
-            std::thread::sleep(cut);
-            proxy.set(Mode::Pass);
-            heal(kind);
-            (kind, what, cut)
+            (kind, what, cut, Fault::Link(&topo.links[key], mode))
         }
     };
+    events.push(json!({"src": "fault", "op": "start", "kind": kind, "what": what}));
+    fault.apply(sidecars, procs, etcd);
+    // The fault itself: it lasts this long (the schedule's bounded time).
+    std::thread::sleep(lasted);
+    fault.undo(sidecars, procs, etcd);
+    events.push(json!({"src": "fault", "op": "heal", "kind": kind}));
     Injected { kind, what, lasted }
 }
 
