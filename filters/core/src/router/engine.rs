@@ -391,6 +391,15 @@ impl RouterEngine {
         if self.poll.is_none() && now >= self.next_poll_ms && self.elected(h, now) {
             self.start_poll(h, now);
         }
+        self.on_refresh(h);
+    }
+
+    /// The follower's half of a tick: picks up the published table and the
+    /// shared health records, and sets this engine's gauges. A host whose
+    /// poller is one engine of its own (the native module's main-thread
+    /// engine) refreshes its other engines with this alone, so they never
+    /// take the poller lease or call etcd.
+    pub fn on_refresh(&mut self, h: &impl Host) {
         self.refresh_table(h);
         self.refresh_health(h);
     }

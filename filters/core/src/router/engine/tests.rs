@@ -341,6 +341,28 @@ fn one_poller_per_process() {
 }
 
 #[test]
+fn a_refreshing_engine_follows_the_poller_and_never_polls() {
+    let h = Fake::new();
+    let mut poller = engine(&h, RR);
+    let mut follower = engine(&h, RR);
+    // Before anything is published the follower has no table: a clear 503.
+    follower.on_refresh(&h);
+    assert_eq!(route(&h, &mut follower, "payment", 200, 1), None);
+    load(&h, &mut poller, TWO);
+    // Long past the poller's lease: a follower still never calls etcd.
+    h.advance(10_000);
+    follower.on_refresh(&h);
+    assert!(h.calls.borrow().is_empty(), "{:?}", h.calls.borrow());
+    let picks: Vec<_> = (0..4)
+        .map(|_| route(&h, &mut follower, "payment", 200, 1))
+        .collect();
+    assert_eq!(
+        counts(picks),
+        BTreeMap::from([("10.0.0.1:80".into(), 2), ("10.0.0.2:80".into(), 2)])
+    );
+}
+
+#[test]
 fn ejection_after_consecutive_failures_then_return() {
     let h = Fake::new();
     let mut e = engine(
