@@ -87,11 +87,11 @@ build-native: setup
 
 # Native-tier suites run a second time with the native module as the host of
 # the filters it provides (TXMESH_HOST=native; docs/native.md).
-NATIVE_SUITES := --test security --test metrics
+NATIVE_SUITES := --test security --test metrics --test router
 it: build build-native
 	@echo "[it] integration tests on real Envoy and etcd"
 	@$(CARGO) test --quiet -p txmesh-tests -p txmesh-shop -p txmeshctl -- --test-threads=$(IT_THREADS)
-	@echo "[it] the authz and metrics suites again on the native module (TXMESH_HOST=native)"
+	@echo "[it] the authz, metrics and router suites again on the native module (TXMESH_HOST=native)"
 	@TXMESH_HOST=native $(CARGO) test --quiet -p txmesh-tests $(NATIVE_SUITES) -- --test-threads=$(IT_THREADS)
 
 test: setup fmt-check lint unit build build-native validate it
@@ -103,7 +103,7 @@ test: setup fmt-check lint unit build build-native validate it
 PAYMENT_INSTANCES ?= 1
 INVENTORY_INSTANCES ?= 1
 PROMETHEUS ?= 0
-# TXMESH_HOST=native: authz and metrics from libtxmesh.so (docs/native.md).
+# TXMESH_HOST=native: authz, metrics and the router from libtxmesh.so (docs/native.md).
 TXMESH_HOST ?= wasm
 export PAYMENT_INSTANCES INVENTORY_INSTANCES TXMESH_HOST
 export TXMESH_PROMETHEUS = $(PROMETHEUS)

@@ -247,6 +247,52 @@ fn instances_join_and_leave_by_lease_within_two_seconds() {
     assert_eq!(r.header("x-txmesh-router"), Some("no-endpoint"));
 }
 
+/// The registry's own stats are exact: one update per generation the poller
+/// published (each logged once), no error, and the endpoints gauge follows
+/// the table. On the native host these are recorded by the main thread's
+/// poller (config-level stats), so a wrong call shows here.
+#[test]
+fn registry_updates_and_the_endpoints_gauge_are_exact() {
+    let etcd = Etcd::start();
+    let ups: Vec<Upstream> = (0..3).map(|_| Upstream::start()).collect();
+    register(&etcd, "payment", ups[0].addr(), json!({}), 0);
+    register(&etcd, "payment", ups[1].addr(), json!({}), 0);
+    let envoy = sidecar(
+        &etcd,
+        router_cfg(json!({"payment": {"strategy": "round_robin"}})),
+        &["payment"],
+    );
+    let c = Client::keep_alive();
+    wait_routed(&c, &envoy, "payment", &[&ups[0], &ups[1]], 10);
+    let stats = |generations: usize, endpoints: f64| {
+        let what = format!("{generations} registry update(s), {endpoints} endpoints");
+        txmesh_tests::wait_for(10, &what, || {
+            let s = envoy.scrape();
+            let got = (
+                s.sum("txmesh_router_registry_updates_total", &[]),
+                s.sum("txmesh_router_endpoints", &[("service", "payment")]),
+            );
+            (got == (generations as f64, endpoints)).then_some(())
+        });
+        let log = envoy.log();
+        assert_eq!(
+            log.matches("registry generation ").count(),
+            generations,
+            "{log}"
+        );
+        assert_eq!(
+            envoy
+                .scrape()
+                .sum("txmesh_router_registry_errors_total", &[]),
+            0.0
+        );
+    };
+    stats(1, 2.0);
+    register(&etcd, "payment", ups[2].addr(), json!({}), 0);
+    wait_routed(&c, &envoy, "payment", &[&ups[2]], 10);
+    stats(2, 3.0);
+}
+
 #[test]
 fn zone_preference_stays_local_and_spills_over_on_ejection() {
     let etcd = Etcd::start();

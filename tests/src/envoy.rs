@@ -106,7 +106,10 @@ impl Filter {
     /// The router (fails closed: a request it cannot route must not go
     /// wherever a client-supplied header says).
     pub fn router(config: Value) -> Self {
-        Self::wasm("txmesh_router", config)
+        match FilterHost::current() {
+            FilterHost::Wasm => Self::wasm("txmesh_router", config),
+            FilterHost::Native => Self::native("router", config),
+        }
     }
 
     /// Authorization (fails closed), on the host this run tests
@@ -167,7 +170,7 @@ impl Filter {
 }
 
 /// Which build of txmesh's filters a test run uses for the filters that
-/// have both (authz and metrics today): `TXMESH_HOST=native` selects the dynamic module
+/// have both (authz, metrics and the router): `TXMESH_HOST=native` selects the dynamic module
 /// (`make test` runs those suites once per host); default wasm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterHost {

@@ -87,6 +87,26 @@ pub struct ModuleHttpHeader {
     pub value_len: usize,
 }
 
+/// A header Envoy owns (a callout's answer), valid until the end of the hook.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyHttpHeader {
+    pub key_ptr: *const u8,
+    pub key_len: usize,
+    pub value_ptr: *const u8,
+    pub value_len: usize,
+}
+
+/// A config scheduler (`http_filter_config_scheduler_new`): commits from
+/// any thread arrive as `on_http_filter_config_scheduled` on the main thread.
+pub type ConfigSchedulerPtr = *mut c_void;
+
+/// `envoy_dynamic_module_type_http_callout_init_result_Success`.
+pub const CALLOUT_INIT_SUCCESS: u32 = 0;
+/// `envoy_dynamic_module_type_http_callout_result_Success` (then Reset,
+/// ExceedResponseBufferLimit).
+pub const CALLOUT_SUCCESS: u32 = 0;
+
 /// `envoy_dynamic_module_type_http_header_type`.
 pub const REQUEST_HEADERS: u32 = 0;
 pub const RESPONSE_HEADERS: u32 = 2;
@@ -212,4 +232,80 @@ extern "C" {
         label_values_len: usize,
         value: u64,
     ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_set_gauge(
+        filter: FilterEnvoyPtr,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_len: usize,
+        value: u64,
+    ) -> u32;
+
+    // Config-level stats: recorded without a stream (the router's
+    // main-thread poller), same ids and label values as the stream's.
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_len: usize,
+        value: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_gauge(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_len: usize,
+        value: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_len: usize,
+        value: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_len: usize,
+        value: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_len: usize,
+        value: u64,
+    ) -> u32;
+
+    /// An HTTP call from the filter config (main thread); the answer comes
+    /// to `on_http_filter_config_http_callout_done` on the main thread.
+    pub fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: ConfigEnvoyPtr,
+        callout_id: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *const ModuleHttpHeader,
+        headers_len: usize,
+        body: ModuleBuffer,
+        timeout_ms: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        config: ConfigEnvoyPtr,
+    ) -> ConfigSchedulerPtr;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        scheduler: ConfigSchedulerPtr,
+        event_id: u64,
+    );
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
+        scheduler: ConfigSchedulerPtr,
+    );
 }

@@ -4,8 +4,8 @@ use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer
 use std::cell::RefCell;
 use std::collections::HashMap;
 use txmesh_core::host::{
-    Clock, Family, HostError, MetricKind, Metrics, Properties, RequestHeaders, SharedData,
-    SharedSetError,
+    Callout, Clock, Family, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
+    RequestHeaders, ResponsePart, SharedData, SharedSetError,
 };
 
 /// Logs through Envoy (its `dynamic_modules` logger).
@@ -61,12 +61,17 @@ pub fn deny(f: FilterEnvoyPtr, body: &[u8]) {
 
 /// The first value of request header `name`.
 fn request_header(f: FilterEnvoyPtr, name: &[u8]) -> Option<Vec<u8>> {
+    header(f, abi::REQUEST_HEADERS, name)
+}
+
+/// The first value of header `name` in the stream's headers of this type.
+fn header(f: FilterEnvoyPtr, header_type: u32, name: &[u8]) -> Option<Vec<u8>> {
     let mut out = EnvoyBuffer::EMPTY;
     // SAFETY: `out` is written by Envoy; the key lives for the call.
     let found = unsafe {
         abi::envoy_dynamic_module_callback_http_get_header(
             f,
-            abi::REQUEST_HEADERS,
+            header_type,
             ModuleBuffer::of(name),
             &mut out,
             0,
@@ -135,28 +140,66 @@ struct Stat {
     values: Vec<String>,
 }
 
-thread_local! {
-    /// This worker's stats; an engine's stat id is an index here. Engines
-    /// define each value tuple once and cache the id (bounded by their own
-    /// bounds, e.g. the metrics filter's `max_label_tuples`).
-    static STATS: RefCell<Vec<Stat>> = const { RefCell::new(Vec::new()) };
+/// This thread's stats: an engine's stat id is an index into `stats`; a
+/// tuple defined again (an endpoint back in the registry) gets its old id.
+/// Bounded by the engines' own bounds (the metrics filter's
+/// `max_label_tuples`, the router's `max_endpoints` per table).
+#[derive(Default)]
+struct Stats {
+    stats: Vec<Stat>,
+    /// (family, its Envoy id, label values) -> stat id.
+    ids: HashMap<(&'static str, usize, Vec<String>), u32>,
 }
 
-/// The host for one hook call on one stream.
+thread_local! {
+    static STATS: RefCell<Stats> = RefCell::new(Stats::default());
+}
+
+/// Where a hook runs: on a stream (a worker), or on the filter config
+/// (the main thread: the router's poller).
+#[derive(Clone, Copy)]
+enum Target {
+    Stream(FilterEnvoyPtr),
+    Config(ConfigEnvoyPtr),
+}
+
+/// The host for one hook call, on one stream or on the filter config.
 pub struct NativeHost<'a> {
-    filter: FilterEnvoyPtr,
+    target: Target,
     families: &'a Families,
 }
 
 impl<'a> NativeHost<'a> {
+    /// A stream's host (a worker's hook).
     pub fn new(filter: FilterEnvoyPtr, families: &'a Families) -> Self {
-        Self { filter, families }
+        Self {
+            target: Target::Stream(filter),
+            families,
+        }
+    }
+
+    /// The filter config's host (a main-thread hook): no stream, so no
+    /// headers or attributes; stats recorded on the config; callouts from
+    /// the config, answered on the main thread.
+    pub fn on_config(config: ConfigEnvoyPtr, families: &'a Families) -> Self {
+        Self {
+            target: Target::Config(config),
+            families,
+        }
+    }
+
+    /// The stream this hook runs on (none on the config).
+    fn stream(&self) -> Option<FilterEnvoyPtr> {
+        match self.target {
+            Target::Stream(f) => Some(f),
+            Target::Config(_) => None,
+        }
     }
 
     fn record(&self, id: u32, value: u64, how: Record) -> Result<(), HostError> {
         STATS.with(|stats| {
             let stats = stats.borrow();
-            let Some(s) = stats.get(id as usize) else {
+            let Some(s) = stats.stats.get(id as usize) else {
                 return Err(HostError(format!("no stat {id}")));
             };
             // On the stack: families have at most MAX_LABELS labels.
@@ -166,27 +209,16 @@ impl<'a> NativeHost<'a> {
                 *b = ModuleBuffer::of(v.as_bytes());
             }
             let p = values.as_ptr();
-            let record = match (s.kind, how) {
-                (MetricKind::Counter, Record::Add) => {
-                    abi::envoy_dynamic_module_callback_http_filter_increment_counter
-                }
-                (MetricKind::Gauge, Record::Add) => {
-                    abi::envoy_dynamic_module_callback_http_filter_increment_gauge
-                }
-                (MetricKind::Gauge, Record::Sub) => {
-                    abi::envoy_dynamic_module_callback_http_filter_decrement_gauge
-                }
-                (MetricKind::Histogram, Record::Sample) => {
-                    abi::envoy_dynamic_module_callback_http_filter_record_histogram_value
-                }
-                (MetricKind::Counter, Record::Sub | Record::Sample)
-                | (MetricKind::Gauge, Record::Sample)
-                | (MetricKind::Histogram, Record::Add | Record::Sub) => {
-                    return Err(HostError(format!("stat {id} cannot be recorded so")))
-                }
+            let Some(op) = Op::of(s.kind, how) else {
+                return Err(HostError(format!("stat {id} cannot be recorded so")));
             };
             // SAFETY: buffers live until the call returns.
-            let r = unsafe { record(self.filter, s.envoy_id, p, n, value) };
+            let r = unsafe {
+                match self.target {
+                    Target::Stream(f) => op.on_stream()(f, s.envoy_id, p, n, value),
+                    Target::Config(c) => op.on_config()(c, s.envoy_id, p, n, value),
+                }
+            };
             match r {
                 abi::METRICS_SUCCESS => Ok(()),
                 other => Err(HostError(format!("recording stat {id}: result {other}"))),
@@ -195,12 +227,64 @@ impl<'a> NativeHost<'a> {
     }
 }
 
-/// How a value goes into a stat.
+/// How a value goes into a stat: added, taken away, or a sample (a
+/// histogram's value, a gauge's new level).
 #[derive(Clone, Copy)]
 enum Record {
     Add,
     Sub,
     Sample,
+}
+
+/// The ABI call that records a value into a stat of some kind.
+#[derive(Clone, Copy)]
+enum Op {
+    Count,
+    GaugeUp,
+    GaugeDown,
+    GaugeSet,
+    Observe,
+}
+
+type StreamRecord =
+    unsafe extern "C" fn(FilterEnvoyPtr, usize, *const ModuleBuffer, usize, u64) -> u32;
+type ConfigRecord =
+    unsafe extern "C" fn(ConfigEnvoyPtr, usize, *const ModuleBuffer, usize, u64) -> u32;
+
+impl Op {
+    fn of(kind: MetricKind, how: Record) -> Option<Op> {
+        match (kind, how) {
+            (MetricKind::Counter, Record::Add) => Some(Op::Count),
+            (MetricKind::Gauge, Record::Add) => Some(Op::GaugeUp),
+            (MetricKind::Gauge, Record::Sub) => Some(Op::GaugeDown),
+            (MetricKind::Gauge, Record::Sample) => Some(Op::GaugeSet),
+            (MetricKind::Histogram, Record::Sample) => Some(Op::Observe),
+            (MetricKind::Counter, Record::Sub | Record::Sample)
+            | (MetricKind::Histogram, Record::Add | Record::Sub) => None,
+        }
+    }
+
+    fn on_stream(self) -> StreamRecord {
+        match self {
+            Op::Count => abi::envoy_dynamic_module_callback_http_filter_increment_counter,
+            Op::GaugeUp => abi::envoy_dynamic_module_callback_http_filter_increment_gauge,
+            Op::GaugeDown => abi::envoy_dynamic_module_callback_http_filter_decrement_gauge,
+            Op::GaugeSet => abi::envoy_dynamic_module_callback_http_filter_set_gauge,
+            Op::Observe => abi::envoy_dynamic_module_callback_http_filter_record_histogram_value,
+        }
+    }
+
+    fn on_config(self) -> ConfigRecord {
+        match self {
+            Op::Count => abi::envoy_dynamic_module_callback_http_filter_config_increment_counter,
+            Op::GaugeUp => abi::envoy_dynamic_module_callback_http_filter_config_increment_gauge,
+            Op::GaugeDown => abi::envoy_dynamic_module_callback_http_filter_config_decrement_gauge,
+            Op::GaugeSet => abi::envoy_dynamic_module_callback_http_filter_config_set_gauge,
+            Op::Observe => {
+                abi::envoy_dynamic_module_callback_http_filter_config_record_histogram_value
+            }
+        }
+    }
 }
 
 impl Metrics for NativeHost<'_> {
@@ -221,11 +305,19 @@ impl Metrics for NativeHost<'_> {
         }
         STATS.with(|stats| {
             let mut stats = stats.borrow_mut();
-            let id = u32::try_from(stats.len()).map_err(|_| HostError("too many stats".into()))?;
-            stats.push(Stat {
+            let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+            if let Some(id) = stats.ids.get(&(family.name, envoy_id, values.clone())) {
+                return Ok(*id);
+            }
+            let id =
+                u32::try_from(stats.stats.len()).map_err(|_| HostError("too many stats".into()))?;
+            stats
+                .ids
+                .insert((family.name, envoy_id, values.clone()), id);
+            stats.stats.push(Stat {
                 kind: family.kind,
                 envoy_id,
-                values: values.iter().map(|v| v.to_string()).collect(),
+                values,
             });
             Ok(id)
         })
@@ -246,15 +338,16 @@ impl Metrics for NativeHost<'_> {
 
 impl RequestHeaders for NativeHost<'_> {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        request_header(self.filter, name.as_bytes())
+        request_header(self.stream()?, name.as_bytes())
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) {
+        let Some(filter) = self.stream() else { return };
         let value = value.map_or(ModuleBuffer::NONE, |v| ModuleBuffer::of(v.as_bytes()));
         // SAFETY: buffers live for the call; a null value removes the header.
         unsafe {
             abi::envoy_dynamic_module_callback_http_set_header(
-                self.filter,
+                filter,
                 abi::REQUEST_HEADERS,
                 ModuleBuffer::of(name.as_bytes()),
                 value,
@@ -275,6 +368,7 @@ impl Properties for NativeHost<'_> {
     /// no path lookup). `xds.node` does not answer on this ABI: the metrics
     /// filter's `workload` comes from its config.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let filter = self.stream()?;
         let attr = match path {
             ["connection", "uri_san_peer_certificate"] => {
                 Attr::Str(abi::ATTR_CONNECTION_URI_SAN_PEER_CERTIFICATE)
@@ -295,9 +389,7 @@ impl Properties for NativeHost<'_> {
                 // SAFETY: `out` is written by Envoy.
                 let found = unsafe {
                     abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
-                        self.filter,
-                        id,
-                        &mut out,
+                        filter, id, &mut out,
                     )
                 };
                 // SAFETY: Envoy's buffer, valid until the end of this hook; copied.
@@ -308,9 +400,7 @@ impl Properties for NativeHost<'_> {
                 // SAFETY: `n` is written by Envoy.
                 let found = unsafe {
                     abi::envoy_dynamic_module_callback_http_filter_get_attribute_int(
-                        self.filter,
-                        id,
-                        &mut n,
+                        filter, id, &mut n,
                     )
                 };
                 found.then(|| n.to_le_bytes().to_vec())
@@ -361,5 +451,107 @@ impl SharedData for NativeHost<'_> {
         let next = current.unwrap_or(0).wrapping_add(1);
         map.insert(key.to_string(), (value.to_vec(), next));
         Ok(())
+    }
+}
+
+impl FilterHost for NativeHost<'_> {
+    fn now_ms(&self) -> u64 {
+        self.now_us() / 1000
+    }
+
+    fn random_id(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if usize::try_from(n).ok() != Some(b.len()) {
+            // No entropy: the clock, mixed (ids stay unique per process; the
+            // engines reject all-zero).
+            let t = txmesh_core::rng::mix(self.now_us() ^ self.monotonic_us().rotate_left(32));
+            b[..8].copy_from_slice(&t.to_le_bytes());
+            b[8..].copy_from_slice(&txmesh_core::rng::mix(t).to_le_bytes());
+        }
+        b
+    }
+
+    /// A callout from the filter config (the main thread's poller): its
+    /// answer comes to `on_http_filter_config_http_callout_done`. Streams
+    /// make none (the native router's workers only follow).
+    fn dispatch(&self, c: &Callout) -> Result<u32, HostError> {
+        let Target::Config(config) = self.target else {
+            return Err(HostError(
+                "callouts are made from the filter config, not from a stream".into(),
+            ));
+        };
+        if c.grpc.is_some() {
+            return Err(HostError(
+                "gRPC calls are not in the native module yet".into(),
+            ));
+        }
+        let host = c.cluster.as_str();
+        let mut hs: Vec<(&str, &str)> =
+            vec![(":method", c.method), (":path", &c.path), ("host", host)];
+        hs.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let headers: Vec<abi::ModuleHttpHeader> = hs
+            .iter()
+            .map(|(k, v)| abi::ModuleHttpHeader {
+                key_ptr: k.as_ptr(),
+                key_len: k.len(),
+                value_ptr: v.as_ptr(),
+                value_len: v.len(),
+            })
+            .collect();
+        let mut id = 0u64;
+        // SAFETY: every buffer lives until the call returns; `id` is written.
+        let r = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_http_callout(
+                config,
+                &mut id,
+                ModuleBuffer::of(c.cluster.as_bytes()),
+                headers.as_ptr(),
+                headers.len(),
+                ModuleBuffer::of(&c.body),
+                c.timeout_ms,
+            )
+        };
+        if r != abi::CALLOUT_INIT_SUCCESS {
+            return Err(HostError(format!(
+                "callout to cluster {} refused (init result {r})",
+                c.cluster
+            )));
+        }
+        u32::try_from(id).map_err(|_| HostError(format!("callout id {id} out of range")))
+    }
+
+    /// A local reply on this hook's stream (`ctx` is the wasm host's notion;
+    /// a native hook answers its own stream).
+    fn send_reply(&self, _ctx: u32, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        if let Some(f) = self.stream() {
+            send_response(f, u32::from(status), headers, body);
+        }
+    }
+
+    /// Not used by the native filters (none pauses a response).
+    fn resume_response(&self, _ctx: u32, _part: ResponsePart, _fields: &[(&str, &str)]) {}
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        header(self.stream()?, abi::RESPONSE_HEADERS, name.as_bytes())
+    }
+
+    /// Not used by the native filters (none reads trailers).
+    fn response_trailer(&self, _name: &str) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Not used by the native filters (none edits a response).
+    fn set_response_field(&self, _part: ResponsePart, _name: &str, _value: &str) {}
+
+    fn log(&self, level: LogLevel, msg: &str) {
+        let level = match level {
+            LogLevel::Debug => abi::LOG_DEBUG,
+            LogLevel::Info => abi::LOG_INFO,
+            LogLevel::Warn => abi::LOG_WARN,
+            LogLevel::Error => abi::LOG_ERROR,
+        };
+        log(level, msg);
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod abi;
 mod host;
+mod poller;
 
 use abi::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr};
 use host::{Families, NativeHost};
@@ -22,13 +23,17 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use txmesh_core::authz::{AuthzConfig, AuthzEngine, Verdict};
-use txmesh_core::host::Family;
+use txmesh_core::host::Verdict as HostVerdict;
+use txmesh_core::host::{Clock, Family};
 use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
+use txmesh_core::router::config::RouterConfig;
+use txmesh_core::router::engine::{Routed, RouterEngine, TICK_MS};
 
 /// Which filter a config is.
 enum Kind {
     Authz(AuthzConfig),
     Metrics(MetricsConfig),
+    Router(RouterConfig),
 }
 
 impl Kind {
@@ -36,6 +41,7 @@ impl Kind {
         match self {
             Kind::Authz(_) => &txmesh_core::authz::FAMILIES,
             Kind::Metrics(_) => &txmesh_core::metrics::FAMILIES,
+            Kind::Router(_) => &txmesh_core::router::engine::FAMILIES,
         }
     }
 }
@@ -46,12 +52,20 @@ pub struct Config {
     id: u64,
     kind: Kind,
     families: Families,
+    /// The router's registry poller on the main thread (router configs).
+    poller: Option<poller::Poller>,
 }
 
 /// A worker's engine for one config.
 enum Engine {
     Authz(AuthzEngine),
     Metrics(MetricsEngine),
+    /// A router that follows the main thread's poller; refreshed from its
+    /// requests at most once a tick (the ABI gives workers no timer).
+    Router {
+        engine: Box<RouterEngine>,
+        refreshed_ms: Option<u64>,
+    },
 }
 
 thread_local! {
@@ -121,12 +135,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             Ok(c) => Kind::Metrics(c),
             Err(e) => return refuse(&name, &format!("invalid plugin configuration {e}")),
         },
-        "router" => {
-            return refuse(
-                &name,
-                "not in this build of the native module yet (authz and metrics are); use the wasm filter",
-            )
-        }
+        "router" => match RouterConfig::parse(config) {
+            Ok(c) => Kind::Router(c),
+            Err(e) => return refuse(&name, &format!("invalid plugin configuration {e}")),
+        },
         other => {
             return refuse(
                 other,
@@ -138,15 +150,30 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         Ok(f) => f,
         Err(e) => return refuse(&name, &format!("cannot define its metrics: {e}")),
     };
+    let mut described = String::new();
+    let poller = match &kind {
+        Kind::Router(c) => {
+            let host = NativeHost::on_config(config_envoy, &families);
+            let mut engine = RouterEngine::new(c.clone(), &host);
+            engine.define_metrics(&host);
+            described = format!(" ({})", engine.describe());
+            match poller::Poller::start(config_envoy, engine) {
+                Ok(p) => Some(p),
+                Err(e) => return refuse(&name, &e),
+            }
+        }
+        Kind::Authz(_) | Kind::Metrics(_) => None,
+    };
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let cfg = Config {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         kind,
         families,
+        poller,
     };
     host::log(
         abi::LOG_INFO,
-        &format!("txmesh native filter {name:?} configured"),
+        &format!("txmesh native filter {name:?} configured{described}"),
     );
     Box::into_raw(Box::new(cfg)) as *const c_void
 }
@@ -162,10 +189,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
 }
 
 /// One stream's filter: which config it belongs to, and what the metrics
-/// filter kept from its request headers.
+/// filter or the router kept from its request headers.
 struct Stream {
     config: *const Config,
     metrics: Option<MetricsStream>,
+    routed: Option<Routed>,
 }
 
 /// # Safety
@@ -178,6 +206,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
     Box::into_raw(Box::new(Stream {
         config: config as *const Config,
         metrics: None,
+        routed: None,
     })) as *mut c_void
 }
 
@@ -218,6 +247,14 @@ fn with_engine<R>(
                 let built = match &config.kind {
                     Kind::Authz(c) => AuthzEngine::new(c.clone(), &host).map(Engine::Authz),
                     Kind::Metrics(c) => MetricsEngine::new(c.clone(), &host).map(Engine::Metrics),
+                    Kind::Router(c) => {
+                        let mut engine = RouterEngine::new(c.clone(), &host);
+                        engine.define_metrics(&host);
+                        Ok(Engine::Router {
+                            engine: Box::new(engine),
+                            refreshed_ms: None,
+                        })
+                    }
                 };
                 match built {
                     Ok(e) => v.insert(e),
@@ -240,24 +277,54 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter: *mut c_void,
     end_of_stream: bool,
 ) -> u32 {
-    let verdict = with_engine(envoy, filter, |engine, stream, host| match engine {
-        Engine::Authz(e) => e.on_request_headers(host),
+    let next = with_engine(envoy, filter, |engine, stream, host| match engine {
+        Engine::Authz(e) => match e.on_request_headers(host) {
+            Verdict::Allow => Next::Continue,
+            Verdict::Deny(body) => Next::Deny(body),
+        },
         Engine::Metrics(e) => {
             stream.metrics = MetricsStream::on_request_headers(e, host)
                 .map(|s| s.ended_at_headers(end_of_stream));
-            Verdict::Allow
+            Next::Continue
+        }
+        Engine::Router {
+            engine,
+            refreshed_ms,
+        } => {
+            let now = host.monotonic_us() / 1000;
+            if refreshed_ms.is_none_or(|t| now >= t.saturating_add(TICK_MS)) {
+                engine.on_refresh(host);
+                *refreshed_ms = Some(now);
+            }
+            let (routed, verdict) = engine.on_request_headers(host, 0);
+            stream.routed = routed;
+            match verdict {
+                HostVerdict::Continue => Next::Continue,
+                // The router answered the stream itself (503, no endpoint).
+                HostVerdict::Pause => Next::Answered,
+            }
         }
     })
     // No engine (its metrics could not be defined): deny rather than guess,
     // as the wasm filter does.
-    .unwrap_or_else(|| Verdict::Deny(txmesh_core::authz::denial_body(b"unknown")));
-    match verdict {
-        Verdict::Allow => abi::CONTINUE,
-        Verdict::Deny(body) => {
+    .unwrap_or_else(|| Next::Deny(txmesh_core::authz::denial_body(b"unknown")));
+    match next {
+        Next::Continue => abi::CONTINUE,
+        Next::Answered => abi::STOP_ITERATION,
+        Next::Deny(body) => {
             host::deny(envoy, &body);
             abi::STOP_ITERATION
         }
     }
+}
+
+/// What a stream's request headers come to.
+enum Next {
+    Continue,
+    /// The engine sent the local reply itself.
+    Answered,
+    /// Denied: the authz filter's answer (403, or gRPC status 7).
+    Deny(Vec<u8>),
 }
 
 /// The end of a stream (Envoy's log phase): the metrics filter records it.
@@ -275,8 +342,64 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
                 host::log(abi::LOG_WARN, &format!("cannot record metrics: {err}"));
             }
         }
+        Engine::Router { engine, .. } => {
+            if let Some(r) = stream.routed.take() {
+                engine.on_log(host, &r);
+            }
+        }
         Engine::Authz(_) => {}
     });
+}
+
+/// The router's tick on the main thread (its config scheduler's event).
+///
+/// # Safety
+/// `config` is a pointer this module returned from `config_new`.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    config_envoy: ConfigEnvoyPtr,
+    config: *const c_void,
+    _event_id: u64,
+) {
+    if config.is_null() {
+        return;
+    }
+    // SAFETY: a Config this module created, alive while Envoy calls its hooks.
+    let config = unsafe { &*(config as *const Config) };
+    if let Some(p) = &config.poller {
+        p.tick(config_envoy, &config.families);
+    }
+}
+
+/// A config-level callout's answer (the router's registry read), on the
+/// main thread.
+///
+/// # Safety
+/// `config` is a pointer this module returned from `config_new`; the
+/// headers and chunks are Envoy's, valid for this call.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    config_envoy: ConfigEnvoyPtr,
+    config: *const c_void,
+    callout_id: u64,
+    result: u32,
+    headers: *const abi::EnvoyHttpHeader,
+    headers_len: usize,
+    body_chunks: *const EnvoyBuffer,
+    body_chunks_len: usize,
+) {
+    if config.is_null() {
+        return;
+    }
+    // SAFETY: a Config this module created, alive while Envoy calls its hooks.
+    let config = unsafe { &*(config as *const Config) };
+    if let Some(p) = &config.poller {
+        // SAFETY: Envoy's arrays, valid for this call.
+        let resp = unsafe {
+            poller::callout_response(result, headers, headers_len, body_chunks, body_chunks_len)
+        };
+        p.answered(config_envoy, &config.families, callout_id, resp);
+    }
 }
 
 // The hooks Envoy requires of an HTTP filter module that txmesh's filters
