@@ -3,8 +3,8 @@
 # payment and inventory and the ingress (run from the repo root).
 #
 #   scripts/dev/gen-sidecar-configs.py            writes envoy/*.yaml (the committed ones)
-#   scripts/dev/gen-sidecar-configs.py --host native   writes envoy/native/*.yaml: authz and
-#                                                 metrics from libtxmesh.so (docs/native.md)
+#   scripts/dev/gen-sidecar-configs.py --host native   writes envoy/native/*.yaml: authz,
+#                                                 metrics and the router from libtxmesh.so (docs/native.md)
 #   scripts/dev/gen-sidecar-configs.py --check    fails (exit 1) if a committed file differs
 #                                                 (envoy/ and envoy/native/)
 #   scripts/dev/gen-sidecar-configs.py --out DIR --offset N --ingress-port P --certs DIR \
@@ -19,7 +19,7 @@ from string import Template
 ap = argparse.ArgumentParser(description="generate the shop's Envoy configs")
 ap.add_argument("--out", default=None, help="default: envoy (wasm) or envoy/native (native)")
 ap.add_argument("--host", choices=("wasm", "native"), default="wasm",
-                help="native: authz and metrics from the dynamic module libtxmesh.so")
+                help="native: authz, metrics and the router from the dynamic module libtxmesh.so")
 ap.add_argument("--offset", type=int, default=0, help="added to every port")
 ap.add_argument("--ingress-port", type=int, default=None, help="default: 10000 + offset")
 ap.add_argument("--certs", default=".txmesh/certs")
@@ -149,7 +149,7 @@ def authz_filter(value):
 # The native module's stats are named as the wasm filters' (not
 # envoy_txmesh_...): a runtime flag every native config sets.
 NATIVE_RUNTIME = '''
-# Native tier: authz and metrics come from libtxmesh.so. Run from the
+# Native tier: authz, metrics and the router come from libtxmesh.so. Run from the
 # repository root after `make build build-native`:
 #   ENVOY_DYNAMIC_MODULES_SEARCH_PATH=target/native .venv/bin/envoy -c <this file> ...
 # libtxmesh.so's stats without Envoy's envoy_<namespace>_ prefix (docs/native.md).
@@ -174,6 +174,11 @@ def txn_filter(name, begin_json, direction, anchor, app_protocol="http"):
 APP_H2 = "    # The app speaks gRPC (txmesh.v1.Participant): HTTP/2.\n" + HTTP2
 # A route cluster to a gRPC service (order calls shop.v1.Inventory): HTTP/2.
 UPSTREAM_H2 = "    # %s speaks gRPC (shop.v1.Inventory): HTTP/2 to its sidecar.\n" + HTTP2
+def router_filter(value):
+    if HOST == "native":
+        return native_filter("router", value)
+    return wasm_filter("txmesh_router", "FAIL_CLOSED", value,
+        why="Fails closed: without it the pick header could come from anyone.", block=True)
 def metrics_filter(name, direction, anchor):
     value = '{"workload": "%s", "reporter": "%s"}' % (name, direction)
     if HOST == "native":
@@ -220,10 +225,9 @@ $txn_out
 $metrics_out
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-""").substitute(name=name, outbound=P(outbound), listener_outbound=listener_head("OUTBOUND", P(outbound), "outbound", name), vhosts=vhosts.rstrip(), router=wasm_filter("txmesh_router", "FAIL_CLOSED",
+""").substitute(name=name, outbound=P(outbound), listener_outbound=listener_head("OUTBOUND", P(outbound), "outbound", name), vhosts=vhosts.rstrip(), router=router_filter(
             '{"etcd_cluster": "etcd", "poll_interval_ms": 500, "services": {%s}}' % ", ".join(
-            '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes),
-            why="Fails closed: without it the pick header could come from anyone.", block=True),
+            '"%s": {"strategy": "peak_ewma", "outlier": {"consecutive_failures": 5, "base_ejection_ms": 10000}}' % r[0] for r in routes)),
             txn_out=txn_filter(instance, "", "outbound", "&txn_outbound", APP_PROTOCOL[name]),
             metrics_out=metrics_filter(name, "outbound", "&metrics_outbound"))
     return Template("""# txmesh sidecar of "$name", the $role.

@@ -179,7 +179,9 @@ fn main() {
     let metrics = || Filter::wasm("txmesh_metrics", metrics_config.clone());
     // The native module (libtxmesh.so): the same configs.
     let native_metrics = || Filter::native("metrics", metrics_config.clone());
-    let router = || Filter::router(json!({"services": {"local_app": {"strategy": "peak_ewma"}}}));
+    let router_config = json!({"services": {"local_app": {"strategy": "peak_ewma"}}});
+    let router = || Filter::wasm("txmesh_router", router_config.clone());
+    let native_router = || Filter::native("router", router_config.clone());
     let authz_config = json!({
         "default": "allow",
         "coordinators": [{"prefix": "spiffe://txmesh.local/ns/shop/sa/"}],
@@ -241,13 +243,28 @@ fn main() {
             Sidecar::new("nauthz").inbound_filter(native_authz()),
         ),
         (
-            "chain: authz+metrics native, router wasm, txn wasm behind its gate",
+            "txmesh router, native (libtxmesh.so)",
+            Sidecar::new("nrouter")
+                .etcd(&etcd)
+                .inbound_filter(native_router()),
+        ),
+        (
+            "chain: authz+router+metrics native, txn wasm behind its gate",
             Sidecar::new("nchain")
                 .etcd(&etcd)
                 .inbound_filter(native_authz())
-                .inbound_filter(router())
+                .inbound_filter(native_router())
                 .inbound_filter(txn().gated(gate.clone()))
                 .inbound_filter(native_metrics()),
+        ),
+        (
+            "chain: authz+router+metrics wasm, txn wasm behind its gate",
+            Sidecar::new("gchain")
+                .etcd(&etcd)
+                .inbound_filter(authz())
+                .inbound_filter(router())
+                .inbound_filter(txn().gated(gate.clone()))
+                .inbound_filter(metrics()),
         ),
         (
             "full chain: authz+router+txn+metrics",
