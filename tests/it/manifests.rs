@@ -52,15 +52,88 @@ fn native_patch(at: &str, p: &Value) {
     let cfg = s(tc, &["filter_config", "value"])
         .unwrap_or_else(|| panic!("{at}: filter_config.value"))
         .as_bytes();
-    match s(tc, &["filter_name"]) {
-        Some("authz") => {
-            txmesh_core::authz::AuthzConfig::parse(cfg).unwrap_or_else(|e| panic!("{at}: {e}"));
-        }
-        Some("metrics") => {
-            txmesh_core::metrics::MetricsConfig::parse(cfg).unwrap_or_else(|e| panic!("{at}: {e}"));
-        }
+    native_config(at, s(tc, &["filter_name"]), cfg);
+}
+
+/// A config for the module's filter `filter_name`, which it must provide;
+/// the config must be accepted by that filter's own parser.
+fn native_config(at: &str, filter_name: Option<&str>, cfg: &[u8]) {
+    let parsed = match filter_name {
+        Some("authz") => txmesh_core::authz::AuthzConfig::parse(cfg).map(|_| ()),
+        Some("metrics") => txmesh_core::metrics::MetricsConfig::parse(cfg).map(|_| ()),
+        Some("router") => txmesh_core::router::config::RouterConfig::parse(cfg).map(|_| ()),
         other => panic!("{at}: filter_name {other:?} is not one libtxmesh.so provides"),
+    };
+    parsed.unwrap_or_else(|e| panic!("{at}: {e}"));
+}
+
+/// The Envoy Gateway example: the module registered in the EnvoyProxy's
+/// allowlist at the path docker/native.Dockerfile puts it, the Gateway
+/// using that EnvoyProxy, and every dynamicModule of the policy naming a
+/// registered module, a filter it provides and a config its parser accepts.
+#[test]
+fn the_envoy_gateway_example_registers_the_module_and_configures_its_filters() {
+    let root = workspace_root();
+    let path = root.join("deploy/envoy-gateway/txmesh-native.yaml");
+    let all = docs(&path);
+    let of = |kind: &str| -> Vec<&Value> {
+        all.iter()
+            .filter(|d| s(d, &["kind"]) == Some(kind))
+            .collect()
+    };
+    let proxies = of("EnvoyProxy");
+    assert_eq!(proxies.len(), 1);
+    let proxy = proxies[0];
+    assert_eq!(
+        s(proxy, &["apiVersion"]),
+        Some("gateway.envoyproxy.io/v1alpha1")
+    );
+    let dockerfile = std::fs::read_to_string(root.join("docker/native.Dockerfile")).unwrap();
+    let registered: Vec<&str> = proxy["spec"]["dynamicModules"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("EnvoyProxy spec.dynamicModules"))
+        .iter()
+        .map(|m| {
+            let name = s(m, &["name"]).unwrap_or_else(|| panic!("a module without a name"));
+            assert_eq!(s(m, &["source", "type"]), Some("Local"), "{name}");
+            let so = s(m, &["source", "local", "path"]).unwrap_or_default();
+            assert!(
+                so.starts_with('/') && dockerfile.contains(so),
+                "{name}: {so} is not where docker/native.Dockerfile puts the module"
+            );
+            name
+        })
+        .collect();
+    let proxy_name = s(proxy, &["metadata", "name"]);
+    let gateways = of("Gateway");
+    assert_eq!(gateways.len(), 1);
+    assert_eq!(
+        s(gateways[0], &["spec", "infrastructure", "parametersRef", "name"]),
+        proxy_name
+    );
+    let policies = of("EnvoyExtensionPolicy");
+    assert_eq!(policies.len(), 1);
+    let p = policies[0];
+    assert_eq!(s(p, &["apiVersion"]), Some("gateway.envoyproxy.io/v1alpha1"));
+    let targets = p["spec"]["targetRefs"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("targetRefs"));
+    assert!(targets
+        .iter()
+        .all(|t| s(t, &["name"]) == s(gateways[0], &["metadata", "name"])));
+    let modules = p["spec"]["dynamicModule"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("EnvoyExtensionPolicy spec.dynamicModule"));
+    let mut filters = Vec::new();
+    for m in modules {
+        let name = s(m, &["name"]).unwrap_or_default();
+        assert!(registered.contains(&name), "{name} is not registered");
+        let filter = s(m, &["filterName"]);
+        let cfg = serde_json::to_vec(&m["config"]).unwrap();
+        native_config(&format!("{}: {filter:?}", path.display()), filter, &cfg);
+        filters.extend(filter);
     }
+    assert_eq!(filters, ["authz", "metrics"]);
 }
 
 #[test]
