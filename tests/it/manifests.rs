@@ -108,13 +108,19 @@ fn the_envoy_gateway_example_registers_the_module_and_configures_its_filters() {
     let gateways = of("Gateway");
     assert_eq!(gateways.len(), 1);
     assert_eq!(
-        s(gateways[0], &["spec", "infrastructure", "parametersRef", "name"]),
+        s(
+            gateways[0],
+            &["spec", "infrastructure", "parametersRef", "name"]
+        ),
         proxy_name
     );
     let policies = of("EnvoyExtensionPolicy");
     assert_eq!(policies.len(), 1);
     let p = policies[0];
-    assert_eq!(s(p, &["apiVersion"]), Some("gateway.envoyproxy.io/v1alpha1"));
+    assert_eq!(
+        s(p, &["apiVersion"]),
+        Some("gateway.envoyproxy.io/v1alpha1")
+    );
     let targets = p["spec"]["targetRefs"]
         .as_sequence()
         .unwrap_or_else(|| panic!("targetRefs"));

@@ -32,11 +32,24 @@ fn policy() -> serde_json::Value {
 fn the_module_loads_with_its_abi_matched_or_refuses_cleanly() {
     txmesh_tests::native_module();
     let app = Upstream::start();
+    let minor = envoy_minor();
+    let mut filter = Filter::native("authz", policy());
+    // Before 1.39 Envoy's DynamicModuleConfig has no `metrics_namespace`:
+    // it would refuse the config before opening the module, and the
+    // module's own version probe would go untested.
+    let older = minor
+        .strip_prefix("1.")
+        .and_then(|m| m.parse::<u32>().ok())
+        .is_some_and(|m| m < 39);
+    if older {
+        if let Some(c) = filter.0["typed_config"]["dynamic_module_config"].as_object_mut() {
+            c.remove("metrics_namespace");
+        }
+    }
     let started = Sidecar::new("payment")
         .app(&app)
-        .inbound_filter(Filter::native("authz", policy()))
+        .inbound_filter(filter)
         .try_start();
-    let minor = envoy_minor();
     if minor == "1.40" {
         let envoy = started.unwrap_or_else(|log| panic!("the module must load on 1.40:\n{log}"));
         let log = envoy.log();
@@ -59,10 +72,18 @@ fn the_module_loads_with_its_abi_matched_or_refuses_cleanly() {
             log.contains("envoy exited with exit status: 1"),
             "a crash, not a refusal:\n{log}"
         );
-        assert!(
-            log.contains("libtxmesh.so: this module is built for Envoy 1.40"),
-            "{log}"
-        );
+        // Refused by the module's version probe (1.39 has every callback
+        // it links against), or already by the loader: older Envoys lack
+        // some of them, and Envoy reports the failed dlopen.
+        let why = log
+            .lines()
+            .find(|l| {
+                l.contains("libtxmesh.so: this module is built for Envoy 1.40")
+                    || l.contains("Failed to load dynamic module")
+            })
+            .unwrap_or_else(|| panic!("no refusal in the log:\n{log}"));
+        // For `make test-matrix`'s table.
+        println!("refused by: {why}");
     }
 }
 
