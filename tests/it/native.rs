@@ -9,6 +9,7 @@
 
 use serde_json::json;
 use std::collections::BTreeMap;
+use txmesh_tests::envoy::original_dst_cluster;
 use txmesh_tests::{Client, Filter, Sidecar, Upstream};
 
 fn envoy_minor() -> String {
@@ -201,4 +202,75 @@ fn prometheus_names_and_labels_are_the_wasm_filters() {
     let native = series_after(&app, Filter::native("authz", policy()), &requests, &names);
     assert_eq!(native, wasm);
     assert_eq!(wasm.len(), 2, "{wasm:?}");
+}
+
+/// The router's series after `extra` requests to `payment` once it routes:
+/// "name {labels}" -> value, recorded series only. One worker and round
+/// robin, so both hosts pick the same endpoints (`ups`, registered in the
+/// registry) in the same order.
+fn router_series(ups: &[Upstream], filter: Filter, extra: usize) -> BTreeMap<String, f64> {
+    let etcd = txmesh_tests::Etcd::start();
+    for u in ups {
+        etcd.put(
+            &format!("txmesh/services/payment/{}", u.addr()),
+            &json!({"address": u.addr().to_string()}).to_string(),
+        );
+    }
+    let envoy = Sidecar::new("client")
+        .concurrency(1)
+        .etcd(&etcd)
+        .outbound_filter(filter)
+        .route_cluster(original_dst_cluster("payment", "x-txmesh-endpoint"))
+        .start();
+    let c = Client::new();
+    let call = || {
+        c.request(
+            "GET",
+            &envoy.outbound_url("/x"),
+            &[("host", "payment")],
+            b"",
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .status
+    };
+    // Until the registry is read the router answers 503 (counted apart).
+    txmesh_tests::wait_for(10, "the first routed request", || {
+        (call() == 200).then_some(())
+    });
+    for _ in 0..extra {
+        assert_eq!(call(), 200);
+    }
+    let served = (extra + 1) as f64;
+    let names = [
+        "txmesh_router_picks_total",
+        "txmesh_router_requests_total",
+        "txmesh_router_endpoints",
+        "txmesh_router_registry_updates_total",
+    ];
+    let mut seen = BTreeMap::new();
+    txmesh_tests::wait_for(10, "every routed request recorded", || {
+        let scrape = envoy.scrape();
+        seen = names
+            .iter()
+            .flat_map(|n| scrape.find(n, &[]))
+            .filter(|s| s.value > 0.0)
+            .map(|s| (format!("{} {:?}", s.name, s.labels), s.value))
+            .collect();
+        (scrape.sum("txmesh_router_requests_total", &[]) == served).then_some(())
+    });
+    seen
+}
+
+#[test]
+fn the_routers_prometheus_output_is_the_wasm_routers() {
+    txmesh_tests::native_module();
+    txmesh_tests::wasm("txmesh_router");
+    let cfg =
+        json!({"poll_interval_ms": 200, "services": {"payment": {"strategy": "round_robin"}}});
+    let ups: Vec<Upstream> = (0..2).map(|_| Upstream::start()).collect();
+    let wasm = router_series(&ups, Filter::wasm("txmesh_router", cfg.clone()), 9);
+    let native = router_series(&ups, Filter::native("router", cfg), 9);
+    assert_eq!(native, wasm);
+    // Two endpoints x (picks, requests) + the endpoints gauge + one update.
+    assert_eq!(wasm.len(), 6, "{wasm:#?}");
 }
