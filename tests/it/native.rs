@@ -111,6 +111,17 @@ fn a_bad_filter_name_is_refused_with_the_names_there_are() {
     );
 }
 
+/// The recorded series of these names: "name {labels}" -> value (the wasm
+/// filters also show defined series at 0; the native ones do not).
+fn recorded(scrape: &txmesh_tests::Scrape, names: &[&str]) -> BTreeMap<String, f64> {
+    names
+        .iter()
+        .flat_map(|n| scrape.find(n, &[]))
+        .filter(|s| s.value > 0.0)
+        .map(|s| (format!("{} {:?}", s.name, s.labels), s.value))
+        .collect()
+}
+
 /// Starts a sidecar with `filter`, sends `requests` (path, status the app
 /// answers), waits until each of `names` sums to one count per request, and
 /// returns those series as Prometheus shows them: "name {labels}" -> value
@@ -138,12 +149,7 @@ fn series_after(
     let mut seen = BTreeMap::new();
     txmesh_tests::wait_for(10, "every request counted", || {
         let scrape = envoy.scrape();
-        seen = names
-            .iter()
-            .flat_map(|n| scrape.find(n, &[]))
-            .filter(|s| s.value > 0.0)
-            .map(|s| (format!("{} {:?}", s.name, s.labels), s.value))
-            .collect();
+        seen = recorded(&scrape, names);
         names
             .iter()
             .all(|n| scrape.sum(n, &[]) == requests.len() as f64)
@@ -250,12 +256,7 @@ fn router_series(ups: &[Upstream], filter: Filter, extra: usize) -> BTreeMap<Str
     let mut seen = BTreeMap::new();
     txmesh_tests::wait_for(10, "every routed request recorded", || {
         let scrape = envoy.scrape();
-        seen = names
-            .iter()
-            .flat_map(|n| scrape.find(n, &[]))
-            .filter(|s| s.value > 0.0)
-            .map(|s| (format!("{} {:?}", s.name, s.labels), s.value))
-            .collect();
+        seen = recorded(&scrape, &names);
         (scrape.sum("txmesh_router_requests_total", &[]) == served).then_some(())
     });
     seen

@@ -16,15 +16,7 @@ pub fn log(level: u32, msg: &str) {
 
 /// A local reply on the stream.
 pub fn send_response(f: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let hs: Vec<abi::ModuleHttpHeader> = headers
-        .iter()
-        .map(|(k, v)| abi::ModuleHttpHeader {
-            key_ptr: k.as_ptr(),
-            key_len: k.len(),
-            value_ptr: v.as_ptr(),
-            value_len: v.len(),
-        })
-        .collect();
+    let hs = module_headers(headers);
     // SAFETY: every buffer lives until the call returns.
     unsafe {
         abi::envoy_dynamic_module_callback_http_send_response(
@@ -36,6 +28,20 @@ pub fn send_response(f: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], b
             ModuleBuffer::of(b"txmesh"),
         )
     }
+}
+
+/// Headers as the ABI takes them, borrowing `headers` (which must outlive
+/// the call they are passed to).
+fn module_headers(headers: &[(&str, &str)]) -> Vec<abi::ModuleHttpHeader> {
+    headers
+        .iter()
+        .map(|(k, v)| abi::ModuleHttpHeader {
+            key_ptr: k.as_ptr(),
+            key_len: k.len(),
+            value_ptr: v.as_ptr(),
+            value_len: v.len(),
+        })
+        .collect()
 }
 
 /// A denied request's answer: 403 with the JSON body, or for a gRPC
@@ -491,15 +497,7 @@ impl FilterHost for NativeHost<'_> {
         let mut hs: Vec<(&str, &str)> =
             vec![(":method", c.method), (":path", &c.path), ("host", host)];
         hs.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let headers: Vec<abi::ModuleHttpHeader> = hs
-            .iter()
-            .map(|(k, v)| abi::ModuleHttpHeader {
-                key_ptr: k.as_ptr(),
-                key_len: k.len(),
-                value_ptr: v.as_ptr(),
-                value_len: v.len(),
-            })
-            .collect();
+        let headers = module_headers(&hs);
         let mut id = 0u64;
         // SAFETY: every buffer lives until the call returns; `id` is written.
         let r = unsafe {

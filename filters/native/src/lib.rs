@@ -361,14 +361,22 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     config: *const c_void,
     _event_id: u64,
 ) {
-    if config.is_null() {
-        return;
-    }
-    // SAFETY: a Config this module created, alive while Envoy calls its hooks.
-    let config = unsafe { &*(config as *const Config) };
-    if let Some(p) = &config.poller {
+    // SAFETY: by this function's contract.
+    if let Some((config, p)) = unsafe { poller_of(config) } {
         p.tick(config_envoy, &config.families);
     }
+}
+
+/// A router config's poller, from the config pointer Envoy hands a config
+/// hook (None for other filters).
+///
+/// # Safety
+/// `config` is null or a pointer this module returned from `config_new`,
+/// alive while Envoy calls its hooks.
+unsafe fn poller_of<'a>(config: *const c_void) -> Option<(&'a Config, &'a poller::Poller)> {
+    // SAFETY: by the caller's contract.
+    let config = unsafe { (config as *const Config).as_ref() }?;
+    Some((config, config.poller.as_ref()?))
 }
 
 /// A config-level callout's answer (the router's registry read), on the
@@ -388,12 +396,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     body_chunks: *const EnvoyBuffer,
     body_chunks_len: usize,
 ) {
-    if config.is_null() {
-        return;
-    }
-    // SAFETY: a Config this module created, alive while Envoy calls its hooks.
-    let config = unsafe { &*(config as *const Config) };
-    if let Some(p) = &config.poller {
+    // SAFETY: by this function's contract.
+    if let Some((config, p)) = unsafe { poller_of(config) } {
         // SAFETY: Envoy's arrays, valid for this call.
         let resp = unsafe {
             poller::callout_response(result, headers, headers_len, body_chunks, body_chunks_len)
