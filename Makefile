@@ -47,6 +47,8 @@ fmt-check:
 lint:
 	@echo "[lint] clippy (native, all targets)"
 	@$(CARGO) clippy --quiet --workspace --all-targets -- -D warnings
+	@echo "[lint] clippy (the native module with its bench-only floor filter)"
+	@$(CARGO) clippy --quiet -p txmesh-native --features floor -- -D warnings
 	@echo "[lint] clippy (wasm32 filters)"
 	@$(CARGO) clippy --quiet --target $(WASM_TARGET) $(addprefix -p ,$(FILTERS)) -- -D warnings
 
@@ -149,6 +151,8 @@ FILTER_BENCH_ARGS ?= 5 16 7
 bench-filters: build build-native
 	@scripts/setup.sh --bench >/dev/null
 	@scripts/build-wasm.sh txmesh-trivial txmesh-trivial-raw txmesh-probe >/dev/null
+	@echo "[bench] the native floor (libtxmesh.so with feature floor) -> target/floor/native/"
+	@$(CARGO) build --quiet --profile native -p txmesh-native --features floor --target-dir target/floor
 	@$(CARGO) build --quiet --profile bench-native -p txmesh-tests --bin bench-filters
 	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS) 1
 	@./target/bench-native/bench-filters $(FILTER_BENCH_ARGS) 2

@@ -13,6 +13,8 @@
 //! profile, and the workspace lints deny unwrap, expect and panic.
 
 pub mod abi;
+#[cfg(feature = "floor")]
+mod floor;
 mod host;
 mod poller;
 
@@ -34,6 +36,9 @@ enum Kind {
     Authz(AuthzConfig),
     Metrics(MetricsConfig),
     Router(RouterConfig),
+    /// The bench's floor (feature `floor`).
+    #[cfg(feature = "floor")]
+    Floor,
 }
 
 impl Kind {
@@ -42,6 +47,8 @@ impl Kind {
             Kind::Authz(_) => &txmesh_core::authz::FAMILIES,
             Kind::Metrics(_) => &txmesh_core::metrics::FAMILIES,
             Kind::Router(_) => &txmesh_core::router::engine::FAMILIES,
+            #[cfg(feature = "floor")]
+            Kind::Floor => &floor::FAMILIES,
         }
     }
 }
@@ -60,12 +67,19 @@ pub struct Config {
 enum Engine {
     Authz(AuthzEngine),
     Metrics(MetricsEngine),
-    /// A router that follows the main thread's poller; refreshed from its
-    /// requests at most once a tick (the ABI gives workers no timer).
+    /// A router that follows the main thread's poller, refreshed from its
+    /// own requests (the ABI gives workers no timer): at once when the
+    /// shared data has changed (a new table, another worker's ejection),
+    /// else once a tick (its gauges).
     Router {
         engine: Box<RouterEngine>,
         refreshed_ms: Option<u64>,
+        /// The shared data's write count at that refresh.
+        seen_writes: u64,
     },
+    /// The bench's floor: its counter's id (feature `floor`).
+    #[cfg(feature = "floor")]
+    Floor(Option<u32>),
 }
 
 thread_local! {
@@ -139,6 +153,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             Ok(c) => Kind::Router(c),
             Err(e) => return refuse(&name, &format!("invalid plugin configuration {e}")),
         },
+        #[cfg(feature = "floor")]
+        "floor" => Kind::Floor,
         other => {
             return refuse(
                 other,
@@ -163,6 +179,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             }
         }
         Kind::Authz(_) | Kind::Metrics(_) => None,
+        #[cfg(feature = "floor")]
+        Kind::Floor => None,
     };
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let cfg = Config {
@@ -253,8 +271,11 @@ fn with_engine<R>(
                         Ok(Engine::Router {
                             engine: Box::new(engine),
                             refreshed_ms: None,
+                            seen_writes: 0,
                         })
                     }
+                    #[cfg(feature = "floor")]
+                    Kind::Floor => Ok(Engine::Floor(floor::define(&host))),
                 };
                 match built {
                     Ok(e) => v.insert(e),
@@ -290,11 +311,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         Engine::Router {
             engine,
             refreshed_ms,
+            seen_writes,
         } => {
             let now = host.monotonic_us() / 1000;
-            if refreshed_ms.is_none_or(|t| now >= t.saturating_add(TICK_MS)) {
+            let writes = host::shared_writes();
+            if writes != *seen_writes
+                || refreshed_ms.is_none_or(|t| now >= t.saturating_add(TICK_MS))
+            {
                 engine.on_refresh(host);
                 *refreshed_ms = Some(now);
+                *seen_writes = writes;
             }
             let (routed, verdict) = engine.on_request_headers(host, 0);
             stream.routed = routed;
@@ -303,6 +329,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 // The router answered the stream itself (503, no endpoint).
                 HostVerdict::Pause => Next::Answered,
             }
+        }
+        #[cfg(feature = "floor")]
+        Engine::Floor(counter) => {
+            floor::on_request_headers(host, *counter);
+            Next::Continue
         }
     })
     // No engine (its metrics could not be defined): deny rather than guess,
@@ -348,6 +379,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
             }
         }
         Engine::Authz(_) => {}
+        #[cfg(feature = "floor")]
+        Engine::Floor(_) => {}
     });
 }
 

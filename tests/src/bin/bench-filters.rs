@@ -276,6 +276,30 @@ fn main() {
                 .inbound_filter(metrics()),
         ),
     ];
+    // The floor of the native tier: libtxmesh.so built with feature `floor`
+    // (`make bench-filters` puts it in target/floor/), a filter that sets
+    // one header and bumps one counter — Envoy's dynamic-module filter by
+    // itself, in this run.
+    let floor_so = txmesh_tests::workspace_root().join("target/floor/native/libtxmesh.so");
+    if floor_so.exists() {
+        let mut f = Filter::native("floor", json!({}));
+        f.0["typed_config"]["dynamic_module_config"] = json!({
+            "module": {"local": {"filename": floor_so.display().to_string()}},
+            "metrics_namespace": "txmesh",
+        });
+        configs.insert(
+            1,
+            (
+                "native floor: sets one header, bumps one counter",
+                Sidecar::new("nfloor").inbound_filter(f),
+            ),
+        );
+    } else {
+        eprintln!(
+            "no {} (make bench-filters builds it): no native floor row",
+            floor_so.display()
+        );
+    }
     // BENCH_COMPARE_TXN=<another txmesh_txn.wasm>: that build too, in the
     // same run (e.g. before a change that adds callbacks).
     if let Ok(path) = std::env::var("BENCH_COMPARE_TXN") {
