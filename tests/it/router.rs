@@ -536,6 +536,53 @@ fn override_host_cluster_and_registry_outage() {
     assert!(log.contains("keeping the last table: 2 endpoints"), "{log}");
 }
 
+/// A registry that hangs (etcd stopped with SIGSTOP, connections open but
+/// no answer) costs each poll its deadline, never the poller: reads keep
+/// failing on time and the last table keeps routing; once etcd answers
+/// again the next change is picked up. On the native host the deadline is
+/// enforced from the main thread's tick.
+#[test]
+fn a_hung_registry_costs_each_poll_its_deadline_and_no_more() {
+    let etcd = Etcd::start();
+    let ups: Vec<Upstream> = (0..2).map(|_| Upstream::start()).collect();
+    register(&etcd, "payment", ups[0].addr(), json!({}), 0);
+    let mut cfg = router_cfg(json!({"payment": {"strategy": "round_robin"}}));
+    cfg["poll_timeout_ms"] = json!(300);
+    let envoy = sidecar(&etcd, cfg, &["payment"]);
+    let c = Client::keep_alive();
+    wait_routed(&c, &envoy, "payment", &[&ups[0]], 10);
+    let pid = etcd.guard.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let errors = || {
+        envoy
+            .scrape()
+            .sum("txmesh_router_registry_errors_total", &[])
+    };
+    // Several failed reads: each poll ended at its deadline and the next
+    // one started (every 200 ms + 300 ms).
+    let t = Instant::now();
+    txmesh_tests::wait_for(10, "three failed registry reads", || {
+        (errors() >= 3.0).then_some(())
+    });
+    println!("three failed reads {:?} into the stall", t.elapsed());
+    reset(&ups);
+    send(&c, &envoy, "payment", 5, &[]);
+    assert_eq!(served(&ups), vec![5, 0], "the last table routes");
+    signal("-CONT");
+    register(&etcd, "payment", ups[1].addr(), json!({}), 0);
+    wait_routed(&c, &envoy, "payment", &[&ups[1]], 10);
+    let log = envoy.log();
+    assert_eq!(log.matches("registry unreachable").count(), 1, "{log}");
+    assert!(log.contains("registry reachable again"), "{log}");
+}
+
 #[test]
 fn bad_router_config_is_refused_with_the_field() {
     let etcd = Etcd::start();
