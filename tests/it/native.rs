@@ -275,3 +275,55 @@ fn the_routers_prometheus_output_is_the_wasm_routers() {
     // Two endpoints x (picks, requests) + the endpoints gauge + one update.
     assert_eq!(wasm.len(), 6, "{wasm:#?}");
 }
+
+/// Envoy shutting down destroys the router's config while its tick thread
+/// may be committing to the config's scheduler: the module stops and joins
+/// that thread before the scheduler goes. A clean exit (status 0, no crash
+/// report) after traffic and ticks.
+#[test]
+fn envoy_with_the_native_router_shuts_down_cleanly() {
+    txmesh_tests::native_module();
+    let etcd = txmesh_tests::Etcd::start();
+    let up = Upstream::start();
+    etcd.put(
+        &format!("txmesh/services/payment/{}", up.addr()),
+        &json!({"address": up.addr().to_string()}).to_string(),
+    );
+    let cfg =
+        json!({"poll_interval_ms": 100, "services": {"payment": {"strategy": "round_robin"}}});
+    let mut envoy = Sidecar::new("client")
+        .etcd(&etcd)
+        .outbound_filter(Filter::native("router", cfg))
+        .route_cluster(original_dst_cluster("payment", "x-txmesh-endpoint"))
+        .start();
+    let c = Client::new();
+    txmesh_tests::wait_for(10, "a routed request", || {
+        let r = c
+            .request(
+                "GET",
+                &envoy.outbound_url("/x"),
+                &[("host", "payment")],
+                b"",
+            )
+            .ok()?;
+        (r.status == 200).then_some(())
+    });
+    let pid = envoy.guard.pid().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(term);
+    let status = envoy
+        .guard
+        .wait_exit(20)
+        .unwrap_or_else(|| panic!("Envoy did not exit:\n{}", envoy.log()));
+    let log = envoy.log();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(!log.contains("Caught "), "{log}");
+    // The config was destroyed, its tick thread joined, its scheduler deleted.
+    assert!(
+        log.contains("txmesh native router: registry poller stopped"),
+        "{log}"
+    );
+}

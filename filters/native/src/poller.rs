@@ -123,6 +123,10 @@ impl Drop for Poller {
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.scheduler)
         }
+        crate::host::log(
+            abi::LOG_INFO,
+            "txmesh native router: registry poller stopped",
+        );
     }
 }
 
