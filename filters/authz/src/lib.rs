@@ -6,11 +6,9 @@
 //! (`txmesh_host::rt`): two calls into the VM per stream.
 
 use std::cell::RefCell;
-use txmesh_core::authz::{denial_body, AuthzConfig, AuthzEngine, Verdict};
+use txmesh_core::authz::{denial_body, denial_reply, AuthzConfig, AuthzEngine, Verdict};
 use txmesh_host::rt::Contexts;
 use txmesh_host::{install_root, plugin_config, raw, with_contexts, WasmHost};
-
-const JSON: (&str, &str) = ("content-type", "application/json");
 
 thread_local! {
     static CONTEXTS: RefCell<Contexts<AuthzEngine, ()>> = RefCell::new(Contexts::default());
@@ -51,7 +49,9 @@ pub extern "C" fn proxy_on_request_headers(ctx: u32, _headers: usize, _eos: u32)
     match verdict {
         Verdict::Allow => 0, // Continue
         Verdict::Deny(body) => {
-            raw::send_local_response(403, &[JSON], &body);
+            // Envoy turns this into grpc-status 7 for a gRPC client itself.
+            let r = denial_reply(body, false);
+            raw::send_local_response(r.status, &r.headers, &r.body);
             1 // StopIteration
         }
     }

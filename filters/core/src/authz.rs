@@ -445,6 +445,40 @@ pub fn denial_body(principal: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
+/// A local reply: status, headers and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, &'static str)>,
+    pub body: Vec<u8>,
+}
+
+/// How a denied request is answered: 403 with the JSON `body`; a gRPC client
+/// (`grpc`: its content-type is gRPC) gets what gRPC defines for it instead,
+/// a trailers-only answer with `grpc-status: 7` (PERMISSION_DENIED). A host
+/// whose local replies Envoy already turns into gRPC's form (proxy-wasm's)
+/// passes `grpc = false`; the dynamic-modules ABI does not, so the native
+/// host passes the request's own.
+pub fn denial_reply(body: Vec<u8>, grpc: bool) -> Reply {
+    if grpc {
+        Reply {
+            status: 200,
+            headers: vec![
+                ("content-type", "application/grpc"),
+                ("grpc-status", "7"),
+                ("grpc-message", "forbidden"),
+            ],
+            body: Vec::new(),
+        }
+    } else {
+        Reply {
+            status: 403,
+            headers: vec![("content-type", "application/json")],
+            body,
+        }
+    }
+}
+
 /// A decision to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -793,5 +827,23 @@ mod tests {
         );
         // 6 rules incl. control and default, two decisions each, defined once.
         assert_eq!(*h.define_calls.borrow(), 12);
+    }
+
+    #[test]
+    fn a_denial_is_a_403_or_grpc_permission_denied() {
+        let body = denial_body(b"spiffe://x");
+        let http = denial_reply(body.clone(), false);
+        assert_eq!(
+            (http.status, http.headers, http.body),
+            (
+                403,
+                vec![("content-type", "application/json")],
+                body.clone()
+            )
+        );
+        let grpc = denial_reply(body, true);
+        assert_eq!(grpc.status, 200);
+        assert!(grpc.headers.contains(&("grpc-status", "7")));
+        assert!(grpc.body.is_empty());
     }
 }

@@ -44,25 +44,13 @@ fn module_headers(headers: &[(&str, &str)]) -> Vec<abi::ModuleHttpHeader> {
         .collect()
 }
 
-/// A denied request's answer: 403 with the JSON body, or for a gRPC
-/// request a trailers-only `grpc-status: 7` (PERMISSION_DENIED), as Envoy
-/// turns the wasm filter's local reply into for gRPC clients.
-pub fn deny(f: FilterEnvoyPtr, body: &[u8]) {
+/// A denied request's answer (`txmesh_core::authz::denial_reply`): 403 with
+/// the JSON body, or for a gRPC request the trailers-only `grpc-status: 7`
+/// that Envoy makes of the wasm filter's local reply but not of a module's.
+pub fn deny(f: FilterEnvoyPtr, body: Vec<u8>) {
     let grpc = request_header(f, b"content-type").is_some_and(|ct| txmesh_core::grpc::is_grpc(&ct));
-    if grpc {
-        send_response(
-            f,
-            200,
-            &[
-                ("content-type", "application/grpc"),
-                ("grpc-status", "7"),
-                ("grpc-message", "forbidden"),
-            ],
-            b"",
-        );
-    } else {
-        send_response(f, 403, &[("content-type", "application/json")], body);
-    }
+    let r = txmesh_core::authz::denial_reply(body, grpc);
+    send_response(f, u32::from(r.status), &r.headers, &r.body);
 }
 
 /// The first value of request header `name`.

@@ -343,7 +343,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         Next::Continue => abi::CONTINUE,
         Next::Answered => abi::STOP_ITERATION,
         Next::Deny(body) => {
-            host::deny(envoy, &body);
+            host::deny(envoy, body);
             abi::STOP_ITERATION
         }
     }
