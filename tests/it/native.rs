@@ -323,7 +323,7 @@ fn envoy_with_the_native_router_shuts_down_cleanly() {
     assert!(!log.contains("Caught "), "{log}");
     // The config was destroyed, its tick thread joined, its scheduler deleted.
     assert!(
-        log.contains("txmesh native router: registry poller stopped"),
+        log.contains("txmesh native filter \"router\": tick stopped"),
         "{log}"
     );
 }

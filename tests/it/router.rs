@@ -331,21 +331,18 @@ fn zone_preference_stays_local_and_spills_over_on_ejection() {
     assert_eq!(codes, BTreeMap::from([(503, 4)]));
     send(&c, &envoy, "payment", 30, &[]);
     assert_eq!(served(&ups), vec![2, 2, 30]);
-    let s = envoy.scrape();
-    assert_eq!(
-        s.sum(
+    envoy.scrape_counts(&[
+        (
             "txmesh_router_ejections_total",
-            &[("service", "payment"), ("zone", "z1")]
+            &[("service", "payment"), ("zone", "z1")],
+            2.0,
         ),
-        2.0
-    );
-    assert_eq!(
-        s.sum(
+        (
             "txmesh_router_picks_total",
-            &[("service", "payment"), ("zone", "z2")]
+            &[("service", "payment"), ("zone", "z2")],
+            30.0,
         ),
-        30.0
-    );
+    ]);
 }
 
 #[test]
@@ -386,9 +383,10 @@ fn a_failing_endpoint_is_ejected_and_comes_back() {
         ("service", "payment"),
         ("endpoint", &*ups[0].addr().to_string()),
     ];
-    let s = envoy.scrape();
-    assert_eq!(s.sum("txmesh_router_ejections_total", &l), 1.0);
-    assert_eq!(s.sum("txmesh_router_errors_total", &l), 3.0);
+    envoy.scrape_counts(&[
+        ("txmesh_router_ejections_total", &l, 1.0),
+        ("txmesh_router_errors_total", &l, 3.0),
+    ]);
     assert!(envoy.log().contains(&format!(
         "ejected payment endpoint {} for 2000 ms (ejection 1 in a row) after 3 consecutive failures",
         ups[0].addr()
@@ -432,10 +430,11 @@ fn an_unreachable_endpoint_is_ejected_on_connect_failures() {
     }
     // At most the two failures that eject it (one may have happened while warming up).
     assert!(codes.get(&503).copied().unwrap_or(0) <= 2, "{codes:?}");
-    let s = envoy.scrape();
     let l = [("service", "payment"), ("endpoint", &*dead.to_string())];
-    assert_eq!(s.sum("txmesh_router_ejections_total", &l), 1.0);
-    assert_eq!(s.sum("txmesh_router_errors_total", &l), 2.0);
+    envoy.scrape_counts(&[
+        ("txmesh_router_ejections_total", &l, 1.0),
+        ("txmesh_router_errors_total", &l, 2.0),
+    ]);
 }
 
 #[test]

@@ -139,21 +139,18 @@ fn a_non_coordinator_gets_403_on_the_control_endpoints() {
     let (status, body) = call(&c, &order, "POST", "/txmesh/abort", &h);
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.requests_to("/txmesh/abort").len(), 1);
-    let s = payment.scrape();
-    assert_eq!(
-        s.sum(
-            "txmesh_authz_decisions_total",
-            &[("decision", "deny"), ("rule", "txmesh-control")]
+    payment.scrape_counts(&[
+        (
+            DECISIONS,
+            &[("decision", "deny"), ("rule", "txmesh-control")],
+            4.0,
         ),
-        4.0
-    );
-    assert_eq!(
-        s.sum(
-            "txmesh_authz_decisions_total",
-            &[("decision", "allow"), ("rule", "txmesh-control")]
+        (
+            DECISIONS,
+            &[("decision", "allow"), ("rule", "txmesh-control")],
+            1.0,
         ),
-        1.0
-    );
+    ]);
 }
 
 #[test]
@@ -191,18 +188,27 @@ fn policy_rules_allow_deny_first_match_default_glob() {
     assert_eq!(call(&c, &order, "GET", "/x/../admin", &[]).0, 403);
     let paths: Vec<String> = app.requests().iter().map(|r| r.path.clone()).collect();
     assert_eq!(paths, vec!["/charge", "/stock/widget"]);
-    let s = payment.scrape();
-    let n = |d: &str, r: &str| {
-        s.sum(
-            "txmesh_authz_decisions_total",
-            &[("decision", d), ("rule", r)],
-        )
-    };
-    assert_eq!(n("allow", "order-charges"), 1.0);
-    assert_eq!(n("allow", "mesh-reads"), 1.0);
-    assert_eq!(n("deny", "no-admin"), 2.0);
-    assert_eq!(n("deny", "default"), 2.0);
+    payment.scrape_counts(&[
+        (
+            DECISIONS,
+            &[("decision", "allow"), ("rule", "order-charges")],
+            1.0,
+        ),
+        (
+            DECISIONS,
+            &[("decision", "allow"), ("rule", "mesh-reads")],
+            1.0,
+        ),
+        (
+            DECISIONS,
+            &[("decision", "deny"), ("rule", "no-admin")],
+            2.0,
+        ),
+        (DECISIONS, &[("decision", "deny"), ("rule", "default")], 2.0),
+    ]);
 }
+
+const DECISIONS: &str = "txmesh_authz_decisions_total";
 
 #[test]
 fn a_bad_policy_is_refused_with_the_field() {
@@ -424,14 +430,17 @@ fn rules_on_grpc_methods_and_the_grpc_control_service() {
     }
     let paths: Vec<String> = app.requests().iter().map(|r| r.path.clone()).collect();
     assert_eq!(paths, vec!["/shop.v1.Inventory/Reserve"]);
-    let s = inventory.scrape();
-    let n = |d: &str, r: &str| {
-        s.sum(
-            "txmesh_authz_decisions_total",
-            &[("decision", d), ("rule", r)],
-        )
-    };
-    assert_eq!(n("allow", "inventory-api"), 1.0);
-    assert_eq!(n("deny", "no-ship"), 1.0);
-    assert_eq!(n("deny", "txmesh-control"), 3.0);
+    inventory.scrape_counts(&[
+        (
+            DECISIONS,
+            &[("decision", "allow"), ("rule", "inventory-api")],
+            1.0,
+        ),
+        (DECISIONS, &[("decision", "deny"), ("rule", "no-ship")], 1.0),
+        (
+            DECISIONS,
+            &[("decision", "deny"), ("rule", "txmesh-control")],
+            3.0,
+        ),
+    ]);
 }

@@ -196,6 +196,10 @@ impl FilterHost {
     }
 }
 
+/// A count a test expects in a scrape: the metric, the labels it is summed
+/// over, the sum ([`Envoy::scrape_counts`]).
+pub type Count<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// Runtime flags every txmesh bootstrap sets: the native module's stats
 /// without Envoy's `envoy_<namespace>_` prefix (named as the wasm filters').
 pub fn runtime_layer() -> Value {
@@ -691,6 +695,35 @@ impl Envoy {
             .get(&self.admin_url("/stats/prometheus"))
             .unwrap_or_else(|e| panic!("scrape failed: {e}"));
         Scrape::parse(&String::from_utf8_lossy(&r.body))
+    }
+
+    /// Scrapes until each (name, labels) sums to exactly its expected value,
+    /// and returns that scrape; panics after 10 s with every mismatch.
+    /// Counters are not all up to date when a response arrives: the native
+    /// module sums a worker's counters and records them every tick (100 ms),
+    /// and the log phase runs after the response.
+    pub fn scrape_counts(&self, expected: &[Count]) -> Scrape {
+        let mismatches = |s: &Scrape| -> Vec<String> {
+            expected
+                .iter()
+                .filter(|(n, l, v)| s.sum(n, l) != *v)
+                .map(|(n, l, v)| format!("{n}{l:?}: {} (want {v})", s.sum(n, l)))
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let s = self.scrape();
+            let wrong = mismatches(&s);
+            if wrong.is_empty() {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "counts after 10 s:\n{}",
+                wrong.join("\n")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Scrapes until `ok` holds (histograms reach the admin only after a

@@ -3,6 +3,7 @@
 use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use txmesh_core::host::{
     Callout, Clock, Family, FilterHost, HostError, LogLevel, MetricKind, Metrics, Properties,
     RequestHeaders, ResponsePart, SharedData, SharedSetError,
@@ -80,8 +81,35 @@ fn header(f: FilterEnvoyPtr, header_type: u32, name: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The stat families of one filter config and their Envoy ids, defined
-/// while the config is created (Envoy freezes definitions after it).
-pub struct Families(Vec<(&'static Family, usize)>);
+/// while the config is created (Envoy freezes definitions after it); and
+/// the counter increments its workers have summed since the config's last
+/// tick.
+///
+/// Why counters are summed: the ABI resolves a labeled stat's tag values on
+/// every record (~0.9 µs each, BENCHMARKS.md), and a counter's increments
+/// add up. So a worker adds to its own entry here (one uncontended lock, no
+/// tag resolution) and the config's tick on the main thread records the
+/// sums with the config-level call: counters are at most one tick (100 ms)
+/// late. Gauges and histograms are recorded at once.
+pub struct Families {
+    defs: Vec<(&'static Family, usize)>,
+    pending: Mutex<HashMap<(u64, u32), Pending>>,
+}
+
+/// A counter's increments not yet recorded: the stat (its family's Envoy id
+/// and label values) and the sum.
+struct Pending {
+    envoy_id: usize,
+    values: Vec<String>,
+    delta: u64,
+}
+
+static NEXT_THREAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's key in the pending sums (stat ids are per thread).
+    static THREAD_KEY: u64 = NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
 
 impl Families {
     pub fn define(config: ConfigEnvoyPtr, families: &[&'static Family]) -> Result<Self, String> {
@@ -112,12 +140,64 @@ impl Families {
             }
             out.push((*f, id));
         }
-        Ok(Families(out))
+        Ok(Families {
+            defs: out,
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Records the counters' sums since the last flush on the config (the
+    /// config's tick, on the main thread). Returns how many could not be
+    /// recorded.
+    pub fn flush(&self, config: ConfigEnvoyPtr) -> usize {
+        let due: Vec<(usize, Vec<String>, u64)> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending
+                .values_mut()
+                .filter(|p| p.delta > 0)
+                .map(|p| (p.envoy_id, p.values.clone(), std::mem::take(&mut p.delta)))
+                .collect()
+        };
+        let mut failed = 0;
+        for (envoy_id, values, delta) in due {
+            let buffers: Vec<ModuleBuffer> = values
+                .iter()
+                .map(|v| ModuleBuffer::of(v.as_bytes()))
+                .collect();
+            // SAFETY: buffers live until the call returns.
+            let r = unsafe {
+                abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                    config,
+                    envoy_id,
+                    buffers.as_ptr(),
+                    buffers.len(),
+                    delta,
+                )
+            };
+            if r != abi::METRICS_SUCCESS {
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// Adds `delta` to this thread's sum for stat `id`.
+    fn add(&self, id: u32, stat: &Stat, delta: u64) {
+        let key = (THREAD_KEY.with(|k| *k), id);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending
+            .entry(key)
+            .or_insert_with(|| Pending {
+                envoy_id: stat.envoy_id,
+                values: stat.values.clone(),
+                delta: 0,
+            })
+            .delta += delta;
     }
 
     /// The Envoy id of `family` (by identity: families are statics).
     fn id(&self, family: &'static Family) -> Option<usize> {
-        self.0
+        self.defs
             .iter()
             .find(|(f, _)| std::ptr::eq(*f, family))
             .map(|(_, id)| *id)
@@ -196,6 +276,14 @@ impl<'a> NativeHost<'a> {
             let Some(s) = stats.stats.get(id as usize) else {
                 return Err(HostError(format!("no stat {id}")));
             };
+            let Some(op) = Op::of(s.kind, how) else {
+                return Err(HostError(format!("stat {id} cannot be recorded so")));
+            };
+            // A worker's counter: summed, recorded by the config's tick.
+            if let (Op::Count, Target::Stream(_)) = (op, self.target) {
+                self.families.add(id, s, value);
+                return Ok(());
+            }
             // On the stack: families have at most MAX_LABELS labels.
             let mut values = [ModuleBuffer::NONE; MAX_LABELS];
             let n = s.values.len().min(MAX_LABELS);
@@ -203,9 +291,6 @@ impl<'a> NativeHost<'a> {
                 *b = ModuleBuffer::of(v.as_bytes());
             }
             let p = values.as_ptr();
-            let Some(op) = Op::of(s.kind, how) else {
-                return Err(HostError(format!("stat {id} cannot be recorded so")));
-            };
             // SAFETY: buffers live until the call returns.
             let r = unsafe {
                 match self.target {

@@ -17,6 +17,7 @@ pub mod abi;
 mod floor;
 mod host;
 mod poller;
+mod ticker;
 
 use abi::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr};
 use host::{Families, NativeHost};
@@ -56,6 +57,10 @@ impl Kind {
 /// One filter config: what Envoy's `filter_name` and `filter_config` said,
 /// and the stat families defined for it.
 pub struct Config {
+    /// First, so that it is dropped first: its thread stops before the rest
+    /// goes (the counters not yet recorded, at most one tick's, are lost
+    /// with the config). Held only to be dropped with the config.
+    _ticker: ticker::Ticker,
     id: u64,
     kind: Kind,
     families: Families,
@@ -173,17 +178,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             let mut engine = RouterEngine::new(c.clone(), &host);
             engine.define_metrics(&host);
             described = format!(" ({})", engine.describe());
-            match poller::Poller::start(config_envoy, engine) {
-                Ok(p) => Some(p),
-                Err(e) => return refuse(&name, &e),
-            }
+            Some(poller::Poller::new(engine))
         }
         Kind::Authz(_) | Kind::Metrics(_) => None,
         #[cfg(feature = "floor")]
         Kind::Floor => None,
     };
+    let ticker = match ticker::Ticker::start(config_envoy, &name) {
+        Ok(t) => t,
+        Err(e) => return refuse(&name, &e),
+    };
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let cfg = Config {
+        _ticker: ticker,
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         kind,
         families,
@@ -384,7 +391,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     });
 }
 
-/// The router's tick on the main thread (its config scheduler's event).
+/// A config's tick on the main thread (its scheduler's event): the
+/// counters its workers summed are recorded, and the router's poller ticks.
 ///
 /// # Safety
 /// `config` is a pointer this module returned from `config_new`.
@@ -394,8 +402,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     config: *const c_void,
     _event_id: u64,
 ) {
-    // SAFETY: by this function's contract.
-    if let Some((config, p)) = unsafe { poller_of(config) } {
+    // SAFETY: a Config this module created, alive while Envoy calls its hooks.
+    let Some(config) = (unsafe { (config as *const Config).as_ref() }) else {
+        return;
+    };
+    let failed = config.families.flush(config_envoy);
+    if failed > 0 {
+        host::log(
+            abi::LOG_WARN,
+            &format!("txmesh native filter: {failed} counter(s) could not be recorded"),
+        );
+    }
+    if let Some(p) = &config.poller {
         p.tick(config_envoy, &config.families);
     }
 }

@@ -2,89 +2,30 @@
 //! thread per router config.
 //!
 //! The HTTP-filter ABI has no timer and no per-worker root context
-//! (docs/native.md). So the config owns a scheduler and a small thread that
-//! commits to it every [`TICK_MS`]; each commit arrives as
-//! `on_http_filter_config_scheduled` on the main thread, where this engine
-//! ticks: it keeps the poller lease, reads the registry with a config-level
+//! (docs/native.md). So the config's [`crate::ticker::Ticker`] wakes the
+//! main thread every tick (`on_http_filter_config_scheduled`), where this
+//! engine ticks: it keeps the poller lease, reads the registry with a config-level
 //! callout (answered on the main thread), enforces the read's deadline and
 //! publishes the table in the process-wide shared data. The workers' engines
 //! only follow (`RouterEngine::on_refresh`): they never call etcd.
 
-use crate::abi::{self, ConfigEnvoyPtr, ConfigSchedulerPtr, EnvoyBuffer, EnvoyHttpHeader};
+use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, EnvoyHttpHeader};
 use crate::host::{Families, NativeHost};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::Mutex;
 use txmesh_core::host::CalloutResponse;
-use txmesh_core::router::engine::{RouterEngine, TICK_MS};
+use txmesh_core::router::engine::RouterEngine;
 
-/// A scheduler pointer handed to the ticker thread: Envoy's scheduler may be
-/// committed to from any thread (ENVOY-NOTES); it is deleted only after the
-/// thread has been joined.
-struct SchedulerRef(ConfigSchedulerPtr);
-// SAFETY: see above; the ticker only calls `scheduler_commit` with it.
-unsafe impl Send for SchedulerRef {}
-
-/// The thread that wakes the poller every tick.
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
-/// One router config's poller (lives as long as the config).
+/// One router config's poller (lives as long as the config; its ticks come
+/// from the config's [`crate::ticker::Ticker`]).
 pub struct Poller {
     /// Main thread only (config hooks); the lock is never contended.
     engine: Mutex<RouterEngine>,
-    scheduler: ConfigSchedulerPtr,
-    ticker: Option<Ticker>,
 }
 
 impl Poller {
-    /// Starts ticking `engine` on the main thread of the config `envoy`.
-    pub fn start(envoy: ConfigEnvoyPtr, engine: RouterEngine) -> Result<Self, String> {
-        // SAFETY: called in config_new, with the config's Envoy pointer.
-        let scheduler =
-            unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(envoy) };
-        if scheduler.is_null() {
-            return Err("Envoy gave no config scheduler".into());
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let target = SchedulerRef(scheduler);
-        let spawned = std::thread::Builder::new()
-            .name("txmesh-router-tick".into())
-            .spawn(move || {
-                let target = target;
-                while !flag.load(Ordering::Acquire) {
-                    std::thread::park_timeout(Duration::from_millis(TICK_MS));
-                    if flag.load(Ordering::Acquire) {
-                        break;
-                    }
-                    // SAFETY: the scheduler outlives this thread (Drop joins
-                    // before deleting it).
-                    unsafe {
-                        abi::envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
-                            target.0, 0,
-                        )
-                    }
-                }
-            });
-        match spawned {
-            Ok(thread) => Ok(Poller {
-                engine: Mutex::new(engine),
-                scheduler,
-                ticker: Some(Ticker { stop, thread }),
-            }),
-            Err(e) => {
-                // SAFETY: created above, never shared.
-                unsafe {
-                    abi::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
-                        scheduler,
-                    )
-                };
-                Err(format!("cannot start the tick thread: {e}"))
-            }
+    pub fn new(engine: RouterEngine) -> Self {
+        Poller {
+            engine: Mutex::new(engine),
         }
     }
 
@@ -109,24 +50,6 @@ impl Poller {
         let host = NativeHost::on_config(envoy, families);
         let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         engine.on_callout(&host, token, resp);
-    }
-}
-
-impl Drop for Poller {
-    fn drop(&mut self) {
-        if let Some(t) = self.ticker.take() {
-            t.stop.store(true, Ordering::Release);
-            t.thread.thread().unpark();
-            let _ = t.thread.join();
-        }
-        // SAFETY: the only thread committing to it has ended.
-        unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.scheduler)
-        }
-        crate::host::log(
-            abi::LOG_INFO,
-            "txmesh native router: registry poller stopped",
-        );
     }
 }
 
