@@ -296,24 +296,8 @@ fn envoy_with_the_native_router_shuts_down_cleanly() {
         .outbound_filter(Filter::native("router", cfg))
         .route_cluster(original_dst_cluster("payment", "x-txmesh-endpoint"))
         .start();
-    let c = Client::new();
-    txmesh_tests::wait_for(10, "a routed request", || {
-        let r = c
-            .request(
-                "GET",
-                &envoy.outbound_url("/x"),
-                &[("host", "payment")],
-                b"",
-            )
-            .ok()?;
-        (r.status == 200).then_some(())
-    });
-    let pid = envoy.guard.pid().to_string();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(term);
+    envoy.wait_outbound_ok(&Client::new(), "payment");
+    envoy.guard.signal(libc::SIGTERM);
     let status = envoy
         .guard
         .wait_exit(20)

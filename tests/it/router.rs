@@ -460,17 +460,7 @@ fn peak_ewma_starves_a_slow_endpoint_round_robin_does_not() {
         &["payment", "inventory"],
     );
     let c = Client::keep_alive();
-    txmesh_tests::wait_for(10, "the registry to load", || {
-        let r = c
-            .request(
-                "GET",
-                &envoy.outbound_url("/x"),
-                &[("host", "payment")],
-                b"",
-            )
-            .ok()?;
-        (r.status == 200).then_some(())
-    });
+    envoy.wait_outbound_ok(&c, "payment");
     reset(&ups);
     send(&c, &envoy, "payment", 400, &[]);
     let ewma = served(&ups);
@@ -550,15 +540,7 @@ fn a_hung_registry_costs_each_poll_its_deadline_and_no_more() {
     let envoy = sidecar(&etcd, cfg, &["payment"]);
     let c = Client::keep_alive();
     wait_routed(&c, &envoy, "payment", &[&ups[0]], 10);
-    let pid = etcd.guard.pid().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {pid}");
-    };
-    signal("-STOP");
+    etcd.guard.signal(libc::SIGSTOP);
     let errors = || {
         envoy
             .scrape()
@@ -574,7 +556,7 @@ fn a_hung_registry_costs_each_poll_its_deadline_and_no_more() {
     reset(&ups);
     send(&c, &envoy, "payment", 5, &[]);
     assert_eq!(served(&ups), vec![5, 0], "the last table routes");
-    signal("-CONT");
+    etcd.guard.signal(libc::SIGCONT);
     register(&etcd, "payment", ups[1].addr(), json!({}), 0);
     wait_routed(&c, &envoy, "payment", &[&ups[1]], 10);
     let log = envoy.log();

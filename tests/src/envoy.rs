@@ -697,6 +697,21 @@ impl Envoy {
         Scrape::parse(&String::from_utf8_lossy(&r.body))
     }
 
+    /// Waits (10 s at most) until a request to `host` through the outbound
+    /// listener is answered 200 (e.g. once the router has read its registry).
+    pub fn wait_outbound_ok(&self, c: &crate::Client, host: &str) {
+        crate::wait_for(
+            10,
+            &format!("a 200 from {host} through the outbound listener"),
+            || {
+                let r = c
+                    .request("GET", &self.outbound_url("/x"), &[("host", host)], b"")
+                    .ok()?;
+                (r.status == 200).then_some(())
+            },
+        );
+    }
+
     /// Scrapes until each (name, labels) sums to exactly its expected value,
     /// and returns that scrape; panics after 10 s with every mismatch.
     /// Counters are not all up to date when a response arrives: the native

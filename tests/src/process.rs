@@ -83,6 +83,12 @@ impl ChildGuard {
         self.child.id()
     }
 
+    /// Sends `sig` to the process (SIGSTOP: it keeps its sockets and state
+    /// but answers nothing until SIGCONT; SIGTERM: a graceful exit).
+    pub fn signal(&self, sig: libc::c_int) {
+        signal(self.pid(), sig);
+    }
+
     /// `Some(exit status)` once the process has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -141,4 +147,10 @@ impl Drop for ChildGuard {
         }
         self.kill();
     }
+}
+
+/// Sends `sig` to a child of ours by pid.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: a plain signal to a child of ours (killed on drop either way).
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
 }

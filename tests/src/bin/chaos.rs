@@ -160,12 +160,7 @@ struct Args {
     no_faults: bool,
 }
 
-/// Sends `signal` to a child of ours (SIGSTOP: it keeps its sockets and
-/// state but answers nothing until SIGCONT).
-fn signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: a plain signal to a child of ours (killed on drop either way).
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
-}
+use txmesh_tests::process::signal;
 
 /// A participant process (restartable with the same arguments).
 struct Proc {
