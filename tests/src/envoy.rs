@@ -713,32 +713,18 @@ impl Envoy {
     }
 
     /// Scrapes until each (name, labels) sums to exactly its expected value,
-    /// and returns that scrape; panics after 10 s with every mismatch.
+    /// and returns that scrape; panics after 10 s with the last scrape.
     /// Counters are not all up to date when a response arrives: the native
     /// module sums a worker's counters and records them every tick (100 ms),
     /// and the log phase runs after the response.
     pub fn scrape_counts(&self, expected: &[Count]) -> Scrape {
-        let mismatches = |s: &Scrape| -> Vec<String> {
-            expected
-                .iter()
-                .filter(|(n, l, v)| s.sum(n, l) != *v)
-                .map(|(n, l, v)| format!("{n}{l:?}: {} (want {v})", s.sum(n, l)))
-                .collect()
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let s = self.scrape();
-            let wrong = mismatches(&s);
-            if wrong.is_empty() {
-                return s;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "counts after 10 s:\n{}",
-                wrong.join("\n")
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let want: Vec<String> = expected
+            .iter()
+            .map(|(n, l, v)| format!("{n}{l:?} = {v}"))
+            .collect();
+        self.scrape_until(&want.join(", "), |s| {
+            expected.iter().all(|(n, l, v)| s.sum(n, l) == *v)
+        })
     }
 
     /// Scrapes until `ok` holds (histograms reach the admin only after a

@@ -95,6 +95,12 @@ pub trait SharedData {
     /// Writes a key. With `cas = Some(token)` the write fails with
     /// [`SharedSetError::CasMismatch`] if the key changed since that token was read.
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedSetError>;
+    /// A number that changes whenever any key is written, for hosts that
+    /// keep one (the native module); `None` where the host has none
+    /// (proxy-wasm). Lets a cache of shared data know when to read again.
+    fn shared_version(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The request side of one HTTP stream.
@@ -261,6 +267,8 @@ pub mod fake {
         pub cas_failures: RefCell<u32>,
         /// Shared-data reads and writes made so far.
         pub shared_calls: RefCell<u32>,
+        /// Shared-data writes that succeeded ([`SharedData::shared_version`]).
+        pub shared_writes: std::cell::Cell<u64>,
         /// The wall clock and the monotonic clock, in µs ([`Clock`]);
         /// tests move them.
         pub clock_us: std::cell::Cell<u64>,
@@ -377,7 +385,11 @@ pub mod fake {
             }
             let next = current.unwrap_or(0) + 1;
             map.insert(key.to_string(), (value.to_vec(), next));
+            self.shared_writes.set(self.shared_writes.get() + 1);
             Ok(())
+        }
+        fn shared_version(&self) -> Option<u64> {
+            Some(self.shared_writes.get())
         }
     }
 

@@ -39,6 +39,9 @@ impl SharedData for Host {
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedSetError> {
         self.base.shared_set(key, value, cas)
     }
+    fn shared_version(&self) -> Option<u64> {
+        self.base.shared_version()
+    }
 }
 impl Metrics for Host {
     fn define_metric(&self, family: &'static Family, values: &[&str]) -> Result<u32, HostError> {

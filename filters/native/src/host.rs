@@ -509,15 +509,9 @@ static SHARED: std::sync::Mutex<Option<SharedMap>> = std::sync::Mutex::new(None)
 /// key -> (value, CAS token).
 type SharedMap = HashMap<String, (Vec<u8>, u32)>;
 
-/// How many writes the shared data has taken: an engine that caches what it
-/// read there (the router's table and health records) reads again when this
-/// moves, instead of waiting for its next periodic refresh.
+/// How many writes the shared data has taken ([`SharedData::shared_version`]:
+/// a following router reads its table again when this moves).
 static SHARED_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// The shared data's write count ([`SHARED_WRITES`]).
-pub fn shared_writes() -> u64 {
-    SHARED_WRITES.load(std::sync::atomic::Ordering::Acquire)
-}
 
 impl SharedData for NativeHost<'_> {
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
@@ -541,6 +535,10 @@ impl SharedData for NativeHost<'_> {
         map.insert(key.to_string(), (value.to_vec(), next));
         SHARED_WRITES.fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    fn shared_version(&self) -> Option<u64> {
+        Some(SHARED_WRITES.load(std::sync::atomic::Ordering::Acquire))
     }
 }
 

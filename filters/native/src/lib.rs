@@ -26,11 +26,11 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use txmesh_core::authz::{AuthzConfig, AuthzEngine, Verdict};
+use txmesh_core::host::Family;
 use txmesh_core::host::Verdict as HostVerdict;
-use txmesh_core::host::{Clock, Family};
 use txmesh_core::metrics::{MetricsConfig, MetricsEngine, MetricsStream};
 use txmesh_core::router::config::RouterConfig;
-use txmesh_core::router::engine::{Routed, RouterEngine, TICK_MS};
+use txmesh_core::router::engine::{Routed, RouterEngine};
 
 /// Which filter a config is.
 enum Kind {
@@ -72,16 +72,9 @@ pub struct Config {
 enum Engine {
     Authz(AuthzEngine),
     Metrics(MetricsEngine),
-    /// A router that follows the main thread's poller, refreshed from its
-    /// own requests (the ABI gives workers no timer): at once when the
-    /// shared data has changed (a new table, another worker's ejection),
-    /// else once a tick (its gauges).
-    Router {
-        engine: Box<RouterEngine>,
-        refreshed_ms: Option<u64>,
-        /// The shared data's write count at that refresh.
-        seen_writes: u64,
-    },
+    /// A router that follows the main thread's poller (refreshed from its
+    /// own requests: `RouterEngine::following`).
+    Router(Box<RouterEngine>),
     /// The bench's floor: its counter's id (feature `floor`).
     #[cfg(feature = "floor")]
     Floor(Option<u32>),
@@ -275,11 +268,7 @@ fn with_engine<R>(
                     Kind::Router(c) => {
                         let mut engine = RouterEngine::new(c.clone(), &host);
                         engine.define_metrics(&host);
-                        Ok(Engine::Router {
-                            engine: Box::new(engine),
-                            refreshed_ms: None,
-                            seen_writes: 0,
-                        })
+                        Ok(Engine::Router(Box::new(engine.following())))
                     }
                     #[cfg(feature = "floor")]
                     Kind::Floor => Ok(Engine::Floor(floor::define(&host))),
@@ -315,20 +304,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 .map(|s| s.ended_at_headers(end_of_stream));
             Next::Continue
         }
-        Engine::Router {
-            engine,
-            refreshed_ms,
-            seen_writes,
-        } => {
-            let now = host.monotonic_us() / 1000;
-            let writes = host::shared_writes();
-            if writes != *seen_writes
-                || refreshed_ms.is_none_or(|t| now >= t.saturating_add(TICK_MS))
-            {
-                engine.on_refresh(host);
-                *refreshed_ms = Some(now);
-                *seen_writes = writes;
-            }
+        Engine::Router(engine) => {
             let (routed, verdict) = engine.on_request_headers(host, 0);
             stream.routed = routed;
             match verdict {
@@ -380,7 +356,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
                 host::log(abi::LOG_WARN, &format!("cannot record metrics: {err}"));
             }
         }
-        Engine::Router { engine, .. } => {
+        Engine::Router(engine) => {
             if let Some(r) = stream.routed.take() {
                 engine.on_log(host, &r);
             }

@@ -7,7 +7,7 @@
 //! engine ticks: it keeps the poller lease, reads the registry with a config-level
 //! callout (answered on the main thread), enforces the read's deadline and
 //! publishes the table in the process-wide shared data. The workers' engines
-//! only follow (`RouterEngine::on_refresh`): they never call etcd.
+//! only follow (`RouterEngine::following`): they never call etcd.
 
 use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, EnvoyHttpHeader};
 use crate::host::{Families, NativeHost};

@@ -161,6 +161,24 @@ struct Poll {
     deadline_ms: u64,
 }
 
+/// How an engine keeps its table and health records fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    /// By its own tick ([`RouterEngine::on_tick`]): a wasm root context, the
+    /// native module's main-thread poller.
+    Ticked,
+    /// No tick of its own (a native worker: the ABI gives workers no timer):
+    /// refreshed from its requests, at once when the shared data has changed
+    /// since the last refresh (hosts with
+    /// [`crate::host::SharedData::shared_version`]: a
+    /// new table, another worker's failure or ejection), else at most once
+    /// per [`TICK_MS`] (its gauges).
+    Following {
+        refreshed_ms: Option<u64>,
+        seen_version: Option<u64>,
+    },
+}
+
 pub struct RouterEngine {
     cfg: RouterConfig,
     zone: Option<String>,
@@ -175,6 +193,7 @@ pub struct RouterEngine {
     registry_ok: Option<bool>,
     last_invalid: usize,
     g: Globals,
+    freshness: Freshness,
     key_poller: String,
     key_gen: String,
     key_table: String,
@@ -302,12 +321,23 @@ impl RouterEngine {
             registry_ok: None,
             last_invalid: 0,
             g: Globals::default(),
+            freshness: Freshness::Ticked,
             key_poller: format!("{base}poller"),
             key_gen: format!("{base}generation"),
             key_table: format!("{base}table"),
             key_slot: format!("{base}ep."),
             cfg,
         }
+    }
+
+    /// This engine follows another one's polls and has no tick of its own
+    /// (see [`Freshness::Following`]); it never takes the poller lease.
+    pub fn following(mut self) -> Self {
+        self.freshness = Freshness::Following {
+            refreshed_ms: None,
+            seen_version: None,
+        };
+        self
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -395,13 +425,32 @@ impl RouterEngine {
     }
 
     /// The follower's half of a tick: picks up the published table and the
-    /// shared health records, and sets this engine's gauges. A host whose
-    /// poller is one engine of its own (the native module's main-thread
-    /// engine) refreshes its other engines with this alone, so they never
-    /// take the poller lease or call etcd.
-    pub fn on_refresh(&mut self, h: &impl Host) {
+    /// shared health records, and sets this engine's gauges (all a following
+    /// engine does: it never takes the poller lease or calls etcd).
+    fn on_refresh(&mut self, h: &impl Host) {
         self.refresh_table(h);
         self.refresh_health(h);
+    }
+
+    /// A following engine's refresh, when due (at a request, `now` ms).
+    fn follow(&mut self, h: &impl Host, now: u64) {
+        let Freshness::Following {
+            refreshed_ms,
+            seen_version,
+        } = self.freshness
+        else {
+            return;
+        };
+        let version = h.shared_version();
+        let changed = version.is_some() && version != seen_version;
+        let due = refreshed_ms.is_none_or(|t| now >= t.saturating_add(TICK_MS));
+        if changed || due {
+            self.on_refresh(h);
+            self.freshness = Freshness::Following {
+                refreshed_ms: Some(now),
+                seen_version: version,
+            };
+        }
     }
 
     /// Whether this engine holds (or now takes) the poller lease.
@@ -653,6 +702,7 @@ impl RouterEngine {
         };
         let now_us = clock_us(h);
         let now = now_us / 1000;
+        self.follow(h, now);
         let picked = if self.loaded {
             self.pick(si, now)
         } else {

@@ -341,21 +341,33 @@ fn one_poller_per_process() {
 }
 
 #[test]
-fn a_refreshing_engine_follows_the_poller_and_never_polls() {
+fn a_following_engine_refreshes_from_its_requests_and_never_polls() {
     let h = Fake::new();
     let mut poller = engine(&h, RR);
-    let mut follower = engine(&h, RR);
-    // Before anything is published the follower has no table: a clear 503.
-    follower.on_refresh(&h);
+    let mut follower = engine(&h, RR).following();
+    // Before anything is published: its refresh finds no table, a clear 503.
     assert_eq!(route(&h, &mut follower, "payment", 200, 1), None);
-    load(&h, &mut poller, TWO);
-    // Long past the poller's lease: a follower still never calls etcd.
+    // The poller publishes, no time passes: the shared data changed, so the
+    // follower's next request reads the table and routes.
+    poller.on_tick(&h);
+    let calls = std::mem::take(&mut *h.calls.borrow_mut());
+    assert_eq!(calls.len(), 1);
+    poller.on_callout(&h, calls[0].0, range_answer(TWO));
+    assert!(route(&h, &mut follower, "payment", 200, 1).is_some());
+    // Nothing written since and within the tick: not one shared-data call.
+    let before = *h.base.shared_calls.borrow();
+    assert!(route(&h, &mut follower, "payment", 200, 1).is_some());
+    assert_eq!(*h.base.shared_calls.borrow(), before);
+    // A tick later it refreshes (its gauges), still without a write.
+    h.advance(TICK_MS);
+    assert!(route(&h, &mut follower, "payment", 200, 1).is_some());
+    assert!(*h.base.shared_calls.borrow() > before);
+    // Long past the poller's lease: a follower never calls etcd.
     h.advance(10_000);
-    follower.on_refresh(&h);
-    assert!(h.calls.borrow().is_empty(), "{:?}", h.calls.borrow());
     let picks: Vec<_> = (0..4)
         .map(|_| route(&h, &mut follower, "payment", 200, 1))
         .collect();
+    assert!(h.calls.borrow().is_empty(), "{:?}", h.calls.borrow());
     assert_eq!(
         counts(picks),
         BTreeMap::from([("10.0.0.1:80".into(), 2), ("10.0.0.2:80".into(), 2)])
