@@ -217,10 +217,7 @@ fn prometheus_names_and_labels_are_the_wasm_filters() {
 fn router_series(ups: &[Upstream], filter: Filter, extra: usize) -> BTreeMap<String, f64> {
     let etcd = txmesh_tests::Etcd::start();
     for u in ups {
-        etcd.put(
-            &format!("txmesh/services/payment/{}", u.addr()),
-            &json!({"address": u.addr().to_string()}).to_string(),
-        );
+        etcd.register("payment", u.addr(), json!({}), 0);
     }
     let envoy = Sidecar::new("client")
         .concurrency(1)
@@ -229,22 +226,16 @@ fn router_series(ups: &[Upstream], filter: Filter, extra: usize) -> BTreeMap<Str
         .route_cluster(original_dst_cluster("payment", "x-txmesh-endpoint"))
         .start();
     let c = Client::new();
-    let call = || {
-        c.request(
+    // Until the registry is read the router answers 503 (counted apart).
+    envoy.wait_outbound_ok(&c, "payment");
+    for _ in 0..extra {
+        let r = c.must(
             "GET",
             &envoy.outbound_url("/x"),
             &[("host", "payment")],
             b"",
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
-        .status
-    };
-    // Until the registry is read the router answers 503 (counted apart).
-    txmesh_tests::wait_for(10, "the first routed request", || {
-        (call() == 200).then_some(())
-    });
-    for _ in 0..extra {
-        assert_eq!(call(), 200);
+        );
+        assert_eq!(r.status, 200);
     }
     let served = (extra + 1) as f64;
     let names = [
@@ -285,10 +276,7 @@ fn envoy_with_the_native_router_shuts_down_cleanly() {
     txmesh_tests::native_module();
     let etcd = txmesh_tests::Etcd::start();
     let up = Upstream::start();
-    etcd.put(
-        &format!("txmesh/services/payment/{}", up.addr()),
-        &json!({"address": up.addr().to_string()}).to_string(),
-    );
+    etcd.register("payment", up.addr(), json!({}), 0);
     let cfg =
         json!({"poll_interval_ms": 100, "services": {"payment": {"strategy": "round_robin"}}});
     let mut envoy = Sidecar::new("client")

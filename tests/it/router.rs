@@ -13,20 +13,6 @@ mod common;
 
 const HDR: &str = "x-txmesh-endpoint";
 
-/// Registers `addr` as an instance of `service` (no lease when `lease` is 0).
-fn register(etcd: &Etcd, service: &str, addr: SocketAddr, extra: Value, lease: i64) {
-    let mut v = json!({"address": addr.to_string()});
-    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-        o.extend(e.clone());
-    }
-    let key = format!("txmesh/services/{service}/{addr}");
-    if lease == 0 {
-        etcd.put(&key, &v.to_string());
-    } else {
-        etcd.put_leased(&key, &v.to_string(), lease);
-    }
-}
-
 fn router_cfg(services: Value) -> Value {
     json!({"poll_interval_ms": 200, "services": services})
 }
@@ -114,22 +100,20 @@ fn weighted_90_10_round_robin_even_and_forged_header_ignored() {
     let pay: Vec<Upstream> = (0..2).map(|_| Upstream::start()).collect();
     let inv: Vec<Upstream> = (0..3).map(|_| Upstream::start()).collect();
     let rogue = Upstream::start();
-    register(
-        &etcd,
+    etcd.register(
         "payment",
         pay[0].addr(),
         json!({"weight": 90, "version": "v1"}),
         0,
     );
-    register(
-        &etcd,
+    etcd.register(
         "payment",
         pay[1].addr(),
         json!({"weight": 10, "version": "v2"}),
         0,
     );
     for u in &inv {
-        register(&etcd, "inventory", u.addr(), json!({}), 0);
+        etcd.register("inventory", u.addr(), json!({}), 0);
     }
     let envoy = sidecar(
         &etcd,
@@ -197,7 +181,7 @@ fn instances_join_and_leave_by_lease_within_two_seconds() {
     let etcd = Etcd::start();
     let ups: Vec<Upstream> = (0..3).map(|_| Upstream::start()).collect();
     let lease1 = etcd.lease_grant(60);
-    register(&etcd, "payment", ups[0].addr(), json!({}), lease1);
+    etcd.register("payment", ups[0].addr(), json!({}), lease1);
     let envoy = sidecar(
         &etcd,
         router_cfg(json!({"payment": {"strategy": "round_robin"}})),
@@ -208,7 +192,7 @@ fn instances_join_and_leave_by_lease_within_two_seconds() {
 
     // Joins: traffic within 2 s.
     let lease2 = etcd.lease_grant(60);
-    register(&etcd, "payment", ups[1].addr(), json!({}), lease2);
+    etcd.register("payment", ups[1].addr(), json!({}), lease2);
     let t = Instant::now();
     wait_routed(&c, &envoy, "payment", &[&ups[1]], 2);
     println!("joined after {:?}", t.elapsed());
@@ -221,9 +205,9 @@ fn instances_join_and_leave_by_lease_within_two_seconds() {
 
     // Expired: a 2 s lease nobody keeps alive.
     let short = etcd.lease_grant(2);
-    register(&etcd, "payment", ups[2].addr(), json!({}), short);
+    etcd.register("payment", ups[2].addr(), json!({}), short);
     wait_routed(&c, &envoy, "payment", &[&ups[2]], 2);
-    let key = format!("txmesh/services/payment/{}", ups[2].addr());
+    let key = txmesh_tests::etcd::registry_key("payment", ups[2].addr());
     txmesh_tests::wait_for(15, "the lease to expire", || {
         etcd.get(&key).is_none().then_some(())
     });
@@ -255,8 +239,8 @@ fn instances_join_and_leave_by_lease_within_two_seconds() {
 fn registry_updates_and_the_endpoints_gauge_are_exact() {
     let etcd = Etcd::start();
     let ups: Vec<Upstream> = (0..3).map(|_| Upstream::start()).collect();
-    register(&etcd, "payment", ups[0].addr(), json!({}), 0);
-    register(&etcd, "payment", ups[1].addr(), json!({}), 0);
+    etcd.register("payment", ups[0].addr(), json!({}), 0);
+    etcd.register("payment", ups[1].addr(), json!({}), 0);
     let envoy = sidecar(
         &etcd,
         router_cfg(json!({"payment": {"strategy": "round_robin"}})),
@@ -288,7 +272,7 @@ fn registry_updates_and_the_endpoints_gauge_are_exact() {
         );
     };
     stats(1, 2.0);
-    register(&etcd, "payment", ups[2].addr(), json!({}), 0);
+    etcd.register("payment", ups[2].addr(), json!({}), 0);
     wait_routed(&c, &envoy, "payment", &[&ups[2]], 10);
     stats(2, 3.0);
 }
@@ -297,9 +281,9 @@ fn registry_updates_and_the_endpoints_gauge_are_exact() {
 fn zone_preference_stays_local_and_spills_over_on_ejection() {
     let etcd = Etcd::start();
     let ups: Vec<Upstream> = (0..3).map(|_| Upstream::start()).collect();
-    register(&etcd, "payment", ups[0].addr(), json!({"zone": "z1"}), 0);
-    register(&etcd, "payment", ups[1].addr(), json!({"zone": "z1"}), 0);
-    register(&etcd, "payment", ups[2].addr(), json!({"zone": "z2"}), 0);
+    etcd.register("payment", ups[0].addr(), json!({"zone": "z1"}), 0);
+    etcd.register("payment", ups[1].addr(), json!({"zone": "z1"}), 0);
+    etcd.register("payment", ups[2].addr(), json!({"zone": "z2"}), 0);
     let mut cfg = router_cfg(json!({"payment": {
         "strategy": "round_robin",
         "zone_preference": true,
@@ -350,7 +334,7 @@ fn a_failing_endpoint_is_ejected_and_comes_back() {
     let etcd = Etcd::start();
     let ups: Vec<Upstream> = (0..3).map(|_| Upstream::start()).collect();
     for u in &ups {
-        register(&etcd, "payment", u.addr(), json!({}), 0);
+        etcd.register("payment", u.addr(), json!({}), 0);
     }
     let envoy = sidecar(
         &etcd,
@@ -406,8 +390,8 @@ fn an_unreachable_endpoint_is_ejected_on_connect_failures() {
     let dead: SocketAddr = format!("127.0.0.1:{}", txmesh_tests::ports::free_port())
         .parse()
         .unwrap();
-    register(&etcd, "payment", up.addr(), json!({}), 0);
-    register(&etcd, "payment", dead, json!({}), 0);
+    etcd.register("payment", up.addr(), json!({}), 0);
+    etcd.register("payment", dead, json!({}), 0);
     let envoy = sidecar(
         &etcd,
         router_cfg(json!({"payment": {
@@ -448,8 +432,8 @@ fn peak_ewma_starves_a_slow_endpoint_round_robin_does_not() {
         })
         .collect();
     for u in &ups {
-        register(&etcd, "payment", u.addr(), json!({}), 0);
-        register(&etcd, "inventory", u.addr(), json!({}), 0);
+        etcd.register("payment", u.addr(), json!({}), 0);
+        etcd.register("inventory", u.addr(), json!({}), 0);
     }
     let envoy = sidecar(
         &etcd,
@@ -486,7 +470,7 @@ fn override_host_cluster_and_registry_outage() {
     let mut etcd = Etcd::start();
     let ups: Vec<Upstream> = (0..2).map(|_| Upstream::start()).collect();
     for u in &ups {
-        register(&etcd, "payment", u.addr(), json!({}), 0);
+        etcd.register("payment", u.addr(), json!({}), 0);
     }
     let addrs: Vec<SocketAddr> = ups.iter().map(Upstream::addr).collect();
     let envoy = Sidecar::new("client")
@@ -534,7 +518,7 @@ fn override_host_cluster_and_registry_outage() {
 fn a_hung_registry_costs_each_poll_its_deadline_and_no_more() {
     let etcd = Etcd::start();
     let ups: Vec<Upstream> = (0..2).map(|_| Upstream::start()).collect();
-    register(&etcd, "payment", ups[0].addr(), json!({}), 0);
+    etcd.register("payment", ups[0].addr(), json!({}), 0);
     let mut cfg = router_cfg(json!({"payment": {"strategy": "round_robin"}}));
     cfg["poll_timeout_ms"] = json!(300);
     let envoy = sidecar(&etcd, cfg, &["payment"]);
@@ -557,7 +541,7 @@ fn a_hung_registry_costs_each_poll_its_deadline_and_no_more() {
     send(&c, &envoy, "payment", 5, &[]);
     assert_eq!(served(&ups), vec![5, 0], "the last table routes");
     etcd.guard.signal(libc::SIGCONT);
-    register(&etcd, "payment", ups[1].addr(), json!({}), 0);
+    etcd.register("payment", ups[1].addr(), json!({}), 0);
     wait_routed(&c, &envoy, "payment", &[&ups[1]], 10);
     let log = envoy.log();
     assert_eq!(log.matches("registry unreachable").count(), 1, "{log}");
@@ -596,7 +580,7 @@ fn transactions_follow_the_routed_instance() {
     let p2_sc = common::sidecar("payment", &p2, etcd.addr()).start();
     let inv_sc = common::sidecar("inventory", &inv, etcd.addr()).start();
     for sc in [&p1_sc, &p2_sc] {
-        register(&etcd, "payment", sc.inbound_addr(), json!({}), 0);
+        etcd.register("payment", sc.inbound_addr(), json!({}), 0);
     }
     let calls = Arc::new(RwLock::new(Vec::new()));
     let order = TxnApp::calling("order", Vote::Commit, calls.clone());

@@ -8,6 +8,12 @@ use crate::process::ChildGuard;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The registry key of `service`'s instance at `addr` (default prefix).
+pub fn registry_key(service: &str, addr: std::net::SocketAddr) -> String {
+    use txmesh_core::router::registry::{entry_key, DEFAULT_PREFIX};
+    entry_key(DEFAULT_PREFIX, service, &addr.to_string())
+}
+
 pub struct Etcd {
     pub guard: ChildGuard,
     /// The address it listens on: loopback, or its pod's.
@@ -312,6 +318,28 @@ impl Etcd {
     /// Puts `key` attached to lease `lease`.
     pub fn put_leased(&self, key: &str, value: &str, lease: i64) {
         must(self.client().put_leased(key, value.as_bytes(), lease));
+    }
+
+    /// Registers `service`'s instance at `addr` in the router's registry
+    /// (default prefix), its JSON `{"address": ...}` plus the fields of
+    /// `extra`; attached to `lease` unless it is 0.
+    pub fn register(
+        &self,
+        service: &str,
+        addr: std::net::SocketAddr,
+        extra: serde_json::Value,
+        lease: i64,
+    ) {
+        let mut v = serde_json::json!({"address": addr.to_string()});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        let key = registry_key(service, addr);
+        if lease == 0 {
+            self.put(&key, &v.to_string());
+        } else {
+            self.put_leased(&key, &v.to_string(), lease);
+        }
     }
 
     /// Deletes `key`.

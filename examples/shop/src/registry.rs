@@ -7,6 +7,7 @@ use serde_json::json;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use txmesh_core::router::registry::{entry_key, DEFAULT_PREFIX};
 use txmesh_etcd::Etcd;
 
 const TTL_S: u64 = 10;
@@ -28,7 +29,7 @@ impl Registration {
         }
         let r = Arc::new(Self {
             etcd: Etcd::with_timeout(etcd, Duration::from_secs(3)),
-            key: format!("txmesh/services/{service}/{address}"),
+            key: entry_key(DEFAULT_PREFIX, service, address),
             value: value.to_string(),
             lease: Arc::new(AtomicI64::new(0)),
         });

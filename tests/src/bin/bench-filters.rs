@@ -161,10 +161,7 @@ fn main() {
     let up = Upstream::fast();
     // The router needs its registry: one endpoint, the upstream.
     let etcd = txmesh_tests::Etcd::start();
-    etcd.put(
-        &format!("txmesh/services/local_app/{}", up.addr()),
-        &json!({"address": up.addr().to_string()}).to_string(),
-    );
+    etcd.register("local_app", up.addr(), json!({}), 0);
     // Configured as the shop's sidecars are (docs/metrics.md, docs/protocol.md):
     // the listener's role in the config, which saves a listener-direction
     // lookup per request (the Lua script below hard-codes it too).

@@ -111,10 +111,7 @@ fn scenario(name: &str, stall: bool, secs: u64, rate: u64, rounds: usize) {
             "x-txmesh-endpoint",
         ));
         for u in &ups {
-            etcd.put(
-                &format!("txmesh/services/{}/{}", s.replace('_', "-"), u.addr()),
-                &json!({"address": u.addr().to_string()}).to_string(),
-            );
+            etcd.register(&s.replace('_', "-"), u.addr(), json!({}), 0);
         }
     }
     let envoy = sc

@@ -4,18 +4,19 @@ use crate::common::*;
 use crate::etcd::Etcd;
 use crate::{Cli, Output};
 use serde_json::{json, Value};
+use txmesh_core::router::registry::{entry_key, DEFAULT_PREFIX};
 
 pub(crate) fn services(cli: &Cli, name: Option<&str>) -> Res<()> {
     let etcd = Etcd::new(&cli.etcd);
     let prefix = match name {
-        Some(n) => format!("txmesh/services/{n}/"),
-        None => "txmesh/services/".to_string(),
+        Some(n) => entry_key(DEFAULT_PREFIX, n, ""),
+        None => DEFAULT_PREFIX.to_string(),
     };
     let mut items = Vec::new();
     for (key, value, lease) in etcd.list(&prefix)? {
         let v: Value = serde_json::from_slice(&value).unwrap_or(Value::Null);
         let service = key
-            .trim_start_matches("txmesh/services/")
+            .trim_start_matches(DEFAULT_PREFIX)
             .split('/')
             .next()
             .unwrap_or("")

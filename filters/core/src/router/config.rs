@@ -163,7 +163,7 @@ fn d_etcd_cluster() -> String {
     "etcd".to_string()
 }
 fn d_prefix() -> String {
-    "txmesh/services/".to_string()
+    super::registry::DEFAULT_PREFIX.to_string()
 }
 fn d_poll() -> u64 {
     500

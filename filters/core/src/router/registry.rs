@@ -18,6 +18,15 @@ use std::net::SocketAddr;
 /// Highest weight accepted from the registry.
 pub const MAX_WEIGHT: u32 = 10_000;
 
+/// Where instances register unless the router's config says otherwise
+/// (`registry_prefix`).
+pub const DEFAULT_PREFIX: &str = "txmesh/services/";
+
+/// The registry key of `service`'s instance at `address`, under `prefix`.
+pub fn entry_key(prefix: &str, service: &str, address: &str) -> String {
+    format!("{prefix}{service}/{address}")
+}
+
 /// One registered instance, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -218,7 +227,7 @@ impl Table {
 mod tests {
     use super::*;
 
-    const P: &str = "txmesh/services/";
+    const P: &str = DEFAULT_PREFIX;
 
     fn rec(service: &str, address: &str, zone: &str, weight: u32) -> Record {
         Record {

@@ -7,7 +7,7 @@ use crate::host::{RequestHeaders, SharedData};
 use crate::testhost::Host as Fake;
 use std::collections::BTreeMap;
 
-const P: &str = "txmesh/services/";
+const P: &str = crate::router::registry::DEFAULT_PREFIX;
 
 fn cfg(json: &str) -> RouterConfig {
     RouterConfig::parse(json.as_bytes()).unwrap()
